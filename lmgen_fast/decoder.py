@@ -1,0 +1,239 @@
+"""``wrap``: turn a model into a decoder that prefills prompts, then advances one token a step.
+
+Three kinds of model are understood, tried in this order:
+
+* :class:`~lmgen_fast.models.LlamaForPretraining`: run with a static KV cache;
+* any ``nn.Module`` laid out like the article's model (``base_model.layers[i].self_attn...``):
+  our cached Llama runs on the module's own parameter tensors (shared, never copied);
+* any callable ``model(input_ids) -> logits [B, T, V]``: the whole sequence is recomputed
+  every step, as the article does (correct, slow).
+
+Adapters for other families (e.g. Hugging Face) register themselves in ``ADAPTERS``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import nn
+
+from .models.llama import LlamaConfig, LlamaForPretraining, LlamaRotaryEmbedding
+
+
+class Decoder:
+    """Generation state for one batch: ``prefill`` once, then ``decode`` each step.
+
+    Both return float logits ``[B, V]`` for the next token of every row.
+    """
+
+    cached: bool = False
+
+    def prefill(self, prompts: Sequence[Sequence[int]], max_new_tokens: int) -> torch.Tensor:
+        raise NotImplementedError
+
+    def decode(self, tokens: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class CachedLlamaDecoder(Decoder):
+    """Our Llama with a static KV cache; rows keep their own positions (right padding)."""
+
+    cached = True
+
+    def __init__(self, model: LlamaForPretraining):
+        self.model = model
+        self.device = model.lm_head.weight.device
+
+    def prefill(self, prompts: Sequence[Sequence[int]], max_new_tokens: int) -> torch.Tensor:
+        lengths = [len(p) for p in prompts]
+        if min(lengths) == 0:
+            raise ValueError(f"prompt {lengths.index(0)} has no tokens")
+        longest = max(lengths)
+        limit = self.model.config.max_position_embeddings
+        # The last sampled token is never fed back, hence the - 1.
+        need = longest + max(max_new_tokens - 1, 0)
+        if need > limit:
+            raise ValueError(
+                f"prompt of {longest} tokens plus max_tokens={max_new_tokens} needs {need} "
+                f"positions, beyond max_position_embeddings={limit}"
+            )
+        batch = len(prompts)
+        ids = torch.zeros(batch, longest, dtype=torch.int64)
+        for i, p in enumerate(prompts):
+            ids[i, : len(p)] = torch.as_tensor(p, dtype=torch.int64)
+        ids = ids.to(self.device)
+        self.cache = self.model.new_cache(batch, max(need, longest))
+        positions = torch.arange(longest, device=self.device).expand(batch, longest)
+        hidden = self.model.forward_cached(ids, positions, self.cache, kv_len=longest)
+        last = torch.as_tensor(lengths, device=self.device) - 1
+        self.positions = last + 1  # where each row's next token goes
+        self.kv_len = longest  # host-side bound on the slots in use, to avoid a device sync
+        return self.model.lm_head(hidden[torch.arange(batch, device=self.device), last])
+
+    def decode(self, tokens: torch.Tensor) -> torch.Tensor:
+        self.kv_len += 1
+        hidden = self.model.forward_cached(
+            tokens.view(-1, 1), self.positions.view(-1, 1), self.cache, kv_len=self.kv_len
+        )
+        self.positions = self.positions + 1
+        return self.model.lm_head(hidden[:, 0])
+
+
+class RecomputeDecoder(Decoder):
+    """Any ``model(input_ids) -> logits``: the article's full recompute at every step."""
+
+    def __init__(self, model: Callable, device: torch.device):
+        self.model = model
+        self.device = device
+
+    def _last_logits(self, ids: list[int]) -> torch.Tensor:
+        out = self.model(torch.tensor([ids], dtype=torch.int64, device=self.device))
+        out = getattr(out, "logits", out)
+        return out[0, -1]
+
+    def prefill(self, prompts: Sequence[Sequence[int]], max_new_tokens: int) -> torch.Tensor:
+        self.seqs = [list(p) for p in prompts]
+        return torch.stack([self._last_logits(s) for s in self.seqs])
+
+    def decode(self, tokens: torch.Tensor) -> torch.Tensor:
+        for s, t in zip(self.seqs, tokens.tolist(), strict=True):
+            s.append(t)
+        return torch.stack([self._last_logits(s) for s in self.seqs])
+
+
+_LAYER_PARTS = (
+    "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+    "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj",
+)
+
+
+def _get(module: nn.Module, path: str):
+    for name in path.split("."):
+        module = getattr(module, name, None)
+        if module is None:
+            return None
+    return module
+
+
+def _find_attr(objs, names):
+    for obj in objs:
+        for name in names:
+            value = getattr(obj, name, None)
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                return value
+    return None
+
+
+def infer_article_config(model: nn.Module) -> LlamaConfig | None:
+    """The LlamaConfig of a module laid out like the article's, or None if it is not one."""
+    base = getattr(model, "base_model", None)
+    layers = getattr(base, "layers", None)
+    if (
+        not isinstance(model, nn.Module)
+        or not isinstance(_get(model, "lm_head"), nn.Linear)
+        or not isinstance(_get(model, "base_model.embed_tokens"), nn.Embedding)
+        or _get(model, "base_model.norm.weight") is None
+        or not isinstance(layers, nn.ModuleList)
+        or len(layers) == 0
+    ):
+        return None
+    for layer in layers:
+        for part in _LAYER_PARTS:
+            linear = _get(layer, part)
+            if not isinstance(linear, nn.Linear) or linear.bias is not None:
+                return None
+        for norm in ("input_layernorm", "post_attention_layernorm"):
+            if _get(layer, norm + ".weight") is None:
+                return None
+    if model.lm_head.bias is not None:
+        return None
+    attn = layers[0].self_attn
+    cfg = getattr(model, "config", None)
+    hidden = base.embed_tokens.weight.shape[1]
+    heads = _find_attr([cfg, attn], ("num_attention_heads", "num_heads", "n_heads"))
+    if heads is None:
+        head_dim = _find_attr([cfg, attn], ("head_dim",))
+        if head_dim is None:
+            return None
+        heads = hidden // head_dim
+    head_dim = hidden // heads
+    rotary_cos = _get(model, "base_model.rotary_emb.cos")
+    max_pos = _find_attr([cfg], ("max_position_embeddings",))
+    if max_pos is None:
+        max_pos = rotary_cos.shape[0] if isinstance(rotary_cos, torch.Tensor) else 2048
+    eps = _find_attr([base.norm, cfg], ("eps", "variance_epsilon", "rms_norm_eps")) or 1e-5
+    return LlamaConfig(
+        vocab_size=base.embed_tokens.weight.shape[0],
+        max_position_embeddings=int(max_pos),
+        hidden_size=hidden,
+        intermediate_size=layers[0].mlp.gate_proj.out_features,
+        num_hidden_layers=len(layers),
+        num_attention_heads=int(heads),
+        num_key_value_heads=layers[0].self_attn.k_proj.out_features // head_dim,
+        rms_norm_eps=float(eps),
+        rope_theta=float(_find_attr([cfg], ("rope_theta",)) or 10000.0),
+    )
+
+
+def share_weights(model: nn.Module, config: LlamaConfig) -> LlamaForPretraining:
+    """A LlamaForPretraining whose parameters are ``model``'s own tensors (no copy)."""
+    with torch.device("meta"):
+        ours = LlamaForPretraining(config)
+    for name, _ in list(ours.named_parameters()):
+        owner_path, _, leaf = name.rpartition(".")
+        setattr(_get(ours, owner_path), leaf, _get(model, name))
+    device = model.lm_head.weight.device
+    ours.base_model.rotary_emb = LlamaRotaryEmbedding(config).to(device)
+    return ours.eval()
+
+
+def _article_adapter(model) -> Decoder | None:
+    if isinstance(model, LlamaForPretraining):
+        return CachedLlamaDecoder(model)
+    config = infer_article_config(model)
+    if config is None:
+        return None
+    return CachedLlamaDecoder(share_weights(model, config))
+
+
+ADAPTERS: list[Callable[[object], Decoder | None]] = [_article_adapter]
+
+
+def model_device(model) -> torch.device:
+    """Where ``model``'s parameters live (CPU for a plain callable)."""
+    if isinstance(model, nn.Module):
+        for p in model.parameters():
+            return p.device
+    return torch.device("cpu")
+
+
+def wrap(model, device: torch.device | str | None = None) -> Decoder:
+    """A decoder for ``model``: cached where the architecture is known, else recompute.
+
+    Parameters
+    ----------
+    model : LlamaForPretraining, article-like nn.Module, or callable
+        ``model(input_ids [B, T]) -> logits [B, T, V]`` for the fallback.
+    device : optional
+        Where input ids go for the fallback; defaults to the model's parameters' device.
+
+    Returns
+    -------
+    Decoder
+        ``.prefill(prompts, max_new_tokens)`` then ``.decode(tokens)``, each -> logits ``[B, V]``.
+
+    Examples
+    --------
+    >>> dec = wrap(model)                       # doctest: +SKIP
+    >>> logits = dec.prefill([[1, 5, 9]], 10)   # doctest: +SKIP
+    """
+    if isinstance(model, nn.Module):
+        model.eval()  # as the article's generate() does
+    for adapter in ADAPTERS:
+        decoder = adapter(model)
+        if decoder is not None:
+            return decoder
+    if not callable(model):
+        raise ValueError(f"model must be callable as model(input_ids), got {type(model).__name__}")
+    return RecomputeDecoder(model, torch.device(device) if device else model_device(model))

@@ -1,0 +1,258 @@
+"""The article's Llama (SPEC section 5), state-dict compatible, with an optional static KV cache.
+
+Without a cache, ``forward(input_ids, attn_mask=None)`` recomputes the whole sequence like
+the article's class. With a :class:`~lmgen_fast.cache.KVCache`, the same layers write keys and
+values at per-row positions and attend over the cache: a prefill, then one-token steps.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, fields
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..cache import KVCache
+
+
+@dataclass
+class LlamaConfig:
+    """The article's configuration; the defaults are the article's."""
+
+    vocab_size: int = 50000
+    max_position_embeddings: int = 2048
+    hidden_size: int = 768
+    intermediate_size: int = 3072
+    num_hidden_layers: int = 12
+    num_attention_heads: int = 12
+    num_key_value_heads: int = 3
+    rms_norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or value <= 0:
+                raise ValueError(f"LlamaConfig.{f.name} must be a positive number, got {value!r}")
+        if self.hidden_size % self.num_attention_heads:
+            raise ValueError(
+                f"hidden_size {self.hidden_size} is not a multiple of "
+                f"num_attention_heads {self.num_attention_heads}"
+            )
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ValueError(
+                f"num_attention_heads {self.num_attention_heads} is not a multiple of "
+                f"num_key_value_heads {self.num_key_value_heads}"
+            )
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> LlamaConfig:
+        """Build from a dict, ignoring keys this config does not have (e.g. HF extras)."""
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in names})
+
+
+def rotary_tables(
+    head_dim: int, max_positions: int, theta: float = 10000.0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin, float32 ``[max_positions, head_dim]``, in the "rotate half" layout."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
+    angles = torch.outer(torch.arange(max_positions, dtype=torch.float32), inv_freq)
+    emb = torch.cat([angles, angles], dim=-1)
+    return emb.cos(), emb.sin()
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate ``x`` ``[B, H, T, D]`` by the angles in ``cos``/``sin`` ``[B, 1, T, D]``."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return x * cos + rotated * sin
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float = 1e-5):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Normalise in float32 whatever the model's dtype, as Llama implementations do.
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(x.dtype)
+
+
+class LlamaRotaryEmbedding(nn.Module):
+    """Holds the rotary tables. They are recomputed, never loaded: a checkpoint's
+    ``rotary_emb.cos``/``sin`` (the article saves them) are accepted and dropped."""
+
+    def __init__(self, config: LlamaConfig):
+        super().__init__()
+        cos, sin = rotary_tables(config.head_dim, config.max_position_embeddings, config.rope_theta)
+        self.register_buffer("cos", cos, persistent=False)
+        self.register_buffer("sin", sin, persistent=False)
+        self._register_load_state_dict_pre_hook(self._drop_saved_tables)
+
+    @staticmethod
+    def _drop_saved_tables(state_dict, prefix, *args) -> None:
+        for name in ("cos", "sin"):
+            state_dict.pop(prefix + name, None)
+
+    def forward(self, positions: torch.Tensor, dtype: torch.dtype):
+        """cos, sin ``[B, 1, T, D]`` for int64 ``positions`` ``[B, T]``."""
+        if int(positions.max()) >= self.cos.shape[0]:
+            raise ValueError(
+                f"position {int(positions.max())} is beyond max_position_embeddings "
+                f"{self.cos.shape[0]}"
+            )
+        return self.cos[positions].unsqueeze(1).to(dtype), self.sin[positions].unsqueeze(1).to(dtype)
+
+
+class LlamaAttention(nn.Module):
+    def __init__(self, config: LlamaConfig):
+        super().__init__()
+        self.num_heads = config.num_attention_heads
+        self.num_kv_heads = config.num_key_value_heads
+        self.head_dim = config.head_dim
+        hidden, kv_dim = config.hidden_size, self.num_kv_heads * self.head_dim
+        self.q_proj = nn.Linear(hidden, self.num_heads * self.head_dim, bias=False)
+        self.k_proj = nn.Linear(hidden, kv_dim, bias=False)
+        self.v_proj = nn.Linear(hidden, kv_dim, bias=False)
+        self.o_proj = nn.Linear(self.num_heads * self.head_dim, hidden, bias=False)
+
+    def forward(self, x, cos, sin, mask, cache=None, layer=0, positions=None):
+        b, t, _ = x.shape
+        q = self.q_proj(x).view(b, t, self.num_heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        if cache is not None:
+            k, v = cache.update(layer, k, v, positions, kv_len=mask.shape[-1])
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+        return self.o_proj(out.transpose(1, 2).reshape(b, t, -1))
+
+
+class LlamaMLP(nn.Module):
+    def __init__(self, config: LlamaConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class LlamaDecoderLayer(nn.Module):
+    def __init__(self, config: LlamaConfig):
+        super().__init__()
+        self.self_attn = LlamaAttention(config)
+        self.mlp = LlamaMLP(config)
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+    def forward(self, x, cos, sin, mask, cache=None, layer=0, positions=None):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, layer, positions)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class LlamaModel(nn.Module):
+    def __init__(self, config: LlamaConfig):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(
+            [LlamaDecoderLayer(config) for _ in range(config.num_hidden_layers)]
+        )
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.rotary_emb = LlamaRotaryEmbedding(config)
+
+    def forward(self, input_ids, positions, mask, cache=None):
+        x = self.embed_tokens(input_ids)
+        cos, sin = self.rotary_emb(positions, x.dtype)
+        for i, layer in enumerate(self.layers):
+            x = layer(x, cos, sin, mask, cache, i, positions)
+        return self.norm(x)
+
+
+def full_attention_mask(attn_mask: torch.Tensor | None, t: int, device) -> torch.Tensor:
+    """Causal boolean mask ``[B or 1, 1, T, T]`` (True = attend), combined with ``attn_mask``.
+
+    ``attn_mask`` may be a ``[B, T]`` padding mask (nonzero = real token) or a boolean or
+    additive float mask broadcastable to ``[B, 1, T, T]``. A query always sees itself, so a
+    fully padded row yields finite (ignored) values instead of NaN.
+    """
+    causal = torch.ones(t, t, dtype=torch.bool, device=device).tril()
+    if attn_mask is None:
+        return causal.view(1, 1, t, t)
+    if attn_mask.dim() == 2:
+        keep = attn_mask.to(torch.bool).view(-1, 1, 1, t)
+    elif attn_mask.dtype == torch.bool:
+        keep = attn_mask.view(-1, 1, t, t) if attn_mask.dim() == 3 else attn_mask
+    else:
+        keep = (attn_mask.view(-1, 1, t, t) if attn_mask.dim() == 3 else attn_mask) > -math.inf
+    eye = torch.eye(t, dtype=torch.bool, device=device)
+    return (causal & keep) | eye
+
+
+class LlamaForPretraining(nn.Module):
+    """The article's Llama decoder with an untied ``lm_head``.
+
+    Parameters
+    ----------
+    config : LlamaConfig
+
+    Examples
+    --------
+    >>> model = LlamaForPretraining(LlamaConfig(vocab_size=100, hidden_size=32,
+    ...     intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+    ...     num_key_value_heads=2))
+    >>> model(torch.zeros(1, 5, dtype=torch.long)).shape
+    torch.Size([1, 5, 100])
+    """
+
+    def __init__(self, config: LlamaConfig):
+        super().__init__()
+        self.config = config
+        self.base_model = LlamaModel(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+
+    def forward(self, input_ids: torch.Tensor, attn_mask: torch.Tensor | None = None):
+        """Full recompute: int64 ``input_ids`` ``[B, T]`` -> logits ``[B, T, V]``.
+
+        Positions are ``0..T-1`` as in the article; ``attn_mask`` as in
+        :func:`full_attention_mask`.
+        """
+        b, t = input_ids.shape
+        positions = torch.arange(t, device=input_ids.device).expand(b, t)
+        mask = full_attention_mask(attn_mask, t, input_ids.device)
+        return self.lm_head(self.base_model(input_ids, positions, mask))
+
+    def forward_cached(
+        self, input_ids: torch.Tensor, positions: torch.Tensor, cache: KVCache, kv_len: int
+    ) -> torch.Tensor:
+        """Run ``input_ids`` ``[B, T]`` at int64 ``positions`` ``[B, T]`` through the cache.
+
+        Keys and values are written at ``positions``; each query attends to the cache slots
+        ``<=`` its own position, up to slot ``kv_len - 1``. Returns the final hidden states
+        ``[B, T, hidden]`` (apply ``lm_head`` to the rows you need).
+        """
+        slots = torch.arange(kv_len, device=input_ids.device)
+        mask = (slots.view(1, 1, 1, -1) <= positions.unsqueeze(1).unsqueeze(-1))
+        return self.base_model(input_ids, positions, mask, cache)
+
+    def new_cache(self, batch: int, max_len: int) -> KVCache:
+        """A static cache for ``batch`` rows of up to ``max_len`` positions."""
+        weight = self.lm_head.weight
+        return KVCache(
+            self.config.num_hidden_layers, batch, self.config.num_key_value_heads, max_len,
+            self.config.head_dim, dtype=weight.dtype, device=weight.device,
+        )
