@@ -108,7 +108,8 @@ def generate_ids(
     for step in range(total):
         # The window width is known on the host: no device sync to size it.
         width = max(
-            min(r.repetition_penalty_range or b + step, b + step) for r, b in zip(rows, base, strict=True)
+            min(r.repetition_penalty_range or b + step, b + step)
+            for r, b in zip(rows, base, strict=True)
         )
         window = _window(hist, hlen, ranges, width) if penalized and width > 0 else None
         try:
@@ -150,7 +151,7 @@ def _row_params(
         seeds = list(seeds)
         if len(seeds) != batch:
             raise ValueError(f"seeds has {len(seeds)} entries for {batch} prompts")
-        rows = [replace(p, seed=s) if s is not None else p for p, s in zip(rows, seeds, strict=True)]
+        rows = [p if s is None else replace(p, seed=s) for p, s in zip(rows, seeds, strict=True)]
     return rows
 
 
@@ -254,7 +255,8 @@ def generate(
         ``LlamaForPretraining``, a module laid out like the article's, or any callable
         ``model(input_ids [B, T]) -> logits [B, T, V]`` (recomputed each step).
     tokenizer
-        A ``tokenizers.Tokenizer`` with ``[BOT]`` and ``[EOT]`` (or pass ``bos_token``/``eos_token``).
+        A ``tokenizers.Tokenizer`` with ``[BOT]`` and ``[EOT]`` (or pass ``bos_token`` and
+        ``eos_token``).
     prompt : str
         Encoded as ``[BOT]`` + ``tokenizer.encode(" " + prompt).ids``.
     max_tokens, temperature, repetition_penalty, repetition_penalty_range, top_k

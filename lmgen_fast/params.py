@@ -109,7 +109,9 @@ class SamplingParams:
         return self.temperature == 0.0
 
 
-def as_row_params(params: SamplingParams | Sequence[SamplingParams], batch: int) -> list[SamplingParams]:
+def as_row_params(
+    params: SamplingParams | Sequence[SamplingParams], batch: int
+) -> list[SamplingParams]:
     """One SamplingParams per row: broadcast a single one, or check a sequence has ``batch``."""
     if isinstance(params, SamplingParams):
         return [params] * batch

@@ -73,7 +73,9 @@ def check_inputs(
         if step.dim() == 0:
             step = step.expand(batch)
         if step.shape != (batch,):
-            raise ValueError(f"step must be an int or a [B={batch}] tensor, got {tuple(step.shape)}")
+            raise ValueError(
+                f"step must be an int or a [B={batch}] tensor, got {tuple(step.shape)}"
+            )
         step = step.to(device=logits.device, dtype=torch.int64)
     else:
         if isinstance(step, bool) or not isinstance(step, int) or not 0 <= step < 2**32:

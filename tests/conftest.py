@@ -1,0 +1,59 @@
+"""Shared fixtures: a small byte-level BPE tokenizer and small random Llama models."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+from lmgen_fast.models import LlamaConfig, LlamaForPretraining
+
+CORPUS = [
+    "The quick brown fox jumps over the lazy dog.",
+    "A language model predicts the next token from the ones before it.",
+    "Sampling with temperature, top-k and a repetition penalty shapes the output.",
+    "def generate(model, tokenizer, prompt): return text",
+    "Once upon a time there was a small model that wrote short stories.",
+] * 20
+
+
+def make_tokenizer(specials=("[UNK]", "[BOT]", "[EOT]", "[PAD]"), vocab_size=400) -> Tokenizer:
+    tok = Tokenizer(models.BPE(unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=list(specials),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(CORPUS, trainer)
+    return tok
+
+
+@pytest.fixture(scope="session")
+def tokenizer() -> Tokenizer:
+    return make_tokenizer()
+
+
+def small_config(vocab_size: int, **overrides) -> LlamaConfig:
+    base = dict(
+        vocab_size=vocab_size, max_position_embeddings=256, hidden_size=64,
+        intermediate_size=160, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+    )
+    base.update(overrides)
+    return LlamaConfig(**base)
+
+
+def random_model(vocab_size: int, seed: int = 0, scale: float = 1.0, **overrides):
+    """A random LlamaForPretraining; ``scale`` sharpens the output distribution."""
+    torch.manual_seed(seed)
+    model = LlamaForPretraining(small_config(vocab_size, **overrides))
+    with torch.no_grad():
+        model.lm_head.weight.mul_(scale)
+    return model.eval()
+
+
+@pytest.fixture(scope="session")
+def model(tokenizer) -> LlamaForPretraining:
+    return random_model(tokenizer.get_vocab_size(), seed=0, scale=8.0)

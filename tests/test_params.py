@@ -1,0 +1,68 @@
+import math
+
+import pytest
+
+from lmgen_fast import SamplingParams
+from lmgen_fast.params import PackedParams, as_row_params
+
+
+@pytest.mark.parametrize(
+    "field, value",
+    [
+        ("temperature", -0.1),
+        ("temperature", math.inf),
+        ("temperature", math.nan),
+        ("temperature", "hot"),
+        ("repetition_penalty", 0.0),
+        ("repetition_penalty", -1.2),
+        ("repetition_penalty", math.inf),
+        ("repetition_penalty", math.nan),
+        ("repetition_penalty_range", -1),
+        ("repetition_penalty_range", 2.5),
+        ("top_k", 3.5),
+        ("top_k", True),
+        ("seed", -1),
+        ("seed", 2**63),
+        ("seed", 1.5),
+        ("penalty_scope", "prompt"),
+        ("penalty_mode", "twice"),
+    ],
+)
+def test_invalid_value_names_field_and_value(field, value):
+    with pytest.raises(ValueError) as info:
+        SamplingParams(**{field: value})
+    assert field in str(info.value)
+    assert repr(value) in str(info.value)
+
+
+def test_defaults_are_the_articles():
+    p = SamplingParams()
+    assert (p.temperature, p.top_k, p.repetition_penalty, p.repetition_penalty_range) == (
+        1.0, 50, 1.0, 10
+    )
+    assert p.seed is None and p.penalty_scope == "generated" and p.penalty_mode == "per_occurrence"
+
+
+def test_immutable_and_hashable():
+    p = SamplingParams(seed=3)
+    with pytest.raises(AttributeError):
+        p.temperature = 2.0
+    assert p == SamplingParams(seed=3) and hash(p) == hash(SamplingParams(seed=3))
+
+
+def test_valid_edge_values_accepted():
+    SamplingParams(temperature=0, top_k=-5, repetition_penalty_range=0, seed=2**63 - 1)
+
+
+def test_packed_rows():
+    rows = [SamplingParams(temperature=0.5, top_k=-1, seed=7), SamplingParams(penalty_mode="once")]
+    packed = PackedParams.from_rows(rows, "cpu")
+    assert packed.top_k.tolist() == [0, 50]
+    assert packed.seeded.tolist() == [True, False]
+    assert packed.once.tolist() == [False, True]
+    assert packed.seed.tolist() == [7, 0]
+
+
+def test_row_count_must_match():
+    with pytest.raises(ValueError, match="3 entries for a batch of 2"):
+        as_row_params([SamplingParams()] * 3, 2)
