@@ -2,19 +2,31 @@
 
 from __future__ import annotations
 
+import importlib.util
+
 import torch
 
 from . import reference
 from .reference import ParamsLike
 
-BACKENDS = ("auto", "reference")
+BACKENDS = ("auto", "reference", "triton")
+
+
+def _have_triton() -> bool:
+    return importlib.util.find_spec("triton") is not None
 
 
 def resolve_backend(backend: str, device: torch.device) -> str:
-    """The backend that ``backend`` means for tensors on ``device``."""
+    """The backend that ``backend`` means for tensors on ``device``.
+
+    "auto" is the Triton kernel for CUDA tensors (when triton is installed) and the
+    reference elsewhere; "triton" on CPU tensors needs ``TRITON_INTERPRET=1``.
+    """
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    return "reference"
+    if backend == "auto":
+        return "triton" if torch.device(device).type == "cuda" and _have_triton() else "reference"
+    return backend
 
 
 def sample(
@@ -28,7 +40,17 @@ def sample(
     """Draw one token per row of ``logits`` ``[B, V]``; returns int64 ``[B]``.
 
     Same contract as :func:`lmgen_fast.reference.sample`. ``backend="auto"`` picks the
-    fastest exact backend for the tensors' device; "reference" forces the PyTorch path.
+    fastest exact backend for the tensors' device; "reference" forces the PyTorch path;
+    "triton" forces the fused kernel (:mod:`lmgen_fast.kernel_sampler`; on CPU tensors it
+    runs in Triton's interpreter and needs ``TRITON_INTERPRET=1`` set before triton is
+    imported). Seeded rows pick the same tokens on every backend; an unseeded batch of one
+    row draws with ``torch.multinomial`` on the reference and by the seeded race (with a
+    seed from torch's generator) on the kernel.
     """
-    resolve_backend(backend, logits.device)
+    if not isinstance(logits, torch.Tensor):
+        return reference.sample(logits, params, window, step=step)  # raises its ValueError
+    if resolve_backend(backend, logits.device) == "triton":
+        from . import kernel_sampler
+
+        return kernel_sampler.sample(logits, params, window, step=step)
     return reference.sample(logits, params, window, step=step)
