@@ -6,6 +6,7 @@ Public names: :func:`generate`, :func:`generate_batch`, :func:`sample`, :class:`
 
 from . import reference
 from .decoder import wrap
+from .default_model import load_default
 from .generate import Generation, GenerationError, generate, generate_batch
 from .params import SamplingParams
 from .reference import EmptyRowError
@@ -18,6 +19,7 @@ __all__ = [
     "SamplingParams",
     "generate",
     "generate_batch",
+    "load_default",
     "reference",
     "sample",
     "wrap",

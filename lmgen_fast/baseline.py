@@ -43,11 +43,16 @@ def article_generate_ids(
     repetition_penalty_range: int = 10,
     top_k: int = 50,
     device=None,
+    eos_token: str = "[EOT]",
 ) -> list[int]:
-    """The article's loop: full recompute each step; returns the new token ids."""
+    """The article's loop: full recompute each step; returns the new token ids.
+
+    ``eos_token`` exists for benchmarks: a token that is never drawn makes a run last
+    exactly ``max_tokens`` steps.
+    """
     if hasattr(model, "eval"):
         model.eval()
-    bot, eot = tokenizer.token_to_id("[BOT]"), tokenizer.token_to_id("[EOT]")
+    bot, eot = tokenizer.token_to_id("[BOT]"), tokenizer.token_to_id(eos_token)
     input_ids = torch.tensor([[bot, *tokenizer.encode(" " + prompt).ids]], device=device)
     generated: list[int] = []
     for _ in range(max_tokens):

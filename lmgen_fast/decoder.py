@@ -230,6 +230,10 @@ def wrap(model, device: torch.device | str | None = None) -> Decoder:
     """
     if isinstance(model, nn.Module):
         model.eval()  # as the article's generate() does
+    if type(model).__module__.startswith("transformers"):
+        # Imported only here, so that lmgen_fast never imports transformers (an optional
+        # extra) by itself; the import registers the Hugging Face adapter in ADAPTERS.
+        from . import hf  # noqa: F401
     for adapter in ADAPTERS:
         decoder = adapter(model)
         if decoder is not None:

@@ -1,8 +1,34 @@
-"""Tokenizer access: prompt encoding as the article does it, and the BOT/EOT ids."""
+"""Tokenizer access: prompt encoding as the article does it, and the BOT/EOT ids.
+
+Two kinds of tokenizer are understood: the article's ``tokenizers.Tokenizer`` (specials
+``[BOT]``/``[EOT]``) and a Hugging Face transformers tokenizer (its ``bos_token_id`` and
+``eos_token_id``, falling back to ``[BOT]``/``[EOT]`` when it has those tokens).
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+
+
+def is_hf_tokenizer(tokenizer) -> bool:
+    """Whether ``tokenizer`` looks like a transformers tokenizer (duck typed, no import)."""
+    return hasattr(tokenizer, "convert_tokens_to_ids") and hasattr(tokenizer, "bos_token_id")
+
+
+def _hf_token_id(tokenizer, token: str | int | None, role: str, default: str, keyword: str) -> int:
+    """A transformers tokenizer's special id: the override, else its own, else ``default``."""
+    if token is not None:
+        return _token_id(tokenizer, token, default, keyword)
+    tid = getattr(tokenizer, f"{role}_token_id", None)
+    if tid is not None:
+        return int(tid)
+    try:
+        return _token_id(tokenizer, None, default, keyword)
+    except ValueError:
+        raise ValueError(
+            f"the tokenizer has no {role} token ({role}_token_id is None and there is no "
+            f"{default!r} token); pass {keyword}= with the token (or its id) that plays this role"
+        ) from None
 
 
 def _token_id(tokenizer, token: str | int | None, default: str, keyword: str) -> int:
@@ -43,12 +69,48 @@ class TokenizerAdapter:
         return self.tokenizer.decode(ids)
 
 
+@dataclass(frozen=True)
+class HFTokenizerAdapter(TokenizerAdapter):
+    """A transformers tokenizer: no special tokens added on encode, none kept on decode."""
+
+    def encode_prompt(self, prompt: str) -> list[int]:
+        """``bos`` then the ids of ``" " + prompt`` (the article's leading space kept)."""
+        if not isinstance(prompt, str):
+            raise ValueError(f"prompt must be a str, got {type(prompt).__name__}")
+        return [self.bos_id, *self.tokenizer.encode(" " + prompt, add_special_tokens=False)]
+
+    def decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+
 def adapt_tokenizer(
     tokenizer, bos_token: str | int | None = None, eos_token: str | int | None = None
 ) -> TokenizerAdapter:
-    """Wrap a ``tokenizers.Tokenizer`` whose specials are ``[BOT]``/``[EOT]`` (or overrides)."""
+    """Wrap a tokenizer for generation.
+
+    Parameters
+    ----------
+    tokenizer : tokenizers.Tokenizer or transformers tokenizer
+        The former needs ``[BOT]``/``[EOT]``; the latter uses its ``bos_token_id`` and
+        ``eos_token_id`` (or ``[BOT]``/``[EOT]`` when it lacks them).
+    bos_token, eos_token : str or int, optional
+        Override the begin and end tokens, by name or id.
+
+    Returns
+    -------
+    TokenizerAdapter
+
+    Raises
+    ------
+    ValueError
+        Naming the missing token and the keyword that supplies it.
+    """
     if isinstance(tokenizer, TokenizerAdapter):
         return tokenizer
+    if is_hf_tokenizer(tokenizer):
+        bos = _hf_token_id(tokenizer, bos_token, "bos", "[BOT]", "bos_token")
+        eos = _hf_token_id(tokenizer, eos_token, "eos", "[EOT]", "eos_token")
+        return HFTokenizerAdapter(tokenizer, bos, eos)
     bos = _token_id(tokenizer, bos_token, "[BOT]", "bos_token")
     eos = _token_id(tokenizer, eos_token, "[EOT]", "eos_token")
     return TokenizerAdapter(tokenizer, bos, eos)

@@ -16,10 +16,22 @@ from torch import nn
 
 from ..cache import KVCache
 
+_POSITIVE_INTS = (
+    "vocab_size", "max_position_embeddings", "hidden_size", "intermediate_size",
+    "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+)
+
 
 @dataclass
 class LlamaConfig:
-    """The article's configuration; the defaults are the article's."""
+    """The article's configuration; the defaults are the article's.
+
+    The fields after ``rope_theta`` extend it to the Llama variants of Hugging Face
+    ``LlamaForCausalLM``; their defaults keep the article's model. ``head_dim=None`` means
+    ``hidden_size // num_attention_heads`` and is resolved on construction, so
+    ``config.head_dim`` is always an int. ``rope_scaling`` is ``None`` or a ``"llama3"`` dict
+    (``factor``, ``low_freq_factor``, ``high_freq_factor``, ``original_max_position_embeddings``).
+    """
 
     vocab_size: int = 50000
     max_position_embeddings: int = 2048
@@ -30,29 +42,56 @@ class LlamaConfig:
     num_key_value_heads: int = 3
     rms_norm_eps: float = 1e-5
     rope_theta: float = 10000.0
+    head_dim: int | None = None
+    attention_bias: bool = False
+    mlp_bias: bool = False
+    tie_word_embeddings: bool = False
+    rope_scaling: dict | None = None
 
     def __post_init__(self) -> None:
-        for f in fields(self):
-            value = getattr(self, f.name)
+        for name in _POSITIVE_INTS:
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ValueError(f"LlamaConfig.{name} must be a positive int, got {value!r}")
+        for name in ("rms_norm_eps", "rope_theta"):
+            value = getattr(self, name)
             if not isinstance(value, (int, float)) or isinstance(value, bool) or value <= 0:
-                raise ValueError(f"LlamaConfig.{f.name} must be a positive number, got {value!r}")
-        if self.hidden_size % self.num_attention_heads:
+                raise ValueError(f"LlamaConfig.{name} must be a positive number, got {value!r}")
+        for name in ("attention_bias", "mlp_bias", "tie_word_embeddings"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"LlamaConfig.{name} must be a bool, got {getattr(self, name)!r}")
+        if self.head_dim is None:
+            if self.hidden_size % self.num_attention_heads:
+                raise ValueError(
+                    f"hidden_size {self.hidden_size} is not a multiple of "
+                    f"num_attention_heads {self.num_attention_heads}"
+                )
+            self.head_dim = self.hidden_size // self.num_attention_heads
+        elif (
+            not isinstance(self.head_dim, int) or isinstance(self.head_dim, bool)
+            or self.head_dim <= 0 or self.head_dim % 2
+        ):
             raise ValueError(
-                f"hidden_size {self.hidden_size} is not a multiple of "
-                f"num_attention_heads {self.num_attention_heads}"
+                f"LlamaConfig.head_dim must be a positive even int, got {self.head_dim!r}"
             )
         if self.num_attention_heads % self.num_key_value_heads:
             raise ValueError(
                 f"num_attention_heads {self.num_attention_heads} is not a multiple of "
                 f"num_key_value_heads {self.num_key_value_heads}"
             )
-
-    @property
-    def head_dim(self) -> int:
-        return self.hidden_size // self.num_attention_heads
+        if self.rope_scaling is not None:
+            self.rope_scaling = _check_rope_scaling(self.rope_scaling)
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        """The fields as a dict; extensions at their defaults are left out, so the article's
+        configuration gives the article's keys only."""
+        data = asdict(self)
+        if self.head_dim * self.num_attention_heads == self.hidden_size:
+            data.pop("head_dim")
+        for name in ("attention_bias", "mlp_bias", "tie_word_embeddings", "rope_scaling"):
+            if not data[name]:
+                data.pop(name)
+        return data
 
     @classmethod
     def from_dict(cls, data: dict) -> LlamaConfig:
@@ -61,11 +100,53 @@ class LlamaConfig:
         return cls(**{k: v for k, v in data.items() if k in names})
 
 
+_LLAMA3_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+
+
+def _check_rope_scaling(scaling: dict) -> dict | None:
+    """Normalise a rope scaling dict to ``None`` (plain RoPE) or the llama3 keys only."""
+    if not isinstance(scaling, dict):
+        raise ValueError(f"LlamaConfig.rope_scaling must be a dict or None, got {scaling!r}")
+    kind = scaling.get("rope_type", scaling.get("type", "default"))
+    if kind == "default":
+        return None
+    if kind != "llama3":
+        raise ValueError(
+            f"LlamaConfig.rope_scaling: rope_type {kind!r} is not supported (only 'llama3')"
+        )
+    missing = [k for k in _LLAMA3_KEYS if k not in scaling]
+    if missing:
+        raise ValueError(f"LlamaConfig.rope_scaling: llama3 needs {missing}")
+    out = {"rope_type": "llama3", **{k: scaling[k] for k in _LLAMA3_KEYS}}
+    if out["high_freq_factor"] == out["low_freq_factor"]:
+        raise ValueError("LlamaConfig.rope_scaling: high_freq_factor equals low_freq_factor")
+    return out
+
+
+def llama3_inv_freq(inv_freq: torch.Tensor, scaling: dict) -> torch.Tensor:
+    """Llama 3.1's frequency rescaling: long wavelengths slowed by ``factor``, short ones kept,
+    a linear blend (in ``context / wavelength``) in between."""
+    factor = scaling["factor"]
+    low, high = scaling["low_freq_factor"], scaling["high_freq_factor"]
+    context = scaling["original_max_position_embeddings"]
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > context / low, inv_freq / factor, inv_freq)
+    blend = (context / wavelen - low) / (high - low)
+    blended = (1 - blend) * scaled / factor + blend * scaled
+    middle = (wavelen >= context / high) & (wavelen <= context / low)
+    return torch.where(middle, blended, scaled)
+
+
 def rotary_tables(
-    head_dim: int, max_positions: int, theta: float = 10000.0
+    head_dim: int, max_positions: int, theta: float = 10000.0, scaling: dict | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin, float32 ``[max_positions, head_dim]``, in the "rotate half" layout."""
+    """cos and sin, float32 ``[max_positions, head_dim]``, in the "rotate half" layout.
+
+    ``scaling``: ``None`` or a llama3 rope scaling dict (see :class:`LlamaConfig`).
+    """
     inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
+    if scaling is not None:
+        inv_freq = llama3_inv_freq(inv_freq, scaling)
     angles = torch.outer(torch.arange(max_positions, dtype=torch.float32), inv_freq)
     emb = torch.cat([angles, angles], dim=-1)
     return emb.cos(), emb.sin()
@@ -97,7 +178,10 @@ class LlamaRotaryEmbedding(nn.Module):
 
     def __init__(self, config: LlamaConfig):
         super().__init__()
-        cos, sin = rotary_tables(config.head_dim, config.max_position_embeddings, config.rope_theta)
+        cos, sin = rotary_tables(
+            config.head_dim, config.max_position_embeddings, config.rope_theta,
+            config.rope_scaling,
+        )
         self.register_buffer("cos", cos, persistent=False)
         self.register_buffer("sin", sin, persistent=False)
         self._register_load_state_dict_pre_hook(self._drop_saved_tables)
@@ -114,7 +198,8 @@ class LlamaRotaryEmbedding(nn.Module):
                 f"position {int(positions.max())} is beyond max_position_embeddings "
                 f"{self.cos.shape[0]}"
             )
-        return self.cos[positions].unsqueeze(1).to(dtype), self.sin[positions].unsqueeze(1).to(dtype)
+        cos, sin = self.cos[positions].unsqueeze(1), self.sin[positions].unsqueeze(1)
+        return cos.to(dtype), sin.to(dtype)
 
 
 class LlamaAttention(nn.Module):
@@ -124,10 +209,11 @@ class LlamaAttention(nn.Module):
         self.num_kv_heads = config.num_key_value_heads
         self.head_dim = config.head_dim
         hidden, kv_dim = config.hidden_size, self.num_kv_heads * self.head_dim
-        self.q_proj = nn.Linear(hidden, self.num_heads * self.head_dim, bias=False)
-        self.k_proj = nn.Linear(hidden, kv_dim, bias=False)
-        self.v_proj = nn.Linear(hidden, kv_dim, bias=False)
-        self.o_proj = nn.Linear(self.num_heads * self.head_dim, hidden, bias=False)
+        bias = config.attention_bias
+        self.q_proj = nn.Linear(hidden, self.num_heads * self.head_dim, bias=bias)
+        self.k_proj = nn.Linear(hidden, kv_dim, bias=bias)
+        self.v_proj = nn.Linear(hidden, kv_dim, bias=bias)
+        self.o_proj = nn.Linear(self.num_heads * self.head_dim, hidden, bias=bias)
 
     def forward(self, x, cos, sin, mask, cache=None, layer=0, positions=None):
         b, t, _ = x.shape
@@ -144,9 +230,10 @@ class LlamaAttention(nn.Module):
 class LlamaMLP(nn.Module):
     def __init__(self, config: LlamaConfig):
         super().__init__()
-        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
-        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+        bias = config.mlp_bias
+        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=bias)
+        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=bias)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
@@ -204,7 +291,7 @@ def full_attention_mask(attn_mask: torch.Tensor | None, t: int, device) -> torch
 
 
 class LlamaForPretraining(nn.Module):
-    """The article's Llama decoder with an untied ``lm_head``.
+    """The article's Llama decoder with an untied ``lm_head`` (tied if the config says so).
 
     Parameters
     ----------
@@ -224,6 +311,27 @@ class LlamaForPretraining(nn.Module):
         self.config = config
         self.base_model = LlamaModel(config)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.base_model.embed_tokens.weight
+
+    @classmethod
+    def from_hf(cls, model) -> LlamaForPretraining:
+        """An exact copy of a transformers ``LlamaForCausalLM`` (``model.`` -> ``base_model.``).
+
+        See :func:`lmgen_fast.hf.from_hf`.
+        """
+        from ..hf import from_hf
+
+        return from_hf(model)
+
+    def to_hf(self):
+        """An exact copy as a transformers ``LlamaForCausalLM`` (``base_model.`` -> ``model.``).
+
+        See :func:`lmgen_fast.hf.to_hf`.
+        """
+        from ..hf import to_hf
+
+        return to_hf(self)
 
     def forward(self, input_ids: torch.Tensor, attn_mask: torch.Tensor | None = None):
         """Full recompute: int64 ``input_ids`` ``[B, T]`` -> logits ``[B, T, V]``.

@@ -1,0 +1,144 @@
+"""The ``lmgen-fast`` command: same text as the Python call, one-line errors, full --help."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+from importlib import metadata
+
+import pytest
+
+from lmgen_fast import generate, load_default
+from lmgen_fast.cli import COMMANDS, main
+
+SETTINGS = [
+    "--max-tokens", "40", "--temperature", "0.9", "--top-k", "40",
+    "--repetition-penalty", "1.3", "--penalty-range", "16", "--seed", "5", "--device", "cpu",
+]
+PROMPT = "A list is"
+
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def _run_cli(*args: str) -> subprocess.CompletedProcess:
+    env = dict(os.environ, PYTHONIOENCODING="utf-8", OMP_NUM_THREADS="1")
+    return subprocess.run(
+        [sys.executable, "-m", "lmgen_fast.cli", *args],
+        capture_output=True, text=True, encoding="utf-8", env=env, timeout=120,
+    )
+
+
+@pytest.fixture(scope="module")
+def expected() -> str:
+    model, tokenizer = load_default()
+    return generate(model, tokenizer, PROMPT, max_tokens=40, temperature=0.9,
+                    repetition_penalty=1.3, repetition_penalty_range=16, top_k=40, seed=5)
+
+
+def test_command_line_gives_the_python_call_text(expected):
+    done = _run_cli("generate", PROMPT, *SETTINGS)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == expected + "\n"
+    assert "tokens/s" in done.stderr
+
+
+def test_stream_prints_the_same_text(expected, capsys):
+    assert main(["generate", PROMPT, *SETTINGS, "--stream"]) == 0
+    assert capsys.readouterr().out == expected + "\n"
+
+
+def test_process_error_is_one_line_without_traceback(tmp_path):
+    done = _run_cli("generate", "hi", "--model", str(tmp_path / "absent"))
+    assert done.returncode != 0
+    absent = tmp_path / "absent"
+    assert done.stderr.strip() == f"lmgen-fast: error: model directory not found: {absent}"
+    assert "Traceback" not in done.stderr
+
+
+def test_main_matches_the_python_call_in_process(expected, capsys):
+    assert main(["generate", PROMPT, *SETTINGS]) == 0
+    assert capsys.readouterr().out == expected + "\n"
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["generate", "x", "--temperature", "-1"], "--temperature must be >= 0, got -1.0"),
+        (["generate", "x", "--top-k", "many"], "argument --top-k: invalid int value: 'many'"),
+        (["generate", "x", "--max-tokens", "-1"], "--max-tokens must be >= 0, got -1"),
+        (["generate", "x", "--repetition-penalty", "0"], "--repetition-penalty must be > 0"),
+        (["generate", "x", "--penalty-range", "-3"], "--penalty-range must be >= 0, got -3"),
+        (["generate", "x", "--seed", "-2"], "--seed must be in"),
+        (["generate", "x", "--device", "tpu9"], "unknown device 'tpu9'"),
+        (["generate", "x", "--device", "cuda:99"], "device 'cuda:99' requested but"),
+        (["generate", "x", "--backend", "nope"], "argument --backend: invalid choice: 'nope'"),
+        (["generate"], "the following arguments are required: prompt"),
+        (["frobnicate"], "invalid choice: 'frobnicate'"),
+        (["bench", "--max-tokens", "0"], "--max-tokens must be > 0"),
+    ],
+)
+def test_bad_values_print_one_line_and_fail(args, message, capsys):
+    assert main(args) != 0
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1, err
+    assert err.startswith("lmgen-fast: error: ")
+    assert message in err
+
+
+def test_missing_files_print_one_line_and_fail(tmp_path, capsys):
+    cases = [
+        (["--model", str(tmp_path / "absent")], "model directory not found"),
+        (["--model", str(tmp_path)], "no config.json in"),
+        (["--tokenizer", str(tmp_path / "tok.json")], "tokenizer file not found"),
+    ]
+    for extra, message in cases:
+        assert main(["generate", "x", *extra]) != 0
+        err = capsys.readouterr().err
+        assert err.startswith("lmgen-fast: error: ") and message in err, err
+        assert len(err.strip().splitlines()) == 1
+    (tmp_path / "config.json").write_text(json.dumps({"vocab_size": 64}))
+    assert main(["generate", "x", "--model", str(tmp_path)]) != 0
+    assert "no weights in" in capsys.readouterr().err
+
+
+def test_help_explains_every_option(capsys):
+    assert main(["--help"]) == 0
+    top = capsys.readouterr().out
+    for name in ("generate", "bench"):
+        assert name in top
+    for name, command in COMMANDS.items():
+        parser = argparse.ArgumentParser()
+        command.add_arguments(parser)
+        assert main([name, "--help"]) == 0
+        text = capsys.readouterr().out
+        for action in parser._actions:
+            assert action.help, (name, action.dest)
+            for flag in action.option_strings:
+                assert flag in text, (name, flag)
+    listed = {flag for a in _generate_actions() for flag in a.option_strings}
+    for option in ("--max-tokens", "--temperature", "--top-k", "--repetition-penalty",
+                   "--penalty-range", "--seed", "--model", "--tokenizer", "--device",
+                   "--backend", "--stream"):
+        assert option in listed, option
+
+
+def _generate_actions():
+    parser = argparse.ArgumentParser()
+    COMMANDS["generate"].add_arguments(parser)
+    return parser._actions
+
+
+def test_console_script_is_declared():
+    scripts = metadata.entry_points(group="console_scripts")
+    assert any(ep.name == "lmgen-fast" and ep.value == "lmgen_fast.cli:main" for ep in scripts)
+
+
+def test_bench_prints_a_table(capsys):
+    assert main(["bench", "--device", "cpu", "--max-tokens", "8", "--calls", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "article loop" in out and "lmgen-fast generate" in out
+    assert "reference.sample" in out and "device:" in out
