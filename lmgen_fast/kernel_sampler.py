@@ -279,7 +279,7 @@ def sample(
     if max_top_k is None:
         max_top_k = hint_k
     if check and window is not None:
-        reference._check_window_values(window, vocab)
+        reference.check_window_values(window, vocab)
     tokens, status = launch(
         logits, packed, window, steps, max_top_k=max_top_k, draw_seeds=draw, chunk=chunk
     )

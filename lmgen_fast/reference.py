@@ -84,7 +84,8 @@ def check_inputs(
     return step
 
 
-def _check_window_values(window: torch.Tensor, vocab: int) -> None:
+def check_window_values(window: torch.Tensor, vocab: int) -> None:
+    """Raise ValueError naming the first window entry that is neither -1 nor a token id."""
     bad = (window < -1) | (window >= vocab)
     if bool(bad.any()):
         r, c = (int(i) for i in bad.nonzero()[0])
@@ -274,7 +275,7 @@ def sample(
     batch, vocab = logits.shape
     packed = pack(params, batch, logits.device)
     if window is not None:
-        _check_window_values(window, vocab)
+        check_window_values(window, vocab)
     z = process_logits(logits, packed, window)
 
     empty = z.amax(dim=1) == NEG_INF
