@@ -8,8 +8,10 @@ exactly as ``triton.language.random.philox`` and ``uint_to_uniform_float`` compu
 (10 rounds). Because it is a pure function of (seed, step, token), a row's draw does not
 depend on its batch mates, a CUDA graph can replay it, and the CPU reproduces the GPU's pick.
 
-The arithmetic is done on int64 tensors holding uint32 values: products of two 32-bit
-numbers are split into 16-bit halves so that nothing overflows int64.
+The arithmetic is done on int64 tensors holding uint32 values. The product of two 32-bit
+numbers needs 64 unsigned bits: int64 multiplication wraps modulo 2**64 (two's complement,
+on every backend torch has), so its low word is exact and an arithmetic shift plus a mask
+recovers the high word. tests/test_philox.py checks the result against Triton bit for bit.
 """
 
 from __future__ import annotations
@@ -31,14 +33,13 @@ UNIFORM_FLOOR = 2.0**-32
 
 
 def _mul_const(const: int, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(high, low) 32-bit words of ``const * x`` for uint32 values held in int64."""
-    x_hi = x >> 16
-    x_lo = x & 0xFFFF
-    p_hi = const * x_hi  # < 2**48
-    p_lo = const * x_lo  # < 2**48
-    high = (p_hi + (p_lo >> 16)) >> 16
-    low = ((p_hi & 0xFFFF) << 16) + p_lo
-    return high & MASK32, low & MASK32
+    """(high, low) 32-bit words of ``const * x`` for uint32 ``x`` held in int64.
+
+    Both words carry garbage above bit 31 (the caller masks once after its XORs): every op
+    saved counts, since a decode step runs this on a few dozen values at a time.
+    """
+    product = x * const  # modulo 2**64
+    return product >> 32, product
 
 
 def philox_uint32(
@@ -63,12 +64,14 @@ def philox_uint32(
     c0, c1, k0, k1 = torch.broadcast_tensors(c0 & MASK32, c1 & MASK32, k0, k1)
     c2 = torch.zeros_like(c0)
     c3 = torch.zeros_like(c0)
-    for _ in range(n_rounds):
+    for r in range(n_rounds):
         hi_b, lo_b = _mul_const(PHILOX_ROUND_B, c2)
         hi_a, lo_a = _mul_const(PHILOX_ROUND_A, c0)
-        c0, c1, c2, c3 = hi_b ^ c1 ^ k0, lo_b, hi_a ^ c3 ^ k1, lo_a
-        k0 = (k0 + PHILOX_KEY_A) & MASK32
-        k1 = (k1 + PHILOX_KEY_B) & MASK32
+        # Only the low 32 bits of c1, c3 and the keys matter: the mask after the XOR
+        # clears the rest before c0 and c2 are multiplied again.
+        c0 = (hi_b ^ c1 ^ (k0 + r * PHILOX_KEY_A)) & MASK32
+        c2 = (hi_a ^ c3 ^ (k1 + r * PHILOX_KEY_B)) & MASK32
+        c1, c3 = lo_b, lo_a
     return c0
 
 
