@@ -1,26 +1,47 @@
-"""Triton kernels of the fused sampler (temperature, repetition penalty, top-k, Gumbel race).
+"""Triton kernels of the fused sampler.
 
-Two launches, no host synchronisation, every size on the device:
+Temperature, repetition, frequency and presence penalties, top-k, top-p, min-p, the Gumbel
+race and the raw log-softmax normaliser, in two launches, with no host synchronisation and
+every size on the device.
 
 ``chunk_kernel`` (grid ``[B, C]``) reads one chunk of ``CHUNK`` logits of one row, once,
 and keeps it in registers. It forms ``z`` exactly as :mod:`lmgen_fast.reference` does and
 writes a few per-chunk aggregates: the maximum and its first index (greedy, ``+inf`` and
-empty rows); for rows without top-k (or chunks holding ``+inf``) the best race key; for
-top-k rows a bounded set of candidates, namely every finite value at or above a threshold
-``t`` at most the chunk's own k-th largest value. The global k-th largest is at least every
-chunk's k-th largest, so the union of the candidates holds every survivor of top-k and has
-the same k-th largest value as the whole row: the merge step is exact. ``t`` is found by a
-bitwise search on order-preserving integer keys that stops as soon as at most ``CAP`` values
-remain, usually after a few steps. Should the exact k-th largest still leave more than
-``CAP`` values (many equal values), the values equal to it are summarised as one tie group
-(its value, size, best race key and index) instead of being stored.
+empty rows); for rows without any filter (or chunks holding ``+inf``) the best race key;
+for filtered rows a bounded set of candidates, namely every finite value at or above a
+threshold ``t`` at most the chunk's own ``k_sel``-th largest value (``k_sel`` is top-k, or
+``CAP // 2`` for top-p/min-p rows without top-k). ``t`` is found by a bitwise search on
+order-preserving integer keys that stops as soon as at most ``CAP`` values remain. Should
+the exact ``k_sel``-th largest still leave more than ``CAP`` values (many equal values),
+the values equal to it are summarised as one tie group (its value, size, best race key and
+index) instead of being stored. Each chunk also leaves its threshold ``t`` and, for
+top-p rows without top-k, ``sum(exp(z - chunk max))``; with ``LOGPROBS`` the maximum and
+the sum of exponentials of the raw logits.
 
 ``merge_kernel`` (grid ``[B]``) combines a row's chunks: greedy argmax, the ``+inf`` race,
-the race without top-k, or, for top-k rows, the exact k-th largest key over the candidates
-(a 32-step bitwise search) and the race over the survivors, whose noise is computed there.
+the race without filters, or, for filtered rows:
+
+* top-k: the exact k-th largest key over the candidates (a 32-step bitwise search). Every
+  value at or above it is a candidate, so the survivors of top-k are all in registers;
+* top-p: the largest key ``P`` with ``F(P) >= top_p``, ``F(t)`` the softmax mass of the
+  survivors with key ``>= t`` (a 32-step bitwise search over the candidates); token ``i``
+  is kept iff ``key_i >= P``, which is exactly "the mass strictly above ``i`` is below
+  ``top_p``" and keeps tie groups together. Without top-k, the candidates hold every
+  token with key at or above ``lo = max(chunk thresholds)`` and ``F`` is exact there, so
+  the search is exact whenever ``F(lo) >= top_p`` (the nucleus lies among the candidates,
+  the usual case). Otherwise, unless min-p already rules out every token below ``lo``, the
+  row takes the slow path: a radix search re-reads the row ``32 / RB`` times (``RB`` bits
+  of ``P`` per pass, masses accumulated per digit) and one more pass runs the race;
+* min-p: ``exp(z - z_max) >= min_p`` on the survivors, a per-token test;
+* the race over the survivors, whose noise is computed there.
 
 Noise: Triton's Philox keyed on (row seed, step, token id), exactly as
 :mod:`lmgen_fast.philox` defines it, so the CPU reference replays the GPU's picks.
+
+``exp`` in the merge (top-p masses, min-p's ``exp(z - z_max) >= min_p``) is the device
+library's ``expf`` on CUDA (``ACC``), the function torch's CUDA kernels call, rather than
+``tl.exp`` (``ex2.approx``); under the interpreter it is NumPy's, which can differ from
+torch's CPU ``exp`` by an ulp: a min-p ratio exactly at such a value may then differ.
 """
 
 from __future__ import annotations
@@ -28,12 +49,18 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+try:  # triton >= 3.0: dispatches to the CUDA (or HIP) device library
+    from triton.language.extra import libdevice
+except ImportError:  # pragma: no cover - older layouts
+    from triton.language.extra.cuda import libdevice
+
 # Sentinel index larger than any token id; ties of race keys go to the lowest id.
 BIG_INDEX = 2**31 - 1
 # Bits of the per-row status word the kernels leave for the launcher.
 STATUS_EMPTY = 1  # nothing to sample: all NaN or -inf
 STATUS_OVERFLOW = 2  # top-k larger than the candidate capacity the launch was sized for
 STATUS_INTERNAL = 4  # an id outside [0, V) was about to be returned (a bug)
+STATUS_SLOW = 8  # informational: a top-p/min-p row took the multi-pass path
 
 
 @triton.jit
@@ -79,6 +106,41 @@ def _combine(best, at, best2, at2):
 
 
 @triton.jit
+def _row_z(logits_ptr, row64, stride_row, V, offs, temp, once, fpen, ppen,
+           win_ptr, W, w_lo, w_hi, pow_ptr, BLOCK: tl.constexpr):
+    """Raw float32 logits ``x`` and processed ``z`` of tokens ``offs`` of one row.
+
+    ``win_ptr[w_lo:w_hi]`` must hold every (sorted) window entry that can fall in ``offs``;
+    the chunk kernel and the merge's slow path share this code so that they agree bit for
+    bit on ``z``.
+    """
+    inb = offs < V
+    x = tl.load(logits_ptr + row64 * stride_row + offs, mask=inb, other=float("-inf"))
+    x = x.to(tl.float32)
+    t_eff = tl.where(temp == 0.0, 1.0, temp)
+    # IEEE division: the reference divides in float32 with correct rounding.
+    z = tl.math.div_rn(x, t_eff)
+    z = tl.where(z != z, float("-inf"), z)
+    if w_hi > w_lo:
+        count = tl.zeros([BLOCK], dtype=tl.int32)
+        for j in range(w_lo, w_hi):
+            tok = tl.load(win_ptr + row64 * W + j)
+            count += (offs == tok).to(tl.int32)
+        hit = count > 0
+        c_rep = tl.where(once, tl.minimum(count, 1), count)
+        factor = tl.load(pow_ptr + row64 * (W + 1) + c_rep, mask=hit, other=1.0)
+        pen = tl.where(z > 0.0, tl.math.div_rn(z, factor), z * factor)
+        z = tl.where(hit, pen, z)
+        # OpenAI-style penalties on the raw count, whatever penalty_mode says; two
+        # products then one add, as the reference rounds them (no FMA in these launches).
+        adj = fpen * count.to(tl.float32) + ppen * hit.to(tl.float32)
+        z = tl.where(hit, z - tl.math.div_rn(adj, t_eff), z)
+    # -0.0 and +0.0 are one value for top-k and argmax: give them one key.
+    z = tl.where(z == 0.0, 0.0, z)
+    return x, z
+
+
+@triton.jit
 def _slots(ncand_ptr, ckey_ptr, row, n_chunks, base, s0, n_slots, CAP: tl.constexpr,
            TILE: tl.constexpr):
     """Validity and keys of candidate slots ``s0 .. s0 + TILE`` of one row."""
@@ -91,15 +153,37 @@ def _slots(ncand_ptr, ckey_ptr, row, n_chunks, base, s0, n_slots, CAP: tl.conste
 
 
 @triton.jit
+def _exp(x, ACCURATE: tl.constexpr):
+    """``exp`` as torch computes it on the same device, where that matters (min-p's test).
+
+    On CUDA, ``tl.exp`` is ``ex2.approx`` (a few ulps off ``expf``); the device library's
+    ``expf`` is the one torch's CUDA kernels call. The interpreter has only NumPy's exp.
+    """
+    if ACCURATE:
+        return libdevice.exp(x)
+    else:
+        return tl.exp(x)
+
+
+@triton.jit
+def _unnorm(key, valid, row_max, ACCURATE: tl.constexpr):
+    """``exp(z - z_max)`` of valid candidate keys, 0 elsewhere."""
+    z = tl.where(valid, _from_key(key), float("-inf"))
+    return _exp(z - row_max, ACCURATE)
+
+
+@triton.jit
 def chunk_kernel(
     logits_ptr, stride_row, V,
     temp_ptr, topk_ptr, once_ptr, seed_ptr, step_ptr,
+    top_p_ptr, min_p_ptr, fpen_ptr, ppen_ptr,
     win_ptr, W, wrange_ptr, pow_ptr,
     cmax_ptr, cidx_ptr, rkey_ptr, ridx_ptr,
     ncand_ptr, ckey_ptr, cidx_buf_ptr,
     gkey_ptr, gcnt_ptr, gbest_ptr, gidx_ptr,
+    ctau_ptr, csum_ptr, rmax_ptr, rsum_ptr,
     status_ptr,
-    CHUNK: tl.constexpr, CAP: tl.constexpr,
+    CHUNK: tl.constexpr, CAP: tl.constexpr, LOGPROBS: tl.constexpr,
 ):
     row = tl.program_id(0)
     chunk = tl.program_id(1)
@@ -107,31 +191,15 @@ def chunk_kernel(
     offs = chunk * CHUNK + tl.arange(0, CHUNK)
     inb = offs < V
     row64 = row.to(tl.int64)
-    x = tl.load(logits_ptr + row64 * stride_row + offs, mask=inb, other=float("-inf"))
 
     temp = tl.load(temp_ptr + row)
-    greedy = temp == 0.0
-    # IEEE division: the reference divides in float32 with correct rounding.
-    z = tl.math.div_rn(x.to(tl.float32), tl.where(greedy, 1.0, temp))
-    z = tl.where(z != z, float("-inf"), z)
-
-    # Repetition penalty: the window is sorted per row and wrange gives the slice of it
-    # that falls in this chunk, so a chunk only scans its own window entries.
+    # The window is sorted per row and wrange gives the slice of it that falls in this
+    # chunk, so a chunk only scans its own window entries.
     w_lo = tl.load(wrange_ptr + row * (n_chunks + 1) + chunk)
     w_hi = tl.load(wrange_ptr + row * (n_chunks + 1) + chunk + 1)
-    if w_hi > w_lo:
-        count = tl.zeros([CHUNK], dtype=tl.int32)
-        for j in range(w_lo, w_hi):
-            tok = tl.load(win_ptr + row64 * W + j)
-            count += (offs == tok).to(tl.int32)
-        once = tl.load(once_ptr + row) != 0
-        count = tl.where(once, tl.minimum(count, 1), count)
-        hit = count > 0
-        factor = tl.load(pow_ptr + row64 * (W + 1) + count, mask=hit, other=1.0)
-        pen = tl.where(z > 0.0, tl.math.div_rn(z, factor), z * factor)
-        z = tl.where(hit, pen, z)
-    # -0.0 and +0.0 are one value for top-k and argmax: give them one key.
-    z = tl.where(z == 0.0, 0.0, z)
+    x, z = _row_z(logits_ptr, row64, stride_row, V, offs, temp,
+                  tl.load(once_ptr + row) != 0, tl.load(fpen_ptr + row),
+                  tl.load(ppen_ptr + row), win_ptr, W, w_lo, w_hi, pow_ptr, CHUNK)
 
     cmax = tl.max(z, axis=0)
     cidx = tl.min(tl.where(inb & (z == cmax), offs, 2147483647), axis=0)
@@ -139,8 +207,23 @@ def chunk_kernel(
     tl.store(cmax_ptr + out_at, cmax)
     tl.store(cidx_ptr + out_at, cidx)
 
+    if LOGPROBS:
+        # log_softmax of the raw logits with NaN as -inf; where +inf values exist they share
+        # all the mass (SPEC section 3), so such a chunk leaves their count instead.
+        xr = tl.where(x != x, float("-inf"), x)
+        rmax = tl.max(xr, axis=0)
+        rsum = tl.sum(tl.where(xr > float("-inf"), tl.exp(xr - rmax), 0.0), axis=0)
+        n_inf = tl.sum((xr == float("inf")).to(tl.float32), axis=0)
+        tl.store(rmax_ptr + out_at, rmax)
+        tl.store(rsum_ptr + out_at, tl.where(rmax == float("inf"), n_inf, rsum))
+
     kk = tl.load(topk_ptr + row)
     k_eff = tl.where((kk > 0) & (kk < V), kk, 0).to(tl.int32)
+    top_p = tl.load(top_p_ptr + row)
+    nucleus = (top_p < 1.0) | (tl.load(min_p_ptr + row) > 0.0)
+    # Top-p/min-p rows without top-k keep CAP // 2 candidates per chunk: usually the
+    # nucleus lies among them and the merge needs no second read of the row.
+    k_sel = tl.where(k_eff > 0, k_eff, tl.where(nucleus, CAP // 2, 0)).to(tl.int32)
     seed = tl.load(seed_ptr + row)
     step = tl.load(step_ptr + row)
     has_inf = cmax == float("inf")
@@ -148,7 +231,7 @@ def chunk_kernel(
 
     rkey = tl.full([], float("-inf"), tl.float32)
     ridx = tl.full([], 2147483647, tl.int32)
-    if sampled & (has_inf | (k_eff == 0)):
+    if sampled & (has_inf | (k_sel == 0)):
         g = _gumbel(seed, step, offs)
         # A row with +inf races among its +inf tokens alone, each with z = 0.
         race = tl.where(has_inf, tl.where(z == float("inf"), g, float("-inf")), z + g)
@@ -156,23 +239,28 @@ def chunk_kernel(
     tl.store(rkey_ptr + out_at, rkey)
     tl.store(ridx_ptr + out_at, ridx)
 
+    csum = tl.zeros([], dtype=tl.float32)
+    if sampled & (k_eff == 0) & (top_p < 1.0):
+        csum = tl.sum(tl.where(z > float("-inf"), tl.exp(z - cmax), 0.0), axis=0)
+    tl.store(csum_ptr + out_at, csum)
+
     n_emit = tl.zeros([], dtype=tl.int32)
+    prefix = tl.zeros([], dtype=tl.uint32)
     gkey = tl.zeros([], dtype=tl.uint32)
     gcnt = tl.zeros([], dtype=tl.int32)
     gbest = tl.full([], float("-inf"), tl.float32)
     gidx = tl.full([], 2147483647, tl.int32)
-    if sampled & (k_eff > 0) & (cmax != float("inf")):
+    if sampled & (k_sel > 0) & (cmax != float("inf")):
         key = tl.where(inb, _to_key(z), 0)
         finite = inb & (z > float("-inf"))
-        # Largest prefix t with count(key >= t) >= k, refined bit by bit until at most CAP
-        # keys remain at or above it (those keys hold the chunk's top k).
-        prefix = tl.zeros([], dtype=tl.uint32)
+        # Largest prefix t with count(key >= t) >= k_sel, refined bit by bit until at
+        # most CAP keys remain at or above it (those keys hold the chunk's top k_sel).
         bit = tl.full([], 0x80000000, dtype=tl.uint32)
         cnt = tl.sum(inb.to(tl.int32), axis=0)
         while (cnt > CAP) & (bit != 0):
             trial = prefix | bit
             c = tl.sum((key >= trial).to(tl.int32), axis=0)
-            take = c >= k_eff
+            take = c >= k_sel
             prefix = tl.where(take, trial, prefix)
             cnt = tl.where(take, c, cnt)
             bit = bit >> 1
@@ -196,6 +284,8 @@ def chunk_kernel(
             g = _gumbel(seed, step, offs)
             gbest, gidx = _best(z + g, offs, eq)
     tl.store(ncand_ptr + out_at, tl.minimum(n_emit, CAP))
+    # Every token of this chunk with key >= ctau is a candidate or in the tie group.
+    tl.store(ctau_ptr + out_at, prefix.to(tl.int32, bitcast=True))
     tl.store(gkey_ptr + out_at, gkey.to(tl.int32, bitcast=True))
     tl.store(gcnt_ptr + out_at, gcnt)
     tl.store(gbest_ptr + out_at, gbest)
@@ -203,14 +293,33 @@ def chunk_kernel(
 
 
 @triton.jit
+def _top_p_search(key, q, gkey, qg, top_p):
+    """Largest key ``P`` with ``F(P) >= top_p`` (0 if none), candidates in registers."""
+    prefix = tl.zeros([], dtype=tl.uint32)
+    bit = tl.full([], 0x80000000, dtype=tl.uint32)
+    for _ in range(32):
+        trial = prefix | bit
+        f = tl.sum(tl.where(key >= trial, q, 0.0), axis=0)
+        f += tl.sum(tl.where(gkey >= trial, qg, 0.0), axis=0)
+        prefix = tl.where(f >= top_p, trial, prefix)
+        bit = bit >> 1
+    return prefix
+
+
+@triton.jit
 def merge_kernel(
-    V, n_chunks,
+    logits_ptr, stride_row, V, n_chunks,
     temp_ptr, topk_ptr, seed_ptr, step_ptr,
+    top_p_ptr, min_p_ptr, once_ptr, fpen_ptr, ppen_ptr,
+    win_ptr, W, wrange_ptr, pow_ptr,
     cmax_ptr, cidx_ptr, rkey_ptr, ridx_ptr,
     ncand_ptr, ckey_ptr, cidx_buf_ptr,
     gkey_ptr, gcnt_ptr, gbest_ptr, gidx_ptr,
-    out_ptr, status_ptr,
+    ctau_ptr, csum_ptr, rmax_ptr, rsum_ptr,
+    out_ptr, status_ptr, lp_ptr,
     CAP: tl.constexpr, CP: tl.constexpr, TILE: tl.constexpr, ONE_TILE: tl.constexpr,
+    CHUNK: tl.constexpr, SUB: tl.constexpr, RB: tl.constexpr, NBINS: tl.constexpr,
+    LOGPROBS: tl.constexpr, ACC: tl.constexpr,
 ):
     row = tl.program_id(0)
     row64 = row.to(tl.int64)
@@ -226,11 +335,16 @@ def merge_kernel(
     temp = tl.load(temp_ptr + row)
     kk = tl.load(topk_ptr + row)
     k_eff = tl.where((kk > 0) & (kk < V), kk, 0).to(tl.int32)
+    top_p = tl.load(top_p_ptr + row)
+    min_p = tl.load(min_p_ptr + row)
+    top_p_on = top_p < 1.0
+    nucleus = top_p_on | (min_p > 0.0)
     sampled = (temp != 0.0) & (row_max > float("-inf"))
     has_inf = row_max == float("inf")
     no_inf = row_max != float("inf")
+    slow = tl.zeros([], dtype=tl.int1)
 
-    if sampled & (has_inf | (k_eff == 0)):
+    if sampled & (has_inf | ((k_eff == 0) & (~nucleus))):
         rkey = tl.load(rkey_ptr + at, mask=cm, other=float("-inf"))
         ridx = tl.load(ridx_ptr + at, mask=cm, other=2147483647)
         # Only chunks that hold +inf raced among +inf tokens.
@@ -238,59 +352,223 @@ def merge_kernel(
         row_max_v = tl.zeros([CP], dtype=tl.float32) + row_max
         use = cm & ((cmax == float("inf")) | (row_max_v != float("inf")))
         _b, out = _best(rkey, ridx, use & (rkey > float("-inf")))
-    if sampled & (k_eff > 0) & no_inf:
+    if sampled & no_inf & ((k_eff > 0) | nucleus):
         seed = tl.load(seed_ptr + row)
         step = tl.load(step_ptr + row)
         gkey = tl.load(gkey_ptr + at, mask=cm, other=0).to(tl.uint32, bitcast=True)
         gcnt = tl.load(gcnt_ptr + at, mask=cm, other=0)
+        ctau = tl.load(ctau_ptr + at, mask=cm, other=0).to(tl.uint32, bitcast=True)
         n_slots = n_chunks * CAP
         base = row64 * n_slots
         # The k-th largest key of the candidates (tie groups count with their size) is
         # the row's k-th largest value: every value at or above it is a candidate.
-        prefix = tl.zeros([], dtype=tl.uint32)
-        bit = tl.full([], 0x80000000, dtype=tl.uint32)
+        tau = tl.zeros([], dtype=tl.uint32)
         best = tl.full([], float("-inf"), tl.float32)
         best_at = tl.full([], 2147483647, tl.int32)
+        # Without top-k, F (the mass at or above a key) is exact from the candidates at
+        # or above lo: every such token is a candidate.
+        lo = tl.where(k_eff > 0, tau, tl.max(tl.where(cm, ctau, 0), axis=0))
+        # Normaliser of softmax over the survivors of top-k (all of the row without it).
+        csum = tl.load(csum_ptr + at, mask=cm, other=0.0)
+        s_row = tl.sum(tl.where(cm & (cmax > float("-inf")), csum * tl.exp(cmax - row_max),
+                                0.0), axis=0)
+        prefix = tl.zeros([], dtype=tl.uint32)
+        f_lo = tl.zeros([], dtype=tl.float32)
         if ONE_TILE:
             # The usual case (k up to a few hundred): the candidates stay in registers.
             valid, key = _slots(ncand_ptr, ckey_ptr, row, n_chunks, base, 0, n_slots, CAP, TILE)
-            for _ in range(32):
-                trial = prefix | bit
-                c = tl.sum(tl.where(gkey >= trial, gcnt, 0), axis=0)
-                c += tl.sum((valid & (key >= trial)).to(tl.int32), axis=0)
-                prefix = tl.where(c >= k_eff, trial, prefix)
-                bit = bit >> 1
+            if k_eff > 0:
+                bit = tl.full([], 0x80000000, dtype=tl.uint32)
+                for _ in range(32):
+                    trial = tau | bit
+                    c = tl.sum(tl.where(gkey >= trial, gcnt, 0), axis=0)
+                    c += tl.sum((valid & (key >= trial)).to(tl.int32), axis=0)
+                    tau = tl.where(c >= k_eff, trial, tau)
+                    bit = bit >> 1
+                lo = tau
+            # prefix stays 0 when fewer than k finite values exist: every candidate survives.
+            surv = valid & (key >= tau)
+            grp = cm & (gcnt > 0) & (gkey >= tau)
+            e = _unnorm(key, surv, row_max, ACC)
+            eg = tl.where(grp, gcnt.to(tl.float32) * _unnorm(gkey, grp, row_max, ACC), 0.0)
+            if top_p_on:
+                if k_eff > 0:
+                    s_row = tl.sum(e, axis=0) + tl.sum(eg, axis=0)
+                q = e / s_row
+                qg = eg / s_row
+                f_lo = tl.sum(tl.where(key >= lo, q, 0.0), axis=0)
+                f_lo += tl.sum(tl.where(gkey >= lo, qg, 0.0), axis=0)
+                prefix = _top_p_search(key, q, gkey, qg, top_p)
+            cut, slow = _cut(k_eff, tau, lo, prefix, f_lo, top_p, top_p_on, min_p, row_max, ACC)
             tok = tl.load(cidx_buf_ptr + base + tl.arange(0, TILE), mask=valid, other=0)
             race = _from_key(key) + _gumbel(seed, step, tok)
-            best, best_at = _best(race, tok, valid & (key >= prefix))
+            best, best_at = _best(race, tok, surv & (key >= cut) & (e >= min_p))
         else:
-            for _ in range(32):
-                trial = prefix | bit
-                c = tl.sum(tl.where(gkey >= trial, gcnt, 0), axis=0)
-                for s0 in range(0, n_slots, TILE):
-                    valid, key = _slots(
-                        ncand_ptr, ckey_ptr, row, n_chunks, base, s0, n_slots, CAP, TILE
-                    )
-                    c += tl.sum((valid & (key >= trial)).to(tl.int32), axis=0)
-                prefix = tl.where(c >= k_eff, trial, prefix)
-                bit = bit >> 1
+            if k_eff > 0:
+                bit = tl.full([], 0x80000000, dtype=tl.uint32)
+                for _ in range(32):
+                    trial = tau | bit
+                    c = tl.sum(tl.where(gkey >= trial, gcnt, 0), axis=0)
+                    for s0 in range(0, n_slots, TILE):
+                        valid, key = _slots(
+                            ncand_ptr, ckey_ptr, row, n_chunks, base, s0, n_slots, CAP, TILE
+                        )
+                        c += tl.sum((valid & (key >= trial)).to(tl.int32), axis=0)
+                    tau = tl.where(c >= k_eff, trial, tau)
+                    bit = bit >> 1
+                lo = tau
+            grp = cm & (gcnt > 0) & (gkey >= tau)
+            eg = tl.where(grp, gcnt.to(tl.float32) * _unnorm(gkey, grp, row_max, ACC), 0.0)
+            if top_p_on:
+                if k_eff > 0:
+                    s_row = tl.sum(eg, axis=0)
+                    for s0 in range(0, n_slots, TILE):
+                        valid, key = _slots(
+                            ncand_ptr, ckey_ptr, row, n_chunks, base, s0, n_slots, CAP, TILE
+                        )
+                        s_row += tl.sum(_unnorm(key, valid & (key >= tau), row_max, ACC), axis=0)
+                qg = eg / s_row
+                bit = tl.full([], 0x80000000, dtype=tl.uint32)
+                # Bit 32 of the search (trial = lo) gives F(lo); the other 32 give P.
+                for i in range(33):
+                    trial = tl.where(i == 0, lo, prefix | bit)
+                    f = tl.sum(tl.where(gkey >= trial, qg, 0.0), axis=0)
+                    for s0 in range(0, n_slots, TILE):
+                        valid, key = _slots(
+                            ncand_ptr, ckey_ptr, row, n_chunks, base, s0, n_slots, CAP, TILE
+                        )
+                        q = _unnorm(key, valid & (key >= tau), row_max, ACC) / s_row
+                        f += tl.sum(tl.where(key >= trial, q, 0.0), axis=0)
+                    if i == 0:
+                        f_lo = f
+                    else:
+                        prefix = tl.where(f >= top_p, trial, prefix)
+                        bit = bit >> 1
+            cut, slow = _cut(k_eff, tau, lo, prefix, f_lo, top_p, top_p_on, min_p, row_max, ACC)
             for s0 in range(0, n_slots, TILE):
                 valid, key = _slots(
                     ncand_ptr, ckey_ptr, row, n_chunks, base, s0, n_slots, CAP, TILE
                 )
                 tok = tl.load(cidx_buf_ptr + base + s0 + tl.arange(0, TILE), mask=valid, other=0)
                 race = _from_key(key) + _gumbel(seed, step, tok)
-                b2, a2 = _best(race, tok, valid & (key >= prefix))
+                e = _unnorm(key, valid, row_max, ACC)
+                b2, a2 = _best(race, tok, valid & (key >= tau) & (key >= cut) & (e >= min_p))
                 best, best_at = _combine(best, best_at, b2, a2)
-        # prefix stays 0 when fewer than k finite values exist: every candidate survives.
         gbest = tl.load(gbest_ptr + at, mask=cm, other=float("-inf"))
         gidx = tl.load(gidx_ptr + at, mask=cm, other=2147483647)
-        b2, a2 = _best(gbest, gidx, cm & (gcnt > 0) & (gkey >= prefix))
+        g_ok = grp & (gkey >= cut) & (_unnorm(gkey, grp, row_max, ACC) >= min_p)
+        b2, a2 = _best(gbest, gidx, g_ok)
         best, out = _combine(best, best_at, b2, a2)
+        if slow:
+            out = _slow_path(
+                logits_ptr, stride_row, V, n_chunks, row, row64, temp,
+                tl.load(once_ptr + row) != 0, tl.load(fpen_ptr + row), tl.load(ppen_ptr + row),
+                win_ptr, W, wrange_ptr, pow_ptr, seed, step,
+                row_max, s_row, top_p, top_p_on, min_p, CHUNK, SUB, RB, NBINS, ACC,
+            )
 
     # Never an out-of-range id: an empty row yields 0 and is reported in status.
     bad = (out >= V) | (out < 0)
     status = tl.load(status_ptr + row)
     status = status | tl.where(empty, 1, 0) | tl.where(bad & (row_max > float("-inf")), 4, 0)
+    status = status | tl.where(slow, 8, 0)
     tl.store(status_ptr + row, status)
-    tl.store(out_ptr + row, tl.where(empty | bad, 0, out).to(tl.int64))
+    out = tl.where(empty | bad, 0, out)
+    tl.store(out_ptr + row, out.to(tl.int64))
+
+    if LOGPROBS:
+        rmax = tl.load(rmax_ptr + at, mask=cm, other=float("-inf"))
+        rsum = tl.load(rsum_ptr + at, mask=cm, other=0.0)
+        big = tl.max(rmax, axis=0)
+        total = tl.sum(tl.where(rmax > float("-inf"), rsum * tl.exp(rmax - big), 0.0), axis=0)
+        n_inf = tl.sum(tl.where(rmax == float("inf"), rsum, 0.0), axis=0)
+        share = -tl.log(tl.maximum(n_inf, 1.0))  # only read where n_inf >= 1
+        lse = tl.where(big == float("inf"), big, big + tl.log(total))
+        x = tl.load(logits_ptr + row64 * stride_row + out).to(tl.float32)
+        x = tl.where(x != x, float("-inf"), x)
+        lp = tl.where(big == float("inf"), tl.where(x == float("inf"), share, float("-inf")),
+                      x - lse)
+        tl.store(lp_ptr + row * 3, lp)
+        tl.store(lp_ptr + row * 3 + 1, lse)
+        tl.store(lp_ptr + row * 3 + 2, share)
+
+
+@triton.jit
+def _cut(k_eff, tau, lo, prefix, f_lo, top_p, top_p_on, min_p, row_max, ACC: tl.constexpr):
+    """Smallest surviving key after top-k and top-p, and whether the row needs the slow path.
+
+    With top-k every survivor is a candidate: the cut is ``max(tau, P)``. Without top-k,
+    ``P`` from the candidates is exact iff ``F(lo) >= top_p``; else the candidates suffice
+    only if they hold every finite token (``lo`` at or below the key of ``-inf``) or min-p
+    drops every token at or below ``lo`` (``exp`` is monotone).
+    """
+    # Keys at or below 0x007FFFFF are -inf (and NaN patterns); 0x00800000 is -FLT_MAX.
+    all_cand = lo <= 0x007FFFFF
+    fast_p = top_p_on & (f_lo >= top_p)
+    z_lo = _from_key(tl.where(all_cand, tl.full([], 0x00800000, tl.uint32), lo))
+    fast_m = (min_p > 0.0) & (_exp(z_lo - row_max, ACC) < min_p)
+    topk_cut = tl.maximum(tau, prefix)
+    free_cut = tl.where(fast_p, prefix, tl.where(all_cand, lo * 0, lo))
+    cut = tl.where(k_eff > 0, topk_cut, free_cut).to(tl.uint32)
+    slow = (k_eff == 0) & ~(fast_p | all_cand | fast_m)
+    return cut, slow
+
+
+@triton.jit
+def _slow_path(
+    logits_ptr, stride_row, V, n_chunks, row, row64, temp, once, fpen, ppen,
+    win_ptr, W, wrange_ptr, pow_ptr, seed, step,
+    row_max, s_row, top_p, top_p_on, min_p,
+    CHUNK: tl.constexpr, SUB: tl.constexpr, RB: tl.constexpr, R: tl.constexpr,
+    ACC: tl.constexpr,
+):
+    """Top-p/min-p without top-k when the nucleus is not among the candidates.
+
+    A radix search for ``P`` (``RB`` bits per pass over the row, each pass summing the
+    softmax mass per digit of the keys that share the bits found so far), then one pass
+    for the race. ``z`` is recomputed with the chunk kernel's own code.
+    """
+    digits = tl.arange(0, R)
+    prefix = tl.zeros([], dtype=tl.uint32)
+    if top_p_on:
+        above = tl.zeros([], dtype=tl.float32)
+        for p in tl.static_range(32 // RB):
+            shift = 32 - RB * (p + 1)
+            hist = tl.zeros([R], dtype=tl.float32)
+            for c in range(n_chunks):
+                w_lo = tl.load(wrange_ptr + row * (n_chunks + 1) + c)
+                w_hi = tl.load(wrange_ptr + row * (n_chunks + 1) + c + 1)
+                for s in tl.static_range(0, CHUNK, SUB):
+                    offs = c * CHUNK + s + tl.arange(0, SUB)
+                    _x, z = _row_z(logits_ptr, row64, stride_row, V, offs, temp, once, fpen,
+                                   ppen, win_ptr, W, w_lo, w_hi, pow_ptr, SUB)
+                    key = _to_key(z)
+                    live = (offs < V) & (z > float("-inf"))
+                    if p > 0:
+                        live = live & ((key >> (shift + RB)) == (prefix >> (shift + RB)))
+                    q = tl.where(live, _exp(z - row_max, ACC) / s_row, 0.0)
+                    d = ((key >> shift) & (R - 1)).to(tl.int32)
+                    hit = d[:, None] == digits[None, :]
+                    hist += tl.sum(tl.where(hit, q[:, None], 0.0), axis=0)
+            # G[d] = mass of the keys >= prefix | d << shift; P's digit is the largest d
+            # with G[d] >= top_p (0 when none: then every token is kept).
+            ge = digits[None, :] >= digits[:, None]
+            g = above + tl.sum(tl.where(ge, hist[None, :], 0.0), axis=1)
+            dstar = tl.max(tl.where(g >= top_p, digits, 0), axis=0)
+            above += tl.sum(tl.where(digits > dstar, hist, 0.0), axis=0)
+            prefix = prefix | (dstar.to(tl.uint32) << shift)
+    best = tl.full([], float("-inf"), tl.float32)
+    best_at = tl.full([], 2147483647, tl.int32)
+    for c in range(n_chunks):
+        w_lo = tl.load(wrange_ptr + row * (n_chunks + 1) + c)
+        w_hi = tl.load(wrange_ptr + row * (n_chunks + 1) + c + 1)
+        for s in tl.static_range(0, CHUNK, SUB):
+            offs = c * CHUNK + s + tl.arange(0, SUB)
+            _x, z = _row_z(logits_ptr, row64, stride_row, V, offs, temp, once, fpen, ppen,
+                           win_ptr, W, w_lo, w_hi, pow_ptr, SUB)
+            ok = (offs < V) & (z > float("-inf")) & (_to_key(z) >= prefix)
+            ok = ok & (_exp(z - row_max, ACC) >= min_p)
+            race = z + _gumbel(seed, step, offs)
+            b2, a2 = _best(race, offs, ok)
+            best, best_at = _combine(best, best_at, b2, a2)
+    return best_at

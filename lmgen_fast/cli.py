@@ -9,6 +9,7 @@ traceback).
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import platform
 import re
@@ -206,6 +207,19 @@ def add_sampling_arguments(
                    default="per_occurrence",
                    help="penalise a token once per occurrence (the article) or once "
                         "(transformers, vLLM) (default: per_occurrence)")
+    p.add_argument("--top-p", type=float, default=1.0, metavar="P",
+                   help="nucleus sampling: keep a token only if the tokens more probable than "
+                        "it hold less than P of the probability (ties kept together); 1 is off "
+                        "(default: 1.0)")
+    p.add_argument("--min-p", type=float, default=0.0, metavar="P",
+                   help="keep a token only if its probability is at least P times the "
+                        "largest; 0 is off (default: 0.0)")
+    p.add_argument("--frequency-penalty", type=float, default=0.0, metavar="F",
+                   help="OpenAI-style: lower a token's logit by F for each time it occurs in "
+                        "the penalty window; 0 is off (default: 0.0)")
+    p.add_argument("--presence-penalty", type=float, default=0.0, metavar="F",
+                   help="OpenAI-style: lower a token's logit by F if it occurs in the "
+                        "penalty window at all; 0 is off (default: 0.0)")
     p.add_argument("--seed", type=int, default=None, metavar="S", help=seed_help)
     p.add_argument("--model", default=None, metavar="DIR",
                    help="checkpoint directory with config.json and model.safetensors or a "
@@ -231,6 +245,10 @@ def _add_generate_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--stream", action="store_true",
                    help="print tokens to stdout as they are generated")
+    p.add_argument("--logprobs", type=int, default=None, metavar="N",
+                   help="also print, as one JSON line on stderr, each generated token's "
+                        "log-probability under the model and, for N > 0, its N most likely "
+                        "alternatives (N from 0 to 20; default: print none)")
 
 
 _OPTION_NAMES = (
@@ -238,6 +256,11 @@ _OPTION_NAMES = (
     ("repetition_penalty", "--repetition-penalty"),
     ("temperature", "--temperature"),
     ("top_k", "--top-k"),
+    ("top_p", "--top-p"),
+    ("min_p", "--min-p"),
+    ("frequency_penalty", "--frequency-penalty"),
+    ("presence_penalty", "--presence-penalty"),
+    ("logprobs", "--logprobs"),
     ("seed", "--seed"),
 )
 
@@ -256,6 +279,9 @@ def sampling_params_from_args(args: argparse.Namespace):
             repetition_penalty=args.repetition_penalty,
             repetition_penalty_range=args.penalty_range, seed=args.seed,
             penalty_scope=args.penalty_scope, penalty_mode=args.penalty_mode,
+            top_p=args.top_p, min_p=args.min_p, frequency_penalty=args.frequency_penalty,
+            presence_penalty=args.presence_penalty,
+            logprobs=getattr(args, "logprobs", None) or 0,  # an option of `generate` only
         )
     except ValueError as err:
         message = str(err)
@@ -269,7 +295,7 @@ def sampling_params_from_args(args: argparse.Namespace):
 
 def cmd_generate(args: argparse.Namespace) -> int:
     """Run ``lmgen-fast generate``: print the continuation of the prompt."""
-    from .generate import generate
+    from .generate import generate, generate_batch
 
     sampling_params_from_args(args)
     device = resolve_device(args.device)
@@ -283,20 +309,33 @@ def cmd_generate(args: argparse.Namespace) -> int:
         if printer is not None:
             printer(token_id)
 
-    start = time.perf_counter()
-    text = generate(
-        model, tokenizer, args.prompt, max_tokens=args.max_tokens,
-        temperature=args.temperature, repetition_penalty=args.repetition_penalty,
-        repetition_penalty_range=args.penalty_range, top_k=args.top_k, device=device,
-        seed=args.seed, backend=args.backend, penalty_scope=args.penalty_scope,
-        penalty_mode=args.penalty_mode, callback=on_token,
+    settings = dict(
+        max_tokens=args.max_tokens, temperature=args.temperature,
+        repetition_penalty=args.repetition_penalty, repetition_penalty_range=args.penalty_range,
+        top_k=args.top_k, device=device, seed=args.seed, backend=args.backend,
+        penalty_scope=args.penalty_scope, penalty_mode=args.penalty_mode, top_p=args.top_p,
+        min_p=args.min_p, frequency_penalty=args.frequency_penalty,
+        presence_penalty=args.presence_penalty,
     )
+    start = time.perf_counter()
+    details = None
+    if args.logprobs is not None:
+        [details] = generate_batch(
+            model, tokenizer, [args.prompt], **settings, logprobs=args.logprobs,
+            callback=lambda _row, t: on_token(t), return_details=True,
+        )
+        text = details.text
+    else:
+        text = generate(model, tokenizer, args.prompt, **settings, callback=on_token)
     elapsed = time.perf_counter() - start
     if printer is not None:
         printer.finish(text)
     else:
         sys.stdout.write(text + "\n")
         sys.stdout.flush()
+    if details is not None:
+        print(json.dumps({"token_ids": details.token_ids, "logprobs": details.logprobs,
+                          "top_logprobs": details.top_logprobs}), file=sys.stderr)
     rate = count / elapsed if elapsed > 0 else float("inf")
     print(f"{count} tokens in {elapsed:.2f} s: {rate:.1f} tokens/s on {device}", file=sys.stderr)
     return 0

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import operator
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
+from typing import NamedTuple
 
 import torch
 
@@ -21,13 +22,30 @@ from .tokenization import adapt_tokenizer
 TokenCallback = Callable[[int, int], None]
 
 
+TopLogprobs = list[list[tuple[int, float]]]
+
+
 @dataclass(frozen=True)
 class Generation:
-    """One row's result: its text, its token ids (EOT excluded) and why it stopped."""
+    """One row's result: its text, its token ids (EOT excluded) and why it stopped.
+
+    ``logprobs`` holds the raw log-probability of each token of ``token_ids``;
+    ``top_logprobs`` the row's ``logprobs`` best ``(token_id, logprob)`` pairs per token, most
+    probable first (``None`` when the row's ``logprobs`` is 0).
+    """
 
     text: str
     token_ids: list[int]
     finish_reason: str  # "eot" or "length"
+    logprobs: list[float] = field(default_factory=list)
+    top_logprobs: TopLogprobs | None = None
+
+
+class RowLogprobs(NamedTuple):
+    """One row's log-probabilities from :func:`generate_ids` (see :class:`Generation`)."""
+
+    logprobs: list[float]
+    top_logprobs: TopLogprobs | None
 
 
 class GenerationError(ValueError):
@@ -76,19 +94,27 @@ def generate_ids(
     *,
     backend: str = "auto",
     callback: TokenCallback | None = None,
-) -> list[tuple[list[int], str]]:
+    return_logprobs: bool = False,
+) -> list[tuple[list[int], str]] | tuple[list[tuple[list[int], str]], list[RowLogprobs]]:
     """Sample up to ``max_tokens[r]`` tokens for each prompt (lists of ids) on ``decoder``.
 
-    Returns ``(token_ids, finish_reason)`` per row. ``callback(row, token_id)`` is called for
-    every token as it is produced (not for EOT).
+    Returns ``(token_ids, finish_reason)`` per row; with ``return_logprobs``, also a
+    :class:`RowLogprobs` per row (the extra work is done only then). ``callback(row,
+    token_id)`` is called for every token as it is produced (not for EOT).
     """
     batch = len(prompts)
     total = max(max_tokens, default=0)
     out: list[list[int]] = [[] for _ in range(batch)]
     reason = ["length"] * batch
     done = [n == 0 for n in max_tokens]
+    lps = [RowLogprobs([], [] if r.logprobs > 0 else None) for r in rows]
+
+    def result():
+        pairs = [(o, r) for o, r in zip(out, reason, strict=True)]
+        return (pairs, lps) if return_logprobs else pairs
+
     if all(done):
-        return [(o, r) for o, r in zip(out, reason, strict=True)]
+        return result()
 
     logits = decoder.prefill(prompts, total)
     device = logits.device
@@ -102,7 +128,10 @@ def generate_ids(
     hist = hist.to(device)
     hlen = torch.tensor(base, dtype=torch.int64, device=device)
     ranges = torch.tensor([r.repetition_penalty_range for r in rows], device=device)
-    penalized = any(r.repetition_penalty != 1.0 for r in rows)
+    penalized = any(
+        r.repetition_penalty != 1.0 or r.frequency_penalty != 0.0 or r.presence_penalty != 0.0
+        for r in rows
+    )
     arange = torch.arange(batch, device=device)
 
     for step in range(total):
@@ -113,7 +142,14 @@ def generate_ids(
         )
         window = _window(hist, hlen, ranges, width) if penalized and width > 0 else None
         try:
-            tokens = sample(logits, packed, window, step=step, backend=backend)
+            if return_logprobs:
+                tokens, step_lp = sample(logits, packed, window, step=step, backend=backend,
+                                         return_logprobs=True)
+                token_lp = step_lp.token_logprob.tolist()
+                top = list(zip(step_lp.top_ids.tolist(), step_lp.top_logprobs.tolist(),
+                               strict=True))
+            else:
+                tokens = sample(logits, packed, window, step=step, backend=backend)
         except EmptyRowError as exc:
             raise GenerationError(f"at step {step}: {exc}", out) from exc
         for r, t in enumerate(tokens.tolist()):
@@ -123,6 +159,12 @@ def generate_ids(
                 done[r], reason[r] = True, "eot"
                 continue
             out[r].append(t)
+            if return_logprobs:
+                lps[r].logprobs.append(token_lp[r])
+                if lps[r].top_logprobs is not None:
+                    n = rows[r].logprobs
+                    lps[r].top_logprobs.append(list(zip(top[r][0][:n], top[r][1][:n],
+                                                        strict=True)))
             if callback is not None:
                 callback(r, t)
             if len(out[r]) >= max_tokens[r]:
@@ -132,7 +174,7 @@ def generate_ids(
         hist[arange, hlen] = tokens
         hlen = hlen + 1
         logits = decoder.decode(tokens)
-    return [(o, r) for o, r in zip(out, reason, strict=True)]
+    return result()
 
 
 def _row_params(
@@ -176,6 +218,11 @@ def generate_batch(
     eos_token: str | int | None = None,
     callback: TokenCallback | None = None,
     return_details: bool = False,
+    top_p: float = 1.0,
+    min_p: float = 0.0,
+    frequency_penalty: float = 0.0,
+    presence_penalty: float = 0.0,
+    logprobs: int = 0,
 ) -> list[str] | list[Generation]:
     """Generate a continuation for every prompt, in one batch.
 
@@ -188,7 +235,7 @@ def generate_batch(
     max_tokens : int or sequence of int
         Per-row cap on new tokens (one value for all, or one per prompt).
     temperature, repetition_penalty, repetition_penalty_range, top_k, seed, penalty_scope,
-    penalty_mode
+    penalty_mode, top_p, min_p, frequency_penalty, presence_penalty, logprobs
         The sampling parameters of every row (see :class:`SamplingParams`).
     params : sequence of SamplingParams, optional
         One per prompt; replaces the keywords row by row.
@@ -199,7 +246,8 @@ def generate_batch(
     callback : callable, optional
         ``callback(row, token_id)`` for each new token, for streaming.
     return_details : bool
-        Return :class:`Generation` records instead of strings.
+        Return :class:`Generation` records instead of strings, with each token's raw
+        log-probability (and, for rows with ``logprobs > 0``, the top alternatives).
 
     Returns
     -------
@@ -213,7 +261,9 @@ def generate_batch(
     keywords = SamplingParams(
         temperature=temperature, top_k=top_k, repetition_penalty=repetition_penalty,
         repetition_penalty_range=repetition_penalty_range, seed=seed,
-        penalty_scope=penalty_scope, penalty_mode=penalty_mode,
+        penalty_scope=penalty_scope, penalty_mode=penalty_mode, top_p=top_p, min_p=min_p,
+        frequency_penalty=frequency_penalty, presence_penalty=presence_penalty,
+        logprobs=logprobs,
     )
     rows = _row_params(batch, keywords, params, seeds)
     caps = _check_max_tokens(max_tokens, batch)
@@ -222,9 +272,12 @@ def generate_batch(
     if batch == 0:
         return []
     decoder = wrap(model, device)
-    results = generate_ids(decoder, ids, rows, caps, tok.eos_id, backend=backend, callback=callback)
     if return_details:
-        return [Generation(tok.decode(o), o, r) for o, r in results]
+        results, lps = generate_ids(decoder, ids, rows, caps, tok.eos_id, backend=backend,
+                                    callback=callback, return_logprobs=True)
+        return [Generation(tok.decode(o), o, r, lp.logprobs, lp.top_logprobs)
+                for (o, r), lp in zip(results, lps, strict=True)]
+    results = generate_ids(decoder, ids, rows, caps, tok.eos_id, backend=backend, callback=callback)
     return [tok.decode(o) for o, _ in results]
 
 
@@ -246,6 +299,10 @@ def generate(
     bos_token: str | int | None = None,
     eos_token: str | int | None = None,
     callback: Callable[[int], None] | None = None,
+    top_p: float = 1.0,
+    min_p: float = 0.0,
+    frequency_penalty: float = 0.0,
+    presence_penalty: float = 0.0,
 ) -> str:
     """Drop-in for the article's ``generate()``: same arguments, same distribution, cached.
 
@@ -268,6 +325,8 @@ def generate(
         ``torch.manual_seed(s)`` draws like the article's loop after the same call.
     callback : callable, optional
         ``callback(token_id)`` for each new token as it is produced.
+    top_p, min_p, frequency_penalty, presence_penalty
+        Beyond the article (see :class:`SamplingParams`); the defaults turn them off.
 
     Returns
     -------
@@ -286,4 +345,6 @@ def generate(
         penalty_scope=penalty_scope, penalty_mode=penalty_mode, bos_token=bos_token,
         eos_token=eos_token,
         callback=None if callback is None else (lambda _row, t: callback(t)),
+        top_p=top_p, min_p=min_p, frequency_penalty=frequency_penalty,
+        presence_penalty=presence_penalty,
     )[0]

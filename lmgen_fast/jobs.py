@@ -498,21 +498,29 @@ def run_rows(
     start = time.perf_counter()
     callback = progress.on_token if progress is not None else None
     for batch in plan_batches(rows, prompt_ids, batch_size, limit):
+        # Log-probabilities cost work on every step: only batches with a row that asks.
+        want = [rows[i].params.logprobs > 0 for i in batch]
+        extra = {"return_logprobs": True} if any(want) else {}
         try:
             results = generate(
                 decoder, [prompt_ids[i] for i in batch], [rows[i].params for i in batch],
                 [rows[i].max_tokens for i in batch], adapter.eos_id, backend=backend,
-                callback=callback,
+                callback=callback, **extra,
             )
         except GenerationError as err:
             ids = ", ".join(rows[i].key for i in batch[:5])
             more = f" and {len(batch) - 5} more" if len(batch) > 5 else ""
             raise JobError(f"generation failed for ids {ids}{more}: {err}") from None
-        for i, (token_ids, reason) in zip(batch, results, strict=True):
-            writer.write({
+        results, lps = results if extra else (results, [None] * len(batch))
+        for i, (token_ids, reason), lp, asked in zip(batch, results, lps, want, strict=True):
+            record = {
                 "id": rows[i].id, "text": adapter.decode(token_ids), "token_ids": token_ids,
                 "finish_reason": reason, "num_tokens": len(token_ids),
-            })
+            }
+            if asked:
+                record["logprobs"] = lp.logprobs
+                record["top_logprobs"] = lp.top_logprobs
+            writer.write(record)
             stats.tokens += len(token_ids)
         writer.sync()
         stats.rows += len(batch)
@@ -531,10 +539,14 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
                    help="JSONL prompts: one object per line with a unique 'id' (string or "
                         "integer) and a 'prompt', and optionally max_tokens, temperature, "
                         "top_k, repetition_penalty, repetition_penalty_range, seed, "
-                        "penalty_scope, penalty_mode to override the options for that row")
+                        "penalty_scope, penalty_mode, top_p, min_p, frequency_penalty, "
+                        "presence_penalty to override the options for that row, and logprobs "
+                        "(0 to 20) to get that row's token log-probabilities")
     p.add_argument("--output", required=True, metavar="FILE",
                    help="JSONL results, one line per id: id, text, token_ids, finish_reason "
-                        "(eot or length), num_tokens; rerunning the command resumes it")
+                        "(eot or length), num_tokens, and for rows with logprobs > 0 logprobs "
+                        "and top_logprobs ([id, logprob] pairs); rerunning the command resumes "
+                        "it")
     p.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE, metavar="N",
                    help=f"rows per batch; rows are batched by prompt length "
                         f"(default: {DEFAULT_BATCH_SIZE})")

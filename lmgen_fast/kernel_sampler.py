@@ -2,8 +2,17 @@
 
 The kernels (:mod:`lmgen_fast.kernels.sampling`) compute exactly
 :func:`lmgen_fast.reference.sample` for seeded rows: same ``z`` (IEEE float32 division by
-the temperature, the penalty factors ``p**c`` from the same ``torch.pow``), same top-k
-threshold with ties kept, same Philox/Gumbel race with ties to the lower token id.
+the temperature, the penalty factors ``p**c`` from the same ``torch.pow``, the frequency and
+presence penalties rounded as the reference rounds them), same top-k threshold with ties
+kept, same top-p and min-p rules, same Philox/Gumbel race with ties to the lower token id.
+Top-p sums the softmax in another order than the reference, so a token whose top-p fate
+turns on the last bits of those sums may differ; nothing else may.
+
+Cost: with top-k on (``k <= max_top_k``) the logits are read once, top-p and min-p then run
+over the top-k candidates. Without top-k, each chunk keeps ``nucleus_candidates`` of its
+largest values; when the nucleus (or the min-p survivors) lies among them the logits are
+still read once, otherwise the merge re-reads that row ``32 / RB + 1`` times (a radix
+search for the top-p cutoff, then the race): exact either way, never a sort.
 
 Unseeded rows get a seed from ``torch.randint(0, 2**62)`` on the logits' device, as the
 reference does for batches of more than one row; the reference's batch-of-one path
@@ -24,7 +33,7 @@ import torch
 
 from . import reference
 from .params import PackedParams, SamplingParams, as_row_params
-from .reference import EmptyRowError, ParamsLike
+from .reference import EmptyRowError, ParamsLike, SampleLogprobs
 
 STATUS_EMPTY = 1
 STATUS_OVERFLOW = 2
@@ -65,13 +74,22 @@ def _check_device(logits: torch.Tensor) -> None:
         )
 
 
-def plan(vocab: int, max_top_k: int, device: torch.device, chunk: int | None = None):
+STATUS_SLOW = 8  # informational: a top-p/min-p row re-read its logits
+# Candidates per chunk kept for top-p/min-p rows without top-k (sample()'s default).
+NUCLEUS_CANDIDATES = 64
+# Bits of the top-p cutoff found per extra pass of the slow path (16 bins per pass).
+RADIX_BITS = 4
+
+
+def plan(vocab: int, max_top_k: int, device: torch.device, chunk: int | None = None,
+         nucleus_candidates: int = 0) -> tuple[int, int]:
     """Static launch sizes for a vocabulary and the largest top-k of the batch.
 
     Returns ``(chunk, cap)``: logits per program (a power of two) and candidates each chunk
-    may keep (at least ``max_top_k``, so every row with ``k <= max_top_k`` is exact).
+    may keep (at least ``max_top_k``, so every row with ``k <= max_top_k`` is exact, and
+    at least ``2 * nucleus_candidates``; top-p/min-p rows without top-k keep ``cap // 2``).
     """
-    kcap = max(0, min(int(max_top_k), vocab - 1))
+    kcap = max(0, min(max(int(max_top_k), int(nucleus_candidates)), vocab - 1))
     if chunk is None:
         chunk = 1024 if device.type != "cuda" else (4096 if kcap <= 256 else 8192)
     chunk = max(16, min(_next_pow2(chunk), _next_pow2(vocab)))
@@ -88,6 +106,8 @@ def launch(
     max_top_k: int,
     draw_seeds: bool = True,
     chunk: int | None = None,
+    nucleus_candidates: int = 0,
+    logprob_out: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Run the kernels without any host synchronisation (CUDA-graph capturable).
 
@@ -111,6 +131,13 @@ def launch(
         generator even when every row is seeded). ``False`` uses ``packed.seed`` as is.
     chunk : int, optional
         Logits per program (power of two); default by device and ``max_top_k``.
+    nucleus_candidates : int
+        Candidates per chunk to size for top-p/min-p rows without top-k (a speed knob:
+        any value is exact; too few send more rows to the multi-pass path).
+    logprob_out : Tensor, optional
+        float32 ``[B, 3]``; receives per row the raw log-probability of the sampled token,
+        the raw logsumexp (``+inf`` for rows with ``+inf`` logits) and ``-log(count of
+        +inf)`` (the share of each ``+inf`` token in such rows). Computed in the same read.
 
     Returns
     -------
@@ -118,14 +145,15 @@ def launch(
         ``[B]`` int64 ids, always in ``[0, V)``.
     status : IntTensor
         ``[B]`` int32 bit set per row: ``STATUS_EMPTY`` (nothing to sample),
-        ``STATUS_OVERFLOW``, ``STATUS_INTERNAL``; 0 when the token is exact.
+        ``STATUS_OVERFLOW``, ``STATUS_INTERNAL``; ``STATUS_SLOW`` is informational (the row
+        re-read its logits). The token is exact when no other bit is set.
     """
     ks = _kernels()
     batch, vocab = logits.shape
     dev = logits.device
     if logits.stride(1) != 1:
         logits = logits.contiguous()
-    chunk, cap = plan(vocab, max_top_k, dev, chunk)
+    chunk, cap = plan(vocab, max_top_k, dev, chunk, nucleus_candidates)
     n_chunks = _cdiv(vocab, chunk)
 
     seed = packed.seed
@@ -151,39 +179,58 @@ def launch(
     f32 = dict(dtype=torch.float32, device=dev)
     i32 = dict(dtype=torch.int32, device=dev)
     shape = (batch, n_chunks)
-    cmax, rkey, gbest = (torch.empty(shape, **f32) for _ in range(3))
-    cidx, ridx, ncand, gkey, gcnt, gidx = (torch.empty(shape, **i32) for _ in range(6))
+    cmax, rkey, gbest, csum = (torch.empty(shape, **f32) for _ in range(4))
+    cidx, ridx, ncand, gkey, gcnt, gidx, ctau = (torch.empty(shape, **i32) for _ in range(7))
     ckey = torch.empty(batch * n_chunks * cap, **i32)
     cidx_buf = torch.empty(batch * n_chunks * cap, **i32)
     status = torch.zeros(batch, **i32)
     tokens = torch.empty(batch, dtype=torch.int64, device=dev)
+    want_lp = logprob_out is not None
+    if want_lp:
+        if logprob_out.shape != (batch, 3) or logprob_out.dtype != torch.float32 \
+                or not logprob_out.is_contiguous():
+            raise ValueError("logprob_out must be a contiguous float32 [B, 3] tensor")
+        rmax, rsum = (torch.empty(shape, **f32) for _ in range(2))
+    else:
+        rmax = rsum = logprob_out = cmax  # never touched: LOGPROBS is off
     temp = packed.temperature.contiguous()
     top_k = packed.top_k.contiguous()
     once = packed.once.to(torch.int8)
+    top_p = packed.top_p.to(**f32).contiguous()
+    min_p = packed.min_p.to(**f32).contiguous()
+    fpen = packed.frequency_penalty.to(**f32).contiguous()
+    ppen = packed.presence_penalty.to(**f32).contiguous()
     steps = steps.contiguous()
 
     warps = 4 if chunk <= 2048 else (8 if chunk <= 4096 else 16)
     ks.chunk_kernel[(batch, n_chunks)](
         logits, logits.stride(0), vocab,
         temp, top_k, once, seed, steps,
+        top_p, min_p, fpen, ppen,
         win, width, wrange, pow_table,
         cmax, cidx, rkey, ridx,
         ncand, ckey, cidx_buf,
         gkey, gcnt, gbest, gidx,
+        ctau, csum, rmax, rsum,
         status,
-        CHUNK=chunk, CAP=cap, num_warps=warps,
+        CHUNK=chunk, CAP=cap, LOGPROBS=want_lp, num_warps=warps,
         # No multiply-add contraction: the reference rounds every float32 op.
         enable_fp_fusion=False,
     )
     tile = min(_next_pow2(n_chunks * cap), 4096)
     ks.merge_kernel[(batch,)](
-        vocab, n_chunks,
+        logits, logits.stride(0), vocab, n_chunks,
         temp, top_k, seed, steps,
+        top_p, min_p, once, fpen, ppen,
+        win, width, wrange, pow_table,
         cmax, cidx, rkey, ridx,
         ncand, ckey, cidx_buf,
         gkey, gcnt, gbest, gidx,
-        tokens, status,
+        ctau, csum, rmax, rsum,
+        tokens, status, logprob_out,
         CAP=cap, CP=_next_pow2(n_chunks), TILE=tile, ONE_TILE=tile >= n_chunks * cap,
+        CHUNK=chunk, SUB=min(chunk, 1024), RB=RADIX_BITS, NBINS=1 << RADIX_BITS,
+        LOGPROBS=want_lp, ACC=dev.type == "cuda",
         num_warps=4 if tile <= 1024 else 8, enable_fp_fusion=False,
     )
     return tokens, status
@@ -203,7 +250,7 @@ def raise_for_status(status: torch.Tensor) -> None:
     RuntimeError
         A row whose ``top_k`` exceeded ``max_top_k``, or an internal error.
     """
-    st = status.cpu()
+    st = status.cpu() & ~STATUS_SLOW
     if not bool(st.any()):
         return
     empty = ((st & STATUS_EMPTY) != 0).nonzero().flatten().tolist()
@@ -216,14 +263,19 @@ def raise_for_status(status: torch.Tensor) -> None:
     raise RuntimeError(f"internal error of the Triton sampler on rows {bad}")
 
 
-def _host_hints(params: ParamsLike, packed: PackedParams, batch: int) -> tuple[int, bool]:
-    """``(max_top_k, draw_seeds)`` from host-side parameters (synchronises for packed ones)."""
+def _host_hints(params: ParamsLike, packed: PackedParams, batch: int) -> tuple[int, bool, bool]:
+    """``(max_top_k, draw_seeds, nucleus)`` from host-side parameters.
+
+    ``nucleus``: some row uses top-p or min-p (synchronises for packed parameters).
+    """
     if isinstance(params, PackedParams):
         sampled_unseeded = (packed.temperature != 0) & ~packed.seeded
-        return int(packed.top_k.max()), bool(sampled_unseeded.any())
+        nucleus = (packed.top_p < 1) | (packed.min_p > 0)
+        return int(packed.top_k.max()), bool(sampled_unseeded.any()), bool(nucleus.any())
     rows: Sequence[SamplingParams] = as_row_params(params, batch)
     draw = any(p.seed is None and p.temperature != 0 for p in rows)
-    return max(max(p.top_k for p in rows), 0), draw
+    nucleus = any(p.top_p < 1 or p.min_p > 0 for p in rows)
+    return max(max(p.top_k for p in rows), 0), draw, nucleus
 
 
 def sample(
@@ -235,7 +287,9 @@ def sample(
     max_top_k: int | None = None,
     check: bool = True,
     chunk: int | None = None,
-) -> torch.Tensor:
+    nucleus_candidates: int | None = None,
+    return_logprobs: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, SampleLogprobs]:
     """One sampling step by the Triton kernels: same contract as the reference.
 
     Parameters
@@ -257,11 +311,19 @@ def sample(
         ``False`` an empty row silently yields token 0.
     chunk : int, optional
         Logits per program; see :func:`plan`.
+    nucleus_candidates : int, optional
+        See :func:`launch`; default ``NUCLEUS_CANDIDATES`` when a row uses top-p or min-p.
+    return_logprobs : bool
+        Also return :class:`~lmgen_fast.reference.SampleLogprobs`: the sampled tokens'
+        raw log-probabilities (from the kernels' single read) and the top
+        ``params.logprobs`` alternatives. The alternatives come from ``torch.topk`` on the
+        raw logits (one extra op, only when some row asks for them), ordered as
+        :func:`lmgen_fast.reference.raw_logprobs` orders them.
 
     Returns
     -------
-    LongTensor
-        ``[B]`` int64 token ids on ``logits.device``.
+    LongTensor or (LongTensor, SampleLogprobs)
+        ``[B]`` int64 token ids on ``logits.device`` (and their log-probabilities).
 
     Raises
     ------
@@ -275,14 +337,42 @@ def sample(
     _check_device(logits)
     batch, vocab = logits.shape
     packed = reference.pack(params, batch, logits.device)
-    hint_k, draw = _host_hints(params, packed, batch)
+    hint_k, draw, nucleus = _host_hints(params, packed, batch)
     if max_top_k is None:
         max_top_k = hint_k
+    if nucleus_candidates is None:
+        nucleus_candidates = NUCLEUS_CANDIDATES if nucleus else 0
     if check and window is not None:
         reference.check_window_values(window, vocab)
+    lp = torch.empty(batch, 3, dtype=torch.float32, device=logits.device) \
+        if return_logprobs else None
     tokens, status = launch(
-        logits, packed, window, steps, max_top_k=max_top_k, draw_seeds=draw, chunk=chunk
+        logits, packed, window, steps, max_top_k=max_top_k, draw_seeds=draw, chunk=chunk,
+        nucleus_candidates=nucleus_candidates, logprob_out=lp,
     )
     if check:
         raise_for_status(status)
-    return tokens
+    if not return_logprobs:
+        return tokens
+    return tokens, _logprobs(logits, lp, packed.logprobs)
+
+
+def _logprobs(logits: torch.Tensor, lp: torch.Tensor, n: int) -> SampleLogprobs:
+    """The kernels' token log-probabilities plus the top ``n`` alternatives of each row."""
+    batch, vocab = logits.shape
+    n = min(n, vocab)
+    if n <= 0:
+        top_ids = torch.empty(batch, 0, dtype=torch.int64, device=logits.device)
+        top_lp = torch.empty(batch, 0, dtype=torch.float32, device=logits.device)
+        return SampleLogprobs(lp[:, 0], top_ids, top_lp)
+    lse, share = lp[:, 1:2], lp[:, 2:3]
+    x = logits.to(torch.float32)
+    # NaN counts as -inf; in rows with +inf values every other token has log-probability
+    # -inf, so it ranks as -inf (equal values then go lower id first).
+    x = torch.where(torch.isnan(x) | ((lse == float("inf")) & (x != float("inf"))),
+                    float("-inf"), x)
+    # Ranking raw logits ranks log-probabilities (one shift per row); the reference's
+    # helper fixes the order of equal values and which of them make the cut.
+    top_ids, vals = reference._top_logprobs(x, n)
+    top_lp = torch.where(vals == float("inf"), share, vals - lse)
+    return SampleLogprobs(lp[:, 0], top_ids, top_lp)

@@ -13,6 +13,8 @@ PENALTY_SCOPES = ("generated", "all")
 PENALTY_MODES = ("per_occurrence", "once")
 # Seeds are stored in int64 tensors so that kernels can read them on the device.
 SEED_LIMIT = 2**63
+MAX_LOGPROBS = 20
+FLOAT32_MAX = 3.4028234663852886e38
 
 
 def _check_real(name: str, value: object) -> float:
@@ -58,6 +60,17 @@ class SamplingParams:
         Whether the prompt's tokens are part of the penalty history.
     penalty_mode : {"per_occurrence", "once"}
         Whether a token that occurs c times in the window is penalised c times or once.
+    top_p : float
+        Nucleus sampling: keep a token iff the probability of the tokens strictly more
+        probable than it is below ``top_p``; ``0 < top_p <= 1``, ``1`` is off.
+    min_p : float
+        Keep a token iff its probability is at least ``min_p`` times the largest;
+        ``0 <= min_p <= 1``, ``0`` is off.
+    frequency_penalty, presence_penalty : float
+        OpenAI-style: ``z[t] -= frequency_penalty * c_t + presence_penalty * (c_t > 0)``
+        for a token seen ``c_t`` times in the window. Finite; ``0`` is off.
+    logprobs : int
+        How many top alternatives (by raw log-probability) to report, 0 to 20.
 
     Examples
     --------
@@ -72,6 +85,11 @@ class SamplingParams:
     seed: int | None = None
     penalty_scope: str = "generated"
     penalty_mode: str = "per_occurrence"
+    top_p: float = 1.0
+    min_p: float = 0.0
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
+    logprobs: int = 0
 
     def __post_init__(self) -> None:
         set_ = object.__setattr__  # frozen: normalise the stored values once, here
@@ -103,6 +121,24 @@ class SamplingParams:
             raise ValueError(
                 f"penalty_mode must be one of {PENALTY_MODES}, got {self.penalty_mode!r}"
             )
+        top_p = _check_real("top_p", self.top_p)
+        if not 0 < top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
+        set_(self, "top_p", top_p)
+        min_p = _check_real("min_p", self.min_p)
+        if not 0 <= min_p <= 1:
+            raise ValueError(f"min_p must be in [0, 1], got {self.min_p!r}")
+        set_(self, "min_p", min_p)
+        for name in ("frequency_penalty", "presence_penalty"):
+            value = _check_real(name, getattr(self, name))
+            # The math runs in float32: a larger value would become inf there (and NaN next).
+            if abs(value) > FLOAT32_MAX:
+                raise ValueError(f"{name} must be within float32 range, got {value!r}")
+            set_(self, name, value)
+        logprobs = _check_int("logprobs", self.logprobs)
+        if not 0 <= logprobs <= MAX_LOGPROBS:
+            raise ValueError(f"logprobs must be in [0, {MAX_LOGPROBS}], got {self.logprobs!r}")
+        set_(self, "logprobs", logprobs)
 
     @property
     def greedy(self) -> bool:
@@ -130,7 +166,9 @@ class PackedParams:
 
     All tensors have shape ``[B]``: ``temperature`` float32, ``top_k`` int64 (``0`` = off),
     ``penalty`` float32, ``once`` bool (penalty_mode == "once"), ``seed`` int64 and
-    ``seeded`` bool (``False`` rows have ``seed`` 0 until the sampler draws one).
+    ``seeded`` bool (``False`` rows have ``seed`` 0 until the sampler draws one),
+    ``top_p``, ``min_p``, ``frequency_penalty``, ``presence_penalty`` float32.
+    ``logprobs`` is kept on the host: the largest count of alternatives any row asks for.
     """
 
     temperature: torch.Tensor
@@ -139,6 +177,17 @@ class PackedParams:
     once: torch.Tensor
     seed: torch.Tensor
     seeded: torch.Tensor
+    top_p: torch.Tensor
+    min_p: torch.Tensor
+    frequency_penalty: torch.Tensor
+    presence_penalty: torch.Tensor
+    logprobs: int = 0
+
+    def to(self, device: torch.device | str) -> PackedParams:
+        """The same parameters with every tensor on ``device``."""
+        moved = {k: v.to(device) if isinstance(v, torch.Tensor) else v
+                 for k, v in vars(self).items()}
+        return PackedParams(**moved)
 
     @staticmethod
     def from_rows(rows: Sequence[SamplingParams], device: torch.device | str) -> PackedParams:
@@ -152,4 +201,9 @@ class PackedParams:
             once=t([p.penalty_mode == "once" for p in rows], torch.bool),
             seed=t([p.seed if p.seed is not None else 0 for p in rows], torch.int64),
             seeded=t([p.seed is not None for p in rows], torch.bool),
+            top_p=t([p.top_p for p in rows], torch.float32),
+            min_p=t([p.min_p for p in rows], torch.float32),
+            frequency_penalty=t([p.frequency_penalty for p in rows], torch.float32),
+            presence_penalty=t([p.presence_penalty for p in rows], torch.float32),
+            logprobs=max((p.logprobs for p in rows), default=0),
         )

@@ -5,19 +5,36 @@ One step for row ``r`` (logits ``l``, window ``w``):
 
 1. ``z = l / T`` in float32 (``T == 0``: ``z = l``, the row is greedy); NaN becomes ``-inf``.
 2. Every token ``t`` that occurs ``c`` times in ``w`` (``c = 1`` in "once" mode):
-   ``z[t] / p**c`` if ``z[t] > 0`` else ``z[t] * p**c``.
+   ``z[t] / p**c`` if ``z[t] > 0`` else ``z[t] * p**c``. Then the OpenAI penalties, with
+   ``c_t`` the raw count whatever the mode: ``adj = frequency_penalty * c_t +
+   presence_penalty * (c_t > 0)`` (float32: two products, then one add) and
+   ``z[t] = z[t] - adj / T``. The issue orders every penalty before the temperature;
+   subtracting ``adj / T`` after dividing by ``T`` is the same math, and leaves the article's
+   bit-exact ``l / T`` untouched when these penalties are 0.
 3. Top-k (``0 < k < V``): values below the k-th largest become ``-inf`` (ties survive).
-4. Draw: greedy rows take the first argmax. If ``+inf`` values remain, they alone share the
-   probability equally. Seeded rows run the exponential race ``argmax(z_i + g_i)``, ``g_i``
-   Gumbel noise from :mod:`lmgen_fast.philox` keyed on (seed, step, token); an exact key tie
-   goes to the lower token id. Unseeded rows: a batch of one calls ``torch.multinomial`` on
-   ``softmax(z)`` as the article does; otherwise each row races with a seed drawn from torch's
-   generator.
+4. Top-p (``top_p < 1``): over the survivors sorted by ``z`` descending, ``e = exp(z - z_max)``,
+   ``q = e / sum(e)`` and ``m_i`` the exclusive prefix sum of ``q`` (both sums accumulated in
+   float64, in that order, and rounded to float32); every member of a group of equal ``z``
+   takes the ``m`` of the group's first member, so ``m_i`` is the mass of the tokens strictly
+   more probable than ``i``. Keep ``i`` iff ``m_i < top_p``: ties are kept or dropped
+   together and the most probable tokens always stay.
+5. Min-p (``min_p > 0``): keep ``i`` iff ``exp(z_i - z_max) >= min_p`` in float32 (``z_max``
+   the row's largest survivor, which step 4 never removes), i.e. ``q_i >= min_p * max q``.
+   Steps 4 and 5 skip greedy rows and rows with a ``+inf`` survivor.
+6. Draw: greedy rows take the first argmax of step 2. If ``+inf`` values remain, they alone
+   share the probability equally. Seeded rows run the exponential race ``argmax(z_i + g_i)``,
+   ``g_i`` Gumbel noise from :mod:`lmgen_fast.philox` keyed on (seed, step, token); an exact
+   key tie goes to the lower token id. Unseeded rows: a batch of one calls
+   ``torch.multinomial`` on ``softmax(z)`` as the article does; otherwise each row races with a
+   seed drawn from torch's generator.
+
+Log-probabilities (:func:`raw_logprobs`) are those of the raw logits, before any of the steps.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import torch
 
@@ -27,6 +44,25 @@ from .philox import gumbel_from_uniform, uniform_noise
 NEG_INF = float("-inf")
 POS_INF = float("inf")
 ParamsLike = SamplingParams | Sequence[SamplingParams] | PackedParams
+
+
+class SampleLogprobs(NamedTuple):
+    """Log-probabilities of one sampling step under the raw logits (log-softmax, float32).
+
+    Attributes
+    ----------
+    token_logprob : Tensor
+        float32 ``[B]``: the log-probability of each row's sampled token.
+    top_ids : Tensor
+        int64 ``[B, n]``: the ``n`` most probable tokens per row, most probable first; equal
+        values in lower-id-first order.
+    top_logprobs : Tensor
+        float32 ``[B, n]``: their log-probabilities.
+    """
+
+    token_logprob: torch.Tensor
+    top_ids: torch.Tensor
+    top_logprobs: torch.Tensor
 
 
 class EmptyRowError(ValueError):
@@ -48,7 +84,7 @@ def pack(params: ParamsLike, batch: int, device: torch.device) -> PackedParams:
                 f"packed params have {params.temperature.shape[0]} rows for a batch of {batch}"
             )
         if params.temperature.device != device:
-            params = PackedParams(**{k: v.to(device) for k, v in vars(params).items()})
+            params = params.to(device)
         return params
     return PackedParams.from_rows(as_row_params(params, batch), device)
 
@@ -95,13 +131,33 @@ def check_window_values(window: torch.Tensor, vocab: int) -> None:
 
 
 def apply_penalty(
-    z: torch.Tensor, window: torch.Tensor, penalty: torch.Tensor, once: torch.Tensor
+    z: torch.Tensor,
+    window: torch.Tensor,
+    penalty: torch.Tensor,
+    once: torch.Tensor,
+    frequency: torch.Tensor | None = None,
+    presence: torch.Tensor | None = None,
+    temperature: torch.Tensor | None = None,
 ) -> None:
-    """Apply the repetition penalty to ``z`` [B, V] float32 in place.
+    """Apply the repetition penalty, then the OpenAI penalties, to ``z`` in place.
 
-    ``window`` is int64 [B, W] with -1 for empty slots. Work is O(B * W**2): the count of each
-    window entry's token is found by comparing the window with itself, then every entry writes
-    its token's new value; duplicates write the same value, so the scatter's order is moot.
+    Parameters
+    ----------
+    z : Tensor
+        float32 ``[B, V]``, already divided by the temperature.
+    window : LongTensor
+        int64 ``[B, W]``, ``-1`` for empty slots.
+    penalty, once : Tensor
+        ``[B]`` float32 repetition penalty and bool "once" mode.
+    frequency, presence, temperature : Tensor, optional
+        ``[B]`` float32. When given, ``z[t] -= (frequency * c_t + presence * (c_t > 0)) / T``
+        for every window token, ``c_t`` its raw count (``T`` already 1 for greedy rows).
+
+    Notes
+    -----
+    Work is O(B * W**2): the count of each window entry's token is found by comparing the
+    window with itself, then every entry writes its token's new value; duplicates write the
+    same value, so the scatter's order is moot.
     """
     valid = window >= 0
     # Empty slots point at a token already in the row (or at 0 with count 0 when there is
@@ -109,10 +165,15 @@ def apply_penalty(
     fallback = window.amax(dim=1, keepdim=True).clamp_min(0)
     idx = torch.where(valid, window, fallback)
     counts = ((idx.unsqueeze(2) == window.unsqueeze(1)) & valid.unsqueeze(1)).sum(2)
-    counts = torch.where(once.unsqueeze(1), counts.clamp_max(1), counts)
-    factor = torch.pow(penalty.unsqueeze(1), counts.to(torch.float32))
+    once_counts = torch.where(once.unsqueeze(1), counts.clamp_max(1), counts)
+    factor = torch.pow(penalty.unsqueeze(1), once_counts.to(torch.float32))
     vals = z.gather(1, idx)
-    z.scatter_(1, idx, torch.where(vals > 0, vals / factor, vals * factor))
+    vals = torch.where(vals > 0, vals / factor, vals * factor)
+    if frequency is not None and presence is not None and temperature is not None:
+        c = counts.to(torch.float32)
+        adj = frequency.unsqueeze(1) * c + presence.unsqueeze(1) * (c > 0).to(torch.float32)
+        vals = vals - adj / temperature.unsqueeze(1)
+    z.scatter_(1, idx, vals)
 
 
 def process_logits(
@@ -123,7 +184,12 @@ def process_logits(
     z = logits.to(torch.float32) / temperature.unsqueeze(1)  # always a new tensor
     z.nan_to_num_(nan=NEG_INF, posinf=POS_INF, neginf=NEG_INF)
     if window is not None and window.shape[1] > 0:
-        apply_penalty(z, window, packed.penalty, packed.once)
+        openai = bool(((packed.frequency_penalty != 0) | (packed.presence_penalty != 0)).any())
+        if openai:
+            apply_penalty(z, window, packed.penalty, packed.once,
+                          packed.frequency_penalty, packed.presence_penalty, temperature)
+        else:
+            apply_penalty(z, window, packed.penalty, packed.once)
     return z
 
 
@@ -149,15 +215,99 @@ def filtered_logits(
     params: ParamsLike,
     window: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Steps 1 to 3 of one sampling step, float32 ``[B, V]`` (removed tokens are ``-inf``).
+    """Steps 1 to 5 of one sampling step, float32 ``[B, V]`` (removed tokens are ``-inf``).
 
     For a sampled (non-greedy) row, ``softmax`` of its output row is the exact distribution
-    of the next token, up to the ``+inf`` rule (those tokens share all the mass).
+    of the next token, up to the ``+inf`` rule (those tokens share all the mass). Greedy rows
+    get top-k but not top-p or min-p (their token is the argmax of step 2 anyway).
     """
     packed = pack(params, logits.shape[0], logits.device)
-    z = process_logits(logits, packed, window)
-    tau = top_k_threshold(z, packed.top_k)
-    return z.masked_fill_(z < tau.unsqueeze(1), NEG_INF)
+    return _filter(process_logits(logits, packed, window), packed)
+
+
+def _filter(z: torch.Tensor, packed: PackedParams) -> torch.Tensor:
+    """Steps 3 to 5 in place on the processed logits ``z`` float32 ``[B, V]``; returns ``z``."""
+    z.masked_fill_(z < top_k_threshold(z, packed.top_k).unsqueeze(1), NEG_INF)
+    greedy = packed.temperature == 0
+    top_p = torch.where(greedy, 1.0, packed.top_p)
+    min_p = torch.where(greedy, 0.0, packed.min_p)
+    return p_filter(z, top_p, min_p)
+
+
+def top_p_keep(vals: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
+    """Step 4 on rows sorted by value: the entries top-p keeps.
+
+    Parameters
+    ----------
+    vals : Tensor
+        float32 ``[N, C]``, each row sorted descending with a finite first entry; removed
+        tokens are ``-inf`` (at the end).
+    top_p : Tensor
+        float32 ``[N]``, in ``(0, 1]``.
+
+    Returns
+    -------
+    BoolTensor
+        ``[N, C]`` in the order of ``vals``: ``True`` where the mass of the strictly larger
+        values is below ``top_p``.
+    """
+    e = torch.exp(vals - vals[:, :1])
+    # float64 accumulation makes the sums independent of how a device orders the additions.
+    total = e.sum(dim=1, keepdim=True, dtype=torch.float64).to(torch.float32)
+    q = e / total
+    before = torch.zeros_like(q)
+    before[:, 1:] = torch.cumsum(q[:, :-1], dim=1, dtype=torch.float64).to(torch.float32)
+    # Each member of a run of equal values takes the run's first prefix: the mass of the
+    # values strictly larger, so that ties are kept or dropped together.
+    cols = torch.arange(vals.shape[1], device=vals.device).expand_as(vals)
+    start = torch.ones_like(vals, dtype=torch.bool)
+    start[:, 1:] = vals[:, 1:] != vals[:, :-1]
+    first = torch.where(start, cols, 0).cummax(dim=1).values
+    return before.gather(1, first) < top_p.unsqueeze(1)
+
+
+def p_filter(
+    z: torch.Tensor, top_p: torch.Tensor, min_p: torch.Tensor, *, presorted: bool = False
+) -> torch.Tensor:
+    """Steps 4 (top-p) and 5 (min-p) in place on the survivors of top-k; returns ``z``.
+
+    Parameters
+    ----------
+    z : Tensor
+        float32 ``[N, C]``: candidate values, removed tokens ``-inf``.
+    top_p, min_p : Tensor
+        float32 ``[N]``; ``top_p == 1`` and ``min_p == 0`` turn a row's filter off (callers
+        pass those for greedy rows).
+    presorted : bool
+        Rows of ``z`` are sorted descending already (the top-k candidates), so top-p needs
+        no sort.
+
+    Notes
+    -----
+    Only rows that use a filter and have no ``+inf`` survivor do any work. Top-p sorts the
+    rows that use it (unless ``presorted``); min-p is elementwise.
+    """
+    zmax = z.amax(dim=1)
+    live = (zmax < POS_INF) & (zmax > NEG_INF)
+    use_p = live & (top_p < 1)
+    if bool(use_p.any()):
+        rows = use_p.nonzero().flatten()
+        sub = z[rows]
+        if presorted:
+            keep = top_p_keep(sub, top_p[rows])
+        else:
+            vals, order = sub.sort(dim=1, descending=True)
+            keep = torch.empty_like(order, dtype=torch.bool)
+            keep.scatter_(1, order, top_p_keep(vals, top_p[rows]))
+        z[rows] = sub.masked_fill_(~keep, NEG_INF)
+    use_m = live & (min_p > 0)
+    if bool(use_m.any()):
+        rows = use_m.nonzero().flatten()
+        sub = z[rows]
+        # Top-p never removes the maximum, so z_max of step 3 is still the row's maximum.
+        ratio = torch.exp(sub - zmax[rows].unsqueeze(1))
+        z[rows] = sub.masked_fill_(ratio < min_p[rows].unsqueeze(1), NEG_INF)
+    return z
 
 
 def _race_keys(z: torch.Tensor) -> torch.Tensor:
@@ -173,21 +323,37 @@ def _pick(keys: torch.Tensor, tokens: torch.Tensor, fill: int) -> torch.Tensor:
 
 
 def _race_compact(
-    vals: torch.Tensor, idx: torch.Tensor, k: torch.Tensor, seed: torch.Tensor, step: torch.Tensor
+    vals: torch.Tensor,
+    idx: torch.Tensor,
+    k: torch.Tensor,
+    top_p: torch.Tensor,
+    min_p: torch.Tensor,
+    seed: torch.Tensor,
+    step: torch.Tensor,
 ) -> torch.Tensor:
-    """The race over each row's top-k entries (sorted ``vals``/``idx``), no tie past the k-th."""
+    """The race over each row's top-k entries (sorted ``vals``/``idx``), no tie past the k-th.
+
+    Top-p and min-p work on these k sorted candidates only.
+    """
     in_k = torch.arange(vals.shape[1], device=vals.device).unsqueeze(0) < k.unsqueeze(1)
-    v = _race_keys(vals.masked_fill(~in_k, NEG_INF))
+    v = p_filter(vals.masked_fill(~in_k, NEG_INF), top_p, min_p, presorted=True)
+    v = _race_keys(v)
     g = gumbel_from_uniform(uniform_noise(seed.unsqueeze(1), step.unsqueeze(1), idx))
     keys = torch.where(v > NEG_INF, v + g, NEG_INF)
     return _pick(keys, idx, fill=torch.iinfo(torch.int64).max)
 
 
 def _race_rows(
-    z: torch.Tensor, tau: torch.Tensor, seed: torch.Tensor, step: torch.Tensor
+    z: torch.Tensor,
+    tau: torch.Tensor,
+    top_p: torch.Tensor,
+    min_p: torch.Tensor,
+    seed: torch.Tensor,
+    step: torch.Tensor,
 ) -> torch.Tensor:
     """The race over every surviving token of each row; noise only for the survivors."""
-    z = _race_keys(z.masked_fill(z < tau.unsqueeze(1), NEG_INF))
+    z = p_filter(z.masked_fill(z < tau.unsqueeze(1), NEG_INF), top_p, min_p)
+    z = _race_keys(z)
     rows, cols = (z > NEG_INF).nonzero(as_tuple=True)
     keys = z[rows, cols] + gumbel_from_uniform(uniform_noise(seed[rows], step[rows], cols))
     batch = z.shape[0]
@@ -200,8 +366,16 @@ def _race_rows(
     )
 
 
-def _race(z: torch.Tensor, top_k: torch.Tensor, seed: torch.Tensor, step: torch.Tensor):
-    """Exponential race for every row of ``z``; top-k rows without ties past k go compact."""
+def _race(
+    z: torch.Tensor,
+    top_k: torch.Tensor,
+    top_p: torch.Tensor,
+    min_p: torch.Tensor,
+    seed: torch.Tensor,
+    step: torch.Tensor,
+) -> torch.Tensor:
+    """Exponential race for every (sampled) row of ``z``; top-k rows without ties past k go
+    compact. The parameter tensors are ``[B]``, for exactly these rows."""
     batch, vocab = z.shape
     k = _effective_k(top_k, vocab)
     out = torch.empty(batch, dtype=torch.int64, device=z.device)
@@ -217,14 +391,76 @@ def _race(z: torch.Tensor, top_k: torch.Tensor, seed: torch.Tensor, step: torch.
         compact = ~general
         if bool(compact.any()):
             out[compact] = _race_compact(
-                vals[compact], idx[compact], k[compact], seed[compact], step[compact]
+                vals[compact], idx[compact], k[compact], top_p[compact], min_p[compact],
+                seed[compact], step[compact],
             )
     else:
         tau = torch.full((batch,), NEG_INF, device=z.device)
     if bool(general.any()):
         tau = torch.where(k > 0, tau, NEG_INF)
-        out[general] = _race_rows(z[general], tau[general], seed[general], step[general])
+        out[general] = _race_rows(
+            z[general], tau[general], top_p[general], min_p[general], seed[general],
+            step[general],
+        )
     return out
+
+
+def _top_logprobs(lp: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ``n`` largest entries of each row of ``lp`` [B, V]: ids int64 and values, ``[B, n]``.
+
+    Order: value descending, lower id first among equal values (``n`` is capped at ``V``).
+    """
+    batch, vocab = lp.shape
+    n = min(n, vocab)
+    if n <= 0:
+        return (torch.empty(batch, 0, dtype=torch.int64, device=lp.device),
+                torch.empty(batch, 0, dtype=lp.dtype, device=lp.device))
+    vals, ids = torch.topk(lp, n, dim=1)
+    ids, order = ids.sort(dim=1)
+    vals, order = vals.gather(1, order).sort(dim=1, descending=True, stable=True)
+    ids = ids.gather(1, order)
+    # Which members of a run of equal values straddling the n-th place topk returns is
+    # arbitrary: such rows take the lowest ids, from a stable sort of the whole row.
+    over = (lp >= vals[:, -1:]).sum(dim=1) > n
+    if bool(over.any()):
+        rows = over.nonzero().flatten()
+        v, i = lp[rows].sort(dim=1, descending=True, stable=True)
+        vals[rows], ids[rows] = v[:, :n], i[:, :n]
+    return ids, vals
+
+
+def raw_logprobs(logits: torch.Tensor, tokens: torch.Tensor, n: int) -> SampleLogprobs:
+    """Log-probabilities of ``tokens`` and the top ``n`` under the raw logits.
+
+    Parameters
+    ----------
+    logits : Tensor
+        ``[B, V]`` any float dtype, before temperature, penalties or filters; computed as
+        ``log_softmax`` in float32, NaN counting as ``-inf``. A row with ``+inf`` values gives
+        those ``log(1 / count)`` and the rest ``-inf`` (they share all the probability).
+    tokens : LongTensor
+        ``[B]`` the sampled ids.
+    n : int
+        How many top alternatives per row (0 to 20; capped at ``V``).
+
+    Returns
+    -------
+    SampleLogprobs
+        ``token_logprob`` float32 ``[B]``, ``top_ids`` int64 ``[B, n]``, ``top_logprobs``
+        float32 ``[B, n]``.
+    """
+    x = logits.to(torch.float32)
+    x = torch.where(torch.isnan(x), NEG_INF, x)
+    lp = torch.log_softmax(x, dim=1)
+    inf_rows = (x == POS_INF).any(dim=1)
+    if bool(inf_rows.any()):
+        # log_softmax gives NaN there; SPEC section 3: the +inf tokens share the mass.
+        is_inf = x[inf_rows] == POS_INF
+        share = -torch.log(is_inf.sum(dim=1, keepdim=True).to(torch.float32))
+        lp[inf_rows] = torch.where(is_inf, share, NEG_INF)
+    token_logprob = lp.gather(1, tokens.view(-1, 1).to(torch.int64)).squeeze(1)
+    top_ids, top_logprobs = _top_logprobs(lp, n)
+    return SampleLogprobs(token_logprob, top_ids, top_logprobs)
 
 
 def sample(
@@ -234,8 +470,9 @@ def sample(
     *,
     step: int | torch.Tensor = 0,
     backend: str = "reference",
-) -> torch.Tensor:
-    """Draw one token per row, exactly as SPEC sections 2 to 4 define it, in PyTorch.
+    return_logprobs: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, SampleLogprobs]:
+    """Draw one token per row, exactly as SPEC sections 2 to 4 and issue 8 define it.
 
     Parameters
     ----------
@@ -244,18 +481,22 @@ def sample(
     params : SamplingParams or sequence of SamplingParams
         One for every row, or one per row (own values and seed).
     window : LongTensor, optional
-        ``[B, W]`` int64: the tokens the repetition penalty applies to, one entry per
-        occurrence, ``-1`` for an empty slot. The caller cuts it to the range and scope.
+        ``[B, W]`` int64: the tokens the penalties apply to, one entry per occurrence, ``-1``
+        for an empty slot. The caller cuts it to the range and scope.
     step : int or LongTensor
         Decode step (``[B]`` or scalar) that keys the noise of seeded rows, in ``[0, 2**32)``.
     backend : str
         Accepted for signature parity with :func:`lmgen_fast.sample`; must be "reference"
         or "auto".
+    return_logprobs : bool
+        Also return the raw log-probabilities (:func:`raw_logprobs`), with as many top
+        alternatives as the largest ``logprobs`` of the rows.
 
     Returns
     -------
-    LongTensor
-        ``[B]`` token ids on ``logits.device``.
+    LongTensor or (LongTensor, SampleLogprobs)
+        ``[B]`` token ids on ``logits.device``; with ``return_logprobs``, also their
+        :class:`SampleLogprobs`.
 
     Raises
     ------
@@ -268,6 +509,10 @@ def sample(
     >>> logits = torch.randn(2, 100)
     >>> sample(logits, SamplingParams(top_k=5, seed=7)).shape
     torch.Size([2])
+    >>> tokens, lp = sample(logits, SamplingParams(top_p=0.9, logprobs=3, seed=7),
+    ...                     return_logprobs=True)
+    >>> lp.top_ids.shape
+    torch.Size([2, 3])
     """
     if backend not in ("reference", "auto"):
         raise ValueError(f"reference.sample runs backend 'reference', got backend={backend!r}")
@@ -276,14 +521,21 @@ def sample(
     packed = pack(params, batch, logits.device)
     if window is not None:
         check_window_values(window, vocab)
-    z = process_logits(logits, packed, window)
+    tokens = _draw(process_logits(logits, packed, window), packed, steps)
+    if return_logprobs:
+        return tokens, raw_logprobs(logits, tokens, packed.logprobs)
+    return tokens
 
+
+def _draw(z: torch.Tensor, packed: PackedParams, steps: torch.Tensor) -> torch.Tensor:
+    """Steps 3 to 6 on the processed logits ``z`` float32 ``[B, V]`` (consumed)."""
+    batch = z.shape[0]
     empty = z.amax(dim=1) == NEG_INF
     if bool(empty.any()):
         raise EmptyRowError(empty.nonzero().flatten().tolist())
 
     greedy = packed.temperature == 0
-    out = torch.empty(batch, dtype=torch.int64, device=logits.device)
+    out = torch.empty(batch, dtype=torch.int64, device=z.device)
     if bool(greedy.any()):
         out[greedy] = z[greedy].argmax(dim=1)  # first maximum: the lowest id wins a tie
     sampled = ~greedy
@@ -294,7 +546,7 @@ def sample(
     if batch == 1 and not bool(seeded[0]):
         # The article's draw: softmax then multinomial from the global generator, so that
         # the same torch.manual_seed gives the same tokens.
-        zf = z.masked_fill_(z < top_k_threshold(z, packed.top_k).unsqueeze(1), NEG_INF)
+        zf = _filter(z, packed)
         if bool((zf == POS_INF).any()):
             probs = (zf == POS_INF).to(torch.float32)
         else:
@@ -304,10 +556,12 @@ def sample(
     seed = packed.seed
     need = sampled & ~seeded
     if bool(need.any()):
-        drawn = torch.randint(0, 2**62, (batch,), device=logits.device)
+        drawn = torch.randint(0, 2**62, (batch,), device=z.device)
         seed = torch.where(need, drawn, seed)
+    p = packed
+    if bool(sampled.all()):
+        return _race(z, p.top_k, p.top_p, p.min_p, seed, steps)
     rows = sampled.nonzero().flatten()
-    if rows.numel() == batch:
-        return _race(z, packed.top_k, seed, steps)
-    out[rows] = _race(z[rows], packed.top_k[rows], seed[rows], steps[rows])
+    out[rows] = _race(z[rows], p.top_k[rows], p.top_p[rows], p.min_p[rows], seed[rows],
+                      steps[rows])
     return out

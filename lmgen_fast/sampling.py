@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import importlib.util
+import inspect
 
 import torch
 
 from . import reference
-from .reference import ParamsLike
+from .reference import ParamsLike, SampleLogprobs
 
 BACKENDS = ("auto", "reference", "triton")
 
@@ -36,7 +37,8 @@ def sample(
     *,
     step: int | torch.Tensor = 0,
     backend: str = "auto",
-) -> torch.Tensor:
+    return_logprobs: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, SampleLogprobs]:
     """Draw one token per row of ``logits`` ``[B, V]``; returns int64 ``[B]``.
 
     Same contract as :func:`lmgen_fast.reference.sample`. ``backend="auto"`` picks the
@@ -45,12 +47,23 @@ def sample(
     runs in Triton's interpreter and needs ``TRITON_INTERPRET=1`` set before triton is
     imported). Seeded rows pick the same tokens on every backend; an unseeded batch of one
     row draws with ``torch.multinomial`` on the reference and by the seeded race (with a
-    seed from torch's generator) on the kernel.
+    seed from torch's generator) on the kernel. ``return_logprobs=True`` returns
+    ``(tokens, SampleLogprobs)`` (raw log-probabilities, see
+    :func:`lmgen_fast.reference.raw_logprobs`).
     """
-    if not isinstance(logits, torch.Tensor):
-        return reference.sample(logits, params, window, step=step)  # raises its ValueError
-    if resolve_backend(backend, logits.device) == "triton":
-        from . import kernel_sampler
+    if not isinstance(logits, torch.Tensor) or resolve_backend(
+        backend, logits.device
+    ) != "triton":
+        # A non-tensor goes to the reference, which raises its ValueError.
+        return reference.sample(logits, params, window, step=step,
+                                return_logprobs=return_logprobs)
+    from . import kernel_sampler
 
+    if not return_logprobs:
         return kernel_sampler.sample(logits, params, window, step=step)
-    return reference.sample(logits, params, window, step=step)
+    if "return_logprobs" in inspect.signature(kernel_sampler.sample).parameters:
+        return kernel_sampler.sample(logits, params, window, step=step, return_logprobs=True)
+    # A kernel without log-probabilities: they only need the raw logits and the tokens.
+    tokens = kernel_sampler.sample(logits, params, window, step=step)
+    n = reference.pack(params, logits.shape[0], logits.device).logprobs
+    return tokens, reference.raw_logprobs(logits, tokens, n)

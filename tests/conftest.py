@@ -6,6 +6,7 @@ import os
 
 import pytest
 import torch
+from scipy import stats
 
 # Without a GPU the Triton kernels run in the interpreter, which must be chosen before any
 # kernel is defined; setting it here, first, keeps the order of test imports irrelevant.
@@ -77,3 +78,13 @@ def random_model(vocab_size: int, seed: int = 0, scale: float = 1.0, **overrides
 @pytest.fixture(scope="session")
 def model(tokenizer) -> LlamaForPretraining:
     return random_model(tokenizer.get_vocab_size(), seed=0, scale=8.0)
+
+
+def assert_frequencies_match(tokens: torch.Tensor, probs: torch.Tensor) -> None:
+    """Drawn ``tokens`` never leave the support of ``probs`` (float64 ``[V]``) and pass a
+    chi-square test against it (p-value above 1e-3; fixed seeds keep it deterministic)."""
+    observed = torch.bincount(tokens, minlength=probs.numel()).to(torch.float64)
+    support = probs > 0
+    assert observed[~support].sum() == 0, "drew a token outside the support"
+    _, pvalue = stats.chisquare(observed[support], probs[support] * tokens.numel())
+    assert pvalue > 1e-3, pvalue

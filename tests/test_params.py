@@ -26,6 +26,14 @@ from lmgen_fast.params import PackedParams, as_row_params
         ("seed", 1.5),
         ("penalty_scope", "prompt"),
         ("penalty_mode", "twice"),
+        ("top_p", 0.0),
+        ("top_p", 1.5),
+        ("min_p", -0.1),
+        ("min_p", 1.01),
+        ("frequency_penalty", math.inf),
+        ("presence_penalty", 1e39),
+        ("logprobs", 21),
+        ("logprobs", -1),
     ],
 )
 def test_invalid_value_names_field_and_value(field, value):
