@@ -366,6 +366,36 @@ def _race_rows(
     )
 
 
+TOPK_CHUNK = 64
+
+
+def row_topk(z: torch.Tensor, kp: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``torch.topk(z, kp, dim=1)`` of float32 ``z`` [B, V] (no NaN), found on fewer values.
+
+    A row's ``kp`` largest values lie in the ``kp`` chunks of ``TOPK_CHUNK`` tokens with the
+    largest maxima (plus the tail), unless a chunk left out has a maximum at least the
+    ``kp``-th value found: such rows take the full ``topk``. ``topk`` is the costliest op of a
+    CPU step; this reads its input once for the chunk maxima and sorts ~10x fewer values
+    (B=64, V=32000, k=50).
+    """
+    batch, vocab = z.shape
+    n_chunks = vocab // TOPK_CHUNK
+    if n_chunks <= 4 * kp:
+        return torch.topk(z, kp, dim=1)
+    body = z[:, : n_chunks * TOPK_CHUNK].view(batch, n_chunks, TOPK_CHUNK)
+    chunk_max, order = torch.topk(body.amax(dim=2), kp + 1, dim=1)
+    offsets = torch.arange(TOPK_CHUNK, device=z.device)
+    cols = (order[:, :kp].unsqueeze(2) * TOPK_CHUNK + offsets).flatten(1)
+    tail = torch.arange(n_chunks * TOPK_CHUNK, vocab, device=z.device).expand(batch, -1)
+    cols = torch.cat([cols, tail], dim=1)
+    vals, pos = torch.topk(z.gather(1, cols), kp, dim=1)
+    idx = cols.gather(1, pos)
+    unsafe = chunk_max[:, kp] >= vals[:, kp - 1]
+    if bool(unsafe.any()):
+        vals[unsafe], idx[unsafe] = torch.topk(z[unsafe], kp, dim=1)
+    return vals, idx
+
+
 def _race(
     z: torch.Tensor,
     top_k: torch.Tensor,
@@ -383,7 +413,7 @@ def _race(
     if bool((~general).any()):
         # One extra column tells whether a value equal to the k-th lies beyond the top k.
         kp = min(int(k.max()) + 1, vocab)
-        vals, idx = torch.topk(z, kp, dim=1)
+        vals, idx = row_topk(z, kp)
         kk = k.clamp_min(1).unsqueeze(1)
         tau = vals.gather(1, kk - 1).squeeze(1)
         tie = (vals.gather(1, kk).squeeze(1) == tau) & (tau > NEG_INF)

@@ -135,6 +135,21 @@ def test_top_k_off_or_at_least_vocab_keeps_all(k):
     assert torch.isfinite(reference.filtered_logits(logits, SamplingParams(top_k=k))).all()
 
 
+@pytest.mark.parametrize("vocab, kp", [(32000, 51), (5000, 11), (4099, 3), (300, 51)])
+def test_row_topk_equals_torch_topk(vocab, kp):
+    gen = torch.Generator().manual_seed(vocab)
+    z = torch.randn(16, vocab, generator=gen) * 3
+    z[1] = torch.randint(0, 5, (vocab,), generator=gen).float()  # ties everywhere
+    z[2] = -INF
+    z[2, :2] = 1.0  # fewer finite values than kp
+    z[3, -2:] = 100.0  # the maxima sit in the tail
+    z[4, ::97] = 50.0  # equal maxima in many chunks
+    vals, idx = reference.row_topk(z, kp)
+    assert torch.equal(vals, torch.topk(z, kp, dim=1).values)
+    assert torch.equal(z.gather(1, idx), vals)
+    assert all(len(set(row)) == kp for row in idx.tolist())
+
+
 def test_top_k_one_is_argmax():
     logits = torch.randn(32, 100)
     got = sample(logits, SamplingParams(top_k=1, seed=1))
