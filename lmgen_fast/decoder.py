@@ -108,7 +108,8 @@ _LAYER_PARTS = (
 )
 
 
-def _get(module: nn.Module, path: str):
+def get_path(module: nn.Module, path: str):
+    """The attribute at dotted ``path`` below ``module`` (None where a part is missing)."""
     for name in path.split("."):
         module = getattr(module, name, None)
         if module is None:
@@ -131,20 +132,20 @@ def infer_article_config(model: nn.Module) -> LlamaConfig | None:
     layers = getattr(base, "layers", None)
     if (
         not isinstance(model, nn.Module)
-        or not isinstance(_get(model, "lm_head"), nn.Linear)
-        or not isinstance(_get(model, "base_model.embed_tokens"), nn.Embedding)
-        or _get(model, "base_model.norm.weight") is None
+        or not isinstance(get_path(model, "lm_head"), nn.Linear)
+        or not isinstance(get_path(model, "base_model.embed_tokens"), nn.Embedding)
+        or get_path(model, "base_model.norm.weight") is None
         or not isinstance(layers, nn.ModuleList)
         or len(layers) == 0
     ):
         return None
     for layer in layers:
         for part in _LAYER_PARTS:
-            linear = _get(layer, part)
+            linear = get_path(layer, part)
             if not isinstance(linear, nn.Linear) or linear.bias is not None:
                 return None
         for norm in ("input_layernorm", "post_attention_layernorm"):
-            if _get(layer, norm + ".weight") is None:
+            if get_path(layer, norm + ".weight") is None:
                 return None
     if model.lm_head.bias is not None:
         return None
@@ -158,7 +159,7 @@ def infer_article_config(model: nn.Module) -> LlamaConfig | None:
             return None
         heads = hidden // head_dim
     head_dim = hidden // heads
-    rotary_cos = _get(model, "base_model.rotary_emb.cos")
+    rotary_cos = get_path(model, "base_model.rotary_emb.cos")
     max_pos = _find_attr([cfg], ("max_position_embeddings",))
     if max_pos is None:
         max_pos = rotary_cos.shape[0] if isinstance(rotary_cos, torch.Tensor) else 2048
@@ -176,13 +177,24 @@ def infer_article_config(model: nn.Module) -> LlamaConfig | None:
     )
 
 
-def share_weights(model: nn.Module, config: LlamaConfig) -> LlamaForPretraining:
-    """A LlamaForPretraining whose parameters are ``model``'s own tensors (no copy)."""
+def set_path(module: nn.Module, path: str, value) -> None:
+    """Set the attribute at dotted ``path`` below ``module``."""
+    owner, _, leaf = path.rpartition(".")
+    setattr(get_path(module, owner), leaf, value)
+
+
+def share_weights(
+    model: nn.Module, config: LlamaConfig, source_name: Callable[[str], str] = lambda n: n
+) -> LlamaForPretraining:
+    """A LlamaForPretraining whose parameters are ``model``'s own tensors (no copy).
+
+    ``source_name`` maps each of our parameter names to ``model``'s. Tied parameters are
+    listed under every name, so each of our names points at its own source tensor.
+    """
     with torch.device("meta"):
         ours = LlamaForPretraining(config)
-    for name, _ in list(ours.named_parameters()):
-        owner_path, _, leaf = name.rpartition(".")
-        setattr(_get(ours, owner_path), leaf, _get(model, name))
+    for name, _ in list(ours.named_parameters(remove_duplicate=False)):
+        set_path(ours, name, get_path(model, source_name(name)))
     device = model.lm_head.weight.device
     ours.base_model.rotary_emb = LlamaRotaryEmbedding(config).to(device)
     return ours.eval()

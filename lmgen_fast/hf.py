@@ -30,9 +30,12 @@ from .decoder import (
     CachedLlamaDecoder,
     Decoder,
     RecomputeDecoder,
+    get_path,
     model_device,
+    set_path,
+    share_weights,
 )
-from .models.llama import LlamaConfig, LlamaForPretraining, LlamaRotaryEmbedding
+from .models.llama import LlamaConfig, LlamaForPretraining
 
 __all__ = [
     "HFCacheDecoder",
@@ -205,36 +208,8 @@ def _llama_config(model) -> LlamaConfig:
     return config
 
 
-def _our_names(config: LlamaConfig) -> list[str]:
-    """Every parameter name of our model, shared ones included, in the article's naming."""
-    names = ["base_model.embed_tokens.weight", "base_model.norm.weight", "lm_head.weight"]
-    for i in range(config.num_hidden_layers):
-        p = f"base_model.layers.{i}."
-        names += [p + "input_layernorm.weight", p + "post_attention_layernorm.weight"]
-        for n in _ATTN:
-            names.append(f"{p}self_attn.{n}.weight")
-            if config.attention_bias:
-                names.append(f"{p}self_attn.{n}.bias")
-        for n in _MLP:
-            names.append(f"{p}mlp.{n}.weight")
-            if config.mlp_bias:
-                names.append(f"{p}mlp.{n}.bias")
-    return names
-
-
 def _to_hf_name(name: str) -> str:
     return "model." + name.removeprefix("base_model.") if name.startswith("base_model.") else name
-
-
-def _get(module, path: str):
-    for part in path.split("."):
-        module = getattr(module, part)
-    return module
-
-
-def _set(module, path: str, value) -> None:
-    owner, _, leaf = path.rpartition(".")
-    setattr(_get(module, owner), leaf, value)
 
 
 def share_hf_weights(model, config: LlamaConfig | None = None) -> LlamaForPretraining:
@@ -251,14 +226,7 @@ def share_hf_weights(model, config: LlamaConfig | None = None) -> LlamaForPretra
     LlamaForPretraining
         In eval mode; its parameters are the HF model's tensors, so both see later updates.
     """
-    config = config or _llama_config(model)
-    with torch.device("meta"):
-        ours = LlamaForPretraining(config)
-    for name in _our_names(config):
-        _set(ours, name, _get(model, _to_hf_name(name)))
-    device = model.lm_head.weight.device
-    ours.base_model.rotary_emb = LlamaRotaryEmbedding(config).to(device)
-    return ours.eval()
+    return share_weights(model, config or _llama_config(model), _to_hf_name)
 
 
 def from_hf(model) -> LlamaForPretraining:
@@ -285,12 +253,11 @@ def from_hf(model) -> LlamaForPretraining:
         )
     shared = share_hf_weights(model, _llama_config(model))
     copies: dict[int, nn.Parameter] = {}
-    for name in _our_names(shared.config):
-        tensor = _get(shared, name)
+    for name, tensor in list(shared.named_parameters(remove_duplicate=False)):
         # One copy per tensor, so tied embeddings stay tied.
         if id(tensor) not in copies:
             copies[id(tensor)] = nn.Parameter(tensor.detach().clone())
-        _set(shared, name, copies[id(tensor)])
+        set_path(shared, name, copies[id(tensor)])
     return shared
 
 
@@ -313,8 +280,8 @@ def to_hf(model: LlamaForPretraining) -> transformers.LlamaForCausalLM:
     hf = transformers.LlamaForCausalLM(config_to_hf(model.config))
     hf = hf.to(device=weight.device, dtype=weight.dtype)
     with torch.no_grad():
-        for name in _our_names(model.config):
-            _get(hf, _to_hf_name(name)).copy_(_get(model, name))
+        for name, tensor in model.named_parameters(remove_duplicate=False):
+            get_path(hf, _to_hf_name(name)).copy_(tensor)
     return hf.eval()
 
 
