@@ -7,14 +7,28 @@ import os
 import pytest
 import torch
 from scipy import stats
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+from lmgen_fast.models import LlamaConfig, LlamaForPretraining
 
 # Without a GPU the Triton kernels run in the interpreter, which must be chosen before any
 # kernel is defined; setting it here, first, keeps the order of test imports irrelevant.
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-from lmgen_fast.models import LlamaConfig, LlamaForPretraining
+# Where the kernel tests run: CUDA, or the interpreter on CPU tensors.
+CUDA = torch.cuda.is_available()
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+DEVICE = "cuda" if CUDA else "cpu"
+gpu = pytest.mark.skipif(not CUDA or INTERPRETED, reason="needs a CUDA device")
+
+
+def require_kernel_runtime() -> None:
+    """Skip the calling test module unless triton is installed and can run here."""
+    pytest.importorskip("triton")
+    if not CUDA and not INTERPRETED:
+        pytest.skip("no CUDA and TRITON_INTERPRET is not 1", allow_module_level=True)
+
 
 CORPUS = [
     "The quick brown fox jumps over the lazy dog.",

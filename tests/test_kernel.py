@@ -1,7 +1,7 @@
 """The fused Triton sampler against the reference (SPEC sections 2 to 4).
 
-Without CUDA the kernels run in Triton's interpreter on small shapes; the interpreter must
-be chosen before triton is first imported, hence the environment variable set here.
+Without CUDA the kernels run in Triton's interpreter on small shapes (conftest.py chooses it
+before triton is first imported).
 Tests marked ``gpu`` repeat the checks at V = 128256, B = 256 on a CUDA device.
 """
 
@@ -12,27 +12,18 @@ import subprocess
 import sys
 import textwrap
 
+import pytest
 import torch
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
+from conftest import DEVICE, gpu, require_kernel_runtime
 
-import pytest  # noqa: E402
-
-pytest.importorskip("triton")
+require_kernel_runtime()
 
 from lmgen_fast import SamplingParams, reference  # noqa: E402
 from lmgen_fast import kernel_sampler as K  # noqa: E402
 from lmgen_fast.reference import EmptyRowError  # noqa: E402
 from lmgen_fast.sampling import resolve_backend  # noqa: E402
 from lmgen_fast.sampling import sample as public_sample  # noqa: E402
-
-CUDA = torch.cuda.is_available()
-DEVICE = "cuda" if CUDA else "cpu"
-INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
-if not CUDA and not INTERPRETED:
-    pytest.skip("no CUDA and TRITON_INTERPRET is not 1", allow_module_level=True)
-gpu = pytest.mark.skipif(not CUDA or INTERPRETED, reason="needs a CUDA device")
 
 TEMPS = [0.0, 0.5, 1.0, 1.7]
 PENALTIES = [1.0, 0.8, 1.3, 2.0]

@@ -12,26 +12,16 @@ multi-pass path (``nucleus_candidates`` small, flat logits; ``STATUS_SLOW`` says
 from __future__ import annotations
 
 import math
-import os
 
+import pytest
 import torch
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
+from conftest import DEVICE, INTERPRETED, gpu, require_kernel_runtime
 
-import pytest  # noqa: E402
-
-pytest.importorskip("triton")
+require_kernel_runtime()
 
 from lmgen_fast import SamplingParams, reference  # noqa: E402
 from lmgen_fast import kernel_sampler as K  # noqa: E402
-
-CUDA = torch.cuda.is_available()
-DEVICE = "cuda" if CUDA else "cpu"
-INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
-if not CUDA and not INTERPRETED:
-    pytest.skip("no CUDA and TRITON_INTERPRET is not 1", allow_module_level=True)
-gpu = pytest.mark.skipif(not CUDA or INTERPRETED, reason="needs a CUDA device")
 
 TEMPS = [0.0, 0.6, 1.0, 1.5]
 TOP_PS = [1.0, 0.95, 0.8, 0.5, 0.2]
