@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import importlib.util
-import inspect
 
 import torch
 
@@ -59,11 +58,5 @@ def sample(
                                 return_logprobs=return_logprobs)
     from . import kernel_sampler
 
-    if not return_logprobs:
-        return kernel_sampler.sample(logits, params, window, step=step)
-    if "return_logprobs" in inspect.signature(kernel_sampler.sample).parameters:
-        return kernel_sampler.sample(logits, params, window, step=step, return_logprobs=True)
-    # A kernel without log-probabilities: they only need the raw logits and the tokens.
-    tokens = kernel_sampler.sample(logits, params, window, step=step)
-    n = reference.pack(params, logits.shape[0], logits.device).logprobs
-    return tokens, reference.raw_logprobs(logits, tokens, n)
+    return kernel_sampler.sample(logits, params, window, step=step,
+                                 return_logprobs=return_logprobs)

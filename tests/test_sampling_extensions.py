@@ -347,21 +347,6 @@ def test_zero_logprobs_gives_empty_tensors_and_pos_inf_rows_share():
     assert lp.top_ids[0].tolist() == [1, 3, 0] and lp.top_logprobs[0, 2] == -INF
 
 
-def test_lmgen_sample_falls_back_for_a_kernel_without_logprobs(monkeypatch):
-    from lmgen_fast import kernel_sampler
-
-    def old_kernel(logits, params, window=None, *, step=0):
-        return reference.sample(logits, params, window, step=step)
-
-    monkeypatch.setattr(kernel_sampler, "sample", old_kernel)
-    logits = torch.randn(3, 40)
-    p = SamplingParams(seed=4, logprobs=2)
-    tokens, lp = sample(logits, p, backend="triton", return_logprobs=True)
-    want_tokens, want = reference.sample(logits, p, return_logprobs=True)
-    assert torch.equal(tokens, want_tokens)
-    assert all(torch.equal(a, b) for a, b in zip(lp, want, strict=True))
-
-
 def test_generate_batch_details_carry_logprobs(model, tokenizer):
     prompts = ["The quick brown", "Once upon"]
     rows = [SamplingParams(seed=1, top_p=0.9, logprobs=3, frequency_penalty=0.5),
