@@ -3,26 +3,22 @@
 from __future__ import annotations
 
 import json
-import platform
 import statistics
 import time
 from pathlib import Path
 
 import torch
 
+from lmgen_fast import cli
+
 RESULTS = Path(__file__).parent / "results"
 
 
 def device_name(device: str = "cpu") -> str:
-    if device.startswith("cuda"):
-        return torch.cuda.get_device_name(torch.device(device))
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return f"{line.split(':', 1)[1].strip()} ({torch.get_num_threads()} threads)"
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+    """The CLI's name for ``device``; for the CPU with the torch thread count, which the
+    numbers depend on."""
+    name = cli.device_name(torch.device(device))
+    return name if device.startswith("cuda") else f"{name} ({torch.get_num_threads()} threads)"
 
 
 def median_seconds(fn, repeats: int, warmup: int = 1) -> tuple[float, list[float]]:
