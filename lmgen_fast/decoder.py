@@ -13,6 +13,7 @@ Adapters for other families (e.g. Hugging Face) register themselves in ``ADAPTER
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable, Sequence
 
 import torch
@@ -37,13 +38,27 @@ class Decoder:
 
 
 class CachedLlamaDecoder(Decoder):
-    """Our Llama with a static KV cache; rows keep their own positions (right padding)."""
+    """Our Llama with a static KV cache; rows keep their own positions (right padding).
+
+    Decode steps attend over the first ``kv_len`` cache slots, rounded up to a multiple of
+    ``kv_block``: on the GPU that gives a handful of fixed shapes, one CUDA graph each (the
+    extra slots are masked). The cache and the position buffer are kept and reused by the
+    next :meth:`prefill` of the same batch size when they are large enough, so that graphs
+    captured on them stay valid (``cache_version`` changes whenever they are replaced).
+    """
 
     cached = True
+    graphable = True
 
     def __init__(self, model: LlamaForPretraining):
         self.model = model
         self.device = model.lm_head.weight.device
+        self.kv_block = 128 if self.device.type == "cuda" else 1
+        self.cache = None
+        self.cache_version = 0
+
+    def _round(self, n: int) -> int:
+        return -(-n // self.kv_block) * self.kv_block
 
     def prefill(self, prompts: Sequence[Sequence[int]], max_new_tokens: int) -> torch.Tensor:
         lengths = [len(p) for p in prompts]
@@ -63,21 +78,49 @@ class CachedLlamaDecoder(Decoder):
         for i, p in enumerate(prompts):
             ids[i, : len(p)] = torch.as_tensor(p, dtype=torch.int64)
         ids = ids.to(self.device)
-        self.cache = self.model.new_cache(batch, max(need, longest))
+        self._ensure_cache(batch, self._round(max(need, longest)))
         positions = torch.arange(longest, device=self.device).expand(batch, longest)
         hidden = self.model.forward_cached(ids, positions, self.cache, kv_len=longest)
         last = torch.as_tensor(lengths, device=self.device) - 1
-        self.positions = last + 1  # where each row's next token goes
+        self.positions.copy_(last + 1)  # where each row's next token goes
         self.kv_len = longest  # host-side bound on the slots in use, to avoid a device sync
         return self.model.lm_head(hidden[torch.arange(batch, device=self.device), last])
 
-    def decode(self, tokens: torch.Tensor) -> torch.Tensor:
+    def _ensure_cache(self, batch: int, max_len: int) -> None:
+        weight = self.model.lm_head.weight
+        c = self.cache
+        if (c is not None and c.k[0].shape[0] == batch and c.max_len >= max_len
+                and c.k[0].dtype == weight.dtype and c.k[0].device == weight.device):
+            return
+        self.cache = self.positions = None  # free the old one before allocating
+        self.cache = self.model.new_cache(batch, max_len)
+        self.positions = torch.zeros(batch, dtype=torch.int64, device=self.device)
+        self.cache_version += 1
+
+    def release(self) -> None:
+        """Free the cache (the next prefill allocates a new one)."""
+        self.cache = self.positions = None
+        self.cache_version += 1
+
+    def advance(self) -> int:
+        """Account for one more decode step on the host; return the ``kv_len`` it uses."""
         self.kv_len += 1
+        return self._round(self.kv_len)
+
+    def step(self, tokens: torch.Tensor, kv_len: int) -> torch.Tensor:
+        """One decode step at the rows' current positions, without touching host state.
+
+        Reads int64 ``tokens`` ``[B]``, writes the cache, advances the positions in place,
+        returns logits ``[B, V]``: safe to capture in a CUDA graph and replay.
+        """
         hidden = self.model.forward_cached(
-            tokens.view(-1, 1), self.positions.view(-1, 1), self.cache, kv_len=self.kv_len
+            tokens.view(-1, 1), self.positions.view(-1, 1), self.cache, kv_len=kv_len
         )
-        self.positions = self.positions + 1
+        self.positions.add_(1)
         return self.model.lm_head(hidden[:, 0])
+
+    def decode(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.step(tokens, self.advance())
 
 
 class RecomputeDecoder(Decoder):
@@ -202,7 +245,9 @@ def share_weights(
 
 def _article_adapter(model) -> Decoder | None:
     if isinstance(model, LlamaForPretraining):
-        return CachedLlamaDecoder(model)
+        # A view on the same tensors rather than the module itself: the decoder then holds
+        # no reference to the model, so decoder_for's weak cache lets both be freed.
+        return CachedLlamaDecoder(share_weights(model, model.config))
     config = infer_article_config(model)
     if config is None:
         return None
@@ -253,3 +298,39 @@ def wrap(model, device: torch.device | str | None = None) -> Decoder:
     if not callable(model):
         raise ValueError(f"model must be callable as model(input_ids), got {type(model).__name__}")
     return RecomputeDecoder(model, torch.device(device) if device else model_device(model))
+
+
+# model -> (decoder, fingerprint of the model's parameters when the decoder was built).
+_KEPT: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _fingerprint(model: nn.Module) -> tuple:
+    return tuple((p.data_ptr(), p.dtype, p.device, tuple(p.shape)) for p in model.parameters())
+
+
+def decoder_for(model, device: torch.device | str | None = None) -> Decoder:
+    """:func:`wrap`, keeping a cached decoder for the next call on the same model.
+
+    The decoder's KV cache and CUDA graphs are then reused instead of rebuilt. It is kept
+    while the model lives and its parameter tensors stay where they are (same storage,
+    dtype, device); after ``model.to(...)``, ``model.half()`` or similar a new one is built.
+    A decoder in use (a callback that generates again) is never handed out twice.
+    :func:`release` frees it.
+    """
+    if not isinstance(model, nn.Module):
+        return wrap(model, device)
+    kept = _KEPT.get(model)
+    fingerprint = _fingerprint(model)
+    if kept is not None and kept[1] == fingerprint and not getattr(kept[0], "busy", False):
+        model.eval()
+        return kept[0]
+    decoder = wrap(model, device)
+    if getattr(decoder, "graphable", False):
+        _KEPT[model] = (decoder, fingerprint)
+    return decoder
+
+
+def release(model) -> None:
+    """Drop the decoder :func:`decoder_for` keeps for ``model`` (its cache and graphs)."""
+    if isinstance(model, nn.Module):
+        _KEPT.pop(model, None)

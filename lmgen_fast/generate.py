@@ -1,7 +1,6 @@
-"""The decode loop: the article's ``generate()`` and its batched form, on a cached decoder.
+"""The article's ``generate()`` and its batched form: arguments in, text out.
 
-One step: sample every row from its logits (with its window of recent tokens), stop rows
-that drew EOT or reached their length, feed the new tokens back through the KV cache.
+The loop itself is :func:`lmgen_fast.engine.generate_ids`.
 """
 
 from __future__ import annotations
@@ -9,20 +8,20 @@ from __future__ import annotations
 import operator
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
-from typing import NamedTuple
 
-import torch
-
-from .decoder import wrap
-from .params import PackedParams, SamplingParams
-from .reference import EmptyRowError
-from .sampling import resolve_backend, sample
+from .decoder import decoder_for
+from .engine import (  # noqa: F401  (re-exported: jobs and users import them from here)
+    DecodeOutOfMemory,
+    GenerationError,
+    RowLogprobs,
+    TokenCallback,
+    TopLogprobs,
+    check_sync_every,
+    generate_ids,
+)
+from .params import SamplingParams
+from .sampling import resolve_backend
 from .tokenization import adapt_tokenizer
-
-TokenCallback = Callable[[int, int], None]
-
-
-TopLogprobs = list[list[tuple[int, float]]]
 
 
 @dataclass(frozen=True)
@@ -41,21 +40,6 @@ class Generation:
     top_logprobs: TopLogprobs | None = None
 
 
-class RowLogprobs(NamedTuple):
-    """One row's log-probabilities from :func:`generate_ids` (see :class:`Generation`)."""
-
-    logprobs: list[float]
-    top_logprobs: TopLogprobs | None
-
-
-class GenerationError(ValueError):
-    """Generation stopped on bad model output; ``partial`` holds each row's ids so far."""
-
-    def __init__(self, message: str, partial: list[list[int]]):
-        super().__init__(message)
-        self.partial = partial
-
-
 def _check_max_tokens(max_tokens, batch: int) -> list[int]:
     values = [max_tokens] * batch if not isinstance(max_tokens, Sequence) else list(max_tokens)
     if len(values) != batch:
@@ -72,109 +56,6 @@ def _check_max_tokens(max_tokens, batch: int) -> list[int]:
             raise ValueError(f"max_tokens must be >= 0, got {v!r}")
         out.append(n)
     return out
-
-
-def _window(hist: torch.Tensor, hlen: torch.Tensor, ranges: torch.Tensor, width: int):
-    """The last ``range`` (0: all) entries of each row's history, right-aligned, -1 padded."""
-    start = torch.where(ranges > 0, (hlen - ranges).clamp_min(0), 0)
-    first = (hlen - width).unsqueeze(1)
-    idx = first + torch.arange(width, device=hist.device)
-    valid = idx >= start.unsqueeze(1)
-    taken = hist.gather(1, idx.clamp(0, hist.shape[1] - 1))
-    return torch.where(valid, taken, -1)
-
-
-@torch.inference_mode()
-def generate_ids(
-    decoder,
-    prompts: Sequence[Sequence[int]],
-    rows: Sequence[SamplingParams],
-    max_tokens: Sequence[int],
-    eos_id: int,
-    *,
-    backend: str = "auto",
-    callback: TokenCallback | None = None,
-    return_logprobs: bool = False,
-) -> list[tuple[list[int], str]] | tuple[list[tuple[list[int], str]], list[RowLogprobs]]:
-    """Sample up to ``max_tokens[r]`` tokens for each prompt (lists of ids) on ``decoder``.
-
-    Returns ``(token_ids, finish_reason)`` per row; with ``return_logprobs``, also a
-    :class:`RowLogprobs` per row (the extra work is done only then). ``callback(row,
-    token_id)`` is called for every token as it is produced (not for EOT).
-    """
-    batch = len(prompts)
-    total = max(max_tokens, default=0)
-    out: list[list[int]] = [[] for _ in range(batch)]
-    reason = ["length"] * batch
-    done = [n == 0 for n in max_tokens]
-    lps = [RowLogprobs([], [] if r.logprobs > 0 else None) for r in rows]
-
-    def result():
-        pairs = [(o, r) for o, r in zip(out, reason, strict=True)]
-        return (pairs, lps) if return_logprobs else pairs
-
-    if all(done):
-        return result()
-
-    logits = decoder.prefill(prompts, total)
-    device = logits.device
-    resolve_backend(backend, device)
-    packed = PackedParams.from_rows(rows, device)
-    base = [len(p) if r.penalty_scope == "all" else 0 for p, r in zip(prompts, rows, strict=True)]
-    hist = torch.full((batch, max(base) + total), -1, dtype=torch.int64)
-    for i, p in enumerate(prompts):
-        if base[i]:
-            hist[i, : base[i]] = torch.as_tensor(p, dtype=torch.int64)
-    hist = hist.to(device)
-    hlen = torch.tensor(base, dtype=torch.int64, device=device)
-    ranges = torch.tensor([r.repetition_penalty_range for r in rows], device=device)
-    penalized = any(
-        r.repetition_penalty != 1.0 or r.frequency_penalty != 0.0 or r.presence_penalty != 0.0
-        for r in rows
-    )
-    arange = torch.arange(batch, device=device)
-
-    for step in range(total):
-        # The window width is known on the host: no device sync to size it.
-        width = max(
-            min(r.repetition_penalty_range or b + step, b + step)
-            for r, b in zip(rows, base, strict=True)
-        )
-        window = _window(hist, hlen, ranges, width) if penalized and width > 0 else None
-        try:
-            if return_logprobs:
-                tokens, step_lp = sample(logits, packed, window, step=step, backend=backend,
-                                         return_logprobs=True)
-                token_lp = step_lp.token_logprob.tolist()
-                top = list(zip(step_lp.top_ids.tolist(), step_lp.top_logprobs.tolist(),
-                               strict=True))
-            else:
-                tokens = sample(logits, packed, window, step=step, backend=backend)
-        except EmptyRowError as exc:
-            raise GenerationError(f"at step {step}: {exc}", out) from exc
-        for r, t in enumerate(tokens.tolist()):
-            if done[r]:
-                continue
-            if t == eos_id:
-                done[r], reason[r] = True, "eot"
-                continue
-            out[r].append(t)
-            if return_logprobs:
-                lps[r].logprobs.append(token_lp[r])
-                if lps[r].top_logprobs is not None:
-                    n = rows[r].logprobs
-                    lps[r].top_logprobs.append(list(zip(top[r][0][:n], top[r][1][:n],
-                                                        strict=True)))
-            if callback is not None:
-                callback(r, t)
-            if len(out[r]) >= max_tokens[r]:
-                done[r] = True
-        if all(done):
-            break
-        hist[arange, hlen] = tokens
-        hlen = hlen + 1
-        logits = decoder.decode(tokens)
-    return result()
 
 
 def _row_params(
@@ -223,6 +104,8 @@ def generate_batch(
     frequency_penalty: float = 0.0,
     presence_penalty: float = 0.0,
     logprobs: int = 0,
+    cuda_graph: bool = True,
+    sync_every: int | None = None,
 ) -> list[str] | list[Generation]:
     """Generate a continuation for every prompt, in one batch.
 
@@ -248,6 +131,12 @@ def generate_batch(
     return_details : bool
         Return :class:`Generation` records instead of strings, with each token's raw
         log-probability (and, for rows with ``logprobs > 0``, the top alternatives).
+    cuda_graph : bool
+        On CUDA, replay each decode step as a CUDA graph (captured on the first call, kept
+        with the model for later calls). Same tokens either way.
+    sync_every : int, optional
+        Steps between the host's looks at the device (stop when all rows are done, hand
+        tokens to ``callback``); default 16 on CUDA, 1 on the CPU.
 
     Returns
     -------
@@ -267,17 +156,21 @@ def generate_batch(
     )
     rows = _row_params(batch, keywords, params, seeds)
     caps = _check_max_tokens(max_tokens, batch)
+    resolve_backend(backend, "cpu")  # validates the name before any work
+    check_sync_every(sync_every)
     tok = adapt_tokenizer(tokenizer, bos_token, eos_token)
     ids = [tok.encode_prompt(p) for p in prompts]
     if batch == 0:
         return []
-    decoder = wrap(model, device)
+    decoder = decoder_for(model, device)
+    options = dict(backend=backend, callback=callback, cuda_graph=cuda_graph,
+                   sync_every=sync_every)
     if return_details:
-        results, lps = generate_ids(decoder, ids, rows, caps, tok.eos_id, backend=backend,
-                                    callback=callback, return_logprobs=True)
+        results, lps = generate_ids(decoder, ids, rows, caps, tok.eos_id, return_logprobs=True,
+                                    **options)
         return [Generation(tok.decode(o), o, r, lp.logprobs, lp.top_logprobs)
                 for (o, r), lp in zip(results, lps, strict=True)]
-    results = generate_ids(decoder, ids, rows, caps, tok.eos_id, backend=backend, callback=callback)
+    results = generate_ids(decoder, ids, rows, caps, tok.eos_id, **options)
     return [tok.decode(o) for o, _ in results]
 
 
@@ -303,6 +196,8 @@ def generate(
     min_p: float = 0.0,
     frequency_penalty: float = 0.0,
     presence_penalty: float = 0.0,
+    cuda_graph: bool = True,
+    sync_every: int | None = None,
 ) -> str:
     """Drop-in for the article's ``generate()``: same arguments, same distribution, cached.
 
@@ -327,6 +222,8 @@ def generate(
         ``callback(token_id)`` for each new token as it is produced.
     top_p, min_p, frequency_penalty, presence_penalty
         Beyond the article (see :class:`SamplingParams`); the defaults turn them off.
+    cuda_graph, sync_every
+        As for :func:`generate_batch`.
 
     Returns
     -------
@@ -346,5 +243,5 @@ def generate(
         eos_token=eos_token,
         callback=None if callback is None else (lambda _row, t: callback(t)),
         top_p=top_p, min_p=min_p, frequency_penalty=frequency_penalty,
-        presence_penalty=presence_penalty,
+        presence_penalty=presence_penalty, cuda_graph=cuda_graph, sync_every=sync_every,
     )[0]

@@ -57,7 +57,7 @@ def _kernels():
     return ks
 
 
-def _check_device(logits: torch.Tensor) -> None:
+def check_device(logits: torch.Tensor) -> None:
     if logits.device.type == "cuda":
         if os.environ.get("TRITON_INTERPRET") == "1":
             raise RuntimeError(
@@ -263,7 +263,7 @@ def raise_for_status(status: torch.Tensor) -> None:
     raise RuntimeError(f"internal error of the Triton sampler on rows {bad}")
 
 
-def _host_hints(params: ParamsLike, packed: PackedParams, batch: int) -> tuple[int, bool, bool]:
+def host_hints(params: ParamsLike, packed: PackedParams, batch: int) -> tuple[int, bool, bool]:
     """``(max_top_k, draw_seeds, nucleus)`` from host-side parameters.
 
     ``nucleus``: some row uses top-p or min-p (synchronises for packed parameters).
@@ -334,10 +334,10 @@ def sample(
         CPU tensors without ``TRITON_INTERPRET=1``.
     """
     steps = reference.check_inputs(logits, window, step)
-    _check_device(logits)
+    check_device(logits)
     batch, vocab = logits.shape
     packed = reference.pack(params, batch, logits.device)
-    hint_k, draw, nucleus = _host_hints(params, packed, batch)
+    hint_k, draw, nucleus = host_hints(params, packed, batch)
     if max_top_k is None:
         max_top_k = hint_k
     if nucleus_candidates is None:
@@ -354,10 +354,10 @@ def sample(
         raise_for_status(status)
     if not return_logprobs:
         return tokens
-    return tokens, _logprobs(logits, lp, packed.logprobs)
+    return tokens, logprobs_from_launch(logits, lp, packed.logprobs)
 
 
-def _logprobs(logits: torch.Tensor, lp: torch.Tensor, n: int) -> SampleLogprobs:
+def logprobs_from_launch(logits: torch.Tensor, lp: torch.Tensor, n: int) -> SampleLogprobs:
     """The kernels' token log-probabilities plus the top ``n`` alternatives of each row."""
     batch, vocab = logits.shape
     n = min(n, vocab)

@@ -192,12 +192,11 @@ class LlamaRotaryEmbedding(nn.Module):
             state_dict.pop(prefix + name, None)
 
     def forward(self, positions: torch.Tensor, dtype: torch.dtype):
-        """cos, sin ``[B, 1, T, D]`` for int64 ``positions`` ``[B, T]``."""
-        if int(positions.max()) >= self.cos.shape[0]:
-            raise ValueError(
-                f"position {int(positions.max())} is beyond max_position_embeddings "
-                f"{self.cos.shape[0]}"
-            )
+        """cos, sin ``[B, 1, T, D]`` for int64 ``positions`` ``[B, T]``.
+
+        Positions must be below ``max_position_embeddings``; callers check that on the host
+        (reading ``positions`` here would synchronise with the GPU at every step).
+        """
         cos, sin = self.cos[positions].unsqueeze(1), self.sin[positions].unsqueeze(1)
         return cos.to(dtype), sin.to(dtype)
 
@@ -340,6 +339,11 @@ class LlamaForPretraining(nn.Module):
         :func:`full_attention_mask`.
         """
         b, t = input_ids.shape
+        limit = self.config.max_position_embeddings
+        if t > limit:
+            raise ValueError(
+                f"position {t - 1} is beyond max_position_embeddings {limit}"
+            )
         positions = torch.arange(t, device=input_ids.device).expand(b, t)
         mask = full_attention_mask(attn_mask, t, input_ids.device)
         return self.lm_head(self.base_model(input_ids, positions, mask))
@@ -350,8 +354,9 @@ class LlamaForPretraining(nn.Module):
         """Run ``input_ids`` ``[B, T]`` at int64 ``positions`` ``[B, T]`` through the cache.
 
         Keys and values are written at ``positions``; each query attends to the cache slots
-        ``<=`` its own position, up to slot ``kv_len - 1``. Returns the final hidden states
-        ``[B, T, hidden]`` (apply ``lm_head`` to the rows you need).
+        ``<=`` its own position, up to slot ``kv_len - 1``. Positions must be below
+        ``max_position_embeddings`` (not checked here: that would synchronise). Returns the
+        final hidden states ``[B, T, hidden]`` (apply ``lm_head`` to the rows you need).
         """
         slots = torch.arange(kv_len, device=input_ids.device)
         mask = (slots.view(1, 1, 1, -1) <= positions.unsqueeze(1).unsqueeze(-1))
