@@ -34,7 +34,9 @@ def median_seconds(fn, repeats: int, warmup: int = 1) -> tuple[float, list[float
 
 
 def write_json(name: str, payload: dict) -> Path:
-    RESULTS.mkdir(exist_ok=True)
-    path = RESULTS / f"{name}.json"
+    """Write ``payload`` to ``results/{name}.json``, or to ``name`` itself if it is a path
+    ending in ``.json``."""
+    path = Path(name) if name.endswith(".json") else RESULTS / f"{name}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(payload, indent=2))
     return path

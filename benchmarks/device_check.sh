@@ -1,21 +1,30 @@
 #!/usr/bin/env bash
-# Issue 3, item 6: the GPU tests of the sampler, then its benchmark; the table prints last.
-# Meant to finish in under 5 minutes on an H100. Usage: benchmarks/device_check.sh [python]
+# The GPU check: the gpu-marked tests (sampler kernel, decode engine), then the sampler
+# benchmark (issues 3 and 8) and the end-to-end decode benchmark (issue 5); their tables
+# print last. Meant to finish in under 5 minutes on an H100/H200.
+# Usage: benchmarks/device_check.sh [python]
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY="${1:-${PYTHON:-python}}"
 unset TRITON_INTERPRET
+"$PY" -c "import torch; print('torch', torch.__version__, torch.cuda.get_device_name(0))"
 
-echo "== pytest -m gpu (sampler kernel) =="
-timeout 150 "$PY" -m pytest -m gpu tests/test_kernel.py -q -rs -p no:cacheprovider
+echo "== pytest -m gpu (sampler kernel, decode engine) =="
+timeout 120 "$PY" -m pytest -m gpu tests/test_kernel.py tests/test_kernel_extensions.py \
+    tests/test_engine.py -q -rs -p no:cacheprovider
 tests_rc=$?
 
 echo "== benchmarks/bench_sampler.py =="
-log="$(mktemp)"
-timeout 200 "$PY" benchmarks/bench_sampler.py --budget-s 120 >"$log"
-bench_rc=$?
+sampler_log="$(mktemp)"
+timeout 90 "$PY" benchmarks/bench_sampler.py --budget-s 60 >"$sampler_log"
+sampler_rc=$?
 
-echo "device_check: tests rc=$tests_rc, benchmark rc=$bench_rc"
-cat "$log"  # the table, last
-rm -f "$log"
-exit $(( tests_rc != 0 || bench_rc != 0 ))
+echo "== benchmarks/bench_decode.py =="
+decode_log="$(mktemp)"
+timeout 150 "$PY" benchmarks/bench_decode.py --budget-s 100 >"$decode_log"
+decode_rc=$?
+
+echo "device_check: tests rc=$tests_rc, bench_sampler rc=$sampler_rc, bench_decode rc=$decode_rc"
+cat "$sampler_log" "$decode_log"  # the tables, last
+rm -f "$sampler_log" "$decode_log"
+exit $(( tests_rc != 0 || sampler_rc != 0 || decode_rc != 0 ))

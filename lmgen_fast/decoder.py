@@ -13,6 +13,7 @@ Adapters for other families (e.g. Hugging Face) register themselves in ``ADAPTER
 
 from __future__ import annotations
 
+import copy
 import weakref
 from collections.abc import Callable, Sequence
 
@@ -245,9 +246,10 @@ def share_weights(
 
 def _article_adapter(model) -> Decoder | None:
     if isinstance(model, LlamaForPretraining):
-        # A view on the same tensors rather than the module itself: the decoder then holds
-        # no reference to the model, so decoder_for's weak cache lets both be freed.
-        return CachedLlamaDecoder(share_weights(model, model.config))
+        # A shallow copy shares the submodules and tensors but is another object: the
+        # decoder then holds no reference to the model, so decoder_for's weak cache lets
+        # both be freed.
+        return CachedLlamaDecoder(copy.copy(model))
     config = infer_article_config(model)
     if config is None:
         return None

@@ -246,9 +246,8 @@ class _Run:
         graphs = _graph_backend(device) if cuda_graph and kernel else None
         # Top alternatives need a host decision per step (reference._top_logprobs).
         self.graph_cls = graphs if getattr(decoder, "graphable", False) and not top_n else None
-        step_round = _ROUND if self.graph_cls is not None else 1
-        cols = _round_up(self.total, step_round)
-        hist = _round_up(max(self.base) + self.total, step_round)
+        cols = _round_up(self.total, _ROUND)
+        hist = _round_up(max(self.base) + self.total, _ROUND)
         width = 0
         if self.penalized:
             width = min(hist, max(r.repetition_penalty_range or hist for r in rows))

@@ -8,7 +8,9 @@ nothing the host loop changes between steps, so replaying it gives the eager tok
 
 from __future__ import annotations
 
+import gc
 import warnings
+import weakref
 from dataclasses import replace
 
 import pytest
@@ -258,6 +260,19 @@ def test_decoder_is_kept_per_model_until_its_tensors_move(tokenizer):
     assert decoder_for(lambda ids: ids) is not None  # plain callables are wrapped each time
 
 
+@pytest.mark.parametrize("kind", ["ours", "article"])
+def test_a_kept_decoder_does_not_keep_its_model_alive(kind, one_thread):
+    model = random_model(300, seed=4) if kind == "ours" else article_model(seed=4)
+    decoder = decoder_for(model)
+    generate_ids(decoder, [[1, 5, 7]], [SamplingParams(seed=1)], [3], 2)
+    assert decoder_for(model) is decoder
+    del decoder
+    ref = weakref.ref(model)
+    del model
+    gc.collect()
+    assert ref() is None
+
+
 def test_a_callback_may_generate_on_the_same_model(model, tokenizer, one_thread):
     inner = []
 
@@ -284,6 +299,7 @@ def gpu_rows(batch: int, seed: int) -> list[SamplingParams]:
     return [replace(kinds[i % len(kinds)], seed=seed + i) for i in range(batch)]
 
 
+@pytest.mark.gpu
 @gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_gpu_graph_replay_gives_the_eager_tokens(dtype, tokenizer):
@@ -301,6 +317,7 @@ def test_gpu_graph_replay_gives_the_eager_tokens(dtype, tokenizer):
     assert again == eager
 
 
+@pytest.mark.gpu
 @gpu
 def test_gpu_graphs_for_article_and_transformers_modules():
     transformers = pytest.importorskip("transformers")
@@ -318,6 +335,7 @@ def test_gpu_graphs_for_article_and_transformers_modules():
         assert decoder.engine_state.graphs
 
 
+@pytest.mark.gpu
 @gpu
 def test_gpu_batch_of_256_with_streaming(tokenizer):
     vocab = tokenizer.get_vocab_size()

@@ -222,7 +222,16 @@ class LlamaAttention(nn.Module):
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         if cache is not None:
             k, v = cache.update(layer, k, v, positions, kv_len=mask.shape[-1])
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+        groups = self.num_heads // self.num_kv_heads
+        if t == 1 and groups > 1:
+            # One query per row (a decode step): the query heads sharing a key/value head
+            # become that head's queries, so attention reads each cached key once instead
+            # of a copy per query head (SDPA's GQA path may repeat K and V).
+            qg = q.reshape(b, self.num_kv_heads, groups, self.head_dim)
+            out = F.scaled_dot_product_attention(qg, k, v, attn_mask=mask)
+            out = out.reshape(b, self.num_heads, 1, self.head_dim)
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
         return self.o_proj(out.transpose(1, 2).reshape(b, t, -1))
 
 

@@ -1,0 +1,311 @@
+"""End-to-end decode throughput of the engine (issue 5), against what researchers run today.
+
+    python benchmarks/bench_decode.py [--device cuda] [--batches 1 16 64 256] [--tokens 256]
+                                      [--budget-s 150] [--no-hf] [--no-compile] [--tiny]
+
+Model: the article's default configuration (hidden 768, 12 layers, 12 heads, 3 key/value
+heads, vocabulary 50000) with random weights, in bfloat16 on CUDA (float32 on the CPU;
+``--tiny`` shrinks it for a smoke run). Prompts: random ids, 8 to 40 tokens, different per
+row. Every side samples with temperature 0.8, top-k 50 and repetition penalty 1.1 applied
+once per distinct token of prompt and output (transformers' rule; lmgen-fast's
+``penalty_scope="all", penalty_mode="once"``, range 0), and no EOT, so that every row makes
+exactly ``--tokens`` tokens.
+
+Per batch size B, tokens/s (B x tokens over the wall time of one whole call, prefill
+included, median of the repeats, after a warm-up call that also captures the graphs) of:
+
+* lmgen-fast: ``generate_ids`` with CUDA graphs, and the same without graphs;
+* transformers ``LlamaForCausalLM.generate`` on a copy of the same weights (dynamic cache),
+  and with ``cache_implementation="static"`` plus ``torch.compile`` where that works on the
+  installed version and the time budget allows (B = 1 first);
+* the naive article loop (B = 1 only, ``--naive-tokens`` tokens, full recompute each step,
+  per-token rate as measured: it only gets slower with length, so this flatters it).
+
+Also per B: the decode step time ((t(tokens) - t(1)) / (tokens - 1)), the sampler's share of
+it (the engine's window + fused sampler replayed from a CUDA graph on the run's own state),
+and the step time over the memory roofline: weights read per step (all but the embedding)
+plus the KV cache of every row's positions so far, over the copy bandwidth measured here.
+Prints a table (last) and writes JSON under ``benchmarks/results/``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from dataclasses import replace
+
+import torch
+
+sys.path.insert(0, __file__.rsplit("/", 1)[0])
+from lmgen_fast import SamplingParams, engine, kernel_sampler  # noqa: E402
+from lmgen_fast.baseline import article_sample_row  # noqa: E402
+from lmgen_fast.decoder import decoder_for  # noqa: E402
+from lmgen_fast.engine import generate_ids  # noqa: E402
+from lmgen_fast.models import LlamaConfig, LlamaForPretraining  # noqa: E402
+
+from _common import device_name, write_json  # noqa: E402
+
+TEMPERATURE, TOP_K, PENALTY = 0.8, 50, 1.1
+ROW = SamplingParams(temperature=TEMPERATURE, top_k=TOP_K, repetition_penalty=PENALTY,
+                     repetition_penalty_range=0, penalty_scope="all", penalty_mode="once")
+NO_EOT = -1  # an id no token has: every row runs to its length
+
+
+def build(device: str, tiny: bool) -> LlamaForPretraining:
+    config = LlamaConfig() if not tiny else LlamaConfig(
+        vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)
+    torch.manual_seed(0)
+    model = LlamaForPretraining(config)
+    with torch.no_grad():  # default init gives near-uniform logits; sharpen them a little
+        model.lm_head.weight.mul_(4.0)
+    dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
+    return model.to(device, dtype).eval()
+
+
+def make_prompts(batch: int, vocab: int, seed: int = 0) -> list[list[int]]:
+    gen = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(8, 41, (batch,), generator=gen).tolist()
+    return [torch.randint(4, vocab, (n,), generator=gen).tolist() for n in lengths]
+
+
+def sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def timed(fn, device: str, repeats: int) -> list[float]:
+    """Wall seconds of ``repeats`` calls, after one warm-up call."""
+    fn()
+    out = []
+    for rep in range(repeats):
+        torch.manual_seed(rep)
+        sync(device)
+        t0 = time.perf_counter()
+        fn()
+        sync(device)
+        out.append(time.perf_counter() - t0)
+    return out
+
+
+def cuda_us(fn, iters: int = 50) -> float:
+    """Median microseconds of ``fn`` (a graph replay) by CUDA events."""
+    for _ in range(3):
+        fn()
+    torch.cuda.synchronize()
+    ev = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
+          for _ in range(iters)]
+    for a, b in ev:
+        a.record()
+        fn()
+        b.record()
+    torch.cuda.synchronize()
+    return statistics.median(a.elapsed_time(b) * 1000.0 for a, b in ev)
+
+
+def copy_bandwidth_gbs() -> float:
+    """(read + write bytes) / time of a 1 GiB device copy."""
+    src = torch.empty(2**28, device="cuda")
+    dst = torch.empty_like(src)
+    return 2 * src.numel() * 4 / (cuda_us(lambda: dst.copy_(src), 20) * 1e-6) / 1e9
+
+
+def sampler_us(model: LlamaForPretraining) -> float:
+    """The engine's sampling (window + fused kernels) on the last run's state, from a graph."""
+    state = decoder_for(model).engine_state
+    lay = state.layout
+    logits = torch.randn(lay.batch, model.config.vocab_size, device="cuda",
+                         dtype=model.lm_head.weight.dtype)
+
+    def sample() -> None:  # reads the state, writes only its own outputs
+        window = engine._window(state.hist, state.hlen, state.ranges, lay.width) \
+            if lay.width else None
+        kernel_sampler.launch(logits, state.packed, window, state.step.expand(lay.batch),
+                              max_top_k=lay.max_top_k, draw_seeds=False,
+                              nucleus_candidates=lay.nucleus)
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        sample()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        sample()
+    return cuda_us(graph.replay)
+
+
+def roofline_s(model: LlamaForPretraining, prompts: list[list[int]], tokens: int,
+               bandwidth_gbs: float) -> float:
+    """Seconds per decode step if only the bytes that must be read were read, at copy speed."""
+    cfg = model.config
+    weights = sum(p.numel() * p.element_size() for n, p in model.named_parameters()
+                  if "embed_tokens" not in n)
+    per_position = (2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim
+                    * model.lm_head.weight.element_size())
+    mean_positions = sum(len(p) for p in prompts) + len(prompts) * (tokens - 1) / 2
+    return (weights + per_position * mean_positions) / (bandwidth_gbs * 1e9)
+
+
+def naive_tokens_per_s(model, prompt: list[int], tokens: int, device: str) -> float:
+    """The article's loop: whole sequence each step, sampling on the host."""
+    ids = torch.tensor([prompt], device=device)
+
+    def run() -> None:
+        seq, generated = ids, []
+        with torch.no_grad():
+            for _ in range(tokens):
+                logits = model(seq)[0, -1].float()
+                nxt = article_sample_row(logits, generated, TEMPERATURE, PENALTY, 10, TOP_K)
+                generated.append(nxt)
+                seq = torch.cat([seq, torch.tensor([[nxt]], device=device)], dim=1)
+
+    return tokens / statistics.median(timed(run, device, 2))
+
+
+def hf_runner(model, prompts, tokens: int, device: str, static: bool):
+    """A closure running transformers' generate on ``model`` (a LlamaForCausalLM)."""
+    longest = max(len(p) for p in prompts)
+    ids = torch.zeros(len(prompts), longest, dtype=torch.int64)
+    mask = torch.zeros_like(ids)
+    for i, p in enumerate(prompts):
+        ids[i, longest - len(p):] = torch.tensor(p)
+        mask[i, longest - len(p):] = 1
+    ids, mask = ids.to(device), mask.to(device)
+    extra = {"cache_implementation": "static"} if static else {}
+
+    def run() -> None:
+        with torch.inference_mode():
+            model.generate(ids, attention_mask=mask, do_sample=True, max_new_tokens=tokens,
+                           temperature=TEMPERATURE, top_k=TOP_K, repetition_penalty=PENALTY,
+                           pad_token_id=0, **extra)
+
+    return run
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--batches", type=int, nargs="+", default=[1, 16, 64, 256])
+    ap.add_argument("--tokens", type=int, default=256)
+    ap.add_argument("--naive-tokens", type=int, default=32)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--budget-s", type=float, default=150.0,
+                    help="skip the optional comparisons once this much time has passed")
+    ap.add_argument("--no-hf", action="store_true")
+    ap.add_argument("--no-compile", action="store_true")
+    ap.add_argument("--tiny", action="store_true", help="a small model, for a smoke run")
+    ap.add_argument("--json", default=None, help="where to write the JSON (default: "
+                    "benchmarks/results/bench_decode[_cuda][_tiny].json)")
+    args = ap.parse_args()
+    start = time.perf_counter()
+    cuda = args.device.startswith("cuda")
+    model = build(args.device, args.tiny)
+    vocab = model.config.vocab_size
+    hf = None
+    if not args.no_hf:
+        try:
+            hf = model.to_hf()
+            hf.generation_config.eos_token_id = None  # no EOT: every row runs to its length
+        except ImportError:
+            print("transformers is not installed: no transformers rows", file=sys.stderr)
+    bandwidth = copy_bandwidth_gbs() if cuda else None
+    results, notes = [], []
+
+    def over_budget() -> bool:
+        return time.perf_counter() - start > args.budget_s
+
+    for batch in args.batches:
+        prompts = make_prompts(batch, vocab, seed=batch)
+        rows = [replace(ROW, seed=i) for i in range(batch)]
+
+        def ours(graphs: bool, n: int = args.tokens, prompts=prompts, rows=rows):
+            return lambda: generate_ids(decoder_for(model), prompts, rows, [n] * len(rows), NO_EOT,
+                                        cuda_graph=graphs)
+
+        r: dict = {"batch": batch, "tok_s": {}}
+        made = batch * args.tokens
+        t_graph = statistics.median(timed(ours(True), args.device, args.repeats))
+        r["tok_s"]["lmgen-fast"] = made / t_graph
+        if cuda:
+            r["sampler_us"] = sampler_us(model)
+            t_one = statistics.median(timed(ours(True, 1), args.device, args.repeats))
+            step = (t_graph - t_one) / (args.tokens - 1)
+            r["step_us"] = step * 1e6
+            r["sampler_share"] = r["sampler_us"] / r["step_us"]
+            r["roofline_ratio"] = step / roofline_s(model, prompts, args.tokens, bandwidth)
+            t_eager = statistics.median(timed(ours(False), args.device, args.repeats))
+            r["tok_s"]["lmgen-fast, no graphs"] = made / t_eager
+        if hf is not None and not over_budget():
+            t_hf = statistics.median(timed(hf_runner(hf, prompts, args.tokens, args.device,
+                                                     False), args.device, args.repeats))
+            r["tok_s"]["transformers"] = made / t_hf
+        elif hf is not None:
+            notes.append(f"B={batch}: transformers skipped (budget)")
+        results.append(r)
+
+    naive = None
+    if 1 in args.batches and not over_budget():
+        naive = naive_tokens_per_s(model, make_prompts(1, vocab, seed=1)[0], args.naive_tokens,
+                                   args.device)
+        results[args.batches.index(1)]["tok_s"]["naive article loop"] = naive
+    compiled = None
+    if hf is not None and cuda and not args.no_compile and 1 in args.batches:
+        if time.perf_counter() - start < args.budget_s - 60:
+            try:
+                hf.forward = torch.compile(hf.forward, mode="reduce-overhead")
+                prompts = make_prompts(1, vocab, seed=1)
+                compiled = 1 * args.tokens / statistics.median(timed(
+                    hf_runner(hf, prompts, args.tokens, args.device, True), args.device,
+                    args.repeats))
+                results[args.batches.index(1)]["tok_s"]["transformers static+compile"] = compiled
+            except Exception as exc:  # noqa: BLE001 - report what this version cannot do
+                notes.append(f"transformers static cache + compile failed: "
+                             f"{type(exc).__name__}: {str(exc).splitlines()[0][:120]}")
+        else:
+            notes.append("transformers static cache + compile skipped (budget)")
+
+    for r in results:
+        t = r["tok_s"]
+        base = t["lmgen-fast"]
+        r["speedup"] = {k: base / v for k, v in t.items() if k != "lmgen-fast"}
+    print(f"device: {device_name(args.device)}  torch {torch.__version__}  "
+          f"dtype {model.lm_head.weight.dtype}  tokens {args.tokens}"
+          + (f"  copy bandwidth {bandwidth:.0f} GB/s" if bandwidth else ""))
+    for note in notes:
+        print("note:", note)
+    names = ["lmgen-fast", "lmgen-fast, no graphs", "transformers",
+             "transformers static+compile", "naive article loop"]
+    print(f"{'B':>4} | " + " | ".join(f"{n:>27}" for n in names)
+          + " | step us | sampler | roofline x")
+    for r in results:
+        cells = []
+        for n in names:
+            v = r["tok_s"].get(n)
+            cells.append(f"{'-':>27}" if v is None else
+                         f"{v:>16.1f}" + (f" ({r['speedup'][n]:>6.1f}x)" if n in r["speedup"]
+                                          else " " * 10))
+        extra = ""
+        if "step_us" in r:
+            extra = (f" | {r['step_us']:>7.1f} | {100 * r['sampler_share']:>6.1f}% "
+                     f"| {r['roofline_ratio']:>10.2f}")
+        print(f"{r['batch']:>4} | " + " | ".join(cells) + extra)
+    print("tok/s (lmgen-fast's speed-up over it); step us = decode step, sampler = its share, "
+          "roofline x = step time / memory roofline")
+    name = "bench_decode" + ("_cuda" if cuda else "") + ("_tiny" if args.tiny else "")
+    path = write_json(args.json or name, {
+        "device": device_name(args.device), "torch": torch.__version__,
+        "dtype": str(model.lm_head.weight.dtype), "tokens": args.tokens,
+        "naive_tokens": args.naive_tokens, "repeats": args.repeats,
+        "copy_bandwidth_gbs": bandwidth, "config": model.config.to_dict(),
+        "sampling": {"temperature": TEMPERATURE, "top_k": TOP_K, "repetition_penalty": PENALTY,
+                     "scope": "all", "mode": "once"},
+        "results": results, "notes": notes,
+    })
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
