@@ -232,6 +232,12 @@ def add_sampling_arguments(
     p.add_argument("--backend", default="auto", choices=BACKENDS,
                    help="sampling backend; auto picks the fastest exact one for the device "
                         "(default: auto)")
+    p.add_argument("--no-cuda-graph", action="store_true",
+                   help="on CUDA, run each decode step eagerly instead of replaying it as a "
+                        "CUDA graph (same tokens, slower)")
+    p.add_argument("--sync-every", type=int, default=None, metavar="N",
+                   help="steps between the host's looks at the GPU (stop when every row is "
+                        "done, stream tokens) (default: 16 on CUDA, 1 on the CPU)")
 
 
 def _add_generate_arguments(p: argparse.ArgumentParser) -> None:
@@ -290,6 +296,8 @@ def sampling_params_from_args(args: argparse.Namespace):
         raise CLIError(message) from None
     if args.max_tokens < 0:
         raise CLIError(f"--max-tokens must be >= 0, got {args.max_tokens}")
+    if args.sync_every is not None and args.sync_every < 1:
+        raise CLIError(f"--sync-every must be >= 1, got {args.sync_every}")
     return params
 
 
@@ -315,7 +323,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
         top_k=args.top_k, device=device, seed=args.seed, backend=args.backend,
         penalty_scope=args.penalty_scope, penalty_mode=args.penalty_mode, top_p=args.top_p,
         min_p=args.min_p, frequency_penalty=args.frequency_penalty,
-        presence_penalty=args.presence_penalty,
+        presence_penalty=args.presence_penalty, cuda_graph=not args.no_cuda_graph,
+        sync_every=args.sync_every,
     )
     start = time.perf_counter()
     details = None

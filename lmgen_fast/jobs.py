@@ -463,6 +463,8 @@ def run_rows(
     limit: int | None = None,
     progress: Progress | None = None,
     generate: Callable | None = None,
+    cuda_graph: bool = True,
+    sync_every: int | None = None,
 ) -> RunStats:
     """Generate ``rows`` in batches and append one result line per row to ``writer``.
 
@@ -486,6 +488,8 @@ def run_rows(
         Told of every token and every finished row.
     generate : callable, optional
         Replaces :func:`lmgen_fast.generate.generate_ids` (for tests).
+    cuda_graph, sync_every
+        Passed to :func:`lmgen_fast.generate.generate_ids`.
 
     Returns
     -------
@@ -505,7 +509,7 @@ def run_rows(
             results = generate(
                 decoder, [prompt_ids[i] for i in batch], [rows[i].params for i in batch],
                 [rows[i].max_tokens for i in batch], adapter.eos_id, backend=backend,
-                callback=callback, **extra,
+                callback=callback, cuda_graph=cuda_graph, sync_every=sync_every, **extra,
             )
         except GenerationError as err:
             ids = ", ".join(rows[i].key for i in batch[:5])
@@ -673,6 +677,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             stats = run_rows(
                 decoder, adapter, [rows[i] for i in todo], [prompt_ids[i] for i in todo],
                 writer, batch_size=args.batch_size, backend=args.backend, limit=limit,
+                cuda_graph=not args.no_cuda_graph, sync_every=args.sync_every,
                 progress=progress,
             )
         except KeyboardInterrupt:

@@ -62,6 +62,9 @@ def test_process_error_is_one_line_without_traceback(tmp_path):
 def test_main_matches_the_python_call_in_process(expected, capsys):
     assert main(["generate", PROMPT, *SETTINGS]) == 0
     assert capsys.readouterr().out == expected + "\n"
+    # Engine options change when the host looks, never the text.
+    assert main(["generate", PROMPT, *SETTINGS, "--no-cuda-graph", "--sync-every", "7"]) == 0
+    assert capsys.readouterr().out == expected + "\n"
 
 
 @pytest.mark.parametrize(
@@ -79,6 +82,9 @@ def test_main_matches_the_python_call_in_process(expected, capsys):
         (["generate"], "the following arguments are required: prompt"),
         (["frobnicate"], "invalid choice: 'frobnicate'"),
         (["bench", "--max-tokens", "0"], "--max-tokens must be > 0"),
+        (["generate", "x", "--sync-every", "0"], "--sync-every must be >= 1, got 0"),
+        (["run", "--input", "a", "--output", "b", "--sync-every", "-2"],
+         "--sync-every must be >= 1, got -2"),
     ],
 )
 def test_bad_values_print_one_line_and_fail(args, message, capsys):

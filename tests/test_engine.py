@@ -117,6 +117,26 @@ def test_replayed_steps_give_the_eager_tokens(flat_model, closure_graphs, one_th
     assert closure_graphs.captured >= 2 and closure_graphs.replays > 10
 
 
+def test_replayed_steps_give_the_eager_logprobs(flat_model, closure_graphs, one_thread):
+    require_kernel_runtime()
+    prompts, rows = random_prompts(30, VOCAB), mixed_rows(30)
+    caps = [12, 12, 12, 12, 12]
+    want = generate_ids(blocked_decoder(flat_model), prompts, rows, caps, 2, backend="triton",
+                        cuda_graph=False, return_logprobs=True)
+    got = generate_ids(blocked_decoder(flat_model), prompts, rows, caps, 2, backend="triton",
+                       return_logprobs=True)
+    assert closure_graphs.replays > 0
+    assert got[0] == want[0]
+    for g, w in zip(got[1], want[1], strict=True):
+        assert g.logprobs == w.logprobs and len(g.logprobs) > 0
+    # With top alternatives asked for, the loop stays eager (they need a host decision).
+    replays = closure_graphs.replays
+    asked = [replace(r, logprobs=3) for r in rows]
+    generate_ids(blocked_decoder(flat_model), prompts, asked, caps, 2, backend="triton",
+                 return_logprobs=True)
+    assert closure_graphs.replays == replays
+
+
 def test_graphs_of_another_cache_are_never_replayed(flat_model, closure_graphs, one_thread):
     require_kernel_runtime()
     eos = 2
