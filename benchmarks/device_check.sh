@@ -10,18 +10,18 @@ unset TRITON_INTERPRET
 "$PY" -c "import torch; print('torch', torch.__version__, torch.cuda.get_device_name(0))"
 
 echo "== pytest -m gpu (sampler kernel, decode engine) =="
-timeout 120 "$PY" -m pytest -m gpu tests/test_kernel.py tests/test_kernel_extensions.py \
+timeout 100 "$PY" -m pytest -m gpu tests/test_kernel.py tests/test_kernel_extensions.py \
     tests/test_engine.py -q -rs -p no:cacheprovider
 tests_rc=$?
 
 echo "== benchmarks/bench_sampler.py =="
 sampler_log="$(mktemp)"
-timeout 90 "$PY" benchmarks/bench_sampler.py --budget-s 60 >"$sampler_log"
+timeout 75 "$PY" benchmarks/bench_sampler.py --budget-s 45 >"$sampler_log"
 sampler_rc=$?
 
 echo "== benchmarks/bench_decode.py =="
 decode_log="$(mktemp)"
-timeout 150 "$PY" benchmarks/bench_decode.py --budget-s 100 >"$decode_log"
+timeout 130 "$PY" benchmarks/bench_decode.py --repeats 2 --budget-s 100 >"$decode_log"
 decode_rc=$?
 
 echo "device_check: tests rc=$tests_rc, bench_sampler rc=$sampler_rc, bench_decode rc=$decode_rc"

@@ -5,14 +5,15 @@ Public names: :func:`generate`, :func:`generate_batch`, :func:`sample`, :class:`
 """
 
 from . import reference
-from .decoder import wrap
+from .decoder import release, wrap
 from .default_model import load_default
-from .generate import Generation, GenerationError, generate, generate_batch
+from .generate import DecodeOutOfMemory, Generation, GenerationError, generate, generate_batch
 from .params import SamplingParams
 from .reference import EmptyRowError
 from .sampling import sample
 
 __all__ = [
+    "DecodeOutOfMemory",
     "EmptyRowError",
     "Generation",
     "GenerationError",
@@ -21,6 +22,7 @@ __all__ = [
     "generate_batch",
     "load_default",
     "reference",
+    "release",
     "sample",
     "wrap",
 ]
