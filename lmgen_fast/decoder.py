@@ -306,8 +306,12 @@ def wrap(model, device: torch.device | str | None = None) -> Decoder:
 _KEPT: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
-def _fingerprint(model: nn.Module) -> tuple:
-    return tuple((p.data_ptr(), p.dtype, p.device, tuple(p.shape)) for p in model.parameters())
+def fingerprint(module: nn.Module) -> tuple:
+    """Where ``module``'s parameters and buffers live: changes when any tensor is replaced
+    (``.to()``, ``load_state_dict(assign=True)``, a swapped submodule), not when values are
+    written in place."""
+    tensors = [*module.parameters(), *module.buffers()]
+    return tuple((t.data_ptr(), t.dtype, t.device, tuple(t.shape)) for t in tensors)
 
 
 def decoder_for(model, device: torch.device | str | None = None) -> Decoder:
@@ -322,13 +326,13 @@ def decoder_for(model, device: torch.device | str | None = None) -> Decoder:
     if not isinstance(model, nn.Module):
         return wrap(model, device)
     kept = _KEPT.get(model)
-    fingerprint = _fingerprint(model)
-    if kept is not None and kept[1] == fingerprint and not getattr(kept[0], "busy", False):
+    prints = fingerprint(model)
+    if kept is not None and kept[1] == prints and not getattr(kept[0], "busy", False):
         model.eval()
         return kept[0]
     decoder = wrap(model, device)
     if getattr(decoder, "graphable", False):
-        _KEPT[model] = (decoder, fingerprint)
+        _KEPT[model] = (decoder, prints)
     return decoder
 
 

@@ -12,6 +12,7 @@ when every row is done and raise for a bad row. Elsewhere the same step runs eag
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, fields, replace
@@ -20,6 +21,7 @@ from typing import NamedTuple
 import torch
 
 from . import kernel_sampler, reference
+from .decoder import fingerprint
 from .params import PackedParams, SamplingParams
 from .reference import EmptyRowError, SampleLogprobs
 from .sampling import resolve_backend
@@ -52,6 +54,13 @@ class GenerationError(ValueError):
 
 class DecodeOutOfMemory(RuntimeError):
     """Even one row does not fit in the device's memory; the message says what would."""
+
+
+def on_device(device: torch.device | str | None):
+    """A context that makes ``device`` the current CUDA device (a no-op for other devices)."""
+    if device is not None and torch.device(device).type == "cuda":
+        return torch.cuda.device(device)
+    return contextlib.nullcontext()
 
 
 def _window(hist: torch.Tensor, hlen: torch.Tensor, ranges: torch.Tensor, width: int):
@@ -109,8 +118,10 @@ class _State:
         self.top_ids = torch.zeros(b, lay.cols, n, **i64) if n else None
         self.top_lp = torch.zeros(b, lay.cols, n, **f32) if n else None
         self.graphs: dict[int, object] = {}  # kv_len -> captured step
-        self.pool = None
-        self.owner: tuple | None = None  # (decoder cache version) the graphs were captured on
+        self.pool = self.stream = None
+        # What the graphs were captured on: the decoder's cache version and the addresses
+        # of the model's tensors. Replaying them on anything else would read freed memory.
+        self.owner: tuple | None = None
 
     def load(self, packed: PackedParams, hist: torch.Tensor, ranges: list[int],
              max_tokens: list[int], base: list[int]) -> None:
@@ -175,28 +186,40 @@ class _State:
         self.step.add_(1)
 
 
+def _capture_autocast():
+    """Autocast as the caller set it, minus its cast cache, which must not outlive a capture
+    (PyTorch's CUDA graph notes)."""
+    if torch.is_autocast_enabled("cuda"):
+        return torch.autocast("cuda", dtype=torch.get_autocast_dtype("cuda"),
+                              cache_enabled=False)
+    return contextlib.nullcontext()
+
+
 class _CudaGraph:
-    """One captured decode step; graphs of a state share one memory pool."""
+    """One captured decode step. The graphs of a state share its memory pool and its side
+    stream, which both warms steps up and captures them (one cuBLAS workspace, allocated
+    while warming, not inside a capture)."""
 
     def __init__(self, state: _State):
         if state.pool is None:
             state.pool = torch.cuda.graph_pool_handle()
-        self.pool = state.pool
+            state.stream = torch.cuda.Stream()
+        self.pool, self.stream = state.pool, state.stream
         self.graph = torch.cuda.CUDAGraph()
 
-    @staticmethod
-    def warm(fn: Callable[[], None]) -> None:
+    def warm(self, fn: Callable[[], None]) -> None:
         # The first run of a shape (Triton compilation, cuBLAS workspaces) must not happen
         # inside a capture; PyTorch asks for it on a side stream.
         main = torch.cuda.current_stream()
-        side = torch.cuda.Stream()
-        side.wait_stream(main)
-        with torch.cuda.stream(side):
+        self.stream.wait_stream(main)
+        with torch.cuda.stream(self.stream), _capture_autocast():
             fn()
-        main.wait_stream(side)
+        main.wait_stream(self.stream)
 
     def capture(self, fn: Callable[[], None]) -> None:
-        with torch.cuda.graph(self.graph, pool=self.pool):
+        with _capture_autocast(), torch.cuda.graph(
+            self.graph, pool=self.pool, stream=self.stream, capture_error_mode="thread_local"
+        ):
             fn()
 
     def replay(self) -> None:
@@ -267,9 +290,11 @@ class _Run:
             decoder.engine_state = None  # free the old buffers and graphs first
             state = _State(lay, packed, logits.shape[1])
             decoder.engine_state = state
-        owner = (getattr(decoder, "cache_version", None),)
+        model = getattr(decoder, "model", None)
+        owner = (getattr(decoder, "cache_version", None),
+                 fingerprint(model) if isinstance(model, torch.nn.Module) else None)
         if state.owner != owner:
-            state.graphs.clear()  # captured on another cache
+            state.graphs.clear()  # captured on another cache or other weights
             state.owner = owner
         hist0 = torch.full((batch, max(self.base)), -1, dtype=torch.int64)
         for i, p in enumerate(prompts):
@@ -390,6 +415,10 @@ def _decode(decoder, prompts, rows, max_tokens, eos_id, backend, callback, retur
         pairs = [([], "length")] * batch
         lps = [RowLogprobs([], [] if r.logprobs > 0 else None) for r in rows]
         return (pairs, lps) if return_logprobs else pairs
+    if getattr(decoder, "busy", False):
+        # Its cache and buffers belong to the run in progress (a callback called back in).
+        raise RuntimeError("this decoder is already generating; use another one (wrap(model)) "
+                           "for a nested call")
     decoder.busy = True
     try:
         run = _Run(decoder, prompts, rows, max_tokens, eos_id, backend, callback,
@@ -490,9 +519,11 @@ def generate_ids(
         callback(row, token)
 
     try:
-        return _decode(decoder, prompts, rows, max_tokens, eos_id, backend,
-                       None if callback is None else counted, return_logprobs, cuda_graph,
-                       sync_every)
+        # Triton, graphs and streams act on the current CUDA device: make it the model's.
+        with on_device(getattr(decoder, "device", None)):
+            return _decode(decoder, prompts, rows, max_tokens, eos_id, backend,
+                           None if callback is None else counted, return_logprobs,
+                           cuda_graph, sync_every)
     except torch.OutOfMemoryError as exc:
         _free(decoder)
         if delivered[0]:

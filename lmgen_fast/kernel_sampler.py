@@ -26,6 +26,7 @@ a top-k beyond the capacity the launch was sized for) is left in a status tensor
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Sequence
 
@@ -346,10 +347,14 @@ def sample(
         reference.check_window_values(window, vocab)
     lp = torch.empty(batch, 3, dtype=torch.float32, device=logits.device) \
         if return_logprobs else None
-    tokens, status = launch(
-        logits, packed, window, steps, max_top_k=max_top_k, draw_seeds=draw, chunk=chunk,
-        nucleus_candidates=nucleus_candidates, logprob_out=lp,
-    )
+    # Triton launches on the current CUDA device: make it the logits' one.
+    device = torch.cuda.device(logits.device) if logits.device.type == "cuda" \
+        else contextlib.nullcontext()
+    with device:
+        tokens, status = launch(
+            logits, packed, window, steps, max_top_k=max_top_k, draw_seeds=draw, chunk=chunk,
+            nucleus_candidates=nucleus_candidates, logprob_out=lp,
+        )
     if check:
         raise_for_status(status)
     if not return_logprobs:

@@ -155,6 +155,34 @@ def test_graphs_of_another_cache_are_never_replayed(flat_model, closure_graphs, 
                                backend="triton", cuda_graph=False)
 
 
+def test_graphs_of_replaced_weights_are_never_replayed(closure_graphs, one_thread):
+    require_kernel_runtime()
+    model = random_model(VOCAB, seed=6, scale=1.5)
+    decoder = blocked_decoder(model)
+    prompts, rows = [[5, 6], [7]], [SamplingParams(seed=1), SamplingParams(seed=2)]
+    first = generate_ids(decoder, prompts, rows, [20, 20], 2, backend="triton")
+    old = list(decoder.engine_state.graphs.values())
+    replays = [g.replayed for g in old]
+    # New tensors with the same values: a graph holding the old addresses must go.
+    fresh = {k: v.clone() for k, v in model.state_dict().items()}
+    model.load_state_dict(fresh, assign=True)
+    again = generate_ids(decoder, prompts, rows, [20, 20], 2, backend="triton")
+    assert [g.replayed for g in old] == replays
+    assert again == first
+
+
+def test_a_decoder_in_use_refuses_a_nested_run(model):
+    decoder = wrap(model)
+    rows = [SamplingParams(seed=1)]
+
+    def callback(row, token):
+        generate_ids(decoder, [[4, 5]], rows, [3], 2)
+
+    with pytest.raises(RuntimeError, match="already generating"):
+        generate_ids(decoder, [[1, 2, 3]], rows, [5], 2, callback=callback)
+    assert generate_ids(decoder, [[4, 5]], rows, [3], 2)  # usable again afterwards
+
+
 class ScriptedDecoder(Decoder):
     """Row r emits 10, 11, ... and EOT from step ``stops[r]`` on; NaN rows on request."""
 

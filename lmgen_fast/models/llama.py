@@ -226,12 +226,17 @@ class LlamaAttention(nn.Module):
         if t == 1 and groups > 1:
             # One query per row (a decode step): the query heads sharing a key/value head
             # become that head's queries, so attention reads each cached key once instead
-            # of a copy per query head (SDPA's GQA path may repeat K and V).
+            # of a copy per query head.
             qg = q.reshape(b, self.num_kv_heads, groups, self.head_dim)
             out = F.scaled_dot_product_attention(qg, k, v, attn_mask=mask)
             out = out.reshape(b, self.num_heads, 1, self.head_dim)
         else:
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+            if groups > 1:
+                # Each key/value head repeated for its query heads: with a mask, SDPA's
+                # fused CUDA kernels take equal head counts only (enable_gqa=True would fall
+                # back to the unfused math path for a prefill).
+                k, v = (x.repeat_interleave(groups, dim=1) for x in (k, v))
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         return self.o_proj(out.transpose(1, 2).reshape(b, t, -1))
 
 
