@@ -40,3 +40,27 @@ def write_json(name: str, payload: dict) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(payload, indent=2))
     return path
+
+
+def cuda_median_us(fn, n_bufs: int, iters: int, warmup: int = 3) -> float:
+    """Median of per-call CUDA-event times in microseconds; call i runs ``fn(i % n_bufs)``
+    (rotating input buffers keeps them out of L2)."""
+    for i in range(warmup):
+        fn(i % n_bufs)
+    torch.cuda.synchronize()
+    starts = [torch.cuda.Event(enable_timing=True) for _ in range(iters)]
+    ends = [torch.cuda.Event(enable_timing=True) for _ in range(iters)]
+    for i in range(iters):
+        starts[i].record()
+        fn(i % n_bufs)
+        ends[i].record()
+    torch.cuda.synchronize()
+    return statistics.median(s.elapsed_time(e) * 1000.0 for s, e in zip(starts, ends, strict=True))
+
+
+def copy_bandwidth_gbs() -> float:
+    """Device copy bandwidth: (read + write bytes) / time of a 1 GiB copy."""
+    src = torch.empty(2**28, device="cuda")
+    dst = torch.empty_like(src)
+    us = cuda_median_us(lambda i: dst.copy_(src), 1, 20)
+    return 2 * src.numel() * 4 / (us * 1e-6) / 1e9

@@ -45,7 +45,7 @@ from lmgen_fast.decoder import decoder_for  # noqa: E402
 from lmgen_fast.engine import generate_ids  # noqa: E402
 from lmgen_fast.models import LlamaConfig, LlamaForPretraining  # noqa: E402
 
-from _common import device_name, write_json  # noqa: E402
+from _common import copy_bandwidth_gbs, cuda_median_us, device_name, write_json  # noqa: E402
 
 TEMPERATURE, TOP_K, PENALTY = 0.8, 50, 1.1
 ROW = SamplingParams(temperature=TEMPERATURE, top_k=TOP_K, repetition_penalty=PENALTY,
@@ -90,28 +90,6 @@ def timed(fn, device: str, repeats: int) -> list[float]:
     return out
 
 
-def cuda_us(fn, iters: int = 50) -> float:
-    """Median microseconds of ``fn`` (a graph replay) by CUDA events."""
-    for _ in range(3):
-        fn()
-    torch.cuda.synchronize()
-    ev = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
-          for _ in range(iters)]
-    for a, b in ev:
-        a.record()
-        fn()
-        b.record()
-    torch.cuda.synchronize()
-    return statistics.median(a.elapsed_time(b) * 1000.0 for a, b in ev)
-
-
-def copy_bandwidth_gbs() -> float:
-    """(read + write bytes) / time of a 1 GiB device copy."""
-    src = torch.empty(2**28, device="cuda")
-    dst = torch.empty_like(src)
-    return 2 * src.numel() * 4 / (cuda_us(lambda: dst.copy_(src), 20) * 1e-6) / 1e9
-
-
 def sampler_us(model: LlamaForPretraining) -> float:
     """The engine's sampling (window + fused kernels) on the last run's state, from a graph."""
     state = decoder_for(model).engine_state
@@ -134,7 +112,7 @@ def sampler_us(model: LlamaForPretraining) -> float:
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         sample()
-    return cuda_us(graph.replay)
+    return cuda_median_us(lambda i: graph.replay(), 1, 50)
 
 
 def roofline_s(model: LlamaForPretraining, prompts: list[list[int]], tokens: int,

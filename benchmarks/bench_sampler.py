@@ -25,32 +25,10 @@ from pathlib import Path
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).parent))
+from _common import copy_bandwidth_gbs, cuda_median_us  # noqa: E402
+
 L2_FLUSH_BYTES = 256 * 2**20  # rotate through at least this much input per config
-
-
-def _median_us(fn, n_bufs: int, iters: int, warmup: int = 3) -> float:
-    """Median of per-call CUDA-event times; call i uses buffer i % n_bufs."""
-    for i in range(warmup):
-        fn(i % n_bufs)
-    torch.cuda.synchronize()
-    starts = [torch.cuda.Event(enable_timing=True) for _ in range(iters)]
-    ends = [torch.cuda.Event(enable_timing=True) for _ in range(iters)]
-    for i in range(iters):
-        starts[i].record()
-        fn(i % n_bufs)
-        ends[i].record()
-    torch.cuda.synchronize()
-    times = sorted(s.elapsed_time(e) * 1000.0 for s, e in zip(starts, ends, strict=True))
-    return times[len(times) // 2]
-
-
-def copy_bandwidth_gbs() -> float:
-    """Device copy bandwidth: (read + write bytes) / time of a 1 GiB copy."""
-    n = 2**30 // 4
-    src = torch.empty(n, device="cuda")
-    dst = torch.empty_like(src)
-    us = _median_us(lambda i: dst.copy_(src), 1, 20)
-    return 2 * n * 4 / (us * 1e-6) / 1e9
 
 
 # (label, top_k, top_p, min_p) of the benchmarked filters.
@@ -115,10 +93,10 @@ def bench_config(B, V, dtype, filt, args, compiled, results_ok):
         graphs.append(g)
     row = {"B": B, "V": V, "dtype": str(dtype).replace("torch.", ""), "k": k,
            "filter": label, "top_p": top_p, "min_p": min_p, "slow_rows": slow}
-    row["kernel_us"] = _median_us(lambda i: graphs[i].replay(), n_bufs, args.iters)
+    row["kernel_us"] = cuda_median_us(lambda i: graphs[i].replay(), n_bufs, args.iters)
     row["kernel_gbs"] = nbytes / (row["kernel_us"] * 1e-6) / 1e9
     # Eager launch including Python overhead, for reference.
-    row["kernel_eager_us"] = _median_us(
+    row["kernel_eager_us"] = cuda_median_us(
         lambda i: kernel_sampler.launch(bufs[i], packed, window, steps, **kw),
         n_bufs, args.iters)
     graphs.clear()  # free the graphs' memory pools before the baselines
@@ -126,14 +104,14 @@ def bench_config(B, V, dtype, filt, args, compiled, results_ok):
     def ref(i):
         return reference.sample(bufs[i], params, window, step=0)
 
-    row["eager_us"] = _median_us(ref, n_bufs, max(5, args.iters // 4))
-    row["hf_us"] = _median_us(
+    row["eager_us"] = cuda_median_us(ref, n_bufs, max(5, args.iters // 4))
+    row["hf_us"] = cuda_median_us(
         lambda i: hf_chain(bufs[i], window, 0.8, 1.2, k, top_p, min_p), n_bufs,
         max(5, args.iters // 2))
     row["compile_us"] = None
     if compiled is not None and results_ok():
         try:
-            row["compile_us"] = _median_us(
+            row["compile_us"] = cuda_median_us(
                 lambda i: compiled(bufs[i], params, window, step=0), n_bufs,
                 max(5, args.iters // 4))
         except Exception as exc:  # a compile failure must not lose the other numbers
