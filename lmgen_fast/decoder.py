@@ -26,10 +26,17 @@ from .models.llama import LlamaConfig, LlamaForPretraining, LlamaRotaryEmbedding
 class Decoder:
     """Generation state for one batch: ``prefill`` once, then ``decode`` each step.
 
-    Both return float logits ``[B, V]`` for the next token of every row.
+    Both return float logits ``[B, V]`` for the next token of every row. ``graphable``
+    decoders also offer ``advance()`` and ``step(tokens, kv_len)``, a decode step that only
+    reads and writes device tensors (see :class:`CachedLlamaDecoder`), which the engine
+    captures in CUDA graphs. ``engine_state`` holds the engine's buffers between calls;
+    ``busy`` is set while a call runs.
     """
 
     cached: bool = False
+    graphable: bool = False
+    busy: bool = False
+    engine_state = None
 
     def prefill(self, prompts: Sequence[Sequence[int]], max_new_tokens: int) -> torch.Tensor:
         raise NotImplementedError
@@ -327,11 +334,11 @@ def decoder_for(model, device: torch.device | str | None = None) -> Decoder:
         return wrap(model, device)
     kept = _KEPT.get(model)
     prints = fingerprint(model)
-    if kept is not None and kept[1] == prints and not getattr(kept[0], "busy", False):
+    if kept is not None and kept[1] == prints and not kept[0].busy:
         model.eval()
         return kept[0]
     decoder = wrap(model, device)
-    if getattr(decoder, "graphable", False):
+    if decoder.graphable:
         _KEPT[model] = (decoder, prints)
     return decoder
 

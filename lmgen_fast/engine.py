@@ -268,7 +268,7 @@ class _Run:
         top_n = max(r.logprobs for r in rows) if return_logprobs else 0
         graphs = _graph_backend(device) if cuda_graph and kernel else None
         # Top alternatives need a host decision per step (reference._top_logprobs).
-        self.graph_cls = graphs if getattr(decoder, "graphable", False) and not top_n else None
+        self.graph_cls = graphs if decoder.graphable and not top_n else None
         cols = _round_up(self.total, _ROUND)
         hist = _round_up(max(self.base) + self.total, _ROUND)
         width = 0
@@ -285,7 +285,7 @@ class _Run:
             packed = replace(packed, seed=torch.where(packed.seeded, packed.seed, drawn))
         lay = _Layout(batch, cols, hist, width, max_top_k, nucleus, top_n, return_logprobs,
                       eos_id, kernel, device)
-        state = getattr(decoder, "engine_state", None)
+        state = decoder.engine_state
         if state is None or state.layout != lay:
             decoder.engine_state = None  # free the old buffers and graphs first
             state = _State(lay, packed, logits.shape[1])
@@ -415,7 +415,7 @@ def _decode(decoder, prompts, rows, max_tokens, eos_id, backend, callback, retur
         pairs = [([], "length")] * batch
         lps = [RowLogprobs([], [] if r.logprobs > 0 else None) for r in rows]
         return (pairs, lps) if return_logprobs else pairs
-    if getattr(decoder, "busy", False):
+    if decoder.busy:
         # Its cache and buffers belong to the run in progress (a callback called back in).
         raise RuntimeError("this decoder is already generating; use another one (wrap(model)) "
                            "for a nested call")
