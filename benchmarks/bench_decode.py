@@ -94,7 +94,7 @@ def sampler_us(model: LlamaForPretraining) -> float:
     """The engine's sampling (window + fused kernels) on the last run's state, from a graph."""
     state = decoder_for(model).engine_state
     lay = state.layout
-    logits = torch.randn(lay.batch, model.config.vocab_size, device="cuda",
+    logits = torch.randn(lay.batch, model.config.vocab_size, device=lay.device,
                          dtype=model.lm_head.weight.dtype)
 
     def sample() -> None:  # reads the state, writes only its own outputs
