@@ -277,12 +277,13 @@ class _Run:
         packed = PackedParams.from_rows(rows, device)
         max_top_k, nucleus = 0, 0
         if kernel:
-            max_top_k, _, nucleus_rows = kernel_sampler.host_hints(rows, packed, batch)
+            max_top_k, draw, nucleus_rows = kernel_sampler.host_hints(rows, packed, batch)
             nucleus = kernel_sampler.NUCLEUS_CANDIDATES if nucleus_rows else 0
-            # Unseeded rows draw their seed once; the step number keys fresh noise per
-            # step, so each draw is independent as with a new seed per step.
-            drawn = torch.randint(0, 2**62, (batch,), device=device)
-            packed = replace(packed, seed=torch.where(packed.seeded, packed.seed, drawn))
+            if draw:
+                # Unseeded rows draw their seed once; the step number keys fresh noise per
+                # step, so each draw is independent as with a new seed per step.
+                drawn = torch.randint(0, 2**62, (batch,), device=device)
+                packed = replace(packed, seed=torch.where(packed.seeded, packed.seed, drawn))
         lay = _Layout(batch, cols, hist, width, max_top_k, nucleus, top_n, return_logprobs,
                       eos_id, kernel, device)
         state = decoder.engine_state

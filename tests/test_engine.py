@@ -20,7 +20,7 @@ from lmgen_fast import SamplingParams, engine, generate_batch
 from lmgen_fast.decoder import Decoder, decoder_for, release, wrap
 from lmgen_fast.engine import DecodeOutOfMemory, GenerationError, generate_ids
 
-from conftest import DEVICE, gpu, random_model, require_kernel_runtime
+from conftest import DEVICE, assert_frequencies_match, gpu, random_model, require_kernel_runtime
 from test_models import article_model
 
 
@@ -245,6 +245,33 @@ def test_callback_sees_every_token_once_between_checks(model, tokenizer, one_thr
     same = generate_batch(model, tokenizer, prompts, max_tokens=[7, 13, 10], seeds=[1, 2, 3],
                           return_details=True)
     assert [g.token_ids for g in same] == [g.token_ids for g in out]
+
+
+class FixedDecoder(Decoder):
+    """The same logits row for every row at every step."""
+
+    def __init__(self, row: torch.Tensor, batch: int):
+        self.logits = row.expand(batch, -1).contiguous()
+
+    def prefill(self, prompts, max_new_tokens):
+        return self.logits.clone()
+
+    def decode(self, tokens):
+        return self.logits.clone()
+
+
+def test_unseeded_rows_draw_from_the_exact_distribution(one_thread):
+    require_kernel_runtime()
+    gen = torch.Generator().manual_seed(11)
+    row = torch.randn(16, generator=gen) * 1.5
+    probs = torch.softmax(row.double() / 0.9, dim=0)
+    torch.manual_seed(0)  # the unseeded rows' seeds come from torch's generator
+    out = generate_ids(FixedDecoder(row, 8), [[1]] * 8, [SamplingParams(temperature=0.9,
+                       top_k=0)] * 8, [60] * 8, -1, backend="triton", sync_every=7)
+    tokens = torch.tensor([t for ids, _ in out for t in ids])
+    assert tokens.numel() == 480
+    assert_frequencies_match(tokens, probs)
+    assert len({tuple(ids) for ids, _ in out}) == 8  # every row has its own noise
 
 
 class TightDecoder(Decoder):
