@@ -21,11 +21,13 @@ included, median of the repeats, after a warm-up call that also captures the gra
 * the naive article loop (B = 1 only, ``--naive-tokens`` tokens, full recompute each step,
   per-token rate as measured: it only gets slower with length, so this flatters it).
 
-Also per B: the decode step time ((t(tokens) - t(1)) / (tokens - 1)), the sampler's share of
-it (the engine's window + fused sampler replayed from a CUDA graph on the run's own state),
-and the step time over the memory roofline: weights read per step (all but the embedding)
-plus the KV cache of every row's positions so far, over the copy bandwidth measured here.
-Prints a table (last) and writes JSON under ``benchmarks/results/``.
+Also per B: the decode step time ((t(tokens) - t(1)) / (tokens - 1)), the sampler's share
+of it (the engine's window + fused sampler replayed from a CUDA graph on the run's own
+state), and the step time over the memory roofline: weights read per step (all but the
+embedding) plus the KV cache of every row's positions so far, over the copy bandwidth
+measured here. Then one eager decode step at B = 1 and 64 under the profiler: kernels per
+step and the busiest ones (what to fuse next). Prints the tables (last) and writes JSON
+under ``benchmarks/results/``.
 """
 
 from __future__ import annotations
@@ -163,6 +165,47 @@ def hf_runner(model, prompts, tokens: int, device: str, static: bool):
     return run
 
 
+def _self_us(event, cuda: bool) -> float:
+    if not cuda:
+        return event.self_cpu_time_total
+    return getattr(event, "self_device_time_total", None) or event.self_cuda_time_total
+
+
+def step_profile(model, batch: int, device: str, steps: int = 8, top: int = 12) -> dict:
+    """What one eager decode step runs: kernels per step (aten ops on the CPU) and the
+    busiest ones, as the difference of a call of ``steps + 1`` tokens and one of 1 token,
+    under the profiler (a graph replays the same kernels without the launch gaps)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = device.startswith("cuda")
+    prompts = make_prompts(batch, model.config.vocab_size, seed=batch)
+    rows = [replace(ROW, seed=i) for i in range(batch)]
+
+    def totals(n: int) -> dict[str, tuple[int, float]]:
+        generate_ids(decoder_for(model), prompts, rows, [n] * batch, NO_EOT, cuda_graph=False)
+        sync(device)
+        activity = ProfilerActivity.CUDA if cuda else ProfilerActivity.CPU
+        with profile(activities=[activity]) as prof:
+            generate_ids(decoder_for(model), prompts, rows, [n] * batch, NO_EOT,
+                         cuda_graph=False)
+            sync(device)
+        return {e.key: (e.count, _self_us(e, cuda)) for e in prof.key_averages()
+                if _self_us(e, cuda) > 0}
+
+    long, short = totals(steps + 1), totals(1)
+    per_step = {}
+    for name, (count, us) in long.items():
+        c0, u0 = short.get(name, (0, 0.0))
+        if count > c0:
+            per_step[name] = ((count - c0) / steps, (us - u0) / steps)
+    busiest = sorted(per_step.items(), key=lambda kv: -kv[1][1])[:top]
+    return {
+        "kernels_per_step": sum(c for c, _ in per_step.values()),
+        "us_per_step": sum(u for _, u in per_step.values()),
+        "top": [{"name": n[:80], "per_step": c, "us": u} for n, (c, u) in busiest],
+    }
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -175,6 +218,8 @@ def main() -> None:
     ap.add_argument("--no-hf", action="store_true")
     ap.add_argument("--no-compile", action="store_true")
     ap.add_argument("--tiny", action="store_true", help="a small model, for a smoke run")
+    ap.add_argument("--no-profile", action="store_true",
+                    help="skip the per-kernel profile of a decode step (B = 1 and 64)")
     ap.add_argument("--json", default=None, help="where to write the JSON (default: "
                     "benchmarks/results/bench_decode[_cuda][_tiny].json)")
     args = ap.parse_args()
@@ -255,6 +300,11 @@ def main() -> None:
         else:
             notes.append("transformers static cache + compile skipped (budget)")
 
+    profiles = {}
+    if not args.no_profile:
+        for batch in (b for b in (1, 64) if b in args.batches):
+            profiles[batch] = step_profile(model, batch, args.device)
+
     for r in results:
         t = r["tok_s"]
         base = t["lmgen-fast"]
@@ -282,6 +332,12 @@ def main() -> None:
         print(f"{r['batch']:>4} | " + " | ".join(cells) + extra)
     print("tok/s (lmgen-fast's speed-up over it); step us = decode step, sampler = its share, "
           "roofline x = step time / memory roofline")
+    unit = "kernels" if cuda else "aten ops"
+    for batch, prof in profiles.items():
+        print(f"B={batch}: one eager decode step runs {prof['kernels_per_step']:.0f} {unit} "
+              f"({prof['us_per_step']:.0f} us busy); the busiest:")
+        for k in prof["top"]:
+            print(f"    {k['us']:>8.1f} us  x{k['per_step']:<5.1f} {k['name']}")
     name = "bench_decode" + ("_cuda" if cuda else "") + ("_tiny" if args.tiny else "")
     path = write_json(args.json or name, {
         "device": device_name(args.device), "torch": torch.__version__,
@@ -290,7 +346,7 @@ def main() -> None:
         "copy_bandwidth_gbs": bandwidth, "config": model.config.to_dict(),
         "sampling": {"temperature": TEMPERATURE, "top_k": TOP_K, "repetition_penalty": PENALTY,
                      "scope": "all", "mode": "once"},
-        "results": results, "notes": notes,
+        "results": results, "notes": notes, "step_profile": profiles,
     })
     print(f"wrote {path}")
 
