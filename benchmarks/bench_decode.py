@@ -120,11 +120,9 @@ def sampler_us(model: LlamaForPretraining) -> float:
 def roofline_s(model: LlamaForPretraining, prompts: list[list[int]], tokens: int,
                bandwidth_gbs: float) -> float:
     """Seconds per decode step if only the bytes that must be read were read, at copy speed."""
-    cfg = model.config
     weights = sum(p.numel() * p.element_size() for n, p in model.named_parameters()
                   if "embed_tokens" not in n)
-    per_position = (2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim
-                    * model.lm_head.weight.element_size())
+    per_position = model.kv_bytes_per_position()
     mean_positions = sum(len(p) for p in prompts) + len(prompts) * (tokens - 1) / 2
     return (weights + per_position * mean_positions) / (bandwidth_gbs * 1e9)
 

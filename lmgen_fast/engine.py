@@ -22,6 +22,7 @@ import torch
 
 from . import kernel_sampler, reference
 from .decoder import fingerprint
+from .kernel_sampler import on_device
 from .params import PackedParams, SamplingParams
 from .reference import EmptyRowError, SampleLogprobs
 from .sampling import resolve_backend
@@ -54,13 +55,6 @@ class GenerationError(ValueError):
 
 class DecodeOutOfMemory(RuntimeError):
     """Even one row does not fit in the device's memory; the message says what would."""
-
-
-def on_device(device: torch.device | str | None):
-    """A context that makes ``device`` the current CUDA device (a no-op for other devices)."""
-    if device is not None and torch.device(device).type == "cuda":
-        return torch.cuda.device(device)
-    return contextlib.nullcontext()
 
 
 def _window(hist: torch.Tensor, hlen: torch.Tensor, ranges: torch.Tensor, width: int):
@@ -447,9 +441,7 @@ def _one_row_message(decoder, prompt: Sequence[int], max_tokens: int, exc: Excep
     config = getattr(model, "config", None)
     device = getattr(decoder, "device", None)
     if config is not None and device is not None and torch.device(device).type == "cuda":
-        weight = model.lm_head.weight
-        per_position = (2 * config.num_hidden_layers * config.num_key_value_heads
-                        * config.head_dim * weight.element_size())
+        per_position = model.kv_bytes_per_position()
         free, _ = torch.cuda.mem_get_info(device)
         msg += (f"; {free / 2**20:.0f} MiB are free, and the KV cache alone takes "
                 f"{per_position / 2**10:.1f} KiB per position: at most about "

@@ -237,6 +237,14 @@ def launch(
     return tokens, status
 
 
+def on_device(device: torch.device | str | None):
+    """A context making ``device`` the current CUDA device (a no-op for other devices):
+    Triton kernels, CUDA graphs and streams all act on the current device."""
+    if device is not None and torch.device(device).type == "cuda":
+        return torch.cuda.device(device)
+    return contextlib.nullcontext()
+
+
 def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
@@ -347,10 +355,7 @@ def sample(
         reference.check_window_values(window, vocab)
     lp = torch.empty(batch, 3, dtype=torch.float32, device=logits.device) \
         if return_logprobs else None
-    # Triton launches on the current CUDA device: make it the logits' one.
-    device = torch.cuda.device(logits.device) if logits.device.type == "cuda" \
-        else contextlib.nullcontext()
-    with device:
+    with on_device(logits.device):
         tokens, status = launch(
             logits, packed, window, steps, max_top_k=max_top_k, draw_seeds=draw, chunk=chunk,
             nucleus_candidates=nucleus_candidates, logprob_out=lp,

@@ -215,3 +215,11 @@ def test_config_round_trip_and_defaults():
         50000, 768, 12, 3
     )
     assert LlamaConfig.from_dict({**c.to_dict(), "unknown_key": 1}) == c
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_kv_bytes_per_position_is_what_the_cache_holds(dtype):
+    model = random_model(50, seed=0).to(dtype)
+    cache = model.new_cache(3, 7)
+    held = sum(t.numel() * t.element_size() for t in (*cache.k, *cache.v))
+    assert model.kv_bytes_per_position() * 3 * 7 == held

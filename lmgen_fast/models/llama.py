@@ -391,6 +391,12 @@ class LlamaForPretraining(nn.Module):
         mask = (slots.view(1, 1, 1, -1) <= positions.unsqueeze(1).unsqueeze(-1))
         return self.base_model(input_ids, positions, mask, cache)
 
+    def kv_bytes_per_position(self) -> int:
+        """Bytes the KV cache holds per row and position (keys and values, every layer)."""
+        c = self.config
+        return (2 * c.num_hidden_layers * c.num_key_value_heads * c.head_dim
+                * self.lm_head.weight.element_size())
+
     def new_cache(self, batch: int, max_len: int) -> KVCache:
         """A static cache for ``batch`` rows of up to ``max_len`` positions."""
         weight = self.lm_head.weight
