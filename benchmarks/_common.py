@@ -21,14 +21,24 @@ def device_name(device: str = "cpu") -> str:
     return name if device.startswith("cuda") else f"{name} ({torch.get_num_threads()} threads)"
 
 
-def median_seconds(fn, repeats: int, warmup: int = 1) -> tuple[float, list[float]]:
-    """Median wall time of ``fn()`` over ``repeats`` runs, after ``warmup`` runs."""
+def sync(device: str) -> None:
+    """Wait for the GPU when ``device`` is a CUDA device (wall times then cover its work)."""
+    if str(device).startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def median_seconds(fn, repeats: int, warmup: int = 1,
+                   device: str = "cpu") -> tuple[float, list[float]]:
+    """Median wall time of ``fn()`` over ``repeats`` runs, after ``warmup`` runs; on a CUDA
+    ``device`` each run ends when the GPU is done."""
     for _ in range(warmup):
         fn()
     times = []
     for _ in range(repeats):
+        sync(device)
         t0 = time.perf_counter()
         fn()
+        sync(device)
         times.append(time.perf_counter() - t0)
     return statistics.median(times), times
 

@@ -33,7 +33,6 @@ under ``benchmarks/results/``.
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 import time
 from dataclasses import replace
@@ -42,12 +41,19 @@ import torch
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
 from lmgen_fast import SamplingParams, engine, kernel_sampler  # noqa: E402
-from lmgen_fast.baseline import article_sample_row  # noqa: E402
+from lmgen_fast.baseline import article_loop  # noqa: E402
 from lmgen_fast.decoder import decoder_for  # noqa: E402
 from lmgen_fast.engine import generate_ids  # noqa: E402
 from lmgen_fast.models import LlamaConfig, LlamaForPretraining  # noqa: E402
 
-from _common import copy_bandwidth_gbs, cuda_median_us, device_name, write_json  # noqa: E402
+from _common import (  # noqa: E402
+    copy_bandwidth_gbs,
+    cuda_median_us,
+    device_name,
+    median_seconds,
+    sync,
+    write_json,
+)
 
 TEMPERATURE, TOP_K, PENALTY = 0.8, 50, 1.1
 ROW = SamplingParams(temperature=TEMPERATURE, top_k=TOP_K, repetition_penalty=PENALTY,
@@ -71,25 +77,6 @@ def make_prompts(batch: int, vocab: int, seed: int = 0) -> list[list[int]]:
     gen = torch.Generator().manual_seed(seed)
     lengths = torch.randint(8, 41, (batch,), generator=gen).tolist()
     return [torch.randint(4, vocab, (n,), generator=gen).tolist() for n in lengths]
-
-
-def sync(device: str) -> None:
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-
-
-def timed(fn, device: str, repeats: int) -> list[float]:
-    """Wall seconds of ``repeats`` calls, after one warm-up call."""
-    fn()
-    out = []
-    for rep in range(repeats):
-        torch.manual_seed(rep)
-        sync(device)
-        t0 = time.perf_counter()
-        fn()
-        sync(device)
-        out.append(time.perf_counter() - t0)
-    return out
 
 
 def sampler_us(model: LlamaForPretraining) -> float:
@@ -132,26 +119,16 @@ def naive_tokens_per_s(model, prompt: list[int], tokens: int, device: str) -> fl
     ids = torch.tensor([prompt], device=device)
 
     def run() -> None:
-        seq, generated = ids, []
-        with torch.no_grad():
-            for _ in range(tokens):
-                logits = model(seq)[0, -1].float()
-                nxt = article_sample_row(logits, generated, TEMPERATURE, PENALTY, 10, TOP_K)
-                generated.append(nxt)
-                seq = torch.cat([seq, torch.tensor([[nxt]], device=device)], dim=1)
+        article_loop(model, ids, tokens, TEMPERATURE, PENALTY, 10, TOP_K, eot=NO_EOT)
 
-    return tokens / statistics.median(timed(run, device, 2))
+    return tokens / median_seconds(run, 2, device=device)[0]
 
 
 def hf_runner(model, prompts, tokens: int, device: str, static: bool):
     """A closure running transformers' generate on ``model`` (a LlamaForCausalLM)."""
-    longest = max(len(p) for p in prompts)
-    ids = torch.zeros(len(prompts), longest, dtype=torch.int64)
-    mask = torch.zeros_like(ids)
-    for i, p in enumerate(prompts):
-        ids[i, longest - len(p):] = torch.tensor(p)
-        mask[i, longest - len(p):] = 1
-    ids, mask = ids.to(device), mask.to(device)
+    from lmgen_fast.hf import left_pad  # transformers is optional
+
+    ids, mask = (t.to(device) for t in left_pad(prompts))
     extra = {"cache_implementation": "static"} if static else {}
 
     def run() -> None:
@@ -253,20 +230,20 @@ def main() -> None:
 
         r: dict = {"batch": batch, "tok_s": {}}
         made = batch * args.tokens
-        t_graph = statistics.median(timed(ours(True), args.device, args.repeats))
+        t_graph = median_seconds(ours(True), args.repeats, device=args.device)[0]
         r["tok_s"]["lmgen-fast"] = made / t_graph
         if cuda:
             r["sampler_us"] = sampler_us(model)
-            t_one = statistics.median(timed(ours(True, 1), args.device, args.repeats))
+            t_one = median_seconds(ours(True, 1), args.repeats, device=args.device)[0]
             step = (t_graph - t_one) / (args.tokens - 1)
             r["step_us"] = step * 1e6
             r["sampler_share"] = r["sampler_us"] / r["step_us"]
             r["roofline_ratio"] = step / roofline_s(model, prompts, args.tokens, bandwidth)
-            t_eager = statistics.median(timed(ours(False), args.device, args.repeats))
+            t_eager = median_seconds(ours(False), args.repeats, device=args.device)[0]
             r["tok_s"]["lmgen-fast, no graphs"] = made / t_eager
         if hf is not None and not over_budget():
-            t_hf = statistics.median(timed(hf_runner(hf, prompts, args.tokens, args.device,
-                                                     False), args.device, args.repeats))
+            t_hf = median_seconds(hf_runner(hf, prompts, args.tokens, args.device, False),
+                                  args.repeats, device=args.device)[0]
             r["tok_s"]["transformers"] = made / t_hf
         elif hf is not None:
             notes.append(f"B={batch}: transformers skipped (budget)")
@@ -279,7 +256,6 @@ def main() -> None:
 
     if naive is not None:
         results[args.batches.index(1)]["tok_s"]["naive article loop"] = naive
-    compiled = None
     if hf is not None and cuda and not args.no_compile and 1 in args.batches:
         if time.perf_counter() - start < args.budget_s - 60:
             try:
@@ -288,10 +264,10 @@ def main() -> None:
                 if not hasattr(hf, "_valid_auto_compile_criteria"):
                     hf.forward = torch.compile(hf.forward, mode="reduce-overhead")
                 prompts = make_prompts(1, vocab, seed=1)
-                compiled = 1 * args.tokens / statistics.median(timed(
-                    hf_runner(hf, prompts, args.tokens, args.device, True), args.device,
-                    args.repeats))
-                results[args.batches.index(1)]["tok_s"]["transformers static+compile"] = compiled
+                t_static = median_seconds(hf_runner(hf, prompts, args.tokens, args.device,
+                                                    True), args.repeats, device=args.device)[0]
+                results[args.batches.index(1)]["tok_s"]["transformers static+compile"] = \
+                    args.tokens / t_static
             except Exception as exc:  # noqa: BLE001 - report what this version cannot do
                 notes.append(f"transformers static cache + compile failed: "
                              f"{type(exc).__name__}: {str(exc).splitlines()[0][:120]}")

@@ -28,9 +28,10 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
 from lmgen_fast import generate_batch  # noqa: E402
+from lmgen_fast.hf import left_pad  # noqa: E402
 from lmgen_fast.tokenization import adapt_tokenizer  # noqa: E402
 
-from _common import device_name, write_json  # noqa: E402
+from _common import device_name, sync, write_json  # noqa: E402
 
 VOCAB = 8000
 EOT, PAD = 2, 3
@@ -59,27 +60,12 @@ def build_model(device: str) -> transformers.LlamaForCausalLM:
     return transformers.LlamaForCausalLM(config).to(device).eval()
 
 
-def left_padded(prompts: list[list[int]], device: str) -> tuple[torch.Tensor, torch.Tensor]:
-    longest = max(len(p) for p in prompts)
-    ids = torch.full((len(prompts), longest), PAD, dtype=torch.int64)
-    mask = torch.zeros_like(ids)
-    for i, p in enumerate(prompts):
-        ids[i, longest - len(p):] = torch.tensor(p)
-        mask[i, longest - len(p):] = 1
-    return ids.to(device), mask.to(device)
-
-
 def produced(rows: torch.Tensor) -> int:
     """New tokens up to (not counting) each row's first EOT."""
     total = 0
     for row in rows.tolist():
         total += row.index(EOT) if EOT in row else len(row)
     return total
-
-
-def sync(device: str) -> None:
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
 
 
 def main() -> None:
@@ -99,7 +85,8 @@ def main() -> None:
     results = []
     for batch in args.batches:
         prompts = texts[:batch]
-        ids, mask = left_padded([adapter.encode_prompt(p) for p in prompts], args.device)
+        ids, mask = (t.to(args.device)
+                     for t in left_pad([adapter.encode_prompt(p) for p in prompts], PAD))
 
         def ours(prompts=prompts):
             out = generate_batch(

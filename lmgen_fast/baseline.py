@@ -33,6 +33,31 @@ def article_sample_row(
 
 
 @torch.no_grad()
+def article_loop(
+    model,
+    input_ids: torch.Tensor,
+    max_tokens: int,
+    temperature: float,
+    repetition_penalty: float,
+    repetition_penalty_range: int,
+    top_k: int,
+    eot: int,
+) -> list[int]:
+    """The article's loop on int64 ``input_ids`` ``[1, T]``: the whole sequence through the
+    model at every step, then :func:`article_sample_row`; stops at ``eot`` (not returned)."""
+    generated: list[int] = []
+    for _ in range(max_tokens):
+        logits = model(input_ids)
+        logits = getattr(logits, "logits", logits)[0, -1, :].float()
+        nxt = article_sample_row(logits, generated, temperature, repetition_penalty,
+                                 repetition_penalty_range, top_k)
+        if nxt == eot:
+            break
+        input_ids = torch.cat([input_ids, torch.tensor([[nxt]], device=input_ids.device)], 1)
+        generated.append(nxt)
+    return generated
+
+
 def article_generate_ids(
     model,
     tokenizer,
@@ -45,7 +70,7 @@ def article_generate_ids(
     device=None,
     eos_token: str = "[EOT]",
 ) -> list[int]:
-    """The article's loop: full recompute each step; returns the new token ids.
+    """The article's ``generate()`` up to decoding: returns the new token ids.
 
     ``eos_token`` exists for benchmarks: a token that is never drawn makes a run last
     exactly ``max_tokens`` steps.
@@ -54,17 +79,8 @@ def article_generate_ids(
         model.eval()
     bot, eot = tokenizer.token_to_id("[BOT]"), tokenizer.token_to_id(eos_token)
     input_ids = torch.tensor([[bot, *tokenizer.encode(" " + prompt).ids]], device=device)
-    generated: list[int] = []
-    for _ in range(max_tokens):
-        logits = model(input_ids)
-        logits = getattr(logits, "logits", logits)[0, -1, :].float()
-        nxt = article_sample_row(logits, generated, temperature, repetition_penalty,
-                                 repetition_penalty_range, top_k)
-        if nxt == eot:
-            break
-        input_ids = torch.cat([input_ids, torch.tensor([[nxt]], device=input_ids.device)], 1)
-        generated.append(nxt)
-    return generated
+    return article_loop(model, input_ids, max_tokens, temperature, repetition_penalty,
+                        repetition_penalty_range, top_k, eot)
 
 
 def article_generate(model, tokenizer, prompt: str, *args, **kwargs) -> str:

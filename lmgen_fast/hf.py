@@ -301,6 +301,20 @@ def _forward_keywords(model) -> dict[str, str | None]:
     }
 
 
+def left_pad(
+    prompts: Sequence[Sequence[int]], pad_id: int = 0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Prompts of token ids left padded to the longest, as transformers' ``generate`` takes
+    them: int64 ``input_ids`` and ``attention_mask`` (1 = real token), ``[B, T]``, on the CPU."""
+    longest = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), longest), pad_id, dtype=torch.int64)
+    mask = torch.zeros(len(prompts), longest, dtype=torch.int64)
+    for i, p in enumerate(prompts):
+        ids[i, longest - len(p):] = torch.as_tensor(p, dtype=torch.int64)
+        mask[i, longest - len(p):] = 1
+    return ids, mask
+
+
 class HFCacheDecoder(Decoder):
     """A transformers causal LM on its own KV cache: prefill once, then one token a step.
 
@@ -341,12 +355,7 @@ class HFCacheDecoder(Decoder):
         lengths = [len(p) for p in prompts]
         if min(lengths) == 0:
             raise ValueError(f"prompt {lengths.index(0)} has no tokens")
-        longest = max(lengths)
-        ids = torch.zeros(len(prompts), longest, dtype=torch.int64)
-        mask = torch.zeros(len(prompts), longest, dtype=torch.int64)
-        for i, p in enumerate(prompts):
-            ids[i, longest - len(p):] = torch.as_tensor(p, dtype=torch.int64)
-            mask[i, longest - len(p):] = 1
+        ids, mask = left_pad(prompts)
         self.mask = mask.to(self.device)
         self.cache = None
         return self._run(ids.to(self.device))
