@@ -109,6 +109,7 @@ def launch(
     chunk: int | None = None,
     nucleus_candidates: int = 0,
     logprob_out: torch.Tensor | None = None,
+    chunk_warps: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Run the kernels without any host synchronisation (CUDA-graph capturable).
 
@@ -139,6 +140,8 @@ def launch(
         float32 ``[B, 3]``; receives per row the raw log-probability of the sampled token,
         the raw logsumexp (``+inf`` for rows with ``+inf`` logits) and ``-log(count of
         +inf)`` (the share of each ``+inf`` token in such rows). Computed in the same read.
+    chunk_warps : int, optional
+        Warps per program of the chunk kernel (a speed knob for tuning; default by chunk).
 
     Returns
     -------
@@ -203,7 +206,7 @@ def launch(
     ppen = packed.presence_penalty.to(**f32).contiguous()
     steps = steps.contiguous()
 
-    warps = 4 if chunk <= 2048 else (8 if chunk <= 4096 else 16)
+    warps = chunk_warps or (4 if chunk <= 2048 else (8 if chunk <= 4096 else 16))
     ks.chunk_kernel[(batch, n_chunks)](
         logits, logits.stride(0), vocab,
         temp, top_k, once, seed, steps,
