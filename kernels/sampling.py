@@ -38,10 +38,15 @@ the race without filters, or, for filtered rows:
 Noise: Triton's Philox keyed on (row seed, step, token id), exactly as
 :mod:`lmgen_fast.philox` defines it, so the CPU reference replays the GPU's picks.
 
-``exp`` in the merge (top-p masses, min-p's ``exp(z - z_max) >= min_p``) is the device
-library's ``expf`` on CUDA (``ACC``), the function torch's CUDA kernels call, rather than
-``tl.exp`` (``ex2.approx``); under the interpreter it is NumPy's, which can differ from
+Rounding: on CUDA (``ACC``) every ``exp`` whose value decides a token (top-p masses and
+their normaliser, min-p's ``exp(z - z_max) >= min_p``, the log-softmax sums) is the device
+library's ``expf``, the function torch's CUDA kernels call, rather than ``tl.exp``
+(``ex2.approx``), and every division is correctly rounded (``div_rn``; a plain ``/`` compiles
+to an approximate division). Under the interpreter ``exp`` is NumPy's, which can differ from
 torch's CPU ``exp`` by an ulp: a min-p ratio exactly at such a value may then differ.
+
+Compile time: the multi-pass path's loops are ``range``, not ``tl.static_range``: unrolled,
+they held 32 to 64 copies of ``_row_z`` and took 12 to 42 s to compile per variant.
 """
 
 from __future__ import annotations
@@ -183,7 +188,7 @@ def chunk_kernel(
     gkey_ptr, gcnt_ptr, gbest_ptr, gidx_ptr,
     ctau_ptr, csum_ptr, rmax_ptr, rsum_ptr,
     status_ptr,
-    CHUNK: tl.constexpr, CAP: tl.constexpr, LOGPROBS: tl.constexpr,
+    CHUNK: tl.constexpr, CAP: tl.constexpr, LOGPROBS: tl.constexpr, ACC: tl.constexpr,
 ):
     row = tl.program_id(0)
     chunk = tl.program_id(1)
@@ -212,7 +217,7 @@ def chunk_kernel(
         # all the mass (SPEC section 3), so such a chunk leaves their count instead.
         xr = tl.where(x != x, float("-inf"), x)
         rmax = tl.max(xr, axis=0)
-        rsum = tl.sum(tl.where(xr > float("-inf"), tl.exp(xr - rmax), 0.0), axis=0)
+        rsum = tl.sum(tl.where(xr > float("-inf"), _exp(xr - rmax, ACC), 0.0), axis=0)
         n_inf = tl.sum((xr == float("inf")).to(tl.float32), axis=0)
         tl.store(rmax_ptr + out_at, rmax)
         tl.store(rsum_ptr + out_at, tl.where(rmax == float("inf"), n_inf, rsum))
@@ -241,7 +246,7 @@ def chunk_kernel(
 
     csum = tl.zeros([], dtype=tl.float32)
     if sampled & (k_eff == 0) & (top_p < 1.0):
-        csum = tl.sum(tl.where(z > float("-inf"), tl.exp(z - cmax), 0.0), axis=0)
+        csum = tl.sum(tl.where(z > float("-inf"), _exp(z - cmax, ACC), 0.0), axis=0)
     tl.store(csum_ptr + out_at, csum)
 
     n_emit = tl.zeros([], dtype=tl.int32)
@@ -370,8 +375,8 @@ def merge_kernel(
         lo = tl.where(k_eff > 0, tau, tl.max(tl.where(cm, ctau, 0), axis=0))
         # Normaliser of softmax over the survivors of top-k (all of the row without it).
         csum = tl.load(csum_ptr + at, mask=cm, other=0.0)
-        s_row = tl.sum(tl.where(cm & (cmax > float("-inf")), csum * tl.exp(cmax - row_max),
-                                0.0), axis=0)
+        s_row = tl.sum(tl.where(cm & (cmax > float("-inf")),
+                                csum * _exp(cmax - row_max, ACC), 0.0), axis=0)
         prefix = tl.zeros([], dtype=tl.uint32)
         f_lo = tl.zeros([], dtype=tl.float32)
         if ONE_TILE:
@@ -394,8 +399,8 @@ def merge_kernel(
             if top_p_on:
                 if k_eff > 0:
                     s_row = tl.sum(e, axis=0) + tl.sum(eg, axis=0)
-                q = e / s_row
-                qg = eg / s_row
+                q = tl.math.div_rn(e, s_row)
+                qg = tl.math.div_rn(eg, s_row)
                 f_lo = tl.sum(tl.where(key >= lo, q, 0.0), axis=0)
                 f_lo += tl.sum(tl.where(gkey >= lo, qg, 0.0), axis=0)
                 prefix = _top_p_search(key, q, gkey, qg, top_p)
@@ -427,7 +432,7 @@ def merge_kernel(
                             ncand_ptr, ckey_ptr, row, n_chunks, base, s0, n_slots, CAP, TILE
                         )
                         s_row += tl.sum(_unnorm(key, valid & (key >= tau), row_max, ACC), axis=0)
-                qg = eg / s_row
+                qg = tl.math.div_rn(eg, s_row)
                 bit = tl.full([], 0x80000000, dtype=tl.uint32)
                 # Bit 32 of the search (trial = lo) gives F(lo); the other 32 give P.
                 for i in range(33):
@@ -437,7 +442,7 @@ def merge_kernel(
                         valid, key = _slots(
                             ncand_ptr, ckey_ptr, row, n_chunks, base, s0, n_slots, CAP, TILE
                         )
-                        q = _unnorm(key, valid & (key >= tau), row_max, ACC) / s_row
+                        q = tl.math.div_rn(_unnorm(key, valid & (key >= tau), row_max, ACC), s_row)
                         f += tl.sum(tl.where(key >= trial, q, 0.0), axis=0)
                     if i == 0:
                         f_lo = f
@@ -480,7 +485,8 @@ def merge_kernel(
         rmax = tl.load(rmax_ptr + at, mask=cm, other=float("-inf"))
         rsum = tl.load(rsum_ptr + at, mask=cm, other=0.0)
         big = tl.max(rmax, axis=0)
-        total = tl.sum(tl.where(rmax > float("-inf"), rsum * tl.exp(rmax - big), 0.0), axis=0)
+        total = tl.sum(tl.where(rmax > float("-inf"), rsum * _exp(rmax - big, ACC), 0.0),
+                       axis=0)
         n_inf = tl.sum(tl.where(rmax == float("inf"), rsum, 0.0), axis=0)
         share = -tl.log(tl.maximum(n_inf, 1.0))  # only read where n_inf >= 1
         lse = tl.where(big == float("inf"), big, big + tl.log(total))
@@ -532,13 +538,13 @@ def _slow_path(
     prefix = tl.zeros([], dtype=tl.uint32)
     if top_p_on:
         above = tl.zeros([], dtype=tl.float32)
-        for p in tl.static_range(32 // RB):
+        for p in range(32 // RB):
             shift = 32 - RB * (p + 1)
             hist = tl.zeros([R], dtype=tl.float32)
             for c in range(n_chunks):
                 w_lo = tl.load(wrange_ptr + row * (n_chunks + 1) + c)
                 w_hi = tl.load(wrange_ptr + row * (n_chunks + 1) + c + 1)
-                for s in tl.static_range(0, CHUNK, SUB):
+                for s in range(0, CHUNK, SUB):
                     offs = c * CHUNK + s + tl.arange(0, SUB)
                     _x, z = _row_z(logits_ptr, row64, stride_row, V, offs, temp, once, fpen,
                                    ppen, win_ptr, W, w_lo, w_hi, pow_ptr, SUB)
@@ -546,7 +552,7 @@ def _slow_path(
                     live = (offs < V) & (z > float("-inf"))
                     if p > 0:
                         live = live & ((key >> (shift + RB)) == (prefix >> (shift + RB)))
-                    q = tl.where(live, _exp(z - row_max, ACC) / s_row, 0.0)
+                    q = tl.where(live, tl.math.div_rn(_exp(z - row_max, ACC), s_row), 0.0)
                     d = ((key >> shift) & (R - 1)).to(tl.int32)
                     hit = d[:, None] == digits[None, :]
                     hist += tl.sum(tl.where(hit, q[:, None], 0.0), axis=0)
@@ -562,7 +568,7 @@ def _slow_path(
     for c in range(n_chunks):
         w_lo = tl.load(wrange_ptr + row * (n_chunks + 1) + c)
         w_hi = tl.load(wrange_ptr + row * (n_chunks + 1) + c + 1)
-        for s in tl.static_range(0, CHUNK, SUB):
+        for s in range(0, CHUNK, SUB):
             offs = c * CHUNK + s + tl.arange(0, SUB)
             _x, z = _row_z(logits_ptr, row64, stride_row, V, offs, temp, once, fpen, ppen,
                            win_ptr, W, w_lo, w_hi, pow_ptr, SUB)

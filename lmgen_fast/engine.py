@@ -8,12 +8,17 @@ their values. So on CUDA, with a graph-capable decoder (our Llama, modules built
 article's, transformers Llama) and the Triton sampler, each step is one CUDA graph replay:
 the host only looks every ``sync_every`` steps, to hand new tokens to the callback, stop
 when every row is done and raise for a bad row. Elsewhere the same step runs eagerly.
+
+On a GPU where something breaks, the engine degrades instead of failing: a step that cannot
+be captured runs eagerly, and kernels that cannot be compiled or launched leave the
+sampling to the reference sampler on the same device (each with one warning).
 """
 
 from __future__ import annotations
 
 import contextlib
 import warnings
+import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, fields, replace
 from typing import NamedTuple
@@ -147,7 +152,7 @@ class _State:
         active = ~self.done
         slp: SampleLogprobs | None = None
         if lay.kernel:
-            tokens, status = kernel_sampler.launch(
+            tokens, status = kernel_sampler.guarded_launch(
                 logits, self.packed, window, self.step.expand(lay.batch),
                 max_top_k=lay.max_top_k, draw_seeds=False, nucleus_candidates=lay.nucleus,
                 logprob_out=self.lp,
@@ -220,6 +225,10 @@ class _CudaGraph:
         self.graph.replay()
 
 
+# Decoders whose step failed to capture, with the cause: they run eagerly from then on.
+_eager_decoders: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
 def _graph_backend(device: torch.device):
     """The class that captures steps on ``device``, or None where there are no graphs."""
     return _CudaGraph if device.type == "cuda" else None
@@ -252,6 +261,8 @@ class _Run:
         kernel = resolve_backend(backend, device) == "triton"
         if kernel:
             kernel_sampler.check_device(logits)
+            # After a failure of the kernels, the reference samples (generate_ids warned).
+            kernel = kernel_sampler.kernel_failure() is None
         if sync_every is None:
             sync_every = SYNC_EVERY_CUDA if device.type == "cuda" else 1
         self.sync_every = sync_every
@@ -263,6 +274,8 @@ class _Run:
         graphs = _graph_backend(device) if cuda_graph and kernel else None
         # Top alternatives need a host decision per step (reference._top_logprobs).
         self.graph_cls = graphs if decoder.graphable and not top_n else None
+        if decoder in _eager_decoders:
+            self.graph_cls = None  # a capture failed on this decoder: eager steps
         cols = _round_up(self.total, _ROUND)
         hist = _round_up(max(self.base) + self.total, _ROUND)
         width = 0
@@ -327,7 +340,18 @@ class _Run:
 
         graph = self.graph_cls(st)
         graph.warm(fn)  # a real step: this one
-        graph.capture(fn)
+        try:
+            graph.capture(fn)
+        except Exception as exc:  # whatever broke the capture, an eager step still works
+            # The warm-up already made this step; later steps run eagerly, with the same
+            # tokens (they read the same buffers).
+            _eager_decoders[dec] = f"{type(exc).__name__}: {str(exc).splitlines()[0]}"
+            self.graph_cls = None
+            warnings.warn(f"capturing a decode step as a CUDA graph failed "
+                          f"({_eager_decoders[dec]}); this decoder runs its steps eagerly "
+                          "from now on (same tokens, more launch overhead)", RuntimeWarning,
+                          stacklevel=2)
+            return
         st.graphs[kv] = graph
 
     def check(self) -> bool:
@@ -433,6 +457,24 @@ def _free(decoder) -> None:
         torch.cuda.empty_cache()
 
 
+def _kv_bytes_per_position(model) -> int | None:
+    """KV-cache bytes per row and position of ``model``, from its config where it has no
+    ``kv_bytes_per_position`` (a transformers model); None where the config does not say."""
+    if hasattr(model, "kv_bytes_per_position"):
+        return model.kv_bytes_per_position()
+    c = model.config
+    layers = getattr(c, "num_hidden_layers", None)
+    heads = getattr(c, "num_attention_heads", None)
+    kv_heads = getattr(c, "num_key_value_heads", None) or heads
+    head_dim = getattr(c, "head_dim", None)
+    if head_dim is None and heads and getattr(c, "hidden_size", None):
+        head_dim = c.hidden_size // heads
+    param = next(iter(model.parameters()), None)
+    if not (layers and kv_heads and head_dim) or param is None:
+        return None
+    return 2 * layers * kv_heads * head_dim * param.element_size()
+
+
 def _one_row_message(decoder, prompt: Sequence[int], max_tokens: int, exc: Exception) -> str:
     need = len(prompt) + max(max_tokens - 1, 0)
     msg = (f"out of device memory for a single row of {len(prompt)} prompt tokens and "
@@ -440,8 +482,8 @@ def _one_row_message(decoder, prompt: Sequence[int], max_tokens: int, exc: Excep
     model = getattr(decoder, "model", None)
     config = getattr(model, "config", None)
     device = getattr(decoder, "device", None)
-    if config is not None and device is not None and torch.device(device).type == "cuda":
-        per_position = model.kv_bytes_per_position()
+    per_position = _kv_bytes_per_position(model) if config is not None else None
+    if per_position and device is not None and torch.device(device).type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
         msg += (f"; {free / 2**20:.0f} MiB are free, and the KV cache alone takes "
                 f"{per_position / 2**10:.1f} KiB per position: at most about "
@@ -503,6 +545,14 @@ def generate_ids(
     DecodeOutOfMemory
         A single row does not fit. A larger batch that does not fit is split in halves
         (with a warning), which for seeded rows gives the same tokens.
+
+    Notes
+    -----
+    Degrade, never fail: where capturing a step as a CUDA graph raises, a ``RuntimeWarning``
+    names the cause and the decoder runs its steps eagerly from then on; where the Triton
+    kernels fail to compile or launch, a ``RuntimeWarning`` names the cause and the call
+    (and the rest of the process) samples with the reference on the same device. Seeded
+    rows get the same tokens either way.
     """
     check_sync_every(sync_every)
     delivered = [False]
@@ -527,6 +577,14 @@ def generate_ids(
         if len(prompts) == 1:
             raise DecodeOutOfMemory(
                 _one_row_message(decoder, prompts[0], max_tokens[0], exc)) from exc
+    except kernel_sampler.KernelUnavailable as exc:
+        kernel_sampler.note_failure(exc)
+        if delivered[0]:
+            raise  # tokens were streamed: a rerun would hand them out twice
+        # Nothing was handed out yet: the whole call again, sampled by the reference.
+        return generate_ids(decoder, prompts, rows, max_tokens, eos_id, backend="reference",
+                            callback=callback, return_logprobs=return_logprobs,
+                            cuda_graph=cuda_graph, sync_every=sync_every)
     half = (len(prompts) + 1) // 2
     warnings.warn(f"a batch of {len(prompts)} rows did not fit in device memory; generating "
                   f"it as batches of at most {half}", RuntimeWarning, stacklevel=3)

@@ -28,7 +28,10 @@ from __future__ import annotations
 
 import contextlib
 import os
+import warnings
 from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 
@@ -82,20 +85,163 @@ NUCLEUS_CANDIDATES = 64
 RADIX_BITS = 4
 
 
-def plan(vocab: int, max_top_k: int, device: torch.device, chunk: int | None = None,
-         nucleus_candidates: int = 0) -> tuple[int, int]:
-    """Static launch sizes for a vocabulary and the largest top-k of the batch.
+@dataclass(frozen=True)
+class LaunchPlan:
+    """Every static choice of one launch: what the kernels are specialised (compiled) on.
 
-    Returns ``(chunk, cap)``: logits per program (a power of two) and candidates each chunk
-    may keep (at least ``max_top_k``, so every row with ``k <= max_top_k`` is exact, and
-    at least ``2 * nucleus_candidates``; top-p/min-p rows without top-k keep ``cap // 2``).
+    ``chunk`` logits per program of the chunk kernel (a power of two) and its
+    ``chunk_warps``; ``cap`` candidates each chunk may keep (at least ``max_top_k``, so every
+    row with ``k <= max_top_k`` is exact, and at least ``2 * nucleus_candidates``: top-p/min-p
+    rows without top-k keep ``cap // 2``); the merge kernel reads ``tile`` candidate slots
+    at a time (``one_tile``: all of them at once) with ``merge_warps``, ``cp`` chunk
+    aggregates per row and ``sub`` logits per block of its multi-pass path.
+    """
+
+    chunk: int
+    cap: int
+    n_chunks: int
+    chunk_warps: int
+    tile: int
+    one_tile: bool
+    cp: int
+    sub: int
+    merge_warps: int
+
+
+def plan_launch(vocab: int, max_top_k: int, *, cuda: bool, chunk: int | None = None,
+                nucleus_candidates: int = 0, chunk_warps: int | None = None) -> LaunchPlan:
+    """The launch sizes :func:`launch` uses for a vocabulary and the batch's largest top-k.
+
+    ``cuda`` selects the GPU defaults (larger chunks); the interpreter uses small ones. The
+    ahead-of-time compile test enumerates its variants through this function, so a launch
+    choice made here cannot escape it.
     """
     kcap = max(0, min(max(int(max_top_k), int(nucleus_candidates)), vocab - 1))
     if chunk is None:
-        chunk = 1024 if device.type != "cuda" else (4096 if kcap <= 256 else 8192)
+        chunk = (4096 if kcap <= 256 else 8192) if cuda else 1024
     chunk = max(16, min(_next_pow2(chunk), _next_pow2(vocab)))
     cap = min(chunk, _next_pow2(max(2 * kcap, 16)))
-    return chunk, cap
+    n_chunks = _cdiv(vocab, chunk)
+    tile = min(_next_pow2(n_chunks * cap), 4096)
+    return LaunchPlan(
+        chunk=chunk, cap=cap, n_chunks=n_chunks,
+        chunk_warps=chunk_warps or (4 if chunk <= 2048 else (8 if chunk <= 4096 else 16)),
+        tile=tile, one_tile=tile >= n_chunks * cap, cp=_next_pow2(n_chunks),
+        sub=min(chunk, 1024),
+        # At most 8 candidates per thread: 16 (8 warps at TILE 4096) spilled 100-250 bytes
+        # in ptxas's report for sm_90a; 16 warps there spill nothing.
+        merge_warps=4 if tile <= 1024 else (8 if tile <= 2048 else 16),
+    )
+
+
+def plan(vocab: int, max_top_k: int, device: torch.device, chunk: int | None = None,
+         nucleus_candidates: int = 0) -> tuple[int, int]:
+    """``(chunk, cap)`` of :func:`plan_launch` for tensors on ``device``."""
+    p = plan_launch(vocab, max_top_k, cuda=torch.device(device).type == "cuda", chunk=chunk,
+                    nucleus_candidates=nucleus_candidates)
+    return p.chunk, p.cap
+
+
+class KernelCall(NamedTuple):
+    """One kernel launch: the JIT function's name, grid, positional arguments, constexprs
+    and compile options (the ahead-of-time compile test builds its signatures from these)."""
+
+    name: str
+    grid: tuple[int, ...]
+    args: tuple
+    constexprs: dict
+    options: dict
+
+
+def kernel_calls(
+    logits: torch.Tensor,
+    packed: PackedParams,
+    window: torch.Tensor | None,
+    steps: torch.Tensor,
+    seed: torch.Tensor,
+    lp: LaunchPlan,
+    logprob_out: torch.Tensor | None,
+    cuda: bool,
+) -> tuple[list[KernelCall], torch.Tensor, torch.Tensor]:
+    """The launches of one sampling step, with their buffers allocated on ``logits.device``.
+
+    Returns ``(calls, tokens, status)``; running ``calls`` in order fills the last two.
+    Only fixed-shape torch ops run here, so it works on the ``meta`` device too.
+    """
+    batch, vocab = logits.shape
+    dev = logits.device
+    n_chunks = lp.n_chunks
+    if window is None or window.shape[1] == 0:
+        width = 0
+        win = torch.zeros(1, dtype=torch.int64, device=dev)
+        wrange = torch.zeros(batch, n_chunks + 1, dtype=torch.int64, device=dev)
+        pow_table = torch.ones(1, dtype=torch.float32, device=dev)
+    else:
+        width = window.shape[1]
+        win = torch.sort(window, dim=1).values.contiguous()
+        bounds = torch.arange(n_chunks + 1, device=dev, dtype=torch.int64) * lp.chunk
+        wrange = torch.searchsorted(win, bounds.expand(batch, -1).contiguous())
+        # Factors p**c from the very op the reference uses (torch.pow in float32), so the
+        # kernel divides by bit-identical values.
+        exps = torch.arange(width + 1, dtype=torch.float32, device=dev)
+        pow_table = torch.pow(packed.penalty.unsqueeze(1), exps).contiguous()
+
+    f32 = dict(dtype=torch.float32, device=dev)
+    i32 = dict(dtype=torch.int32, device=dev)
+    shape = (batch, n_chunks)
+    cmax, rkey, gbest, csum = (torch.empty(shape, **f32) for _ in range(4))
+    cidx, ridx, ncand, gkey, gcnt, gidx, ctau = (torch.empty(shape, **i32) for _ in range(7))
+    ckey = torch.empty(batch * n_chunks * lp.cap, **i32)
+    cidx_buf = torch.empty(batch * n_chunks * lp.cap, **i32)
+    status = torch.zeros(batch, **i32)
+    tokens = torch.empty(batch, dtype=torch.int64, device=dev)
+    want_lp = logprob_out is not None
+    if want_lp:
+        if logprob_out.shape != (batch, 3) or logprob_out.dtype != torch.float32 \
+                or not logprob_out.is_contiguous():
+            raise ValueError("logprob_out must be a contiguous float32 [B, 3] tensor")
+        rmax, rsum = (torch.empty(shape, **f32) for _ in range(2))
+    else:
+        rmax = rsum = logprob_out = cmax  # never touched: LOGPROBS is off
+    temp = packed.temperature.contiguous()
+    top_k = packed.top_k.contiguous()
+    once = packed.once.to(torch.int8)
+    top_p = packed.top_p.to(**f32).contiguous()
+    min_p = packed.min_p.to(**f32).contiguous()
+    fpen = packed.frequency_penalty.to(**f32).contiguous()
+    ppen = packed.presence_penalty.to(**f32).contiguous()
+    steps = steps.contiguous()
+    # No multiply-add contraction: the reference rounds every float32 op.
+    chunk_call = KernelCall(
+        "chunk_kernel", (batch, n_chunks),
+        (logits, logits.stride(0), vocab,
+         temp, top_k, once, seed, steps,
+         top_p, min_p, fpen, ppen,
+         win, width, wrange, pow_table,
+         cmax, cidx, rkey, ridx,
+         ncand, ckey, cidx_buf,
+         gkey, gcnt, gbest, gidx,
+         ctau, csum, rmax, rsum,
+         status),
+        dict(CHUNK=lp.chunk, CAP=lp.cap, LOGPROBS=want_lp, ACC=cuda),
+        dict(num_warps=lp.chunk_warps, enable_fp_fusion=False),
+    )
+    merge_call = KernelCall(
+        "merge_kernel", (batch,),
+        (logits, logits.stride(0), vocab, n_chunks,
+         temp, top_k, seed, steps,
+         top_p, min_p, once, fpen, ppen,
+         win, width, wrange, pow_table,
+         cmax, cidx, rkey, ridx,
+         ncand, ckey, cidx_buf,
+         gkey, gcnt, gbest, gidx,
+         ctau, csum, rmax, rsum,
+         tokens, status, logprob_out),
+        dict(CAP=lp.cap, CP=lp.cp, TILE=lp.tile, ONE_TILE=lp.one_tile, CHUNK=lp.chunk,
+             SUB=lp.sub, RB=RADIX_BITS, NBINS=1 << RADIX_BITS, LOGPROBS=want_lp, ACC=cuda),
+        dict(num_warps=lp.merge_warps, enable_fp_fusion=False),
+    )
+    return [chunk_call, merge_call], tokens, status
 
 
 def launch(
@@ -153,90 +299,19 @@ def launch(
         re-read its logits). The token is exact when no other bit is set.
     """
     ks = _kernels()
-    batch, vocab = logits.shape
-    dev = logits.device
     if logits.stride(1) != 1:
         logits = logits.contiguous()
-    chunk, cap = plan(vocab, max_top_k, dev, chunk, nucleus_candidates)
-    n_chunks = _cdiv(vocab, chunk)
-
+    cuda = logits.device.type == "cuda"
+    lp = plan_launch(logits.shape[1], max_top_k, cuda=cuda, chunk=chunk,
+                     nucleus_candidates=nucleus_candidates, chunk_warps=chunk_warps)
     seed = packed.seed
     if draw_seeds:
-        drawn = torch.randint(0, 2**62, (batch,), device=dev)
+        drawn = torch.randint(0, 2**62, (logits.shape[0],), device=logits.device)
         seed = torch.where(packed.seeded, packed.seed, drawn)
-
-    if window is None or window.shape[1] == 0:
-        width = 0
-        win = torch.zeros(1, dtype=torch.int64, device=dev)
-        wrange = torch.zeros(batch, n_chunks + 1, dtype=torch.int64, device=dev)
-        pow_table = torch.ones(1, dtype=torch.float32, device=dev)
-    else:
-        width = window.shape[1]
-        win = torch.sort(window, dim=1).values.contiguous()
-        bounds = torch.arange(n_chunks + 1, device=dev, dtype=torch.int64) * chunk
-        wrange = torch.searchsorted(win, bounds.expand(batch, -1).contiguous())
-        # Factors p**c from the very op the reference uses (torch.pow in float32), so the
-        # kernel divides by bit-identical values.
-        exps = torch.arange(width + 1, dtype=torch.float32, device=dev)
-        pow_table = torch.pow(packed.penalty.unsqueeze(1), exps).contiguous()
-
-    f32 = dict(dtype=torch.float32, device=dev)
-    i32 = dict(dtype=torch.int32, device=dev)
-    shape = (batch, n_chunks)
-    cmax, rkey, gbest, csum = (torch.empty(shape, **f32) for _ in range(4))
-    cidx, ridx, ncand, gkey, gcnt, gidx, ctau = (torch.empty(shape, **i32) for _ in range(7))
-    ckey = torch.empty(batch * n_chunks * cap, **i32)
-    cidx_buf = torch.empty(batch * n_chunks * cap, **i32)
-    status = torch.zeros(batch, **i32)
-    tokens = torch.empty(batch, dtype=torch.int64, device=dev)
-    want_lp = logprob_out is not None
-    if want_lp:
-        if logprob_out.shape != (batch, 3) or logprob_out.dtype != torch.float32 \
-                or not logprob_out.is_contiguous():
-            raise ValueError("logprob_out must be a contiguous float32 [B, 3] tensor")
-        rmax, rsum = (torch.empty(shape, **f32) for _ in range(2))
-    else:
-        rmax = rsum = logprob_out = cmax  # never touched: LOGPROBS is off
-    temp = packed.temperature.contiguous()
-    top_k = packed.top_k.contiguous()
-    once = packed.once.to(torch.int8)
-    top_p = packed.top_p.to(**f32).contiguous()
-    min_p = packed.min_p.to(**f32).contiguous()
-    fpen = packed.frequency_penalty.to(**f32).contiguous()
-    ppen = packed.presence_penalty.to(**f32).contiguous()
-    steps = steps.contiguous()
-
-    warps = chunk_warps or (4 if chunk <= 2048 else (8 if chunk <= 4096 else 16))
-    ks.chunk_kernel[(batch, n_chunks)](
-        logits, logits.stride(0), vocab,
-        temp, top_k, once, seed, steps,
-        top_p, min_p, fpen, ppen,
-        win, width, wrange, pow_table,
-        cmax, cidx, rkey, ridx,
-        ncand, ckey, cidx_buf,
-        gkey, gcnt, gbest, gidx,
-        ctau, csum, rmax, rsum,
-        status,
-        CHUNK=chunk, CAP=cap, LOGPROBS=want_lp, num_warps=warps,
-        # No multiply-add contraction: the reference rounds every float32 op.
-        enable_fp_fusion=False,
-    )
-    tile = min(_next_pow2(n_chunks * cap), 4096)
-    ks.merge_kernel[(batch,)](
-        logits, logits.stride(0), vocab, n_chunks,
-        temp, top_k, seed, steps,
-        top_p, min_p, once, fpen, ppen,
-        win, width, wrange, pow_table,
-        cmax, cidx, rkey, ridx,
-        ncand, ckey, cidx_buf,
-        gkey, gcnt, gbest, gidx,
-        ctau, csum, rmax, rsum,
-        tokens, status, logprob_out,
-        CAP=cap, CP=_next_pow2(n_chunks), TILE=tile, ONE_TILE=tile >= n_chunks * cap,
-        CHUNK=chunk, SUB=min(chunk, 1024), RB=RADIX_BITS, NBINS=1 << RADIX_BITS,
-        LOGPROBS=want_lp, ACC=dev.type == "cuda",
-        num_warps=4 if tile <= 1024 else 8, enable_fp_fusion=False,
-    )
+    calls, tokens, status = kernel_calls(logits, packed, window, steps, seed, lp,
+                                         logprob_out, cuda)
+    for call in calls:
+        getattr(ks, call.name)[call.grid](*call.args, **call.constexprs, **call.options)
     return tokens, status
 
 
@@ -273,6 +348,54 @@ def raise_for_status(status: torch.Tensor) -> None:
         raise RuntimeError(f"rows {over} have top_k larger than the max_top_k of the launch")
     bad = ((st & STATUS_INTERNAL) != 0).nonzero().flatten().tolist()
     raise RuntimeError(f"internal error of the Triton sampler on rows {bad}")
+
+
+class KernelUnavailable(RuntimeError):
+    """The Triton kernels failed to compile or launch on this machine (the cause is chained)."""
+
+
+# Why the kernels are not used in this process (None: they are). Set by the first failure,
+# so that later calls neither retry a compilation that failed nor warn again.
+_failure: str | None = None
+
+
+def kernel_failure() -> str | None:
+    """Why this process samples with the reference instead of the kernels, or None."""
+    return _failure
+
+
+def note_failure(exc: BaseException) -> None:
+    """Record that the kernels failed (``exc``) and warn, once per process, that the
+    reference sampler takes over on the same device."""
+    global _failure
+    if _failure is None:
+        cause = exc.__cause__ if exc.__cause__ is not None else exc
+        _failure = f"{type(cause).__name__}: {str(cause).splitlines()[0] if str(cause) else ''}"
+        warnings.warn(
+            f"the Triton sampler failed on this machine ({_failure}); sampling continues with "
+            "the reference sampler on the same device (same tokens for seeded rows, slower)",
+            RuntimeWarning, stacklevel=3)
+
+
+def reset_failure() -> None:
+    """Forget a recorded failure: the next call tries the kernels again."""
+    global _failure
+    _failure = None
+
+
+def guarded_launch(*args, **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`launch`, with a failure of Triton itself (compilation, a missing driver
+    feature, a launch error) raised as :class:`KernelUnavailable`.
+
+    Bad arguments (``ValueError``) and out-of-memory errors pass through unchanged: the
+    reference would meet them too.
+    """
+    try:
+        return launch(*args, **kwargs)
+    except (ValueError, torch.OutOfMemoryError):
+        raise
+    except Exception as exc:
+        raise KernelUnavailable(f"the Triton sampler failed: {exc}") from exc
 
 
 def host_hints(params: ParamsLike, packed: PackedParams, batch: int) -> tuple[int, bool, bool]:
@@ -344,9 +467,18 @@ def sample(
         for rows with nothing to sample (when ``check``).
     RuntimeError
         CPU tensors without ``TRITON_INTERPRET=1``.
+
+    Notes
+    -----
+    Should Triton fail to compile or launch the kernels here, this warns once
+    (``RuntimeWarning``) and the reference sampler draws instead, on the same device, for
+    the rest of the process: the same tokens for seeded rows.
     """
     steps = reference.check_inputs(logits, window, step)
     check_device(logits)
+    if _failure is not None:
+        return reference.sample(logits, params, window, step=step,
+                                return_logprobs=return_logprobs)
     batch, vocab = logits.shape
     packed = reference.pack(params, batch, logits.device)
     hint_k, draw, nucleus = host_hints(params, packed, batch)
@@ -358,11 +490,16 @@ def sample(
         reference.check_window_values(window, vocab)
     lp = torch.empty(batch, 3, dtype=torch.float32, device=logits.device) \
         if return_logprobs else None
-    with on_device(logits.device):
-        tokens, status = launch(
-            logits, packed, window, steps, max_top_k=max_top_k, draw_seeds=draw, chunk=chunk,
-            nucleus_candidates=nucleus_candidates, logprob_out=lp,
-        )
+    try:
+        with on_device(logits.device):
+            tokens, status = guarded_launch(
+                logits, packed, window, steps, max_top_k=max_top_k, draw_seeds=draw,
+                chunk=chunk, nucleus_candidates=nucleus_candidates, logprob_out=lp,
+            )
+    except KernelUnavailable as exc:
+        note_failure(exc)
+        return reference.sample(logits, params, window, step=step,
+                                return_logprobs=return_logprobs)
     if check:
         raise_for_status(status)
     if not return_logprobs:
