@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
+import shlex
 import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -45,22 +48,49 @@ def median_seconds(fn, repeats: int, warmup: int = 1,
 
 def write_json(name: str, payload: dict) -> Path:
     """Write ``payload`` to ``results/{name}.json``, or to ``name`` itself if it is a path
-    ending in ``.json``."""
+    ending in ``.json``. Atomic (a temporary file renamed over it): the scripts rewrite
+    their file after every row, and a timeout's kill mid-write must not leave half a file."""
     path = Path(name) if name.endswith(".json") else RESULTS / f"{name}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(payload, indent=2))
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(payload, indent=2))
+    os.replace(tmp, path)
     return path
 
 
-def cuda_median_us(fn, n_bufs: int, iters: int, warmup: int = 3) -> float:
+def run_info(device: str) -> dict:
+    """What a result file says about its run: device name, torch and triton versions, the
+    date and the command (render_results.py heads its sections with these)."""
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = None
+    script = Path(sys.argv[0])
+    return {
+        "device": device_name(device),
+        "torch": torch.__version__,
+        "triton": triton_version,
+        "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+        "command": shlex.join(["python", f"benchmarks/{script.name}", *sys.argv[1:]]),
+    }
+
+
+def cuda_median_us(fn, n_bufs: int, iters: int, warmup: int = 3,
+                   flush: torch.Tensor | None = None) -> float:
     """Median of per-call CUDA-event times in microseconds; call i runs ``fn(i % n_bufs)``
-    (rotating input buffers keeps them out of L2)."""
+    (rotating input buffers keeps them out of L2). With ``flush`` (a buffer larger than L2),
+    it is overwritten before every call, outside the timed span, so that each call reads
+    its inputs from memory whatever their size."""
     for i in range(warmup):
         fn(i % n_bufs)
     torch.cuda.synchronize()
     starts = [torch.cuda.Event(enable_timing=True) for _ in range(iters)]
     ends = [torch.cuda.Event(enable_timing=True) for _ in range(iters)]
     for i in range(iters):
+        if flush is not None:
+            flush.zero_()
         starts[i].record()
         fn(i % n_bufs)
         ends[i].record()

@@ -27,7 +27,8 @@ state), and the step time over the memory roofline: weights read per step (all b
 embedding) plus the KV cache of every row's positions so far, over the copy bandwidth
 measured here. Then one eager decode step at B = 1 and 64 under the profiler: kernels per
 step and the busiest ones (what to fuse next). Prints the tables (last) and writes JSON
-under ``benchmarks/results/``.
+under ``benchmarks/results/``, rewritten after every batch size so that a run cut short by a
+timeout keeps what it measured (``complete`` is false until the end).
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ import argparse
 import sys
 import time
 from dataclasses import replace
+from pathlib import Path
 
 import torch
 
@@ -51,6 +53,7 @@ from _common import (  # noqa: E402
     cuda_median_us,
     device_name,
     median_seconds,
+    run_info,
     sync,
     write_json,
 )
@@ -211,6 +214,23 @@ def main() -> None:
             print("transformers is not installed: no transformers rows", file=sys.stderr)
     bandwidth = copy_bandwidth_gbs() if cuda else None
     results, notes = [], []
+    profiles: dict[int, dict] = {}
+    name = "bench_decode" + ("_cuda" if cuda else "") + ("_tiny" if args.tiny else "")
+    info = run_info(args.device)
+
+    def save(complete: bool) -> Path:
+        for r in results:  # recomputed: rows gain columns after they are first written
+            base = r["tok_s"]["lmgen-fast"]
+            r["speedup"] = {k: base / v for k, v in r["tok_s"].items() if k != "lmgen-fast"}
+        return write_json(args.json or name, {
+            "kind": "bench_decode", **info, "dtype": str(model.lm_head.weight.dtype),
+            "tokens": args.tokens, "naive_tokens": args.naive_tokens, "repeats": args.repeats,
+            "copy_bandwidth_gbs": bandwidth, "config": model.config.to_dict(),
+            "sampling": {"temperature": TEMPERATURE, "top_k": TOP_K,
+                         "repetition_penalty": PENALTY, "scope": "all", "mode": "once"},
+            "batches": args.batches, "complete": complete,
+            "results": results, "notes": notes, "step_profile": profiles,
+        })
 
     def over_budget() -> bool:
         return time.perf_counter() - start > args.budget_s
@@ -247,15 +267,15 @@ def main() -> None:
             r["tok_s"]["transformers"] = made / t_hf
         elif hf is not None:
             notes.append(f"B={batch}: transformers skipped (budget)")
+        if batch == 1 and naive is not None:
+            r["tok_s"]["naive article loop"] = naive
         results.append(r)
+        save(complete=False)
         # Progress on stderr, so that a run cut short still leaves its numbers behind.
         print(f"[{time.perf_counter() - start:.0f} s] B={batch}: "
-              + ", ".join(f"{k} {v:.1f} tok/s" for k, v in r["tok_s"].items())
-              + (f", naive {naive:.1f} tok/s" if naive is not None and batch == 1 else ""),
+              + ", ".join(f"{k} {v:.1f} tok/s" for k, v in r["tok_s"].items()),
               file=sys.stderr, flush=True)
 
-    if naive is not None:
-        results[args.batches.index(1)]["tok_s"]["naive article loop"] = naive
     if hf is not None and cuda and not args.no_compile and 1 in args.batches:
         if time.perf_counter() - start < args.budget_s - 60:
             try:
@@ -274,15 +294,12 @@ def main() -> None:
         else:
             notes.append("transformers static cache + compile skipped (budget)")
 
-    profiles = {}
+    save(complete=False)
     if not args.no_profile:
         for batch in (b for b in (1, 64) if b in args.batches):
             profiles[batch] = step_profile(model, batch, args.device)
-
-    for r in results:
-        t = r["tok_s"]
-        base = t["lmgen-fast"]
-        r["speedup"] = {k: base / v for k, v in t.items() if k != "lmgen-fast"}
+            save(complete=False)
+    path = save(complete=True)
     print(f"device: {device_name(args.device)}  torch {torch.__version__}  "
           f"dtype {model.lm_head.weight.dtype}  tokens {args.tokens}"
           + (f"  copy bandwidth {bandwidth:.0f} GB/s" if bandwidth else ""))
@@ -312,16 +329,6 @@ def main() -> None:
               f"({prof['us_per_step']:.0f} us busy); the busiest:")
         for k in prof["top"]:
             print(f"    {k['us']:>8.1f} us  x{k['per_step']:<5.1f} {k['name']}")
-    name = "bench_decode" + ("_cuda" if cuda else "") + ("_tiny" if args.tiny else "")
-    path = write_json(args.json or name, {
-        "device": device_name(args.device), "torch": torch.__version__,
-        "dtype": str(model.lm_head.weight.dtype), "tokens": args.tokens,
-        "naive_tokens": args.naive_tokens, "repeats": args.repeats,
-        "copy_bandwidth_gbs": bandwidth, "config": model.config.to_dict(),
-        "sampling": {"temperature": TEMPERATURE, "top_k": TOP_K, "repetition_penalty": PENALTY,
-                     "scope": "all", "mode": "once"},
-        "results": results, "notes": notes, "step_profile": profiles,
-    })
     print(f"wrote {path}")
 
 

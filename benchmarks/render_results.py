@@ -1,0 +1,298 @@
+"""Markdown for benchmarks/RESULTS.md from the benchmarks' JSON results.
+
+    python benchmarks/render_results.py [FILE.json ...] [--command TEXT]
+
+Without files: every ``benchmarks/results/*.json``. Known kinds (the ``kind`` field, or the
+shape of files written before the scripts named it): ``bench_sampler`` and ``sampler_tune``
+(bench_sampler.py), ``bench_decode`` (bench_decode.py). Files of another kind, or not
+readable, are skipped with a note at the end, so that a new script's results never stop
+the others' tables. Each section is headed with the device, torch and triton versions, the
+date and the command of its run. Needs neither torch nor a GPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
+
+RESULTS = Path(__file__).parent / "results"
+DECODE_COLUMNS = ("lmgen-fast", "lmgen-fast, no graphs", "transformers",
+                  "transformers static+compile", "naive article loop")
+
+
+def kind_of(payload: object) -> str | None:
+    """The result kind of a decoded JSON document, or None when it is not one we know."""
+    if not isinstance(payload, dict):
+        return None
+    if isinstance(payload.get("kind"), str):
+        return payload["kind"]
+    results, rows = payload.get("results"), payload.get("rows")
+    if isinstance(results, list) and results and isinstance(results[0], dict) \
+            and "tok_s" in results[0]:
+        return "bench_decode"  # written before bench_decode.py named its kind
+    if isinstance(rows, list) and rows and isinstance(rows[0], dict) and "kernel_us" in rows[0]:
+        return "bench_sampler"
+    return None
+
+
+def _num(value: object, fmt: str = "{:.1f}") -> str:
+    return "-" if value is None else fmt.format(value)
+
+
+def _pct(share: object) -> str:
+    return "-" if share is None else f"{100 * share:.0f}%"
+
+
+def _cell(text: object) -> str:
+    """A table cell: pipes escaped (kernel names hold them), no line breaks."""
+    return str(text).replace("|", "\\|").replace("\n", " ")
+
+
+def table(header: Sequence[str], rows: Iterable[Sequence[object]]) -> list[str]:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(_cell(c) for c in row) + " |" for row in rows]
+    return lines
+
+
+def run_line(payload: dict, path: Path | None) -> str:
+    """Device, versions, date and command of one file's run."""
+    date = payload.get("date")
+    if not date and path is not None and path.exists():
+        date = time.strftime("%Y-%m-%d", time.localtime(path.stat().st_mtime)) + " (file date)"
+    parts = [f"**{payload.get('device', 'unknown device')}**",
+             f"torch {payload.get('torch', '?')}", f"triton {payload.get('triton') or '?'}",
+             str(date or "date unknown")]
+    line = ", ".join(parts)
+    if payload.get("command"):
+        line += f"; `{payload['command']}`"
+    if path is not None:
+        line += f" (JSON: `{path.name}`)"
+    return line
+
+
+def _cut_short(payload: dict, what: str) -> list[str]:
+    if payload.get("complete", True):
+        return []
+    missing = payload.get("not_run") or []
+    more = f": not run {', '.join(missing[:3])}" + (" ..." if len(missing) > 3 else "") \
+        if missing else ""
+    return [f"_Cut short (budget or timeout): {len(payload.get('rows', []))} of "
+            f"{payload.get('configs', '?')} {what} measured{more}._", ""]
+
+
+def _notes(payload: dict) -> list[str]:
+    notes = payload.get("notes") or []
+    return [f"- note: {n}" for n in notes] + ([""] if notes else [])
+
+
+def render_sampler(payload: dict) -> list[str]:
+    rows = payload.get("rows", [])
+    out = [f"Copy bandwidth {_num(payload.get('copy_gbs'), '{:.0f}')} GB/s (read + write of a "
+           "1 GiB copy); kernel = the two sampler kernels replayed from a CUDA graph, L2 "
+           "flushed before each call; GB/s = one read of the logits; `slow` = rows that "
+           "re-read their logits; x = reference (or HF chain, torch.compile) time over the "
+           "kernel's. Medians.", ""]
+    out += _cut_short(payload, "configurations")
+
+    def ratio(r: dict, key: str) -> str:
+        v = r.get(key)
+        return "-" if not v or not r.get("kernel_us") else f"{v / r['kernel_us']:.1f}x"
+
+    out += table(
+        ("B", "V", "dtype", "filter", "chunk/warps", "kernel µs", "GB/s", "% copy", "slow",
+         "launch eager µs", "reference µs", "torch.compile µs", "HF chain µs",
+         "x reference", "x HF", "x compile"),
+        ((r["B"], r["V"], r["dtype"], r["filter"], f"{r.get('chunk')}/{r.get('chunk_warps')}",
+          _num(r["kernel_us"]), _num(r.get("kernel_gbs"), "{:.0f}"), _pct(r.get("copy_share")),
+          r.get("slow_rows", "-"), _num(r.get("kernel_eager_us")), _num(r.get("eager_us")),
+          _num(r.get("compile_us")) if "compile_error" not in r else "failed",
+          _num(r.get("hf_us")), ratio(r, "eager_us"), ratio(r, "hf_us"),
+          ratio(r, "compile_us")) for r in rows))
+    return out + [""] + _notes(payload)
+
+
+def best_per_batch(rows: Sequence[dict]) -> dict[int, dict]:
+    """The fastest row (lowest median kernel time) per batch size, among rows whose tokens
+    matched the first launch's (a launch that changes tokens is wrong, not fast)."""
+    best: dict[int, dict] = {}
+    for r in rows:
+        if r.get("tokens_match") is False:
+            continue
+        if r["B"] not in best or r["kernel_us"] < best[r["B"]]["kernel_us"]:
+            best[r["B"]] = r
+    return best
+
+
+def render_tune(payload: dict) -> list[str]:
+    rows = payload.get("rows", [])
+    default = payload.get("default_launch") or {}
+    is_default = (default.get("chunk"), default.get("chunk_warps"))
+    best = best_per_batch(rows)
+    out = [f"V = {rows[0]['V'] if rows else '?'}, {rows[0]['dtype'] if rows else '?'}, "
+           f"{rows[0]['filter'] if rows else '?'}: the chunk kernel's launch (chunk = logits "
+           "per program, warps per program) against the copy bandwidth "
+           f"({_num(payload.get('copy_gbs'), '{:.0f}')} GB/s); sampler time replayed from a "
+           "CUDA graph, L2 flushed before each call, medians; same tokens = the launch drew "
+           "the tokens of the first launch at that B.", ""]
+    out += _cut_short(payload, "launches")
+
+    def mark(r: dict) -> str:
+        tags = []
+        if (r.get("chunk"), r.get("chunk_warps")) == is_default:
+            tags.append("default")
+        if best.get(r["B"]) is r:
+            tags.append("**best**")
+        return ", ".join(tags)
+
+    def same(r: dict) -> str:
+        match = r.get("tokens_match")
+        return "(first)" if match is None else "yes" if match else "**NO**"
+
+    out += table(("B", "chunk", "warps", "kernel µs", "GB/s", "% copy", "same tokens", ""),
+                 ((r["B"], r.get("chunk"), r.get("chunk_warps"), _num(r["kernel_us"]),
+                   _num(r.get("kernel_gbs"), "{:.0f}"), _pct(r.get("copy_share")), same(r),
+                   mark(r)) for r in rows))
+    out.append("")
+    for b, r in sorted(best.items()):
+        line = (f"Best at B = {b}: chunk {r.get('chunk')}, {r.get('chunk_warps')} warps, "
+                f"{r['kernel_us']:.1f} µs ({_pct(r.get('copy_share'))} of copy)")
+        dflt = [d for d in rows if d["B"] == b
+                and (d.get("chunk"), d.get("chunk_warps")) == is_default]
+        if dflt and dflt[0] is not r:
+            line += (f"; the default {is_default[0]}/{is_default[1]} takes "
+                     f"{dflt[0]['kernel_us']:.1f} µs")
+        out.append(f"- {line}.")
+    return out + [""] + _notes(payload)
+
+
+def render_decode(payload: dict) -> list[str]:
+    results = payload.get("results", [])
+    cfg = payload.get("config") or {}
+    model = ", ".join(f"{k.replace('num_', '').replace('_', ' ')} {cfg[k]}" for k in
+                      ("hidden_size", "num_hidden_layers", "num_attention_heads",
+                       "num_key_value_heads", "vocab_size") if k in cfg)
+    samp = payload.get("sampling") or {}
+    out = [f"Model: {model or '?'}, random weights, {payload.get('dtype', '?')}; "
+           f"{payload.get('tokens', '?')} new tokens per row (the article loop "
+           f"{payload.get('naive_tokens', '?')}), temperature {samp.get('temperature', '?')}, "
+           f"top-k {samp.get('top_k', '?')}, repetition penalty "
+           f"{samp.get('repetition_penalty', '?')}; tokens/s over whole calls, medians of "
+           f"{payload.get('repeats', '?')}"
+           + (f"; copy bandwidth {payload['copy_bandwidth_gbs']:.0f} GB/s"
+              if payload.get("copy_bandwidth_gbs") else "") + ".", ""]
+    if not payload.get("complete", True):
+        done = [r["batch"] for r in results]
+        out += [f"_Cut short (budget or timeout): batch sizes {done} of "
+                f"{payload.get('batches', '?')} measured._", ""]
+    names = [n for n in DECODE_COLUMNS if any(n in r.get("tok_s", {}) for r in results)]
+    names += sorted({n for r in results for n in r.get("tok_s", {})} - set(names))
+    gpu = any("step_us" in r for r in results)
+    header = ["B", *names] + (["step µs", "sampler share", "roofline x"] if gpu else [])
+
+    def cells(r: dict) -> list[str]:
+        tok, up = r.get("tok_s", {}), r.get("speedup", {})
+        row = [str(r["batch"])]
+        for n in names:
+            if n not in tok:
+                row.append("-")
+            elif n in up:
+                row.append(f"{tok[n]:.1f} (lmgen-fast {up[n]:.1f}x)")
+            else:
+                row.append(f"{tok[n]:.1f}")
+        if gpu:
+            row += [_num(r.get("step_us")), _pct(r.get("sampler_share")),
+                    _num(r.get("roofline_ratio"), "{:.2f}")]
+        return row
+
+    out += table(header, (cells(r) for r in results))
+    out.append("")
+    if gpu:
+        out += ["step µs = decode step ((t(tokens) - t(1)) / (tokens - 1)); sampler share = "
+                "the fused sampler's share of it; roofline x = step time over the memory "
+                "roofline (weights + KV cache read once per step at copy speed).", ""]
+    out += _notes(payload)
+    unit = "kernels" if gpu or str(payload.get("device", "")).startswith("NVIDIA") else "ops"
+    for batch, prof in sorted((payload.get("step_profile") or {}).items(),
+                              key=lambda kv: int(kv[0])):
+        out += [f"B = {batch}: one eager decode step runs {prof['kernels_per_step']:.0f} "
+                f"{unit} ({prof['us_per_step']:.0f} µs busy); the busiest:", ""]
+        out += table(("µs per step", "calls per step", "kernel"),
+                     ((f"{k['us']:.1f}", f"{k['per_step']:.1f}", f"`{k['name']}`")
+                      for k in prof.get("top", [])))
+        out.append("")
+    return out
+
+
+TITLES = {
+    "sampler_tune": "The chunk kernel's launch",
+    "bench_sampler": "One sampling step",
+    "bench_decode": "The decode engine",
+}
+RENDERERS: dict[str, Callable[[dict], list[str]]] = {
+    "sampler_tune": render_tune,
+    "bench_sampler": render_sampler,
+    "bench_decode": render_decode,
+}
+
+
+def render_payload(payload: dict, path: Path | None = None) -> str:
+    """One result file's section: heading, run line, table(s)."""
+    kind = kind_of(payload)
+    if kind not in RENDERERS:
+        raise ValueError(f"no renderer for kind {kind!r}")
+    script = (payload.get("command") or "").split(" ")[1:2]
+    title = TITLES[kind] + (f" (`{script[0]}`)" if script else "")
+    return "\n".join([f"### {title}", "", run_line(payload, path), "",
+                      *RENDERERS[kind](payload)]).rstrip() + "\n"
+
+
+def render_files(paths: Sequence[Path], command: str | None = None) -> str:
+    """Every file's section, known kinds in a fixed order, under one heading naming the
+    devices and versions; notes for the files skipped."""
+    loaded: list[tuple[str, Path, dict]] = []
+    skipped: list[str] = []
+    for path in paths:
+        try:
+            payload = json.loads(Path(path).read_text())
+        except (OSError, ValueError) as exc:
+            skipped.append(f"`{path}`: not readable JSON ({type(exc).__name__})")
+            continue
+        kind = kind_of(payload)
+        if kind not in RENDERERS:
+            skipped.append(f"`{path}`: kind {kind!r} has no renderer yet")
+            continue
+        loaded.append((kind, Path(path), payload))
+    order = list(RENDERERS)
+    loaded.sort(key=lambda t: (order.index(t[0]), t[1].name))
+    runs = sorted({(p.get("device", "?"), p.get("torch", "?"), p.get("triton") or "?")
+                   for _, _, p in loaded})
+    dates = sorted(str(p.get("date", ""))[:10] for _, _, p in loaded if p.get("date"))
+    heading = "; ".join(f"{d}, torch {t}, triton {tr}" for d, t, tr in runs) or "no results"
+    lines = [f"## {heading}" + (f" ({dates[-1]})" if dates else ""), ""]
+    if command:
+        lines += [f"Recorded by `{command}`.", ""]
+    for _, path, payload in loaded:
+        lines += [render_payload(payload, path)]
+    for note in skipped:
+        lines.append(f"_Skipped {note}._")
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("files", nargs="*", type=Path,
+                    help="result files (default: benchmarks/results/*.json)")
+    ap.add_argument("--command", default=None, help="the command that recorded them, for the "
+                    "heading (device_check.sh passes itself)")
+    args = ap.parse_args(argv)
+    paths = args.files or sorted(RESULTS.glob("*.json"))
+    print(render_files(paths, args.command), end="")
+    return 0 if paths else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
