@@ -118,7 +118,9 @@ def plan_launch(vocab: int, max_top_k: int, *, cuda: bool, chunk: int | None = N
     """
     kcap = max(0, min(max(int(max_top_k), int(nucleus_candidates)), vocab - 1))
     if chunk is None:
-        chunk = (4096 if kcap <= 256 else 8192) if cuda else 1024
+        # 4096 at 8 warps compiles without spills on Triton 3.6 and 3.9 (sm_90a, sm_80);
+        # 8192 at 16 warps is capped at 128 registers and spilled 20-24 bytes on 3.6.
+        chunk = 4096 if cuda else 1024
     chunk = max(16, min(_next_pow2(chunk), _next_pow2(vocab)))
     cap = min(chunk, _next_pow2(max(2 * kcap, 16)))
     n_chunks = _cdiv(vocab, chunk)
@@ -128,9 +130,10 @@ def plan_launch(vocab: int, max_top_k: int, *, cuda: bool, chunk: int | None = N
         chunk_warps=chunk_warps or (4 if chunk <= 2048 else (8 if chunk <= 4096 else 16)),
         tile=tile, one_tile=tile >= n_chunks * cap, cp=_next_pow2(n_chunks),
         sub=min(chunk, 1024),
-        # At most 8 candidates per thread: 16 (8 warps at TILE 4096) spilled 100-250 bytes
-        # in ptxas's report for sm_90a; 16 warps there spill nothing.
-        merge_warps=4 if tile <= 1024 else (8 if tile <= 2048 else 16),
+        # ptxas caps the merge at 128 registers from 8 warps on: with 4 or 8 candidates per
+        # thread there it spilled 36-250 bytes (sm_90a, Triton 3.6 and 3.9); at most 8 per
+        # thread at 16 warps and at most 4 at 4 warps spill nothing or a few words.
+        merge_warps=4 if tile <= 512 else 16,
     )
 
 
