@@ -84,9 +84,10 @@ def rope_cache_kernel(qkv_ptr, q_out_ptr, k_cache_ptr, v_cache_ptr, pos_ptr, cos
     x = tl.load(src + d)
     dt = x.dtype
     partner = tl.load(src + (d + HALF) % HEAD_DIM).to(tl.float32)
-    # The tables are float32; eager casts them to the model dtype before multiplying.
-    cos = tl.load(cos_ptr + pos * HEAD_DIM + d).to(dt).to(tl.float32)
-    sin = tl.load(sin_ptr + pos * HEAD_DIM + d).to(dt).to(tl.float32)
+    # Eager casts the tables (float32, or the model dtype after model.to(dtype)) to the
+    # model dtype before multiplying.
+    cos = _round(tl.load(cos_ptr + pos * HEAD_DIM + d).to(tl.float32), dt).to(tl.float32)
+    sin = _round(tl.load(sin_ptr + pos * HEAD_DIM + d).to(tl.float32), dt).to(tl.float32)
     sin = tl.where(d < HALF, -sin, sin)
     # Products of two bf16/fp16 values are exact in float32, so rounding each one to the
     # model dtype reproduces eager's per-op rounding bit for bit.

@@ -141,8 +141,10 @@ def rope_cache_call(
             or k_cache.stride(3) != 1 or not k_cache.dtype == qkv.dtype == v_cache.dtype:
         raise ValueError("k_cache and v_cache must be alike, unit last stride, qkv's dtype")
     if cos.shape[-1] != head_dim or cos.shape != sin.shape or not cos.is_contiguous() \
-            or not sin.is_contiguous() or cos.dtype != torch.float32:
-        raise ValueError("cos and sin must be contiguous float32 [max_positions, head_dim]")
+            or not sin.is_contiguous() or cos.dtype not in (torch.float32, qkv.dtype) \
+            or sin.dtype != cos.dtype:
+        raise ValueError("cos and sin must be contiguous [max_positions, head_dim], float32 "
+                         "or qkv's dtype")
     if positions.dtype != torch.int64 or positions.numel() != batch:
         raise ValueError("positions must be int64 with one entry per row")
     q = torch.empty(batch, n_heads, head_dim, dtype=qkv.dtype, device=qkv.device)
@@ -172,8 +174,9 @@ def rope_cache(
         ``[B]`` (or ``[B, 1]``) int64, each row's position, below the tables' length and
         the cache's ``max_len`` (not checked: that would read the device).
     cos, sin : Tensor
-        float32 ``[max_positions, D]``, the model's ``rotary_emb.cos`` / ``.sin`` (plain,
-        not :func:`~lmgen_fast.models.llama.signed_sin`'s form).
+        ``[max_positions, D]``, the model's ``rotary_emb.cos`` / ``.sin`` as they are (plain,
+        not :func:`~lmgen_fast.models.llama.signed_sin`'s form): float32, or qkv's dtype
+        once ``model.to(dtype)`` has cast them. Rounded to qkv's dtype, as eager does.
     k_cache, v_cache : Tensor
         ``[B, KV, max_len, D]`` this layer's static cache (``KVCache.k[layer]``), qkv's
         dtype; slot ``positions[b]`` of row ``b`` is overwritten.
@@ -207,7 +210,8 @@ class AttentionPlan(NamedTuple):
 
 def plan_attention(
     batch: int, n_kv_heads: int, group: int, head_dim: int, kv_len: int,
-    split_len: int | None = None, target_programs: int = TARGET_PROGRAMS,
+    dtype: torch.dtype = torch.bfloat16, split_len: int | None = None,
+    target_programs: int = TARGET_PROGRAMS,
 ) -> AttentionPlan:
     """Tiles and sequence splits for :func:`decode_attention`, from host integers only.
 
@@ -218,9 +222,11 @@ def plan_attention(
     _check_head_dim(head_dim)
     if kv_len < 1 or group < 1:
         raise ValueError("kv_len and group must be positive")
-    # Tiles of 8 KiB of bf16 keys; a group of query heads becomes the M side of tl.dot,
-    # which needs 16 rows, so a single query head (no GQA) uses elementwise products.
-    block_n = 64 if head_dim <= 64 else 32
+    # Tiles of 8 KiB of keys (16 KiB of float32 spilled a few words on sm_80). A group of
+    # query heads becomes the M side of tl.dot, which needs 16 rows, so a single query
+    # head (no GQA) uses elementwise products instead.
+    itemsize = torch.empty(0, dtype=dtype).element_size()
+    block_n = max(16, min(64, 8192 // (head_dim * itemsize)))
     dot = group > 1
     block_g = max(16, next_pow2(group)) if dot else 1
     if split_len is None:
@@ -256,7 +262,7 @@ def attention_calls(
         raise ValueError("positions must be int64 with one entry per row")
     group = n_heads // n_kv
     if plan is None:
-        plan = plan_attention(batch, n_kv, group, head_dim, kv_len)
+        plan = plan_attention(batch, n_kv, group, head_dim, kv_len, q.dtype)
     one = plan.n_splits == 1
     dev = q.device
     out = torch.empty(batch, n_heads * head_dim, dtype=q.dtype, device=dev)
@@ -275,7 +281,9 @@ def attention_calls(
          LOG2E / math.sqrt(head_dim)),
         dict(HEAD_DIM=head_dim, BLOCK_G=plan.block_g, BLOCK_N=plan.block_n, DOT=plan.dot,
              MMA=q.device.type == "cuda" if cuda is None else cuda, ONE_SPLIT=one),
-        dict(num_warps=plan.num_warps),
+        # Contraction on: the sums of products gain accuracy (Triton 3.10 turns it off by
+        # default).
+        dict(num_warps=plan.num_warps, enable_fp_fusion=True),
     )
     if one:
         return [partial], out
@@ -283,7 +291,7 @@ def attention_calls(
         "attn_combine_kernel", (batch * n_heads,),
         (out, m, lsum, acc, plan.n_splits),
         dict(HEAD_DIM=head_dim, BLOCK_S=COMBINE_BLOCK),
-        dict(num_warps=4),
+        dict(num_warps=4, enable_fp_fusion=True),
     )
     return [partial, combine], out
 
@@ -385,14 +393,16 @@ def compile_calls() -> list[KernelCall]:
                 calls.append(add_rmsnorm_call(x, w, 1e-5, res)[0])
             calls.append(swiglu_call(torch.empty(2, 2 * hidden, **t))[0])
         for head_dim in COMPILE_HEAD_DIMS:
-            cos = torch.empty(4096, head_dim, dtype=torch.float32, **meta)
+            tables = [torch.empty(4096, head_dim, dtype=tdt, **meta)
+                      for tdt in dict.fromkeys((torch.float32, dtype))]
             for group in COMPILE_GROUPS:
                 n_kv = 2
                 cache = torch.empty(1, n_kv, 4096, head_dim, **t)
                 qkv = torch.empty(1, (group + 2) * n_kv * head_dim, **t)
                 pos = torch.empty(1, dtype=torch.int64, **meta)
-                call, q = rope_cache_call(qkv, pos, cos, cos, cache, cache, group * n_kv)
-                calls.append(call)
+                for cos in tables:
+                    call, q = rope_cache_call(qkv, pos, cos, cos, cache, cache, group * n_kv)
+                    calls.append(call)
                 for kv_len in COMPILE_KV_LENS:
                     calls += attention_calls(q, cache, cache, pos, kv_len, cuda=True)[0]
     return calls
