@@ -184,6 +184,27 @@ def step_profile(model, batch: int, device: str, steps: int = 8, top: int = 12) 
     }
 
 
+def make_payload(info: dict, model: LlamaForPretraining, *, tokens: int, naive_tokens: int,
+                 repeats: int, bandwidth: float | None, batches: list[int], complete: bool,
+                 results: list[dict], notes: list[str], profiles: dict) -> dict:
+    """The JSON document (rewritten after every batch size): ``info`` from
+    ``_common.run_info``, the model's dtype and configuration, the settings, and per batch
+    size its row (``speedup`` recomputed here: rows gain columns after they are first
+    written)."""
+    for r in results:
+        base = r["tok_s"]["lmgen-fast"]
+        r["speedup"] = {k: base / v for k, v in r["tok_s"].items() if k != "lmgen-fast"}
+    return {
+        "kind": "bench_decode", **info, "dtype": str(model.lm_head.weight.dtype),
+        "tokens": tokens, "naive_tokens": naive_tokens, "repeats": repeats,
+        "copy_bandwidth_gbs": bandwidth, "config": model.config.to_dict(),
+        "sampling": {"temperature": TEMPERATURE, "top_k": TOP_K,
+                     "repetition_penalty": PENALTY, "scope": "all", "mode": "once"},
+        "batches": batches, "complete": complete,
+        "results": results, "notes": notes, "step_profile": profiles,
+    }
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -219,18 +240,10 @@ def main() -> None:
     info = run_info(args.device)
 
     def save(complete: bool) -> Path:
-        for r in results:  # recomputed: rows gain columns after they are first written
-            base = r["tok_s"]["lmgen-fast"]
-            r["speedup"] = {k: base / v for k, v in r["tok_s"].items() if k != "lmgen-fast"}
-        return write_json(args.json or name, {
-            "kind": "bench_decode", **info, "dtype": str(model.lm_head.weight.dtype),
-            "tokens": args.tokens, "naive_tokens": args.naive_tokens, "repeats": args.repeats,
-            "copy_bandwidth_gbs": bandwidth, "config": model.config.to_dict(),
-            "sampling": {"temperature": TEMPERATURE, "top_k": TOP_K,
-                         "repetition_penalty": PENALTY, "scope": "all", "mode": "once"},
-            "batches": args.batches, "complete": complete,
-            "results": results, "notes": notes, "step_profile": profiles,
-        })
+        return write_json(args.json or name, make_payload(
+            info, model, tokens=args.tokens, naive_tokens=args.naive_tokens,
+            repeats=args.repeats, bandwidth=bandwidth, batches=args.batches,
+            complete=complete, results=results, notes=notes, profiles=profiles))
 
     def over_budget() -> bool:
         return time.perf_counter() - start > args.budget_s

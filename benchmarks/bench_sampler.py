@@ -278,6 +278,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--smoke", action="store_true",
                     help="interpreter sizes on the CPU (TRITON_INTERPRET): checks the script, "
                     "measures nothing")
+    ap.add_argument("--limit", type=int, default=None,
+                    help="only the first N configurations of the mode (in --list order)")
     ap.add_argument("--no-compile", action="store_true", help="skip torch.compile baseline")
     ap.add_argument("--iters", type=int, default=None,
                     help="timed calls per number (default 40; 20 with --quick/--tune; 2 smoke)")
@@ -287,7 +289,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                     "benchmarks/results/bench_sampler[_quick|_tune][_smoke].json)")
     args = ap.parse_args(argv)
     mode_name = "tune" if args.tune else "quick" if args.quick else "full"
-    configs = grid(mode_name, args.smoke)
+    configs = grid(mode_name, args.smoke)[:args.limit]
     if args.list:
         print(f"{mode_name}{' (smoke)' if args.smoke else ''}: {len(configs)} configurations")
         for cfg in configs:

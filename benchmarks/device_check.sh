@@ -1,37 +1,117 @@
 #!/usr/bin/env bash
-# The GPU check: the gpu-marked tests (sampler kernel, decode engine), then the sampler
-# benchmark (issues 3 and 8) and the end-to-end decode benchmark (issue 5); their tables
-# print last. Meant to finish in under 5 minutes on an H100/H200.
+# The GPU check: the one command run on a lent GPU machine (H100/H200), in under 5 minutes.
 # Usage: benchmarks/device_check.sh [python]
+#
+# Phases, each under its own time limit (seconds) so that one overrunning cannot eat the
+# others, and each also capped by what is left of DEADLINE_S (so the whole ends by then):
+#   install        20  only when the package is missing: pip install -e ., offline
+#   env            10  torch/triton/CUDA versions, the device, missing test modules
+#   gpu-tests      70  pytest -m gpu on every test file that has gpu-marked tests
+#   compile-check  60  pytest tests/test_kernel_compile.py (skipped when the file is absent)
+#   sampler-tune   25  bench_sampler.py --tune: the chunk kernel's (chunk, warps) launches
+#   sampler-quick  35  bench_sampler.py --quick: 12 configurations against the baselines
+#   decode         55  bench_decode.py at B = 1, 64, 256
+#   render         10  render_results.py: every table as markdown for RESULTS.md, printed last
+#   sum           285  DEADLINE_S = 288; timeout's 2 s kill grace on top: under 300.
+# Each phase's output goes to a log ($OUT/logs/ when $OUT is set); a failing phase prints
+# its tail. The benchmarks rewrite their JSON after every row, so a phase cut short still
+# leaves a table. With $OUT set, the JSON, the markdown and the logs come back in it.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY="${1:-${PYTHON:-python3}}"
 unset TRITON_INTERPRET
+DEADLINE_S=288
+RENDER_S=10
+GRACE_S=2
+RESULTS=benchmarks/results
+LOGS="${OUT:+$OUT/logs}"
+LOGS="${LOGS:-$(mktemp -d)}"
+mkdir -p "$LOGS" "$RESULTS"
+summary=()
+failed=0
+
+# phase NAME LIMIT_S CMD...: run CMD under min(LIMIT_S, time left), output to $LOGS/NAME.log.
+phase() {
+    local name=$1 limit=$2 left rc t0
+    shift 2
+    left=$(( DEADLINE_S - RENDER_S - GRACE_S - SECONDS ))
+    [ "$name" = render ] && left=$(( DEADLINE_S - GRACE_S - SECONDS ))
+    (( limit > left )) && limit=$left
+    if (( limit < 3 )); then
+        summary+=("$name: not run (no time left)")
+        failed=1
+        return 1
+    fi
+    local cmd="$*"
+    cmd="${cmd//$'\n'/ }"
+    echo "== $name (limit ${limit} s): ${cmd:0:150}"
+    t0=$SECONDS
+    timeout -k "$GRACE_S" "$limit" "$@" >"$LOGS/$name.log" 2>&1
+    rc=$?
+    local what="rc=$rc"
+    (( rc == 124 || rc == 137 )) && what="rc=$rc (time limit ${limit} s)"
+    summary+=("$name: $what in $(( SECONDS - t0 )) s")
+    if (( rc != 0 )); then
+        failed=1
+        echo "-- $name failed ($what); last lines of $LOGS/$name.log:"
+        tail -n 25 "$LOGS/$name.log"
+    fi
+    return $rc
+}
+
 # The GPU machine has torch, triton, transformers and pytest but not this package: install
 # it in place, offline (lmgen_fast.kernels maps to kernels/, so the source tree alone won't do).
 if ! "$PY" -c "import lmgen_fast.kernels" 2>/dev/null; then
-    "$PY" -m pip install -q --no-deps --no-build-isolation --no-index -e . || exit 1
+    if ! phase install 20 "$PY" -m pip install -q --no-deps --no-build-isolation --no-index -e .
+    then
+        printf '%s\n' "${summary[@]}"
+        exit 1
+    fi
 fi
-"$PY" -c "import torch; print('torch', torch.__version__, torch.cuda.get_device_name(0))"
 
-echo "== pytest -m gpu (sampler kernel, decode engine) =="
-timeout 100 "$PY" -m pytest -m gpu tests/test_kernel.py tests/test_kernel_extensions.py \
-    tests/test_engine.py -q -rs -p no:cacheprovider
-tests_rc=$?
+phase env 10 "$PY" -c "
+import importlib.util, torch, triton
+print('torch', torch.__version__, 'CUDA', torch.version.cuda, 'triton', triton.__version__)
+print('device:', torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'NO CUDA DEVICE')
+mods = ('pytest', 'scipy', 'tokenizers', 'safetensors', 'transformers', 'hypothesis')
+print('missing modules:', [m for m in mods if importlib.util.find_spec(m) is None] or 'none')
+"
+cat "$LOGS/env.log"
 
-echo "== benchmarks/bench_sampler.py =="
-sampler_log="$(mktemp)"
-timeout 75 "$PY" benchmarks/bench_sampler.py --budget-s 45 >"$sampler_log"
-sampler_rc=$?
+# Results of an earlier run on this machine must not pass for this run's.
+mkdir -p "$RESULTS/previous"
+mv -f "$RESULTS"/*.json "$RESULTS/previous/" 2>/dev/null
 
-echo "== benchmarks/bench_decode.py =="
-decode_log="$(mktemp)"
-timeout 130 "$PY" benchmarks/bench_decode.py --repeats 2 --budget-s 100 >"$decode_log"
-decode_rc=$?
+# Every test file with gpu-marked tests (the compile check has its own phase below).
+mapfile -t gpu_tests < <(grep -l "mark.gpu" tests/test_*.py | grep -v test_kernel_compile.py)
+phase gpu-tests 70 "$PY" -m pytest -m gpu "${gpu_tests[@]}" -q -rs -p no:cacheprovider
+tail -n 3 "$LOGS/gpu-tests.log"
 
-echo "device_check: tests rc=$tests_rc, bench_sampler rc=$sampler_rc, bench_decode rc=$decode_rc"
-cat "$sampler_log" "$decode_log"  # the tables, last
-rm -f "$sampler_log" "$decode_log"
-# On the device tool's machine, $OUT comes back: take the JSON results along.
-if [ -n "${OUT:-}" ]; then cp benchmarks/results/*.json "$OUT"/ 2>/dev/null; fi
-exit $(( tests_rc != 0 || sampler_rc != 0 || decode_rc != 0 ))
+if [ -f tests/test_kernel_compile.py ]; then
+    phase compile-check 60 "$PY" -m pytest -q tests/test_kernel_compile.py -rs \
+        -p no:cacheprovider
+    tail -n 3 "$LOGS/compile-check.log"
+else
+    summary+=("compile-check: skipped (tests/test_kernel_compile.py is absent)")
+fi
+
+# The budgets start no configuration late, so that the last one ends within the limit.
+phase sampler-tune 25 "$PY" benchmarks/bench_sampler.py --tune --budget-s 15
+phase sampler-quick 35 "$PY" benchmarks/bench_sampler.py --quick --budget-s 25
+phase decode 55 "$PY" benchmarks/bench_decode.py --batches 1 64 256 --repeats 2 --budget-s 35 \
+    --json "$RESULTS/bench_decode_cuda.json"
+
+echo "== device_check: $SECONDS s"
+printf '  %s\n' "${summary[@]}"
+echo "   logs: $LOGS"
+# Last: every table of this run, as markdown ready for benchmarks/RESULTS.md.
+phase render "$RENDER_S" "$PY" benchmarks/render_results.py \
+    --command "benchmarks/device_check.sh"
+echo "== results (markdown for benchmarks/RESULTS.md)"
+cat "$LOGS/render.log"
+# On the device tool's machine, $OUT comes back: take the JSON and the markdown along.
+if [ -n "${OUT:-}" ]; then
+    cp "$RESULTS"/*.json "$OUT"/ 2>/dev/null
+    cp "$LOGS/render.log" "$OUT/results.md" 2>/dev/null
+fi
+exit "$failed"
