@@ -44,7 +44,11 @@ def _num(value: object, fmt: str = "{:.1f}") -> str:
 
 
 def _pct(share: object) -> str:
-    return "-" if share is None else f"{100 * share:.0f}%"
+    """A share in percent: one decimal below 10% (a sampler's share of a step is a few %)."""
+    if share is None:
+        return "-"
+    pct = 100 * float(share)
+    return f"{pct:.1f}%" if abs(pct) < 10 else f"{pct:.0f}%"
 
 
 def _cell(text: object) -> str:
