@@ -4,8 +4,8 @@
 #
 # Phases, each under its own time limit (seconds) so that one overrunning cannot eat the
 # others, and each also capped by what is left of DEADLINE_S (so the whole ends by then):
-#   install        20  only when the package is missing: pip install -e ., offline
 #   env            10  torch/triton/CUDA versions, the device, missing test modules
+#   install        20  only when the package is missing: pip install -e ., offline
 #   gpu-tests      65  pytest -m gpu on every test file that has gpu-marked tests
 #   compile-check  60  pytest tests/test_kernel_compile.py (skipped when the file is absent)
 #   sampler-tune   20  bench_sampler.py --tune: the chunk kernel's (chunk, warps) launches
@@ -59,6 +59,15 @@ phase() {
     return $rc
 }
 
+phase env 10 "$PY" -c "
+import importlib.util, torch, triton
+print('torch', torch.__version__, 'CUDA', torch.version.cuda, 'triton', triton.__version__)
+print('device:', torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'NO CUDA DEVICE')
+mods = ('pytest', 'scipy', 'tokenizers', 'safetensors', 'transformers', 'hypothesis')
+print('missing modules:', [m for m in mods if importlib.util.find_spec(m) is None] or 'none')
+"
+cat "$LOGS/env.log"
+
 # The GPU machine has torch, triton, transformers and pytest but not this package: install
 # it in place, offline (lmgen_fast.kernels maps to kernels/, so the source tree alone won't do).
 if ! "$PY" -c "import lmgen_fast.kernels" 2>/dev/null; then
@@ -69,18 +78,13 @@ if ! "$PY" -c "import lmgen_fast.kernels" 2>/dev/null; then
     fi
 fi
 
-phase env 10 "$PY" -c "
-import importlib.util, torch, triton
-print('torch', torch.__version__, 'CUDA', torch.version.cuda, 'triton', triton.__version__)
-print('device:', torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'NO CUDA DEVICE')
-mods = ('pytest', 'scipy', 'tokenizers', 'safetensors', 'transformers', 'hypothesis')
-print('missing modules:', [m for m in mods if importlib.util.find_spec(m) is None] or 'none')
-"
-cat "$LOGS/env.log"
-
-# Results of an earlier run on this machine must not pass for this run's.
-mkdir -p "$RESULTS/previous"
-mv -f "$RESULTS"/*.json "$RESULTS/previous/" 2>/dev/null
+# Results of an earlier run on this machine must not pass for this run's: moved aside, out
+# of the repository (git would see them), not deleted.
+if compgen -G "$RESULTS/*.json" >/dev/null; then
+    previous="$(mktemp -d "${TMPDIR:-/tmp}/device_check_previous.XXXXXX")"
+    mv -f "$RESULTS"/*.json "$previous"/
+    echo "earlier results moved to $previous"
+fi
 
 # Every test file with gpu-marked tests (the compile check has its own phase below).
 mapfile -t gpu_tests < <(grep -l "mark.gpu" tests/test_*.py | grep -v test_kernel_compile.py)
