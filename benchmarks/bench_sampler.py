@@ -233,6 +233,11 @@ def bench_config(cfg: Config, device: torch.device, clock: Clock, iters: int,
 
     tokens, status = launch()  # compiles
     extra: dict = {"slow_rows": int(((status & kernel_sampler.STATUS_SLOW) != 0).sum())}
+    # Any other status bit means the row's token is not meaningful: the timing is then of
+    # a wrong launch, which the table must say.
+    bad = int(((status & ~kernel_sampler.STATUS_SLOW) != 0).sum())
+    if bad:
+        extra["bad_rows"] = bad
     if reference_tokens is not None:
         extra["tokens_match"] = bool(torch.equal(tokens, reference_tokens))
     if clock.cuda:

@@ -89,7 +89,10 @@ def _cut_short(payload: dict, what: str) -> list[str]:
 
 
 def _notes(payload: dict) -> list[str]:
-    notes = payload.get("notes") or []
+    notes = list(payload.get("notes") or [])
+    notes += [f"**{r['bad_rows']} of {r['B']} rows returned an error status** at B={r['B']} "
+              f"V={r['V']} {r['dtype']} {r['filter']}: that row's time is of a wrong launch"
+              for r in payload.get("rows", []) if r.get("bad_rows")]
     return [f"- note: {n}" for n in notes] + ([""] if notes else [])
 
 
@@ -121,10 +124,11 @@ def render_sampler(payload: dict) -> list[str]:
 
 def best_per_batch(rows: Sequence[dict]) -> dict[int, dict]:
     """The fastest row (lowest median kernel time) per batch size, among rows whose tokens
-    matched the first launch's (a launch that changes tokens is wrong, not fast)."""
+    matched the first launch's and had no error status (a launch that changes tokens is
+    wrong, not fast)."""
     best: dict[int, dict] = {}
     for r in rows:
-        if r.get("tokens_match") is False:
+        if r.get("tokens_match") is False or r.get("bad_rows"):
             continue
         if r["B"] not in best or r["kernel_us"] < best[r["B"]]["kernel_us"]:
             best[r["B"]] = r

@@ -49,6 +49,7 @@ def tune_file(tmp_path: Path) -> Path:
         us = times[(c.chunk, c.chunk_warps)] * (1 if c.B == 1 else 4)
         if c.B == 64 and c.chunk == 8192:
             us, extra["tokens_match"] = 1.0, False  # fastest but wrong: never the best
+            extra["bad_rows"] = 3
         rows.append(bench_sampler.make_row(c, chunk=c.chunk, chunk_warps=c.chunk_warps,
                                            kernel_us=us, copy_gbs=COPY_GBS, **extra))
     payload = bench_sampler.make_payload("tune", {**INFO, "command": INFO["command"] +
@@ -115,6 +116,8 @@ def test_renders_every_known_kind_and_skips_the_rest(tmp_path):
     assert "- Best at B = 1: chunk 4096, 16 warps, 6.5 µs (1.0% of copy); the default 4096/8 " \
            "takes 7.0 µs." in tune
     assert "- Best at B = 64: chunk 4096, 16 warps, 26.0 µs" in tune
+    assert "- note: **3 of 64 rows returned an error status** at B=64 V=128256 bfloat16 k=50" \
+        in tune
 
     # The decode engine: tok/s with lmgen-fast's speed-up, the GPU columns, the profile.
     decode = md.split("### The decode engine")[1]
