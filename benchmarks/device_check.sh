@@ -6,16 +6,17 @@
 # others, and each also capped by what is left of DEADLINE_S (so the whole ends by then):
 #   env            10  torch/triton/CUDA versions, the device, missing test modules
 #   install        20  only when the package is missing: pip install -e ., offline
-#   gpu-tests      65  pytest -m gpu on every test file that has gpu-marked tests
+#   gpu-tests      60  pytest -m gpu on every test file that has gpu-marked tests
 #   compile-check  60  pytest tests/test_kernel_compile.py (skipped when the file is absent)
-#   sampler-tune   20  bench_sampler.py --tune: the chunk kernel's (chunk, warps) launches
+#   sampler-tune   30  bench_sampler.py --tune: the chunk kernel's (chunk, warps) launches
 #   sampler-quick  30  bench_sampler.py --quick: 12 configurations against the baselines
-#   decode         70  bench_decode.py at B = 1, 64, 256
+#   decode         65  bench_decode.py at B = 1, 64, 256
 #   render         10  render_results.py: every table as markdown for RESULTS.md, printed last
 #   sum           285  DEADLINE_S = 288; timeout's 2 s kill grace on top: under 300.
 # Each phase's output goes to a log ($OUT/logs/ when $OUT is set); a failing phase prints
-# its tail. The benchmarks rewrite their JSON after every row, so a phase cut short still
-# leaves a table. With $OUT set, the JSON, the markdown and the logs come back in it.
+# its tail (pytest runs verbose, so a phase cut short shows the test it was in). The
+# benchmarks rewrite their JSON after every row, so a phase cut short still leaves a table.
+# With $OUT set, the JSON, the markdown (results.md) and the logs come back in it.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY="${1:-${PYTHON:-python3}}"
@@ -88,11 +89,11 @@ fi
 
 # Every test file with gpu-marked tests (the compile check has its own phase below).
 mapfile -t gpu_tests < <(grep -l "mark.gpu" tests/test_*.py | grep -v test_kernel_compile.py)
-phase gpu-tests 65 "$PY" -m pytest -m gpu "${gpu_tests[@]}" -q -rs -p no:cacheprovider
+phase gpu-tests 60 "$PY" -m pytest -m gpu "${gpu_tests[@]}" -v -rs -p no:cacheprovider
 tail -n 3 "$LOGS/gpu-tests.log"
 
 if [ -f tests/test_kernel_compile.py ]; then
-    phase compile-check 60 "$PY" -m pytest -q tests/test_kernel_compile.py -rs \
+    phase compile-check 60 "$PY" -m pytest -v tests/test_kernel_compile.py -rs \
         -p no:cacheprovider
     tail -n 3 "$LOGS/compile-check.log"
 else
@@ -101,9 +102,9 @@ fi
 
 # The budgets (counted from the start of the process) start no configuration late, so that
 # the last one ends within the limit; bench_decode's skips the transformers comparisons.
-phase sampler-tune 20 "$PY" benchmarks/bench_sampler.py --tune --budget-s 12
+phase sampler-tune 30 "$PY" benchmarks/bench_sampler.py --tune --budget-s 22
 phase sampler-quick 30 "$PY" benchmarks/bench_sampler.py --quick --budget-s 20
-phase decode 70 "$PY" benchmarks/bench_decode.py --batches 1 64 256 --repeats 2 --budget-s 40 \
+phase decode 65 "$PY" benchmarks/bench_decode.py --batches 1 64 256 --repeats 2 --budget-s 38 \
     --json "$RESULTS/bench_decode_cuda.json"
 
 echo "== device_check: $SECONDS s"
