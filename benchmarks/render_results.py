@@ -194,8 +194,10 @@ def render_decode(payload: dict) -> list[str]:
               if payload.get("copy_bandwidth_gbs") else "") + ".", ""]
     if not payload.get("complete", True):
         done = [r["batch"] for r in results]
-        out += [f"_Cut short (budget or timeout): batch sizes {done} of "
-                f"{payload.get('batches', '?')} measured._", ""]
+        wanted = payload.get("batches")
+        what = "the step profile did not finish" if wanted and done == wanted else \
+            f"batch sizes {done} of {wanted or '?'} measured"
+        out += [f"_Cut short (budget or timeout): {what}._", ""]
     names = [n for n in DECODE_COLUMNS if any(n in r.get("tok_s", {}) for r in results)]
     names += sorted({n for r in results for n in r.get("tok_s", {})} - set(names))
     gpu = any("step_us" in r for r in results)
