@@ -222,11 +222,12 @@ def plan_attention(
     _check_head_dim(head_dim)
     if kv_len < 1 or group < 1:
         raise ValueError("kv_len and group must be positive")
-    # Tiles of 8 KiB of keys (16 KiB of float32 spilled a few words on sm_80). A group of
-    # query heads becomes the M side of tl.dot, which needs 16 rows, so a single query
-    # head (no GQA) uses elementwise products instead.
+    # 64 slots of rows up to 128 bytes (bf16 D=64), else 32: float32 tiles of 64 x 64 and
+    # of 16 x 128 slots each spilled 4 bytes on sm_80 (ptxas). A group of query heads
+    # becomes the M side of tl.dot, which needs 16 rows, so a single query head (no GQA)
+    # uses elementwise products instead.
     itemsize = torch.empty(0, dtype=dtype).element_size()
-    block_n = max(16, min(64, 8192 // (head_dim * itemsize)))
+    block_n = 64 if head_dim * itemsize <= 128 else 32
     dot = group > 1
     block_g = max(16, next_pow2(group)) if dot else 1
     if split_len is None:

@@ -152,6 +152,28 @@ def sampler_variants() -> list[Variant]:
     return list(seen.values())
 
 
+def decode_variants() -> list[Variant]:
+    """Every distinct specialisation of the decode-step kernels (:mod:`lmgen_fast.
+    fused_ops`) for the shapes of :func:`~lmgen_fast.fused_ops.compile_calls`.
+
+    Their path also holds the block shape (the non-branch constexprs and warps), as the
+    per-thread work of each shape decides its registers and spills, and every pointer's
+    type (the rotary tables may be float32 under bfloat16 activations, or not).
+    """
+    from . import fused_ops
+    from .kernels import decode as kd
+
+    seen: dict[tuple, Variant] = {}
+    for call in fused_ops.compile_calls():
+        v = _variant(getattr(kd, call.name), call)
+        shape = tuple((k, x) for k, x in call.constexprs.items() if not isinstance(x, bool))
+        v = Variant(v.kernel, v.signature, v.constexprs, v.divisible, v.options,
+                    v.path + (shape + (("num_warps", call.options["num_warps"]),),
+                              tuple(t for _, t in v.signature if t.startswith("*"))))
+        seen.setdefault((v.kernel, v.signature, v.constexprs, v.divisible, v.options), v)
+    return list(seen.values())
+
+
 def covering(variants: list[Variant]) -> list[Variant]:
     """One variant per code path (kernel, logits dtype, constexpr branches) and per launch
     shape ``(block sizes, warps)`` of the chunk kernel, the largest per thread first.
@@ -234,9 +256,10 @@ def main(argv: list[str] | None = None) -> int:
         ap.error("unset TRITON_INTERPRET: the interpreter compiles nothing")
     import triton
 
+    from .kernels import decode as kd
     from .kernels import sampling as ks
 
-    variants = sampler_variants()
+    variants = sampler_variants() + decode_variants()
     chosen = variants if args.all else covering(variants)
     if args.list:
         for v in chosen:
@@ -246,7 +269,7 @@ def main(argv: list[str] | None = None) -> int:
     reports = []
     for arch in args.arch or [90]:
         for v in chosen:
-            r = compile_variant(getattr(ks, v.kernel), v, arch)
+            r = compile_variant(getattr(ks, v.kernel, None) or getattr(kd, v.kernel), v, arch)
             reports.append(asdict(r))
             print(f"sm_{arch} {r.variant}: {r.seconds:.1f} s, {r.registers} registers, "
                   f"spills {r.spill_stores}/{r.spill_loads} B", file=sys.stderr, flush=True)
