@@ -595,3 +595,110 @@ def _draw(z: torch.Tensor, packed: PackedParams, steps: torch.Tensor) -> torch.T
     out[rows] = _race(z[rows], p.top_k[rows], p.top_p[rows], p.min_p[rows], seed[rows],
                       steps[rows])
     return out
+
+
+# Status bits of sample_on_device, the same as the Triton sampler's.
+STATUS_EMPTY = 1
+
+
+def sample_on_device(
+    logits: torch.Tensor,
+    packed: PackedParams,
+    window: torch.Tensor | None,
+    steps: torch.Tensor,
+    *,
+    draw_seeds: bool = True,
+    return_logprobs: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """One sampling step with fixed-shape ops only: no host round trip, no data-dependent
+    shape, so it runs on a GPU without waiting for it and can be captured in a CUDA graph.
+
+    Same tokens as :func:`sample` for seeded and greedy rows (the same ``z``, the same
+    top-k, top-p and min-p rules, the same Philox race with ties to the lower id); it does
+    the work of every branch for every row and selects, where :func:`sample` works on the
+    rows that need it. Unseeded rows race with a seed from ``torch.randint`` (drawn for every
+    row when ``draw_seeds``), also when the batch has one row: the article's
+    ``torch.multinomial`` draw is reproduced in distribution only, as by the Triton sampler.
+
+    Parameters
+    ----------
+    logits : Tensor
+        ``[B, V]`` any float dtype. Not modified.
+    packed : PackedParams
+        ``[B]`` tensors on ``logits.device``.
+    window : LongTensor or None
+        ``[B, W]`` int64, ``-1`` for empty slots; ids must be valid (not checked here).
+    steps : LongTensor
+        ``[B]`` int64 decode steps keying the noise.
+    draw_seeds : bool
+        Draw seeds for unseeded rows; ``False`` takes ``packed.seed`` as it is.
+    return_logprobs : bool
+        Also return the raw log-probability of each sampled token (float32 ``[B]``).
+
+    Returns
+    -------
+    tokens : LongTensor
+        ``[B]`` int64; 0 for a row with nothing to sample.
+    status : IntTensor
+        ``[B]`` int32, :data:`STATUS_EMPTY` for a row with nothing to sample.
+    logprob : Tensor or None
+        ``[B]`` float32 raw log-probabilities of ``tokens`` (with ``return_logprobs``).
+    """
+    batch, vocab = logits.shape
+    z = _process_dense(logits, packed, window)
+    zmax = z.amax(dim=1)
+    status = torch.where(zmax == NEG_INF, STATUS_EMPTY, 0).to(torch.int32)
+    greedy = packed.temperature == 0
+    seed = packed.seed
+    if draw_seeds:
+        drawn = torch.randint(0, 2**62, (batch,), device=z.device)
+        seed = torch.where(packed.seeded, packed.seed, drawn)
+    # Steps 3 to 5 on the row sorted once: the k-th value, then top-p over the sorted
+    # survivors (the order of equal values does not matter: runs are kept or dropped whole).
+    vals, order = z.sort(dim=1, descending=True)
+    k = _effective_k(packed.top_k, vocab)
+    tau = torch.where(k > 0, vals.gather(1, (k - 1).clamp_min(0).unsqueeze(1)).squeeze(1),
+                      NEG_INF)
+    vals = vals.masked_fill(vals < tau.unsqueeze(1), NEG_INF)
+    top_p = torch.where(greedy, 1.0, packed.top_p)
+    min_p = torch.where(greedy, 0.0, packed.min_p)
+    live = (zmax < POS_INF) & (zmax > NEG_INF)
+    keep_sorted = top_p_keep(vals, top_p) | ~(live & (top_p < 1)).unsqueeze(1)
+    keep = torch.empty_like(keep_sorted).scatter_(1, order, keep_sorted)
+    kept = torch.where(keep & (z >= tau.unsqueeze(1)), z, NEG_INF)
+    ratio = torch.exp(kept - zmax.unsqueeze(1))
+    drop_m = (live & (min_p > 0)).unsqueeze(1) & (ratio < min_p.unsqueeze(1))
+    kept = _race_keys(kept.masked_fill(drop_m, NEG_INF))
+    cols = torch.arange(vocab, device=z.device)
+    g = gumbel_from_uniform(uniform_noise(seed.unsqueeze(1), steps.unsqueeze(1), cols))
+    keys = torch.where(kept > NEG_INF, kept + g, NEG_INF)
+    raced = _pick(keys, cols.expand(batch, -1), fill=vocab)
+    tokens = torch.where(greedy, z.argmax(dim=1), raced)
+    tokens = torch.where(status != 0, 0, tokens)
+    logprob = _token_logprob_dense(logits, tokens) if return_logprobs else None
+    return tokens, status, logprob
+
+
+def _process_dense(logits: torch.Tensor, packed: PackedParams,
+                   window: torch.Tensor | None) -> torch.Tensor:
+    """:func:`process_logits` without its host test: the OpenAI penalties always apply
+    (zero penalties subtract exactly zero, so rows without them are unchanged)."""
+    temperature = torch.where(packed.temperature == 0, 1.0, packed.temperature)
+    z = logits.to(torch.float32) / temperature.unsqueeze(1)
+    z.nan_to_num_(nan=NEG_INF, posinf=POS_INF, neginf=NEG_INF)
+    if window is not None and window.shape[1] > 0:
+        apply_penalty(z, window, packed.penalty, packed.once,
+                      packed.frequency_penalty, packed.presence_penalty, temperature)
+    return z
+
+
+def _token_logprob_dense(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """The raw log-probability of ``tokens`` as :func:`raw_logprobs` gives it, float32 ``[B]``,
+    for every row at once (rows with ``+inf`` logits included)."""
+    x = logits.to(torch.float32)
+    x = torch.where(torch.isnan(x), NEG_INF, x)
+    is_inf = x == POS_INF
+    share = -torch.log(is_inf.sum(dim=1, keepdim=True).to(torch.float32))
+    lp = torch.where(is_inf.any(dim=1, keepdim=True), torch.where(is_inf, share, NEG_INF),
+                     torch.log_softmax(x, dim=1))
+    return lp.gather(1, tokens.view(-1, 1)).squeeze(1)
