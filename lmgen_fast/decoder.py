@@ -20,6 +20,8 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import nn
 
+from .fused_step import FusedLlamaStep
+from .fused_step import supported as fused_supported
 from .models.llama import LlamaConfig, LlamaForPretraining, LlamaRotaryEmbedding
 
 
@@ -64,6 +66,45 @@ class CachedLlamaDecoder(Decoder):
         self.kv_block = 128 if self.device.type == "cuda" else 1
         self.cache = None
         self.cache_version = 0
+        self._fused = False
+        # (fingerprint of the model when built, the FusedLlamaStep), built on first use.
+        self._fused_step: tuple[tuple, FusedLlamaStep] | None = None
+
+    @property
+    def fused(self) -> bool:
+        """Whether :meth:`step` runs the fused Triton decode step (:mod:`lmgen_fast.fused_step`)
+        instead of ``forward_cached``; default False. The engine sets it for the Triton
+        backend where :meth:`supports_fused`. Setting it True builds (or refreshes) the
+        fused step's weights now, so that graphs replayed later read current weights."""
+        return self._fused
+
+    @fused.setter
+    def fused(self, value: bool) -> None:
+        self._fused = bool(value)
+        if self._fused:
+            self.fused_step()
+
+    def supports_fused(self) -> bool:
+        """Whether the fused step can run this model here (and has not failed)."""
+        kept = self._fused_step
+        if kept is not None and kept[1].broken is not None and kept[0] == fingerprint(self.model):
+            return False
+        return fused_supported(self.model)
+
+    def fused_step(self) -> FusedLlamaStep:
+        """The model's :class:`~lmgen_fast.fused_step.FusedLlamaStep`, rebuilt when a weight
+        tensor was replaced (:func:`fingerprint`) and refreshed in place when one was
+        written in place (tensor versions)."""
+        prints = fingerprint(self.model)
+        kept = self._fused_step
+        if kept is None or kept[0] != prints:
+            if kept is not None:
+                kept[1].release()  # free the old copies before making new ones
+            self._fused_step = None
+            kept = self._fused_step = (prints, FusedLlamaStep(self.model))
+        else:
+            kept[1].refresh()
+        return kept[1]
 
     def _round(self, n: int) -> int:
         return -(-n // self.kv_block) * self.kv_block
@@ -106,9 +147,12 @@ class CachedLlamaDecoder(Decoder):
         self.cache_version += 1
 
     def release(self) -> None:
-        """Free the cache (the next prefill allocates a new one)."""
+        """Free the cache and the fused step's weight copies (rebuilt when next used)."""
         self.cache = self.positions = None
         self.cache_version += 1
+        if self._fused_step is not None:
+            self._fused_step[1].release()
+            self._fused_step = None
 
     def advance(self) -> int:
         """Account for one more decode step on the host; return the ``kv_len`` it uses."""
@@ -119,8 +163,18 @@ class CachedLlamaDecoder(Decoder):
         """One decode step at the rows' current positions, without touching host state.
 
         Reads int64 ``tokens`` ``[B]``, writes the cache, advances the positions in place,
-        returns logits ``[B, V]``: safe to capture in a CUDA graph and replay.
+        returns logits ``[B, V]``: safe to capture in a CUDA graph and replay. With
+        :attr:`fused`, through the fused kernels (falling back to the eager step, with a
+        warning, if they fail on their first step).
         """
+        if self._fused:
+            step = self.fused_step()
+            if step.broken is None:
+                logits = step.guarded(tokens.view(-1), self.positions, self.cache, kv_len)
+                if logits is not None:
+                    self.positions.add_(1)
+                    return logits
+                self._fused = False
         hidden = self.model.forward_cached(
             tokens.view(-1, 1), self.positions.view(-1, 1), self.cache, kv_len=kv_len
         )
