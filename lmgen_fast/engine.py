@@ -263,6 +263,8 @@ class _Run:
             kernel_sampler.check_device(logits)
             # After a failure of the kernels, the reference samples (generate_ids warned).
             kernel = kernel_sampler.kernel_failure() is None
+        if hasattr(decoder, "supports_fused"):  # the fused Triton decode step, with the kernels
+            decoder.fused = kernel and decoder.supports_fused()
         if sync_every is None:
             sync_every = SYNC_EVERY_CUDA if device.type == "cuda" else 1
         self.sync_every = sync_every
@@ -300,7 +302,8 @@ class _Run:
             decoder.engine_state = state
         model = getattr(decoder, "model", None)
         owner = (getattr(decoder, "cache_version", None),
-                 fingerprint(model) if isinstance(model, torch.nn.Module) else None)
+                 fingerprint(model) if isinstance(model, torch.nn.Module) else None,
+                 getattr(decoder, "fused", False))  # a graph of one path never replays the other
         if state.owner != owner:
             state.graphs.clear()  # captured on another cache or other weights
             state.owner = owner
