@@ -151,20 +151,29 @@ class _State:
         window = _window(self.hist, self.hlen, self.ranges, width) if width > 0 else None
         active = ~self.done
         slp: SampleLogprobs | None = None
-        if lay.kernel:
-            tokens, status = kernel_sampler.guarded_launch(
-                logits, self.packed, window, self.step.expand(lay.batch),
-                max_top_k=lay.max_top_k, draw_seeds=False, nucleus_candidates=lay.nucleus,
-                logprob_out=self.lp,
-            )
+        if lay.kernel or lay.device.type != "cpu":
+            if lay.kernel:
+                tokens, status = kernel_sampler.guarded_launch(
+                    logits, self.packed, window, self.step.expand(lay.batch),
+                    max_top_k=lay.max_top_k, draw_seeds=False, nucleus_candidates=lay.nucleus,
+                    logprob_out=self.lp,
+                )
+            else:
+                # The reference off the CPU (the GPU fallback): fixed shapes, no host wait.
+                tokens, status, token_lp = reference.sample_on_device(
+                    logits, self.packed, window, self.step.expand(lay.batch),
+                    draw_seeds=False, return_logprobs=lay.logprobs and not lay.top_n)
             bits = status & ~kernel_sampler.STATUS_SLOW
             newly = active & (bits != 0)
             self.bad_step.copy_(torch.where(newly & (self.bad_step < 0), self.step,
                                             self.bad_step))
             self.bad_bits.bitwise_or_(torch.where(newly, bits, 0))
             active = active & (bits == 0)
-            if lay.logprobs:
+            if lay.logprobs and lay.kernel:
                 slp = kernel_sampler.logprobs_from_launch(logits, self.lp, lay.top_n)
+            elif lay.logprobs:
+                slp = (reference.raw_logprobs(logits, tokens, lay.top_n) if lay.top_n else
+                       SampleLogprobs(token_lp, None, None))
         else:
             got = reference.sample(logits, self.packed, window, step=step,
                                    return_logprobs=lay.logprobs)
@@ -273,7 +282,9 @@ class _Run:
         self.penalized = any(r.repetition_penalty != 1.0 or r.frequency_penalty != 0.0
                              or r.presence_penalty != 0.0 for r in rows)
         top_n = max(r.logprobs for r in rows) if return_logprobs else 0
-        graphs = _graph_backend(device) if cuda_graph and kernel else None
+        # The reference off the CPU is capturable too (reference.sample_on_device).
+        resident = kernel or device.type != "cpu"
+        graphs = _graph_backend(device) if cuda_graph and resident else None
         # Top alternatives need a host decision per step (reference._top_logprobs).
         self.graph_cls = graphs if decoder.graphable and not top_n else None
         if decoder in _eager_decoders:
@@ -285,7 +296,7 @@ class _Run:
             width = min(hist, max(r.repetition_penalty_range or hist for r in rows))
         packed = PackedParams.from_rows(rows, device)
         max_top_k, nucleus = 0, 0
-        if kernel:
+        if kernel or device.type != "cpu":
             max_top_k, draw, nucleus_rows = kernel_sampler.host_hints(rows, packed, batch)
             nucleus = kernel_sampler.NUCLEUS_CANDIDATES if nucleus_rows else 0
             if draw:
@@ -372,7 +383,7 @@ class _Run:
                     for t in block[r][start - lo:end - lo]:
                         self.callback(r, t)
         self.delivered = count
-        if st.layout.kernel:
+        if st.layout.kernel or st.layout.device.type != "cpu":
             bad = st.bad_step.tolist()
             if max(bad) >= 0:
                 first = min(b for b in bad if b >= 0)

@@ -79,7 +79,9 @@ def uint_to_uniform(x: torch.Tensor) -> torch.Tensor:
     """Triton's map of a uint32 (held in int64) to float32 in ``[0, 1)``."""
     signed = torch.where(x >= 2**31, x - 2**32, x)  # bitcast to int32
     signed = torch.where(signed < 0, -signed - 1, signed)
-    return signed.to(torch.float32) * torch.tensor(UNIFORM_SCALE, dtype=torch.float32)
+    # A Python float scalar is applied in float32, as the 0-dim tensor was, and makes no
+    # host tensor (none may be made inside a CUDA-graph capture).
+    return signed.to(torch.float32) * UNIFORM_SCALE
 
 
 def uniform_noise(seed: torch.Tensor, step: torch.Tensor, token: torch.Tensor) -> torch.Tensor:
