@@ -226,7 +226,7 @@ def plan_attention(
     # of 16 x 128 slots each spilled 4 bytes on sm_80 (ptxas). A group of query heads
     # becomes the M side of tl.dot, which needs 16 rows, so a single query head (no GQA)
     # uses elementwise products instead.
-    itemsize = torch.empty(0, dtype=dtype).element_size()
+    itemsize = dtype.itemsize  # no tensor: this runs inside captured steps
     block_n = 64 if head_dim * itemsize <= 128 else 32
     dot = group > 1
     block_g = max(16, next_pow2(group)) if dot else 1

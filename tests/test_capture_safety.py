@@ -15,7 +15,7 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from lmgen_fast import SamplingParams, engine, kernel_sampler
+from lmgen_fast import SamplingParams, engine, fused_step, kernel_sampler
 from lmgen_fast.decoder import wrap
 
 from conftest import random_model, require_kernel_runtime
@@ -112,6 +112,13 @@ def test_the_captured_step_never_waits_for_the_device(meta_engine, monkeypatch, 
         monkeypatch.setattr(ks, "chunk_kernel", NoLaunch())
         monkeypatch.setattr(ks, "merge_kernel", NoLaunch())
         monkeypatch.setattr(kernel_sampler, "check_device", lambda logits: None)
+        from lmgen_fast.kernels import decode as kd
+
+        monkeypatch.setattr(fused_step, "_triton_runs_on", lambda device: True)
+
+        for name in dir(kd):  # the fused decode step's kernels as well
+            if name.endswith("_kernel"):
+                monkeypatch.setattr(kd, name, NoLaunch())
     model = random_model(64, seed=1).to("meta")
     decoder = wrap(model)
     decoder.kv_block = 4  # a new KV bucket, hence a capture, every few steps
@@ -119,11 +126,13 @@ def test_the_captured_step_never_waits_for_the_device(meta_engine, monkeypatch, 
     run = engine._Run(decoder, [[1, 2, 3], [4, 5]], rows, [12, 12], 2, backend, None,
                       logprobs, True, None)
     assert run.state.layout.kernel == (backend == "triton")
+    assert getattr(decoder, "fused", False) == (backend == "triton")  # the fused step, checked
     assert run.graph_cls is CheckedCapture
     run.state.sample(run.first_logits, 0, run.width(0))
     for step in range(1, 10):
         run.advance(step)
     assert meta_engine.captures >= 2
+    assert getattr(decoder, "fused", False) == (backend == "triton")  # it did not fall back
     assert meta_engine.found == []
 
 
