@@ -1,9 +1,11 @@
-"""The ``lmgen-fast`` command: ``generate`` text and ``bench`` the decode loop.
+"""The ``lmgen-fast`` command: ``generate`` text, ``bench`` the decode loop, ``run`` a job.
 
 Each subcommand is a :class:`Command` (a function that adds its arguments and a function
 that runs it) in :data:`COMMANDS`; :func:`register` adds one. Every error prints one line,
-``lmgen-fast: error: ...``, to stderr and exits non-zero (set ``LMGEN_FAST_DEBUG=1`` for the
-traceback).
+``lmgen-fast: error: ...``, to stderr (set ``LMGEN_FAST_DEBUG=1`` for the traceback) and
+exits with the status :mod:`lmgen_fast.cli_options` defines: 2 for a user error, 1 for a
+runtime failure, 130 for an interrupt. The options shared with ``run`` live in
+:mod:`lmgen_fast.cli_options`; their names are re-exported here.
 """
 
 from __future__ import annotations
@@ -11,19 +13,37 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
-import re
 import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
-PROG = "lmgen-fast"
+import torch
 
-
-class CLIError(Exception):
-    """A user error: printed as one line, exit status 2."""
+from . import __version__, jobs
+from .baseline import article_generate_ids as article_generate
+from .cli_options import (  # noqa: F401  (re-exported: benchmarks and users import them from here)
+    EXIT_FAILURE,
+    EXIT_INTERRUPTED,
+    EXIT_OK,
+    EXIT_STATUS_HELP,
+    EXIT_USAGE,
+    PROG,
+    CLIError,
+    add_sampling_arguments,
+    check_utf8,
+    device_name,
+    load_model_and_tokenizer,
+    resolve_device,
+    sampling_params_from_args,
+)
+from .default_model import load_default
+from .generate import generate, generate_batch
+from .jsonl import ResultFileError
+from .params import SamplingParams
+from .reference import sample as reference_sample
+from .sampling import BACKENDS, resolve_backend
+from .sampling import sample as fast_sample
 
 
 class _Parser(argparse.ArgumentParser):
@@ -31,6 +51,9 @@ class _Parser(argparse.ArgumentParser):
     # every error, so raise and let main() print it.
     def error(self, message: str):
         raise CLIError(f"{message} (see `{self.prog} --help`)")
+
+
+
 
 
 @dataclass(frozen=True)
@@ -51,98 +74,6 @@ def register(command: Command) -> Command:
     """Add ``command`` to the ``lmgen-fast`` subcommands (later registrations replace earlier)."""
     COMMANDS[command.name] = command
     return command
-
-
-# --------------------------------------------------------------------------- shared helpers
-
-
-def resolve_device(name: str):
-    """The torch device that ``name`` means: auto, cpu, cuda, cuda:N or mps.
-
-    ``"auto"`` is CUDA when available, else the CPU.
-
-    Raises
-    ------
-    CLIError
-        An unknown name or a device this machine does not have.
-    """
-    import torch
-
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except (RuntimeError, ValueError):
-        raise CLIError(f"unknown device {name!r}; use auto, cpu, cuda, cuda:N or mps") from None
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise CLIError(f"device {name!r} requested but CUDA is not available on this machine")
-        if device.index is not None and device.index >= torch.cuda.device_count():
-            raise CLIError(
-                f"device {name!r} requested but this machine has "
-                f"{torch.cuda.device_count()} CUDA device(s)"
-            )
-    elif device.type == "mps":
-        if not torch.backends.mps.is_available():
-            raise CLIError(f"device {name!r} requested but MPS is not available on this machine")
-    elif device.type != "cpu":
-        raise CLIError(f"unsupported device {name!r}; use auto, cpu, cuda, cuda:N or mps")
-    return device
-
-
-def device_name(device) -> str:
-    """A human name for ``device``: the GPU's name, or the CPU model."""
-    import torch
-
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    if device.type == "cpu":
-        try:
-            with open("/proc/cpuinfo", encoding="utf-8") as f:
-                for line in f:
-                    if line.startswith("model name"):
-                        return line.split(":", 1)[1].strip()
-        except OSError:
-            pass
-        return platform.processor() or platform.machine() or "CPU"
-    return str(device)
-
-
-def _load_tokenizer(path: Path):
-    from tokenizers import Tokenizer
-
-    if not path.is_file():
-        raise CLIError(f"tokenizer file not found: {path}")
-    try:
-        return Tokenizer.from_file(str(path))
-    except Exception as err:  # tokenizers raises a bare Exception for a bad file
-        raise CLIError(f"cannot read tokenizer {path}: {err}") from None
-
-
-def load_model_and_tokenizer(model_dir: str | None, tokenizer_file: str | None, device):
-    """The embedded model, or the checkpoint in ``model_dir``, and its tokenizer, on ``device``."""
-    from .default_model import load_default, load_model
-
-    if model_dir is None:
-        model, tokenizer = load_default(device)
-    else:
-        loaded = load_model(model_dir, device=device)
-        model, tokenizer = loaded if isinstance(loaded, tuple) else (loaded, None)
-        if tokenizer_file is None and tokenizer is None:
-            candidate = Path(model_dir) / "tokenizer.json"
-            if not candidate.is_file():
-                raise CLIError(f"no tokenizer.json in {model_dir}; pass --tokenizer FILE")
-            tokenizer = _load_tokenizer(candidate)
-    if tokenizer_file is not None:
-        tokenizer = _load_tokenizer(Path(tokenizer_file))
-    vocab = getattr(getattr(model, "config", None), "vocab_size", None)
-    if vocab is not None and hasattr(tokenizer, "get_vocab_size"):
-        if tokenizer.get_vocab_size() > vocab:
-            raise CLIError(
-                f"the tokenizer has {tokenizer.get_vocab_size()} tokens but the model's "
-                f"vocabulary has {vocab}"
-            )
-    return model, tokenizer
 
 
 class StreamPrinter:
@@ -179,67 +110,6 @@ class StreamPrinter:
 # --------------------------------------------------------------------------- generate
 
 
-def add_sampling_arguments(
-    p: argparse.ArgumentParser, *, seed_help: str, device_help: str
-) -> None:
-    """The options ``generate`` and ``run`` share: length, sampling, model, device, backend."""
-    from .sampling import BACKENDS
-
-    p.add_argument("--max-tokens", type=int, default=100, metavar="N",
-                   help="generate at most N new tokens; [EOT] stops earlier (default: 100)")
-    p.add_argument("--temperature", type=float, default=1.0, metavar="T",
-                   help="divide the logits by T; 0 means greedy, i.e. always the most likely "
-                        "token (default: 1.0)")
-    p.add_argument("--top-k", type=int, default=50, metavar="K",
-                   help="sample only among the K most likely tokens (ties kept); 0 or less "
-                        "turns it off (default: 50)")
-    p.add_argument("--repetition-penalty", type=float, default=1.0, metavar="P",
-                   help="make recently generated tokens less likely: a positive logit is "
-                        "divided by P, a negative one multiplied, once per occurrence; 1 is off "
-                        "(default: 1.0)")
-    p.add_argument("--penalty-range", type=int, default=10, metavar="R",
-                   help="the penalty looks at the last R generated tokens; 0 means all of "
-                        "them (default: 10)")
-    p.add_argument("--penalty-scope", choices=("generated", "all"), default="generated",
-                   help="'generated': only new tokens are penalised (the article); 'all': the "
-                        "prompt's tokens too, as in transformers (default: generated)")
-    p.add_argument("--penalty-mode", choices=("per_occurrence", "once"),
-                   default="per_occurrence",
-                   help="penalise a token once per occurrence (the article) or once "
-                        "(transformers, vLLM) (default: per_occurrence)")
-    p.add_argument("--top-p", type=float, default=1.0, metavar="P",
-                   help="nucleus sampling: keep a token only if the tokens more probable than "
-                        "it hold less than P of the probability (ties kept together); 1 is off "
-                        "(default: 1.0)")
-    p.add_argument("--min-p", type=float, default=0.0, metavar="P",
-                   help="keep a token only if its probability is at least P times the "
-                        "largest; 0 is off (default: 0.0)")
-    p.add_argument("--frequency-penalty", type=float, default=0.0, metavar="F",
-                   help="OpenAI-style: lower a token's logit by F for each time it occurs in "
-                        "the penalty window; 0 is off (default: 0.0)")
-    p.add_argument("--presence-penalty", type=float, default=0.0, metavar="F",
-                   help="OpenAI-style: lower a token's logit by F if it occurs in the "
-                        "penalty window at all; 0 is off (default: 0.0)")
-    p.add_argument("--seed", type=int, default=None, metavar="S", help=seed_help)
-    p.add_argument("--model", default=None, metavar="DIR",
-                   help="checkpoint directory with config.json and model.safetensors or a "
-                        "PyTorch state dict (.pt/.pth/.bin), article-style or transformers; "
-                        "its tokenizer.json is used unless --tokenizer is given (default: the "
-                        "embedded model trained on Python's documentation)")
-    p.add_argument("--tokenizer", default=None, metavar="FILE",
-                   help="a tokenizers JSON file with [BOT] and [EOT] (default: the model's)")
-    p.add_argument("--device", default="auto", help=device_help)
-    p.add_argument("--backend", default="auto", choices=BACKENDS,
-                   help="sampling backend; auto picks the fastest exact one for the device "
-                        "(default: auto)")
-    p.add_argument("--no-cuda-graph", action="store_true",
-                   help="on CUDA, run each decode step eagerly instead of replaying it as a "
-                        "CUDA graph (same tokens, slower)")
-    p.add_argument("--sync-every", type=int, default=None, metavar="N",
-                   help="steps between the host's looks at the GPU (stop when every row is "
-                        "done, stream tokens) (default: 16 on CUDA, 1 on the CPU)")
-
-
 def _add_generate_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("prompt", help="the text to continue (encoded as [BOT] + ' ' + PROMPT)")
     add_sampling_arguments(
@@ -257,54 +127,9 @@ def _add_generate_arguments(p: argparse.ArgumentParser) -> None:
                         "alternatives (N from 0 to 20; default: print none)")
 
 
-_OPTION_NAMES = (
-    ("repetition_penalty_range", "--penalty-range"),
-    ("repetition_penalty", "--repetition-penalty"),
-    ("temperature", "--temperature"),
-    ("top_k", "--top-k"),
-    ("top_p", "--top-p"),
-    ("min_p", "--min-p"),
-    ("frequency_penalty", "--frequency-penalty"),
-    ("presence_penalty", "--presence-penalty"),
-    ("logprobs", "--logprobs"),
-    ("seed", "--seed"),
-)
-
-
-def sampling_params_from_args(args: argparse.Namespace):
-    """The SamplingParams the options of :func:`add_sampling_arguments` describe.
-
-    Raises CLIError naming the option (not the library's keyword) on a bad value, before any
-    time is spent loading a model.
-    """
-    from .params import SamplingParams
-
-    try:
-        params = SamplingParams(
-            temperature=args.temperature, top_k=args.top_k,
-            repetition_penalty=args.repetition_penalty,
-            repetition_penalty_range=args.penalty_range, seed=args.seed,
-            penalty_scope=args.penalty_scope, penalty_mode=args.penalty_mode,
-            top_p=args.top_p, min_p=args.min_p, frequency_penalty=args.frequency_penalty,
-            presence_penalty=args.presence_penalty,
-            logprobs=getattr(args, "logprobs", None) or 0,  # an option of `generate` only
-        )
-    except ValueError as err:
-        message = str(err)
-        for keyword, option in _OPTION_NAMES:
-            message = re.sub(rf"\b{keyword}\b", option, message)
-        raise CLIError(message) from None
-    if args.max_tokens < 0:
-        raise CLIError(f"--max-tokens must be >= 0, got {args.max_tokens}")
-    if args.sync_every is not None and args.sync_every < 1:
-        raise CLIError(f"--sync-every must be >= 1, got {args.sync_every}")
-    return params
-
-
 def cmd_generate(args: argparse.Namespace) -> int:
     """Run ``lmgen-fast generate``: print the continuation of the prompt."""
-    from .generate import generate, generate_batch
-
+    check_utf8(args.prompt, "the prompt")
     sampling_params_from_args(args)
     device = resolve_device(args.device)
     model, tokenizer = load_model_and_tokenizer(args.model, args.tokenizer, device)
@@ -354,8 +179,6 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def _sync(device) -> None:
-    import torch
-
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
@@ -382,16 +205,6 @@ def _add_bench_arguments(p: argparse.ArgumentParser) -> None:
 
 def cmd_bench(args: argparse.Namespace) -> int:
     """Run ``lmgen-fast bench``: article loop vs lmgen-fast, and the sampler alone."""
-    import torch
-
-    from .baseline import article_generate_ids as article_generate
-    from .default_model import load_default
-    from .generate import generate
-    from .params import SamplingParams
-    from .reference import sample as reference_sample
-    from .sampling import BACKENDS, resolve_backend
-    from .sampling import sample as fast_sample
-
     if args.max_tokens <= 0:
         raise CLIError(f"--max-tokens must be > 0, got {args.max_tokens}")
     if args.calls <= 0:
@@ -476,20 +289,8 @@ register(Command("bench", "time the article's loop against lmgen-fast on this de
 # --------------------------------------------------------------------------- run (lmgen_fast.jobs)
 
 
-def _add_run_arguments(p: argparse.ArgumentParser) -> None:
-    from .jobs import add_run_arguments
-
-    add_run_arguments(p)
-
-
-def _cmd_run(args: argparse.Namespace) -> int:
-    from .jobs import cmd_run
-
-    return cmd_run(args)
-
-
 register(Command("run", "batch generation: JSONL prompts in, JSONL results out, resumable",
-                 _add_run_arguments, _cmd_run,
+                 jobs.add_run_arguments, jobs.cmd_run,
                  "Generate a continuation for every prompt of a JSONL file into a JSONL file. "
                  "Rerunning the same command resumes an interrupted run; under `torchrun "
                  "--nproc-per-node N` the rows are shared between the ranks."))
@@ -503,22 +304,23 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog=PROG,
         description="Fast, exact sampling for Llama-style models (the article's generate loop).",
+        epilog=EXIT_STATUS_HELP,
     )
-    from . import __version__
-
     parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     for command in COMMANDS.values():
         p = sub.add_parser(command.name, help=command.help,
-                           description=command.description or command.help)
+                           description=command.description or command.help,
+                           epilog=EXIT_STATUS_HELP)
         command.add_arguments(p)
-        p.set_defaults(_run=command.run)
+        # The subparser rides along so that an unknown option is reported with its usage.
+        p.set_defaults(_run=command.run, _parser=p)
     return parser
 
 
 def _one_line(err: BaseException) -> str:
     text = " ".join(str(err).split())
-    if isinstance(err, (CLIError, ValueError, FileNotFoundError)) or not text:
+    if isinstance(err, (CLIError, ResultFileError, ValueError, FileNotFoundError)) or not text:
         return text or type(err).__name__
     return f"{type(err).__name__}: {text}"
 
@@ -530,24 +332,29 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         parser = build_parser()
         try:
-            args = parser.parse_args(argv)
+            args, extras = parser.parse_known_args(argv)
         except SystemExit as done:  # --help and --version
             return int(done.code or 0)
+        if extras:
+            # argparse would report these against the top-level parser; the options belong
+            # to the subcommand, whose --help lists the valid ones.
+            owner = getattr(args, "_parser", None) or parser
+            owner.error(f"unrecognized arguments: {' '.join(extras)}")
         if getattr(args, "_run", None) is None:
             parser.print_help(sys.stderr)
-            return 2
+            return EXIT_USAGE
         return int(args._run(args))
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted", file=sys.stderr)
-        return 130
-    except CLIError as err:
+        return EXIT_INTERRUPTED
+    except (CLIError, ResultFileError) as err:
         print(f"{PROG}: error: {_one_line(err)}", file=sys.stderr)
-        return 2
+        return EXIT_USAGE
     except Exception as err:
         if os.environ.get("LMGEN_FAST_DEBUG"):
             raise
         print(f"{PROG}: error: {_one_line(err)}", file=sys.stderr)
-        return 1
+        return EXIT_FAILURE
 
 
 if __name__ == "__main__":

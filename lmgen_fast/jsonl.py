@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import os
 import re
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -231,3 +231,51 @@ def write_atomic(path: str | Path, lines: list[bytes]) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+def reorder(path: str | Path, keys: Sequence[str]) -> bool:
+    """Rewrite ``path`` with its records in the order of ``keys``, atomically.
+
+    Rows are appended as they finish, in batch order; a finished job's file is put in input
+    order once, at the end. Records whose key is not in ``keys`` keep their relative order
+    after the others, so nothing is lost. Only offsets are held in memory, not records.
+
+    Parameters
+    ----------
+    path : str or Path
+        A complete result file (no other writer).
+    keys : sequence of str
+        :func:`id_key` of each row, in the wanted order.
+
+    Returns
+    -------
+    bool
+        Whether the file was rewritten (``False``: already in order, or missing).
+    """
+    path = Path(path)
+    if not path.exists():
+        return False
+    rank = {key: i for i, key in enumerate(keys)}
+    spans: list[tuple[int, int, int]] = []  # (place, offset, length), in file order
+    seen: set[str] = set()
+    offset = 0
+    for number, line in _complete_lines(path):
+        key = _record_key(path, number, line)
+        if key is not None:
+            # A repeated or unknown key goes after the rows of ``keys``: kept, not dropped.
+            place = rank[key] if key in rank and key not in seen else len(rank)
+            seen.add(key)
+            spans.append((place, offset, len(line)))
+        offset += len(line)
+    wanted = sorted(spans, key=lambda span: span[0])  # stable: extras keep their order
+    if wanted == spans and offset == path.stat().st_size:
+        return False
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with open(path, "rb") as src, open(tmp, "wb") as dst:
+        for _place, start, size in wanted:
+            src.seek(start)
+            dst.write(src.read(size))
+        dst.flush()
+        os.fsync(dst.fileno())
+    os.replace(tmp, path)
+    return True

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -17,6 +18,7 @@ from lmgen_fast import generate_batch, jobs
 from lmgen_fast.cli import main
 from lmgen_fast.jobs import derive_seed, shard_of
 from lmgen_fast.jsonl import id_key, merge_parts, part_path, scan_results
+from lmgen_fast.manifest import manifest_path
 
 from conftest import make_tokenizer, random_model
 
@@ -157,6 +159,8 @@ def test_partial_last_line_and_leftover_parts_are_repaired(checkpoint, tmp_path,
     assert run(checkpoint, inp, full, *common) == 0
     lines = [x + b"\n" for x in full.read_bytes().split(b"\n") if x]
     out = tmp_path / "out.jsonl"
+    # The manifest the crashed run had written first (it names no output path).
+    shutil.copy(manifest_path(full), manifest_path(out))
     # A crash mid-write: five whole lines, then half of the sixth.
     out.write_bytes(b"".join(lines[:5]) + lines[5][: len(lines[5]) // 2])
     # And a part file left by an earlier torchrun run, overlapping the output.
@@ -168,8 +172,8 @@ def test_partial_last_line_and_leftover_parts_are_repaired(checkpoint, tmp_path,
 
 
 def test_rank_part_files_resume_on_their_own_then_merge(checkpoint, tmp_path, monkeypatch):
-    # The ranks run one after the other here, so the final barrier has nothing to wait for.
-    monkeypatch.setattr(jobs, "barrier", lambda env: None)
+    # The ranks run one after the other here, so the barriers have nothing to wait for.
+    monkeypatch.setattr(jobs, "barrier", lambda env, last=True: None)
     inp = write_jsonl(tmp_path / "in.jsonl", prompts(20))
     common = ["--max-tokens", "4", "--seed", "9", "--batch-size", "3"]
     full = tmp_path / "full.jsonl"
@@ -177,6 +181,7 @@ def test_rank_part_files_resume_on_their_own_then_merge(checkpoint, tmp_path, mo
     shard1 = [x + b"\n" for x in full.read_bytes().split(b"\n")
               if x and shard_of(id_key(json.loads(x)["id"]), 2) == 1]
     out = tmp_path / "out.jsonl"
+    shutil.copy(manifest_path(full), manifest_path(out))
     part1 = part_path(out, 1, 2)
     # Rank 1 was killed after two rows and half of a third.
     part1.write_bytes(shard1[0] + shard1[1] + shard1[2][:10])
@@ -242,7 +247,7 @@ def test_bad_input_leaves_an_existing_output_alone(checkpoint, tmp_path, capsys)
     out = tmp_path / "out.jsonl"
     out.write_bytes(b'{"id": 1, "text": "t", "token_ids": [], "finish_reason": "eot", "num_to')
     before = out.read_bytes()
-    assert run(checkpoint, inp, out) == 1
+    assert run(checkpoint, inp, out) == 2
     assert "in.jsonl:3: top_k must be an integer" in capsys.readouterr().err
     assert out.read_bytes() == before
 
