@@ -29,6 +29,16 @@ One step for row ``r`` (logits ``l``, window ``w``):
    seed drawn from torch's generator.
 
 Log-probabilities (:func:`raw_logprobs`) are those of the raw logits, before any of the steps.
+
+Two paths compute this. The CPU path works on the rows each step applies to, found on the
+host (``bool(t.any())``, ``nonzero``, ``k.max()``): cheap on the CPU, a wait for the device
+each time elsewhere. The device path (:func:`sample_on_device`, :func:`raw_logprobs_on_device`;
+:func:`sample` takes it for tensors off the CPU) uses fixed shapes only: every row goes
+through every step on the fully sorted row and masks select, so nothing waits for the device
+and a CUDA graph can capture it; ``check=False`` leaves a status per row instead of raising.
+Both share the rules (:func:`process_logits`, :func:`kth_value`, :func:`top_p_keep`,
+:func:`min_p_removes`, the race's helpers and :mod:`lmgen_fast.philox`) and give the same
+tokens, except for an unseeded batch of one (see :func:`sample`).
 """
 
 from __future__ import annotations
@@ -177,14 +187,25 @@ def apply_penalty(
 
 
 def process_logits(
-    logits: torch.Tensor, packed: PackedParams, window: torch.Tensor | None
+    logits: torch.Tensor,
+    packed: PackedParams,
+    window: torch.Tensor | None,
+    *,
+    openai: bool | None = None,
 ) -> torch.Tensor:
-    """Steps 1 and 2: tempered, penalized float32 logits ``[B, V]`` with NaN as ``-inf``."""
+    """Steps 1 and 2: tempered, penalized float32 logits ``[B, V]`` with NaN as ``-inf``.
+
+    ``openai`` says whether to apply the frequency and presence penalties; None looks at
+    the parameters (a host sync). Applying zero penalties subtracts exactly zero, so
+    ``True`` gives the same bits for rows without them: the device path passes it.
+    """
     temperature = torch.where(packed.temperature == 0, 1.0, packed.temperature)
     z = logits.to(torch.float32) / temperature.unsqueeze(1)  # always a new tensor
     z.nan_to_num_(nan=NEG_INF, posinf=POS_INF, neginf=NEG_INF)
     if window is not None and window.shape[1] > 0:
-        openai = bool(((packed.frequency_penalty != 0) | (packed.presence_penalty != 0)).any())
+        if openai is None:
+            openai = bool(((packed.frequency_penalty != 0)
+                           | (packed.presence_penalty != 0)).any())
         if openai:
             apply_penalty(z, window, packed.penalty, packed.once,
                           packed.frequency_penalty, packed.presence_penalty, temperature)
@@ -198,16 +219,32 @@ def _effective_k(top_k: torch.Tensor, vocab: int) -> torch.Tensor:
     return torch.where((top_k > 0) & (top_k < vocab), top_k, 0)
 
 
+def kth_value(vals: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """The top-k threshold from rows sorted descending.
+
+    Parameters
+    ----------
+    vals : Tensor
+        float32 ``[B, C]``, each row's largest values in descending order (at least
+        ``max(k)`` of them).
+    k : LongTensor
+        int64 ``[B]`` effective ``k`` (:func:`_effective_k`: 0 where top-k is off).
+
+    Returns
+    -------
+    Tensor
+        float32 ``[B]``: ``vals[r, k[r] - 1]``, ``-inf`` where ``k[r] == 0``.
+    """
+    picked = vals.gather(1, (k - 1).clamp_min(0).unsqueeze(1)).squeeze(1)
+    return torch.where(k > 0, picked, NEG_INF)
+
+
 def top_k_threshold(z: torch.Tensor, top_k: torch.Tensor) -> torch.Tensor:
     """The k-th largest value per row (``-inf`` where top-k is off), float32 ``[B]``."""
     k = _effective_k(top_k, z.shape[1])
-    tau = torch.full((z.shape[0],), NEG_INF, device=z.device)
-    on = k > 0
-    if bool(on.any()):
-        kmax = int(k.max())
-        vals = torch.topk(z, kmax, dim=1).values
-        tau = torch.where(on, vals.gather(1, (k - 1).clamp_min(0).unsqueeze(1)).squeeze(1), tau)
-    return tau
+    if not bool((k > 0).any()):
+        return torch.full((z.shape[0],), NEG_INF, device=z.device)
+    return kth_value(torch.topk(z, int(k.max()), dim=1).values, k)
 
 
 def filtered_logits(
@@ -266,6 +303,14 @@ def top_p_keep(vals: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
     return before.gather(1, first) < top_p.unsqueeze(1)
 
 
+def min_p_removes(z: torch.Tensor, zmax: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
+    """Step 5's rule: bool ``[N, C]``, True where ``exp(z - zmax) < min_p`` in float32.
+
+    ``z`` float32 ``[N, C]``; ``zmax`` (the row's largest survivor) and ``min_p`` float32 ``[N]``.
+    """
+    return torch.exp(z - zmax.unsqueeze(1)) < min_p.unsqueeze(1)
+
+
 def p_filter(
     z: torch.Tensor, top_p: torch.Tensor, min_p: torch.Tensor, *, presorted: bool = False
 ) -> torch.Tensor:
@@ -305,8 +350,7 @@ def p_filter(
         rows = use_m.nonzero().flatten()
         sub = z[rows]
         # Top-p never removes the maximum, so z_max of step 3 is still the row's maximum.
-        ratio = torch.exp(sub - zmax[rows].unsqueeze(1))
-        z[rows] = sub.masked_fill_(ratio < min_p[rows].unsqueeze(1), NEG_INF)
+        z[rows] = sub.masked_fill_(min_p_removes(sub, zmax[rows], min_p[rows]), NEG_INF)
     return z
 
 
@@ -459,6 +503,13 @@ def _top_logprobs(lp: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]
     return ids, vals
 
 
+def _inf_share(is_inf: torch.Tensor) -> torch.Tensor:
+    """Log-probabilities of rows with ``+inf`` logits (bool ``[N, V]`` marks them): the
+    ``+inf`` tokens share all the mass, float32 ``[N, V]``."""
+    share = -torch.log(is_inf.sum(dim=1, keepdim=True).to(torch.float32))
+    return torch.where(is_inf, share, NEG_INF)
+
+
 def raw_logprobs(logits: torch.Tensor, tokens: torch.Tensor, n: int) -> SampleLogprobs:
     """Log-probabilities of ``tokens`` and the top ``n`` under the raw logits.
 
@@ -485,9 +536,7 @@ def raw_logprobs(logits: torch.Tensor, tokens: torch.Tensor, n: int) -> SampleLo
     inf_rows = (x == POS_INF).any(dim=1)
     if bool(inf_rows.any()):
         # log_softmax gives NaN there; SPEC section 3: the +inf tokens share the mass.
-        is_inf = x[inf_rows] == POS_INF
-        share = -torch.log(is_inf.sum(dim=1, keepdim=True).to(torch.float32))
-        lp[inf_rows] = torch.where(is_inf, share, NEG_INF)
+        lp[inf_rows] = _inf_share(x[inf_rows] == POS_INF)
     token_logprob = lp.gather(1, tokens.view(-1, 1).to(torch.int64)).squeeze(1)
     top_ids, top_logprobs = _top_logprobs(lp, n)
     return SampleLogprobs(token_logprob, top_ids, top_logprobs)
@@ -501,14 +550,16 @@ def sample(
     step: int | torch.Tensor = 0,
     backend: str = "reference",
     return_logprobs: bool = False,
-) -> torch.Tensor | tuple[torch.Tensor, SampleLogprobs]:
+    check: bool = True,
+    on_device: bool | None = None,
+) -> torch.Tensor | tuple[torch.Tensor, SampleLogprobs] | SampleResult:
     """Draw one token per row, exactly as SPEC sections 2 to 4 and issue 8 define it.
 
     Parameters
     ----------
     logits : Tensor
         ``[B, V]``, any float dtype (computed in float32). Not modified.
-    params : SamplingParams or sequence of SamplingParams
+    params : SamplingParams, sequence of SamplingParams, or PackedParams
         One for every row, or one per row (own values and seed).
     window : LongTensor, optional
         ``[B, W]`` int64: the tokens the penalties apply to, one entry per occurrence, ``-1``
@@ -521,18 +572,28 @@ def sample(
     return_logprobs : bool
         Also return the raw log-probabilities (:func:`raw_logprobs`), with as many top
         alternatives as the largest ``logprobs`` of the rows.
+    check : bool
+        Validate the window's ids and raise :class:`EmptyRowError` (both wait for the
+        device). ``False`` skips both and returns a :class:`SampleResult`, with a status per
+        row instead: on the device path nothing then waits for the device.
+    on_device : bool, optional
+        Run :func:`sample_on_device`'s fixed-shape path (True) or the CPU path (False).
+        Default: the device path for tensors off the CPU. Both give the same tokens and
+        log-probabilities, except for unseeded rows in a batch of one: the CPU path draws
+        them with ``torch.multinomial`` as the article does, the device path by the race
+        with a seed from torch's generator (the same distribution, as on the Triton sampler).
 
     Returns
     -------
-    LongTensor or (LongTensor, SampleLogprobs)
+    LongTensor or (LongTensor, SampleLogprobs) or SampleResult
         ``[B]`` token ids on ``logits.device``; with ``return_logprobs``, also their
-        :class:`SampleLogprobs`.
+        :class:`SampleLogprobs`; with ``check=False``, a :class:`SampleResult`.
 
     Raises
     ------
     ValueError
-        Bad shapes, dtypes or window ids; :class:`EmptyRowError` (a ValueError) names the rows
-        with nothing left to sample.
+        Bad shapes, dtypes or (with ``check``) window ids; :class:`EmptyRowError` (a
+        ValueError) names the rows with nothing left to sample (with ``check``).
 
     Examples
     --------
@@ -543,18 +604,52 @@ def sample(
     ...                     return_logprobs=True)
     >>> lp.top_ids.shape
     torch.Size([2, 3])
+    >>> sample(logits, SamplingParams(seed=7), check=False, on_device=True).status
+    tensor([0, 0], dtype=torch.int32)
     """
     if backend not in ("reference", "auto"):
         raise ValueError(f"reference.sample runs backend 'reference', got backend={backend!r}")
     steps = check_inputs(logits, window, step)
     batch, vocab = logits.shape
     packed = pack(params, batch, logits.device)
-    if window is not None:
+    if check and window is not None:
         check_window_values(window, vocab)
-    tokens = _draw(process_logits(logits, packed, window), packed, steps)
-    if return_logprobs:
-        return tokens, raw_logprobs(logits, tokens, packed.logprobs)
-    return tokens
+    if on_device is None:
+        on_device = logits.device.type != "cpu"
+    logprobs = None
+    if on_device:
+        tokens, status, _ = sample_on_device(logits, packed, window, steps,
+                                             draw_seeds=_draws_seeds(params, packed))
+        if return_logprobs:
+            logprobs = raw_logprobs_on_device(logits, tokens, packed.logprobs)
+        if check:
+            empty = status != 0
+            if bool(empty.any()):
+                raise EmptyRowError(empty.nonzero().flatten().tolist())
+    else:
+        z = process_logits(logits, packed, window)
+        if not check:
+            # Empty rows get a harmless row to draw from, then token 0 and their status.
+            empty = z.amax(dim=1) == NEG_INF
+            z.masked_fill_(empty.unsqueeze(1), 0.0)
+        tokens = _draw(z, packed, steps)
+        if not check:
+            tokens = tokens.masked_fill(empty, 0)
+            status = torch.where(empty, STATUS_EMPTY, 0).to(torch.int32)
+        if return_logprobs:
+            logprobs = raw_logprobs(logits, tokens, packed.logprobs)
+    if not check:
+        return SampleResult(tokens, status, logprobs)
+    return (tokens, logprobs) if return_logprobs else tokens
+
+
+def _draws_seeds(params: ParamsLike, packed: PackedParams) -> bool:
+    """Whether some row races with a drawn seed, decided on the host without a sync: always
+    for packed parameters (their values live on the device)."""
+    if isinstance(params, PackedParams):
+        return True
+    rows = as_row_params(params, packed.temperature.shape[0])
+    return any(p.seed is None and p.temperature != 0 for p in rows)
 
 
 def _draw(z: torch.Tensor, packed: PackedParams, steps: torch.Tensor) -> torch.Tensor:
@@ -597,8 +692,26 @@ def _draw(z: torch.Tensor, packed: PackedParams, steps: torch.Tensor) -> torch.T
     return out
 
 
-# Status bits of sample_on_device, the same as the Triton sampler's.
+# Status bits of the unchecked paths, the same as the Triton sampler's.
 STATUS_EMPTY = 1
+
+
+class SampleResult(NamedTuple):
+    """What ``sample(..., check=False)`` returns: nothing was raised, problems are in ``status``.
+
+    Attributes
+    ----------
+    tokens : LongTensor
+        int64 ``[B]``, always in ``[0, V)``; 0 for a row with a non-zero status.
+    status : IntTensor
+        int32 ``[B]``: :data:`STATUS_EMPTY` for a row with nothing to sample, else 0.
+    logprobs : SampleLogprobs or None
+        With ``return_logprobs``, as :func:`raw_logprobs` (not meaningful for flagged rows).
+    """
+
+    tokens: torch.Tensor
+    status: torch.Tensor
+    logprobs: SampleLogprobs | None
 
 
 def sample_on_device(
@@ -613,12 +726,13 @@ def sample_on_device(
     """One sampling step with fixed-shape ops only: no host round trip, no data-dependent
     shape, so it runs on a GPU without waiting for it and can be captured in a CUDA graph.
 
-    Same tokens as :func:`sample` for seeded and greedy rows (the same ``z``, the same
-    top-k, top-p and min-p rules, the same Philox race with ties to the lower id); it does
-    the work of every branch for every row and selects, where :func:`sample` works on the
-    rows that need it. Unseeded rows race with a seed from ``torch.randint`` (drawn for every
-    row when ``draw_seeds``), also when the batch has one row: the article's
-    ``torch.multinomial`` draw is reproduced in distribution only, as by the Triton sampler.
+    It is :func:`sample`'s path for tensors off the CPU, without the input checks. Same
+    tokens as the CPU path for seeded and greedy rows (the same ``z``, top-k, top-p and
+    min-p rules, Philox race with ties to the lower id): it does the work of every branch
+    for every row and selects, where the CPU path works on the rows that need it. Unseeded
+    rows race with a seed from ``torch.randint`` (drawn for every row when ``draw_seeds``),
+    also in a batch of one: the CPU path's ``torch.multinomial`` draw (the article's) is
+    reproduced in distribution only, as by the Triton sampler.
 
     Parameters
     ----------
@@ -627,13 +741,16 @@ def sample_on_device(
     packed : PackedParams
         ``[B]`` tensors on ``logits.device``.
     window : LongTensor or None
-        ``[B, W]`` int64, ``-1`` for empty slots; ids must be valid (not checked here).
+        ``[B, W]`` int64, ``-1`` for empty slots; ids must be in ``[-1, V)`` (not checked
+        here: :func:`check_window_values` would wait for the device).
     steps : LongTensor
-        ``[B]`` int64 decode steps keying the noise.
+        ``[B]`` int64 decode steps keying the noise, on ``logits.device``.
     draw_seeds : bool
-        Draw seeds for unseeded rows; ``False`` takes ``packed.seed`` as it is.
+        Draw seeds for unseeded rows (consumes torch's generator); ``False`` takes
+        ``packed.seed`` as it is (the engine draws once per decode).
     return_logprobs : bool
-        Also return the raw log-probability of each sampled token (float32 ``[B]``).
+        Also return the raw log-probability of each sampled token (float32 ``[B]``);
+        :func:`raw_logprobs_on_device` gives the top alternatives as well.
 
     Returns
     -------
@@ -645,7 +762,7 @@ def sample_on_device(
         ``[B]`` float32 raw log-probabilities of ``tokens`` (with ``return_logprobs``).
     """
     batch, vocab = logits.shape
-    z = _process_dense(logits, packed, window)
+    z = process_logits(logits, packed, window, openai=True)
     zmax = z.amax(dim=1)
     status = torch.where(zmax == NEG_INF, STATUS_EMPTY, 0).to(torch.int32)
     greedy = packed.temperature == 0
@@ -653,52 +770,67 @@ def sample_on_device(
     if draw_seeds:
         drawn = torch.randint(0, 2**62, (batch,), device=z.device)
         seed = torch.where(packed.seeded, packed.seed, drawn)
-    # Steps 3 to 5 on the row sorted once: the k-th value, then top-p over the sorted
-    # survivors (the order of equal values does not matter: runs are kept or dropped whole).
+    # Steps 3 to 5 on the row sorted once (the full row: V is a static bound for k): the
+    # k-th value, then top-p over the sorted survivors. The order of equal values does not
+    # matter, runs of them are kept or dropped whole.
     vals, order = z.sort(dim=1, descending=True)
-    k = _effective_k(packed.top_k, vocab)
-    tau = torch.where(k > 0, vals.gather(1, (k - 1).clamp_min(0).unsqueeze(1)).squeeze(1),
-                      NEG_INF)
+    tau = kth_value(vals, _effective_k(packed.top_k, vocab))
     vals = vals.masked_fill(vals < tau.unsqueeze(1), NEG_INF)
     top_p = torch.where(greedy, 1.0, packed.top_p)
     min_p = torch.where(greedy, 0.0, packed.min_p)
+    # Rows that skip top-p or min-p compute them anyway and keep everything: the CPU path's
+    # row selection (``p_filter``) as masks.
     live = (zmax < POS_INF) & (zmax > NEG_INF)
     keep_sorted = top_p_keep(vals, top_p) | ~(live & (top_p < 1)).unsqueeze(1)
     keep = torch.empty_like(keep_sorted).scatter_(1, order, keep_sorted)
     kept = torch.where(keep & (z >= tau.unsqueeze(1)), z, NEG_INF)
-    ratio = torch.exp(kept - zmax.unsqueeze(1))
-    drop_m = (live & (min_p > 0)).unsqueeze(1) & (ratio < min_p.unsqueeze(1))
+    drop_m = (live & (min_p > 0)).unsqueeze(1) & min_p_removes(kept, zmax, min_p)
     kept = _race_keys(kept.masked_fill(drop_m, NEG_INF))
     cols = torch.arange(vocab, device=z.device)
     g = gumbel_from_uniform(uniform_noise(seed.unsqueeze(1), steps.unsqueeze(1), cols))
     keys = torch.where(kept > NEG_INF, kept + g, NEG_INF)
     raced = _pick(keys, cols.expand(batch, -1), fill=vocab)
+    # The greedy token is the first maximum of step 2, on every device (torch.argmax).
     tokens = torch.where(greedy, z.argmax(dim=1), raced)
     tokens = torch.where(status != 0, 0, tokens)
-    logprob = _token_logprob_dense(logits, tokens) if return_logprobs else None
+    logprob = raw_logprobs_on_device(logits, tokens, 0).token_logprob if return_logprobs \
+        else None
     return tokens, status, logprob
 
 
-def _process_dense(logits: torch.Tensor, packed: PackedParams,
-                   window: torch.Tensor | None) -> torch.Tensor:
-    """:func:`process_logits` without its host test: the OpenAI penalties always apply
-    (zero penalties subtract exactly zero, so rows without them are unchanged)."""
-    temperature = torch.where(packed.temperature == 0, 1.0, packed.temperature)
-    z = logits.to(torch.float32) / temperature.unsqueeze(1)
-    z.nan_to_num_(nan=NEG_INF, posinf=POS_INF, neginf=NEG_INF)
-    if window is not None and window.shape[1] > 0:
-        apply_penalty(z, window, packed.penalty, packed.once,
-                      packed.frequency_penalty, packed.presence_penalty, temperature)
-    return z
+def raw_logprobs_on_device(logits: torch.Tensor, tokens: torch.Tensor, n: int) -> SampleLogprobs:
+    """:func:`raw_logprobs` with fixed-shape ops only (no host round trip): the same values.
 
+    Every row takes the ``+inf`` rule through a mask instead of a row selection, and the top
+    ``n`` come from a stable sort of the whole row (value descending, lower id first: the
+    order :func:`raw_logprobs` gives, which needs a host decision to avoid that sort).
 
-def _token_logprob_dense(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-    """The raw log-probability of ``tokens`` as :func:`raw_logprobs` gives it, float32 ``[B]``,
-    for every row at once (rows with ``+inf`` logits included)."""
+    Parameters
+    ----------
+    logits : Tensor
+        ``[B, V]`` any float dtype (float32 math, NaN counting as ``-inf``).
+    tokens : LongTensor
+        ``[B]`` the sampled ids.
+    n : int
+        Top alternatives per row (capped at ``V``).
+
+    Returns
+    -------
+    SampleLogprobs
+        ``token_logprob`` float32 ``[B]``, ``top_ids`` int64 ``[B, n]``, ``top_logprobs``
+        float32 ``[B, n]``.
+    """
     x = logits.to(torch.float32)
     x = torch.where(torch.isnan(x), NEG_INF, x)
     is_inf = x == POS_INF
-    share = -torch.log(is_inf.sum(dim=1, keepdim=True).to(torch.float32))
-    lp = torch.where(is_inf.any(dim=1, keepdim=True), torch.where(is_inf, share, NEG_INF),
+    lp = torch.where(is_inf.any(dim=1, keepdim=True), _inf_share(is_inf),
                      torch.log_softmax(x, dim=1))
-    return lp.gather(1, tokens.view(-1, 1)).squeeze(1)
+    token_logprob = lp.gather(1, tokens.view(-1, 1).to(torch.int64)).squeeze(1)
+    n = max(0, min(n, lp.shape[1]))
+    if n:
+        top_logprobs, top_ids = lp.sort(dim=1, descending=True, stable=True)
+        top_ids, top_logprobs = top_ids[:, :n], top_logprobs[:, :n]
+    else:
+        top_ids = torch.empty(lp.shape[0], 0, dtype=torch.int64, device=lp.device)
+        top_logprobs = torch.empty(lp.shape[0], 0, dtype=lp.dtype, device=lp.device)
+    return SampleLogprobs(token_logprob, top_ids, top_logprobs)
