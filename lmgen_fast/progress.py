@@ -93,9 +93,15 @@ class Progress:
         """Count one generated token (the ``callback`` of ``generate_ids``)."""
         self.count(1)
 
-    def advance(self, n: int = 1, note: str | None = None) -> None:
-        """Count ``n`` finished items; ``note`` (e.g. ``"loss 3.21"``) replaces the last one."""
+    def advance(self, n: int = 1, note: str | None = None, tokens: int = 0) -> None:
+        """Count ``n`` finished items and ``tokens`` tokens at once.
+
+        ``note`` (e.g. ``"loss 3.21"``) replaces the last one. Counting the tokens here,
+        rather than with :meth:`count` first, keeps a line from showing them before the
+        item that made them.
+        """
         self.done += n
+        self.tokens += tokens
         if note is not None:
             self.note = note
         if self._bar is not None:

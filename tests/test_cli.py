@@ -148,3 +148,53 @@ def test_bench_prints_a_table(capsys):
     out = capsys.readouterr().out
     assert "article loop" in out and "lmgen-fast generate" in out
     assert "reference.sample" in out and "device:" in out
+
+
+def test_prompt_that_is_not_utf8_is_a_usage_error():
+    env = dict(os.environ, PYTHONIOENCODING="utf-8", OMP_NUM_THREADS="1", LC_ALL="C.UTF-8")
+    done = subprocess.run(
+        [sys.executable, "-m", "lmgen_fast.cli", "generate", b"caf\xe9 au lait", "--max-tokens",
+         "2", "--device", "cpu"],
+        capture_output=True, env=env, timeout=120,
+    )
+    err = done.stderr.decode("utf-8", "replace").strip()
+    assert done.returncode == 2, err
+    assert err == ("lmgen-fast: error: the prompt is not valid UTF-8 (byte 0xe9 at offset 3); "
+                   "pass UTF-8 text, e.g. with a UTF-8 terminal or LANG=C.UTF-8")
+
+
+@pytest.mark.parametrize("args, help_of", [
+    (["run", "--input", "a", "--output", "b", "--frobnicate"], "lmgen-fast run --help"),
+    (["generate", "x", "--temprature", "1"], "lmgen-fast generate --help"),
+    (["bench", "--fast"], "lmgen-fast bench --help"),
+])
+def test_unknown_option_points_at_the_subcommand_help(args, help_of, capsys):
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("lmgen-fast: error: unrecognized arguments: ")
+    assert err.endswith(f"(see `{help_of}`)"), err
+
+
+@pytest.mark.parametrize("args", [
+    ["generate", "x", "--temperature", "-1"],       # a bad value
+    ["generate", "x", "--top-k", "many"],            # a bad type
+    ["frobnicate"],                                  # no such command
+    ["run", "--input", "absent.jsonl", "--output", "b.jsonl"],  # a missing file
+])
+def test_every_user_error_exits_2(args, capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert main(args) == 2
+    assert capsys.readouterr().err.startswith("lmgen-fast: error: ")
+
+
+def test_missing_model_directory_is_a_usage_error(tmp_path, capsys):
+    assert main(["generate", "x", "--model", str(tmp_path / "absent")]) == 2
+    assert "model directory not found" in capsys.readouterr().err
+
+
+def test_help_documents_the_exit_statuses(capsys):
+    for args in (["--help"], ["run", "--help"], ["generate", "--help"], ["bench", "--help"]):
+        assert main(args) == 0
+        text = " ".join(capsys.readouterr().out.split())
+        assert "exit status: 0 done; 1 a runtime failure" in text, args
+        assert "2 a user error" in text and "130 interrupted" in text, args

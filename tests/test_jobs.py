@@ -150,6 +150,8 @@ def test_killed_run_resumes_to_the_uninterrupted_result(checkpoint, tmp_path):
     resumed = read_results(out)
     assert out.read_bytes().count(b"\n") == n
     assert resumed == read_results(full)
+    # Complete, so in input order, though written in batch order around the kill.
+    assert _ids_in_file_order(out) == [r["id"] for r in prompts(n)]
 
 
 def test_partial_last_line_and_leftover_parts_are_repaired(checkpoint, tmp_path, capsys):
@@ -307,3 +309,162 @@ def test_two_ranks_under_torchrun_match_one_process(checkpoint, tmp_path):
     assert read_results(out) == read_results(single)
     assert out.read_bytes().count(b"\n") == 30
     assert not list(tmp_path.glob("out.jsonl.rank*"))
+
+
+# --------------------------------------------------------------------------- manifest
+
+
+def _ids_in_file_order(path: Path) -> list:
+    return [json.loads(x)["id"] for x in path.read_bytes().split(b"\n") if x]
+
+
+def test_results_come_out_in_input_order(checkpoint, tmp_path):
+    rows = prompts(20)
+    inp = write_jsonl(tmp_path / "in.jsonl", rows)
+    out = tmp_path / "out.jsonl"
+    # Batches are planned by prompt length, which is not the input order here.
+    assert run(checkpoint, inp, out, "--max-tokens", "3", "--seed", "1", "--batch-size", "4") == 0
+    assert _ids_in_file_order(out) == [r["id"] for r in rows]
+
+
+def test_mismatched_rerun_is_refused_naming_each_difference(checkpoint, tmp_path, capsys):
+    inp = write_jsonl(tmp_path / "in.jsonl", prompts(10))
+    out = tmp_path / "out.jsonl"
+    common = ["--max-tokens", "4", "--seed", "5"]
+    assert run(checkpoint, inp, out, *common) == 0
+    before = out.read_bytes()
+    manifest = json.loads(manifest_path(out).read_text())
+    assert manifest["settings"]["max_tokens"] == 4 and manifest["settings"]["seed"] == 5
+    assert manifest["input"]["sha256"] and manifest["model"]["sha256"]
+    capsys.readouterr()
+
+    assert run(checkpoint, inp, out, "--temperature", "0", "--max-tokens", "10",
+               "--seed", "5") == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("lmgen-fast: error: ") and "\n" not in err
+    assert "--temperature 0.0 (the output was made with 1.0)" in err
+    assert "--max-tokens 10 (the output was made with 4)" in err
+    assert "--seed" not in err.split("resume")[0].replace("--seed 5", "")
+    assert "--overwrite" in err
+    assert out.read_bytes() == before
+
+    other = write_jsonl(tmp_path / "other.jsonl", prompts(11))
+    assert run(checkpoint, other, out, *common) == 2
+    err = capsys.readouterr().err
+    assert f"--input {other}" in err and "is not the input the output was made from" in err
+    assert out.read_bytes() == before
+
+    # Another model: the same checkpoint with one weight changed.
+    from safetensors.torch import load_file, save_file
+
+    changed = tmp_path / "ckpt2"
+    shutil.copytree(checkpoint[0], changed)
+    state = load_file(str(changed / "model.safetensors"))
+    state["lm_head.weight"][0, 0] += 1
+    save_file(state, str(changed / "model.safetensors"))
+    assert main(["run", "--input", str(inp), "--output", str(out), "--model", str(changed),
+                 "--device", "cpu", "--no-progress", *common]) == 2
+    err = capsys.readouterr().err
+    assert f"--model {changed.resolve()}" in err and "is not the model the output was made" in err
+    assert out.read_bytes() == before
+
+    # The identical rerun resumes (here: finds everything done).
+    assert run(checkpoint, inp, out, *common) == 0
+    assert "10 already done" in capsys.readouterr().err
+    assert out.read_bytes() == before
+
+
+def test_output_without_manifest_is_refused(checkpoint, tmp_path, capsys):
+    inp = write_jsonl(tmp_path / "in.jsonl", prompts(6))
+    # Any JSONL with ids, e.g. a copy of the input itself.
+    out = tmp_path / "copy.jsonl"
+    shutil.copy(inp, out)
+    before = out.read_bytes()
+    assert run(checkpoint, inp, out, "--max-tokens", "3") == 2
+    err = capsys.readouterr().err
+    assert f"{out} holds results but no manifest" in err and "--overwrite" in err
+    assert out.read_bytes() == before and not manifest_path(out).exists()
+
+
+def test_overwrite_keeps_the_old_output_and_starts_afresh(checkpoint, tmp_path, capsys):
+    inp = write_jsonl(tmp_path / "in.jsonl", prompts(8))
+    out = tmp_path / "out.jsonl"
+    assert run(checkpoint, inp, out, "--max-tokens", "3", "--seed", "1") == 0
+    before, old_manifest = out.read_bytes(), manifest_path(out).read_bytes()
+    assert run(checkpoint, inp, out, "--max-tokens", "5", "--seed", "1", "--overwrite") == 0
+    assert "the old output is now" in capsys.readouterr().err
+    backup = tmp_path / "out.jsonl.bak"
+    assert backup.read_bytes() == before
+    assert manifest_path(backup).read_bytes() == old_manifest
+    assert json.loads(manifest_path(out).read_text())["settings"]["max_tokens"] == 5
+    fresh = tmp_path / "fresh.jsonl"
+    assert run(checkpoint, inp, fresh, "--max-tokens", "5", "--seed", "1") == 0
+    assert out.read_bytes() == fresh.read_bytes()
+    # A second --overwrite keeps the first backup too.
+    assert run(checkpoint, inp, out, "--max-tokens", "5", "--seed", "1", "--overwrite") == 0
+    assert backup.read_bytes() == before and (tmp_path / "out.jsonl.bak2").exists()
+
+
+# --------------------------------------------------------------------------- errors
+
+
+def test_truncated_json_line_points_at_its_end(checkpoint, tmp_path, capsys):
+    line = '{"id": 3, "prompt": "x"'
+    inp = write_jsonl(tmp_path / "in.jsonl", [*GOOD, line])
+    assert run(checkpoint, inp, tmp_path / "out.jsonl") == 2
+    err = capsys.readouterr().err
+    assert f"in.jsonl:3: malformed JSON: Expecting ',' delimiter at column {len(line) + 1}" in err
+    assert "is it cut short?" in err
+    # A mistake inside the line: the column of the character where the colon is missing.
+    line = '{"id": 3, "prompt" "x"}'
+    inp = write_jsonl(tmp_path / "in2.jsonl", [line])
+    assert run(checkpoint, inp, tmp_path / "out2.jsonl") == 2
+    err = capsys.readouterr().err
+    column = line.index('"x"') + 1
+    assert f"Expecting ':' delimiter at column {column} (--skip" in err
+
+
+def test_runtime_failure_exits_1_and_interrupt_130(checkpoint, tmp_path, capsys, monkeypatch):
+    from lmgen_fast.generate import GenerationError
+
+    inp = write_jsonl(tmp_path / "in.jsonl", prompts(6))
+    out = tmp_path / "out.jsonl"
+    calls = []
+
+    def failing(*args, **kwargs):
+        calls.append(1)
+        if len(calls) > 1:
+            raise GenerationError("row 0 had nothing to sample at step 2", [[]])
+        return real(*args, **kwargs)
+
+    real = jobs.generate_ids
+    monkeypatch.setattr(jobs, "generate_ids", failing)
+    assert run(checkpoint, inp, out, "--max-tokens", "2", "--batch-size", "3") == 1
+    err = capsys.readouterr().err
+    assert "generation failed for ids" in err and "a rerun resumes there" in err
+    assert len(read_results(out)) == 3  # the first batch is kept
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(jobs, "generate_ids", interrupted)
+    assert run(checkpoint, inp, out, "--max-tokens", "2", "--batch-size", "3") == 130
+    assert "run the same command again to resume" in capsys.readouterr().err
+    assert len(read_results(out)) == 3
+
+
+# --------------------------------------------------------------------------- progress
+
+
+def test_progress_rate_in_a_log_matches_the_summary(checkpoint, tmp_path, capsys):
+    inp = write_jsonl(tmp_path / "in.jsonl", prompts(24))
+    out = tmp_path / "out.jsonl"
+    directory = checkpoint[0]
+    assert main(["run", "--input", str(inp), "--output", str(out), "--model", str(directory),
+                 "--device", "cpu", "--max-tokens", "8", "--seed", "1"]) == 0
+    err = capsys.readouterr().err  # not a terminal: plain progress lines
+    progress = [x for x in err.splitlines() if x.startswith("rows ")]
+    assert progress and progress[-1].startswith("rows 24/24 (100%)")
+    shown = float(progress[-1].split(" tok, ")[1].split(" tok/s")[0])
+    summary = float(err.split("tokens in ")[1].split("(")[1].split(" tokens/s")[0])
+    assert abs(shown - summary) <= 0.05 * summary, (shown, summary)
