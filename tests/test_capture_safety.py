@@ -11,12 +11,15 @@ around them, the launcher's set-up included, runs and is checked.
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from lmgen_fast import SamplingParams, engine, fused_step, kernel_sampler
+from lmgen_fast import SamplingParams, engine, fused_step, kernel_sampler, reference
 from lmgen_fast.decoder import wrap
+from lmgen_fast.params import PackedParams
 
 from conftest import random_model, require_kernel_runtime
 
@@ -25,9 +28,28 @@ aten = torch.ops.aten
 SYNCING = {
     aten._local_scalar_dense.default, aten.is_nonzero.default, aten.equal.default,
     aten.nonzero.default, aten.masked_select.default, aten.unique_dim.default,
-    aten._unique2.default, aten.repeat_interleave.Tensor, aten.argwhere.default,
-    aten.item.default,
+    aten._unique.default, aten._unique2.default, aten.unique_consecutive.default,
+    aten.argwhere.default, aten.item.default, aten.bincount.default,
+    aten.nonzero_numpy.default,
 }
+# Ops that sync only for some arguments: a boolean index (its shape is its count of True)
+# and repeat_interleave without output_size.
+BOOL_INDEXED = {aten.index.Tensor, aten.index_put.default, aten.index_put_.default,
+                aten._index_put_impl_.default}
+REPEATS = {aten.repeat_interleave.Tensor, aten.repeat_interleave.self_Tensor}
+
+
+def waits(func, args, kwargs) -> bool:
+    """Whether ``func`` on these arguments would make the host wait for the device."""
+    if func in SYNCING:
+        return True
+    if func in BOOL_INDEXED:
+        indices = args[1] if len(args) > 1 else kwargs.get("indices", ())
+        return any(isinstance(i, torch.Tensor) and i.dtype in (torch.bool, torch.uint8)
+                   for i in indices)
+    if func in REPEATS:
+        return kwargs.get("output_size") is None
+    return False
 
 
 class HostWaits(TorchDispatchMode):
@@ -40,7 +62,7 @@ class HostWaits(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if func in SYNCING:
+        if waits(func, args, kwargs):
             self.found.append(f"{func} (waits for the device)")
         out = func(*args, **kwargs)
         outs = out if isinstance(out, (tuple, list)) else (out,)
@@ -90,6 +112,8 @@ LAYOUTS = {
     "top-p and min-p": [SamplingParams(top_k=0, top_p=0.8, seed=5),
                         SamplingParams(top_k=10, top_p=0.9, min_p=0.05, seed=6)],
     "unseeded": [SamplingParams(temperature=1.1), SamplingParams(top_k=3)],
+    # A batch of one: the reference's CPU path would call torch.multinomial here.
+    "one unseeded row": [SamplingParams(temperature=0.7, top_p=0.9, min_p=0.02)],
 }
 
 
@@ -123,7 +147,8 @@ def test_the_captured_step_never_waits_for_the_device(meta_engine, monkeypatch, 
     decoder = wrap(model)
     decoder.kv_block = 4  # a new KV bucket, hence a capture, every few steps
     rows = LAYOUTS[layout]
-    run = engine._Run(decoder, [[1, 2, 3], [4, 5]], rows, [12, 12], 2, backend, None,
+    prompts = [[1, 2, 3], [4, 5]][: len(rows)]
+    run = engine._Run(decoder, prompts, rows, [12] * len(rows), 2, backend, None,
                       logprobs, True, None)
     assert run.state.layout.kernel == (backend == "triton")
     assert getattr(decoder, "fused", False) == (backend == "triton")  # the fused step, checked
@@ -156,3 +181,60 @@ def test_the_check_finds_a_host_sync(meta_engine, monkeypatch):
     with mode, pytest.raises(RuntimeError, match="meta"):
         syncing(run.state, run.first_logits, None, 0)
     assert any("_local_scalar_dense" in f or "is_nonzero" in f for f in mode.found)
+
+
+def meta_inputs(batch: int, vocab: int, width: int):
+    logits = torch.empty(batch, vocab, device="meta")
+    window = torch.empty(batch, width, dtype=torch.int64, device="meta")
+    steps = torch.empty(batch, dtype=torch.int64, device="meta")
+    rows = [SamplingParams(seed=1, top_k=5, top_p=0.9, repetition_penalty=1.2, logprobs=3),
+            SamplingParams(temperature=0.0, frequency_penalty=0.5),
+            SamplingParams(top_k=0, min_p=0.1)]
+    packed = PackedParams.from_rows(rows[:batch], "cpu").to("meta")
+    return logits, packed, window, steps
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+@pytest.mark.parametrize("width", [0, 4])
+def test_reference_sample_off_the_cpu_never_waits(batch, width):
+    """The public entry point picks the device path for tensors off the CPU; unchecked, it
+    waits for nothing, top alternatives included (the engine does not capture those yet)."""
+    logits, packed, window, steps = meta_inputs(batch, 64, width)
+    with HostWaits() as mode:
+        res = reference.sample(logits, packed, window, step=steps, return_logprobs=True,
+                               check=False)
+    assert mode.found == []
+    assert res.tokens.shape == (batch,) and res.tokens.device.type == "meta"
+    assert res.status.dtype == torch.int32
+    assert res.logprobs.top_ids.shape == (batch, 3)
+
+
+def test_the_cpu_path_on_the_same_inputs_is_flagged():
+    """The mode flags the host decisions of the CPU path (which is why the device path
+    exists): forced onto meta tensors it stops at its first one."""
+    logits, packed, window, steps = meta_inputs(3, 64, 4)
+    mode = HostWaits()
+    with mode, pytest.raises((RuntimeError, NotImplementedError)):
+        reference.sample(logits, packed, window, step=steps, check=False, on_device=False)
+    assert mode.found and "waits for the device" in mode.found[0]
+
+
+@pytest.mark.parametrize("op", ["bool index", "repeat_interleave", "copy to cpu", "item"])
+def test_the_mode_flags_each_kind_of_host_wait(op):
+    x = torch.empty(4, 6, device="meta")
+    mode = HostWaits()
+    with mode, contextlib.suppress(RuntimeError, NotImplementedError):
+        if op == "bool index":
+            x[x > 0]
+        elif op == "repeat_interleave":
+            torch.repeat_interleave(torch.ones(3, dtype=torch.int64, device="meta"))
+        elif op == "copy to cpu":
+            torch.empty(4, 6).copy_(x)
+        else:
+            x.sum().item()
+    assert mode.found, op
+    with HostWaits() as fine:  # the fixed-shape forms pass
+        torch.where(x > 0, x, 0.0)
+        torch.repeat_interleave(torch.ones(3, dtype=torch.int64, device="meta"),
+                                output_size=3)
+    assert fine.found == []
