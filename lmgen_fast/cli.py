@@ -212,6 +212,13 @@ def cmd_bench(args: argparse.Namespace) -> int:
     device = resolve_device(args.device)
     model, tokenizer = load_default(device)
     params = sum(p.numel() for p in model.parameters())
+    # The command line, device and model head the table, so that a figure copied from it
+    # says where it comes from.
+    command = (f"{PROG} bench --device {args.device} --max-tokens {args.max_tokens} "
+               f"--calls {args.calls}")
+    if args.prompt != "The list type":
+        command += f" --prompt {json.dumps(args.prompt)}"
+    print(f"command: {command}")
     print(f"device: {device_name(device)} ({device}, torch {torch.__version__}, "
           f"{torch.get_num_threads()} CPU threads)")
     print(f"model: embedded default, {params / 1e6:.1f}M parameters, float32; "
@@ -246,7 +253,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     print(f"{'decode loop':<42}{'tokens':>8}{'tokens/s':>12}{'ms/token':>11}")
     for name, n, t in rows:
         print(f"{name:<42}{n:>8}{n / t:>12.1f}{1000 * t / max(n, 1):>11.2f}")
-    print(f"{'speed-up':<42}{'':>8}{(count / t_fast) / (n_article / t_article):>11.2f}x")
+    speedup = (count / t_fast) / (n_article / t_article)
+    print(f"{'speed-up (embedded model, this device)':<42}{'':>8}{speedup:>11.2f}x")
     print()
 
     print(f"{'sampler alone (top_k=50, penalty 1.1 over 10)':<42}{'shape':>14}{'ms/call':>11}")

@@ -8,12 +8,17 @@ Three kinds of model are understood, tried in this order:
 * any callable ``model(input_ids) -> logits [B, T, V]``: the whole sequence is recomputed
   every step, as the article does (correct, slow).
 
-Adapters for other families (e.g. Hugging Face) register themselves in ``ADAPTERS``.
+Adapters for other families register themselves in ``ADAPTERS`` when their module is
+imported. ``wrap`` imports that module by name (:data:`ADAPTER_MODULES`, keyed by the top-level
+package of the model's class) the first time it meets such a model: the adapter depends on
+this module, never the reverse, and its optional dependency (transformers for
+:mod:`lmgen_fast.hf`) is imported only when a model of that family is wrapped.
 """
 
 from __future__ import annotations
 
 import copy
+import importlib
 import weakref
 from collections.abc import Callable, Sequence
 
@@ -318,6 +323,16 @@ def _article_adapter(model) -> Decoder | None:
 
 
 ADAPTERS: list[Callable[[object], Decoder | None]] = [_article_adapter]
+# Top-level package of a model's class -> the module whose import registers its adapter.
+ADAPTER_MODULES: dict[str, str] = {"transformers": "lmgen_fast.hf"}
+
+
+def load_adapter_for(model) -> None:
+    """Import the adapter module registered for ``model``'s family, if any (once)."""
+    family = type(model).__module__.split(".", 1)[0]
+    name = ADAPTER_MODULES.get(family)
+    if name is not None:
+        importlib.import_module(name)
 
 
 def model_device(model) -> torch.device:
@@ -350,10 +365,9 @@ def wrap(model, device: torch.device | str | None = None) -> Decoder:
     """
     if isinstance(model, nn.Module):
         model.eval()  # as the article's generate() does
-    if type(model).__module__.startswith("transformers"):
-        # Imported only here, so that lmgen_fast never imports transformers (an optional
-        # extra) by itself; the import registers the Hugging Face adapter in ADAPTERS.
-        from . import hf  # noqa: F401
+    # Loaded only here, so that lmgen_fast never imports transformers (an optional extra)
+    # by itself; the import registers the Hugging Face adapter in ADAPTERS.
+    load_adapter_for(model)
     for adapter in ADAPTERS:
         decoder = adapter(model)
         if decoder is not None:

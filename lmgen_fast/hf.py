@@ -1,8 +1,10 @@
 """Hugging Face transformers models: ``wrap()`` adapters and exact weight conversion.
 
 Importing this module imports transformers (the ``hf`` extra) and registers
-:func:`hf_adapter` ahead of the other adapters in :data:`lmgen_fast.decoder.ADAPTERS`;
-``wrap`` imports it by itself when it meets a model whose class comes from transformers.
+:func:`hf_adapter` ahead of the other adapters in :data:`lmgen_fast.decoder.ADAPTERS`, and
+:func:`from_hf` / :func:`to_hf` in :data:`lmgen_fast.models.llama.CONVERTERS`. ``wrap`` and
+``LlamaForPretraining.from_hf`` / ``.to_hf`` import it by name when first needed, so this
+module depends on them and they never import it.
 
 * A ``LlamaForCausalLM`` that our Llama covers (SiLU MLP, plain or ``llama3`` RoPE, tied or
   untied embeddings, optional biases, any ``head_dim``) runs our cached Llama on the model's
@@ -35,7 +37,7 @@ from .decoder import (
     set_path,
     share_weights,
 )
-from .models.llama import LlamaConfig, LlamaForPretraining
+from .models.llama import CONVERTERS, LlamaConfig, LlamaForPretraining
 
 __all__ = [
     "HFCacheDecoder",
@@ -402,6 +404,7 @@ if hf_adapter not in ADAPTERS:
     # Ahead of the article-layout adapter, which would take a LlamaForCausalLM (its
     # ``base_model`` is the LlamaModel) without reading head_dim, biases or rope scaling.
     ADAPTERS.insert(0, hf_adapter)
+CONVERTERS.update(from_hf=from_hf, to_hf=to_hf)
 
 
 def load_hf_checkpoint(directory, device=None, dtype: torch.dtype = torch.float32):

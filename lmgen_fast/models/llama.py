@@ -7,7 +7,9 @@ values at per-row positions and attend over the cache: a prefill, then one-token
 
 from __future__ import annotations
 
+import importlib
 import math
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields
 
 import torch
@@ -318,6 +320,38 @@ def full_attention_mask(attn_mask: torch.Tensor | None, t: int, device) -> torch
     return (causal & keep) | eye
 
 
+# Conversions to and from other libraries' models, registered by the modules that implement
+# them (lmgen_fast.hf registers "from_hf" and "to_hf" when imported). The model does not
+# import its converters: they depend on it, and on an optional library.
+CONVERTERS: dict[str, Callable] = {}
+CONVERTER_MODULES: dict[str, str] = {"from_hf": "lmgen_fast.hf", "to_hf": "lmgen_fast.hf"}
+
+
+def converter(name: str) -> Callable:
+    """The registered conversion ``name``, importing the module that provides it if needed.
+
+    Parameters
+    ----------
+    name : str
+        ``"from_hf"`` or ``"to_hf"`` (or a name another module registered in
+        :data:`CONVERTERS`).
+
+    Returns
+    -------
+    callable
+
+    Raises
+    ------
+    ImportError
+        The providing module (e.g. transformers for ``lmgen_fast.hf``) is not installed.
+    KeyError
+        No module provides ``name``.
+    """
+    if name not in CONVERTERS and name in CONVERTER_MODULES:
+        importlib.import_module(CONVERTER_MODULES[name])
+    return CONVERTERS[name]
+
+
 class LlamaForPretraining(nn.Module):
     """The article's Llama decoder with an untied ``lm_head`` (tied if the config says so).
 
@@ -348,18 +382,14 @@ class LlamaForPretraining(nn.Module):
 
         See :func:`lmgen_fast.hf.from_hf`.
         """
-        from ..hf import from_hf
-
-        return from_hf(model)
+        return converter("from_hf")(model)
 
     def to_hf(self):
         """An exact copy as a transformers ``LlamaForCausalLM`` (``base_model.`` -> ``model.``).
 
         See :func:`lmgen_fast.hf.to_hf`.
         """
-        from ..hf import to_hf
-
-        return to_hf(self)
+        return converter("to_hf")(self)
 
     def forward(self, input_ids: torch.Tensor, attn_mask: torch.Tensor | None = None):
         """Full recompute: int64 ``input_ids`` ``[B, T]`` -> logits ``[B, T, V]``.
