@@ -148,6 +148,11 @@ def test_bench_prints_a_table(capsys):
     out = capsys.readouterr().out
     assert "article loop" in out and "lmgen-fast generate" in out
     assert "reference.sample" in out and "device:" in out
+    # A figure copied from the table carries its command, machine and model with it.
+    lines = out.splitlines()
+    assert lines[0] == "command: lmgen-fast bench --device cpu --max-tokens 8 --calls 2"
+    assert lines[1].startswith("device: ") and lines[2].startswith("model: embedded default")
+    assert "speed-up (embedded model, this device)" in out
 
 
 def test_prompt_that_is_not_utf8_is_a_usage_error():
