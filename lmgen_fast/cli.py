@@ -366,8 +366,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    # Run the importable module's main(), not this __main__ copy: modules that import
-    # lmgen_fast.cli (the run command) must see the same CLIError class as main() catches.
+    # Run the importable module's main(), not this __main__ copy, so that one registry of
+    # commands exists however the command was started (`python -m lmgen_fast.cli`).
     from lmgen_fast.cli import main as _main
 
     sys.exit(_main())
