@@ -287,7 +287,9 @@ def prepare_output(output: str | Path, manifest: Mapping, *, overwrite: bool) ->
         return note
     hint = (f"pass --overwrite to start afresh (the old output is kept as "
             f"{backup_path(output).name}), or choose another --output")
-    if old is None:
+    if old is None or not exists:
+        # A manifest without results (a run that stopped before its first row) protects
+        # nothing: this run's replaces it.
         if exists:
             raise ManifestMismatch(
                 f"{output} holds results but no manifest ({manifest_path(output).name}), so "

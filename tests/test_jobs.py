@@ -386,6 +386,18 @@ def test_output_without_manifest_is_refused(checkpoint, tmp_path, capsys):
     assert out.read_bytes() == before and not manifest_path(out).exists()
 
 
+def test_a_manifest_without_results_does_not_block_a_new_run(checkpoint, tmp_path, capsys):
+    inp = write_jsonl(tmp_path / "in.jsonl", [{"id": 1, "prompt": "the fox", "max_tokens": 400}])
+    out = tmp_path / "out.jsonl"
+    # Refused after the manifest was written: the row does not fit the model.
+    assert run(checkpoint, inp, out) == 2
+    assert "max_position_embeddings" in capsys.readouterr().err
+    assert manifest_path(out).exists() and not out.exists()
+    fixed = write_jsonl(tmp_path / "fixed.jsonl", [{"id": 1, "prompt": "the fox"}])
+    assert run(checkpoint, fixed, out, "--max-tokens", "3") == 0
+    assert set(read_results(out)) == {"1"}
+
+
 def test_overwrite_keeps_the_old_output_and_starts_afresh(checkpoint, tmp_path, capsys):
     inp = write_jsonl(tmp_path / "in.jsonl", prompts(8))
     out = tmp_path / "out.jsonl"
