@@ -88,6 +88,17 @@ class _Layout:
     kernel: bool
     device: torch.device
 
+    @property
+    def resident(self) -> bool:
+        """The step never waits for the host: the kernels, or the reference's device path
+        off the CPU. Such a step reports bad rows in status bits and can be captured."""
+        return resident(self.kernel, self.device)
+
+
+def resident(kernel: bool, device: torch.device) -> bool:
+    """Whether a step with these choices samples without host round trips."""
+    return kernel or device.type != "cpu"
+
 
 class _State:
     """The device tensors of one decode; the next decode with the same layout reuses them."""
@@ -151,7 +162,7 @@ class _State:
         window = _window(self.hist, self.hlen, self.ranges, width) if width > 0 else None
         active = ~self.done
         slp: SampleLogprobs | None = None
-        if lay.kernel or lay.device.type != "cpu":
+        if lay.resident:
             if lay.kernel:
                 tokens, status = kernel_sampler.guarded_launch(
                     logits, self.packed, window, self.step.expand(lay.batch),
@@ -283,8 +294,8 @@ class _Run:
                              or r.presence_penalty != 0.0 for r in rows)
         top_n = max(r.logprobs for r in rows) if return_logprobs else 0
         # The reference off the CPU is capturable too (reference.sample_on_device).
-        resident = kernel or device.type != "cpu"
-        graphs = _graph_backend(device) if cuda_graph and resident else None
+        sync_free = resident(kernel, device)
+        graphs = _graph_backend(device) if cuda_graph and sync_free else None
         # Top alternatives need a host decision per step (reference._top_logprobs).
         self.graph_cls = graphs if decoder.graphable and not top_n else None
         if decoder in _eager_decoders:
@@ -296,7 +307,7 @@ class _Run:
             width = min(hist, max(r.repetition_penalty_range or hist for r in rows))
         packed = PackedParams.from_rows(rows, device)
         max_top_k, nucleus = 0, 0
-        if kernel or device.type != "cpu":
+        if sync_free:
             max_top_k, draw, nucleus_rows = kernel_sampler.host_hints(rows, packed, batch)
             nucleus = kernel_sampler.NUCLEUS_CANDIDATES if nucleus_rows else 0
             if draw:
@@ -383,7 +394,7 @@ class _Run:
                     for t in block[r][start - lo:end - lo]:
                         self.callback(r, t)
         self.delivered = count
-        if st.layout.kernel or st.layout.device.type != "cpu":
+        if st.layout.resident:
             bad = st.bad_step.tolist()
             if max(bad) >= 0:
                 first = min(b for b in bad if b >= 0)

@@ -30,6 +30,19 @@ def require_kernel_runtime() -> None:
         pytest.skip("no CUDA and TRITON_INTERPRET is not 1", allow_module_level=True)
 
 
+class StandInGraph:
+    """Base of the CPU stand-ins for :class:`lmgen_fast.engine._CudaGraph`: the engine hands
+    it the state, warms a step up by running it, then captures and replays; subclasses say
+    what capture and replay do."""
+
+    def __init__(self, state):
+        pass
+
+    @staticmethod
+    def warm(fn):
+        fn()
+
+
 CORPUS = [
     "The quick brown fox jumps over the lazy dog.",
     "A language model predicts the next token from the ones before it.",

@@ -21,7 +21,7 @@ from lmgen_fast import SamplingParams, engine, fused_step, kernel_sampler, refer
 from lmgen_fast.decoder import wrap
 from lmgen_fast.params import PackedParams
 
-from conftest import random_model, require_kernel_runtime
+from conftest import StandInGraph, random_model, require_kernel_runtime
 
 aten = torch.ops.aten
 # Ops that wait for the device, or whose output shape depends on the data.
@@ -72,19 +72,12 @@ class HostWaits(TorchDispatchMode):
         return out
 
 
-class CheckedCapture:
+class CheckedCapture(StandInGraph):
     """A stand-in CUDA graph: the warm-up runs the step, the capture runs it again under
     :class:`HostWaits`."""
 
     found: list[str] = []
     captures = 0
-
-    def __init__(self, state):
-        pass
-
-    @staticmethod
-    def warm(fn):
-        fn()
 
     def capture(self, fn):
         with HostWaits() as mode:

@@ -20,23 +20,23 @@ from lmgen_fast import SamplingParams, engine, generate_batch
 from lmgen_fast.decoder import Decoder, decoder_for, release, wrap
 from lmgen_fast.engine import DecodeOutOfMemory, GenerationError, generate_ids
 
-from conftest import DEVICE, assert_frequencies_match, gpu, random_model, require_kernel_runtime
+from conftest import (
+    DEVICE,
+    StandInGraph,
+    assert_frequencies_match,
+    gpu,
+    random_model,
+    require_kernel_runtime,
+)
 from test_models import article_model
 
 
-class ClosureGraph:
+class ClosureGraph(StandInGraph):
     """CPU stand-in for a CUDA graph: capture records the step without running it, replay
     re-runs it; like a real graph, nothing of the host loop runs in between."""
 
     captured = 0
     replays = 0
-
-    def __init__(self, state):
-        pass
-
-    @staticmethod
-    def warm(fn):
-        fn()
 
     def capture(self, fn):
         self.fn = fn

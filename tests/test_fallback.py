@@ -18,7 +18,7 @@ from lmgen_fast import SamplingParams, engine, kernel_sampler, reference
 from lmgen_fast.decoder import wrap
 from lmgen_fast.engine import generate_ids
 
-from conftest import random_model, require_kernel_runtime
+from conftest import StandInGraph, random_model, require_kernel_runtime
 
 
 class FakeCompilationError(Exception):
@@ -117,17 +117,10 @@ def test_engine_runs_the_reference_when_the_kernels_fail(small_model, broken_ker
     assert len(broken_kernels) == 1
 
 
-class FailingCapture:
+class FailingCapture(StandInGraph):
     """A stand-in CUDA graph whose capture fails, as one that meets a sync would."""
 
     captures = 0
-
-    def __init__(self, state):
-        pass
-
-    @staticmethod
-    def warm(fn):
-        fn()
 
     def capture(self, fn):
         FailingCapture.captures += 1
