@@ -92,7 +92,7 @@ def sampler_us(model: LlamaForPretraining) -> float:
     def sample() -> None:  # reads the state, writes only its own outputs
         window = engine._window(state.hist, state.hlen, state.ranges, lay.width) \
             if lay.width else None
-        kernel_sampler.launch(logits, state.packed, window, state.step.expand(lay.batch),
+        kernel_sampler.launch(logits, state.packed, window, state.step,
                               max_top_k=lay.max_top_k, draw_seeds=False,
                               nucleus_candidates=lay.nucleus)
 

@@ -118,7 +118,9 @@ class _State:
         self.done = torch.zeros(b, dtype=torch.bool, device=dev)
         self.bad_step = torch.full((b,), -1, **i64)
         self.bad_bits = torch.zeros(b, dtype=torch.int32, device=dev)
-        self.step = torch.zeros(1, **i64)
+        # Each row's own step: it keys the row's noise and is the column its token goes to,
+        # so a row's draws never depend on when it started or on its batch mates.
+        self.step = torch.zeros(b, **i64)
         self.rows = torch.arange(b, device=dev)
         self.packed = PackedParams(**{k: v.clone() if isinstance(v, torch.Tensor) else v
                                       for k, v in vars(packed).items()})
@@ -152,11 +154,10 @@ class _State:
         self.bad_bits.zero_()
         self.step.zero_()
 
-    def sample(self, logits: torch.Tensor, step: int | None, width: int) -> None:
+    def sample(self, logits: torch.Tensor, width: int) -> None:
         """Sample every row from ``logits`` ``[B, V]`` and book the tokens (device only).
 
-        ``step`` is the host's step number for the reference sampler (None inside a graph:
-        the kernel reads the step from ``self.step``); ``width`` the penalty window.
+        The noise of row ``r`` is keyed on ``self.step[r]``; ``width`` is the penalty window.
         """
         lay = self.layout
         window = _window(self.hist, self.hlen, self.ranges, width) if width > 0 else None
@@ -165,14 +166,14 @@ class _State:
         if lay.resident:
             if lay.kernel:
                 tokens, status = kernel_sampler.guarded_launch(
-                    logits, self.packed, window, self.step.expand(lay.batch),
+                    logits, self.packed, window, self.step,
                     max_top_k=lay.max_top_k, draw_seeds=False, nucleus_candidates=lay.nucleus,
                     logprob_out=self.lp,
                 )
             else:
                 # The reference off the CPU (the GPU fallback): fixed shapes, no host wait.
                 tokens, status, token_lp = reference.sample_on_device(
-                    logits, self.packed, window, self.step.expand(lay.batch),
+                    logits, self.packed, window, self.step,
                     draw_seeds=False, return_logprobs=lay.logprobs and not lay.top_n)
             bits = status & ~kernel_sampler.STATUS_SLOW
             newly = active & (bits != 0)
@@ -186,17 +187,17 @@ class _State:
                 slp = (reference.raw_logprobs(logits, tokens, lay.top_n) if lay.top_n else
                        SampleLogprobs(token_lp, None, None))
         else:
-            got = reference.sample(logits, self.packed, window, step=step,
+            got = reference.sample(logits, self.packed, window, step=self.step,
                                    return_logprobs=lay.logprobs)
             tokens, slp = got if lay.logprobs else (got, None)
         eot = tokens == lay.eos
-        col = self.step
-        self.out.index_copy_(1, col, tokens.unsqueeze(1))
+        at = (self.rows, self.step)
+        self.out.index_put_(at, tokens)
         if slp is not None:
-            self.token_lp.index_copy_(1, col, slp.token_logprob.float().unsqueeze(1))
+            self.token_lp.index_put_(at, slp.token_logprob.float())
             if self.top_ids is not None:
-                self.top_ids.index_copy_(1, col, slp.top_ids.unsqueeze(1))
-                self.top_lp.index_copy_(1, col, slp.top_logprobs.float().unsqueeze(1))
+                self.top_ids.index_put_(at, slp.top_ids)
+                self.top_lp.index_put_(at, slp.top_logprobs.float())
         self.count.add_(active & ~eot)
         self.done.logical_or_(~active | eot | (self.count >= self.max_tokens))
         self.hist.index_put_((self.rows, self.hlen), tokens)
@@ -349,7 +350,7 @@ class _Run:
         """Run decode step ``step`` (the model on the last tokens, then sampling)."""
         st, dec = self.state, self.decoder
         if self.graph_cls is None:
-            st.sample(dec.decode(st.tokens), step, self.width(step))
+            st.sample(dec.decode(st.tokens), self.width(step))
             return
         kv = dec.advance()
         graph = st.graphs.get(kv)
@@ -361,7 +362,7 @@ class _Run:
         # Only tensors that outlive this call are touched: the graph is replayed by
         # later calls that reuse this state and decoder.
         def fn() -> None:
-            st.sample(dec.step(st.tokens, kv), None, width)
+            st.sample(dec.step(st.tokens, kv), width)
 
         graph = self.graph_cls(st)
         graph.warm(fn)  # a real step: this one
@@ -415,7 +416,7 @@ class _Run:
     def loop(self) -> None:
         step = 0
         try:
-            self.state.sample(self.first_logits, 0, self.width(0))
+            self.state.sample(self.first_logits, self.width(0))
             self.first_logits = None
             step = 1
             while True:

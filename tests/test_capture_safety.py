@@ -146,7 +146,7 @@ def test_the_captured_step_never_waits_for_the_device(meta_engine, monkeypatch, 
     assert run.state.layout.kernel == (backend == "triton")
     assert getattr(decoder, "fused", False) == (backend == "triton")  # the fused step, checked
     assert run.graph_cls is CheckedCapture
-    run.state.sample(run.first_logits, 0, run.width(0))
+    run.state.sample(run.first_logits, run.width(0))
     for step in range(1, 10):
         run.advance(step)
     assert meta_engine.captures >= 2
@@ -158,8 +158,8 @@ def test_the_check_finds_a_host_sync(meta_engine, monkeypatch):
     """The mode is not blind: a step that reads a value on the host is caught."""
     original = engine._State.sample
 
-    def syncing(self, logits, step, width):
-        original(self, logits, step, width)
+    def syncing(self, logits, width):
+        original(self, logits, width)
         if bool(self.done.any()):  # a host decision inside the step
             pass
 
@@ -172,7 +172,7 @@ def test_the_check_finds_a_host_sync(meta_engine, monkeypatch):
         run.advance(1)
     mode = HostWaits()
     with mode, pytest.raises(RuntimeError, match="meta"):
-        syncing(run.state, run.first_logits, None, 0)
+        syncing(run.state, run.first_logits, 0)
     assert any("_local_scalar_dense" in f or "is_nonzero" in f for f in mode.found)
 
 
