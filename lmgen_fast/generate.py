@@ -21,6 +21,8 @@ from .engine import (  # noqa: F401  (re-exported: jobs and users import them fr
 )
 from .params import SamplingParams
 from .sampling import resolve_backend
+from .speculative import check_num_speculative_tokens, make_drafter
+from .speculative import generate_ids as speculative_ids
 from .tokenization import adapt_tokenizer
 
 
@@ -30,7 +32,10 @@ class Generation:
 
     ``logprobs`` holds the raw log-probability of each token of ``token_ids``;
     ``top_logprobs`` the row's ``logprobs`` best ``(token_id, logprob)`` pairs per token, most
-    probable first (``None`` when the row's ``logprobs`` is 0).
+    probable first (``None`` when the row's ``logprobs`` is 0). With ``speculative=``,
+    ``target_forwards`` counts the target's forwards the row took part in (its prefill
+    included) and ``accepted_drafts`` the drafted tokens the target confirmed; both are
+    None otherwise.
     """
 
     text: str
@@ -38,6 +43,8 @@ class Generation:
     finish_reason: str  # "eot" or "length"
     logprobs: list[float] = field(default_factory=list)
     top_logprobs: TopLogprobs | None = None
+    target_forwards: int | None = None
+    accepted_drafts: int | None = None
 
 
 def _check_max_tokens(max_tokens, batch: int) -> list[int]:
@@ -106,6 +113,8 @@ def generate_batch(
     logprobs: int = 0,
     cuda_graph: bool = True,
     sync_every: int | None = None,
+    speculative=None,
+    num_speculative_tokens: int = 4,
 ) -> list[str] | list[Generation]:
     """Generate a continuation for every prompt, in one batch.
 
@@ -137,6 +146,16 @@ def generate_batch(
     sync_every : int, optional
         Steps between the host's looks at the device (stop when all rows are done, hand
         tokens to ``callback``); default 16 on CUDA, 1 on the CPU.
+    speculative : "ngram", a model, or a drafter, optional
+        Speculative decoding (:mod:`lmgen_fast.speculative`): each round, the drafter proposes
+        ``num_speculative_tokens`` tokens per row and one forward of ``model`` checks them
+        all. Seeded and greedy rows get plain decoding's tokens (up to a near-tie of the
+        logits' rounding); unseeded rows draw from the same distribution. "ngram" looks the
+        row's last tokens up in its prompt and output; a model (with the same tokenizer)
+        drafts by sampling with the row's own noise. Needs a model run with lmgen-fast's
+        own KV cache (a ValueError otherwise); the sampler is the reference (no CUDA graphs).
+    num_speculative_tokens : int
+        Drafts per row and round (``k >= 1``).
 
     Returns
     -------
@@ -158,11 +177,23 @@ def generate_batch(
     caps = _check_max_tokens(max_tokens, batch)
     resolve_backend(backend, "cpu")  # validates the name before any work
     check_sync_every(sync_every)
+    if speculative is not None:
+        check_num_speculative_tokens(num_speculative_tokens)
+        speculative = make_drafter(speculative)
     tok = adapt_tokenizer(tokenizer, bos_token, eos_token)
     ids = [tok.encode_prompt(p) for p in prompts]
     if batch == 0:
         return []
     decoder = decoder_for(model, device)
+    if speculative is not None:
+        results, lps, stats = speculative_ids(
+            decoder, ids, rows, caps, tok.eos_id, speculative=speculative,
+            num_speculative_tokens=num_speculative_tokens, callback=callback,
+            return_logprobs=return_details)
+        if not return_details:
+            return [tok.decode(o) for o, _ in results]
+        return [Generation(tok.decode(o), o, r, lp.logprobs, lp.top_logprobs, *st)
+                for (o, r), lp, st in zip(results, lps, stats, strict=True)]
     options = dict(backend=backend, callback=callback, cuda_graph=cuda_graph,
                    sync_every=sync_every)
     if return_details:
@@ -198,6 +229,8 @@ def generate(
     presence_penalty: float = 0.0,
     cuda_graph: bool = True,
     sync_every: int | None = None,
+    speculative=None,
+    num_speculative_tokens: int = 4,
 ) -> str:
     """Drop-in for the article's ``generate()``: same arguments, same distribution, cached.
 
@@ -222,7 +255,7 @@ def generate(
         ``callback(token_id)`` for each new token as it is produced.
     top_p, min_p, frequency_penalty, presence_penalty
         Beyond the article (see :class:`SamplingParams`); the defaults turn them off.
-    cuda_graph, sync_every
+    cuda_graph, sync_every, speculative, num_speculative_tokens
         As for :func:`generate_batch`.
 
     Returns
@@ -244,4 +277,5 @@ def generate(
         callback=None if callback is None else (lambda _row, t: callback(t)),
         top_p=top_p, min_p=min_p, frequency_penalty=frequency_penalty,
         presence_penalty=presence_penalty, cuda_graph=cuda_graph, sync_every=sync_every,
+        speculative=speculative, num_speculative_tokens=num_speculative_tokens,
     )[0]

@@ -1,0 +1,459 @@
+"""Speculative decoding that returns exactly the tokens of plain decoding.
+
+A seeded row's token at step ``s`` is the winner of the race ``argmax_i(z_i + g(seed, s, i))``
+(docs/semantics.md section 4): the noise is a pure function of (seed, step, token). So a
+proposed token is checked by running the target's own race at that step, with the same
+noise: it is accepted iff it is the target's winner. At the first mismatch the row takes the
+target's winner and the round ends. Each round is one target forward over ``k + 1``
+positions of every row (the row's last token, then its ``k`` drafts, at the row's own
+positions) and ONE sampler call on the flattened ``[B * (k + 1), V]`` logits: position ``j``
+of a row samples with its step ``s + j`` and the penalty window of its history plus its
+first ``j`` drafts. A row keeps its accepted drafts and one token of the target's, so a
+round gives each row 1 to ``k + 1`` tokens; only the number of target forwards changes.
+
+Drafters (:class:`NgramDrafter`, :class:`ModelDrafter`) propose ``[B, k]`` tokens, ``-1``
+where they have nothing (such a position is never accepted). Cache slots past a row's
+accepted prefix hold rejected drafts; they are overwritten by the next round, which starts
+at the row's last kept token.
+
+The one caveat: the verify forward over ``k + 1`` positions and a one-token decode step
+compute the same logits with a different summation order (a few ulps apart), so at a
+near-tie between the two best race keys a token can differ from plain decoding's.
+"""
+
+from __future__ import annotations
+
+import operator
+from collections.abc import Sequence
+from dataclasses import fields, replace
+from typing import NamedTuple, Protocol
+
+import torch
+
+from . import reference
+from .decoder import CachedLlamaDecoder, Decoder, wrap
+from .engine import GenerationError, RowLogprobs, TokenCallback, _window
+from .params import PackedParams, SamplingParams
+from .reference import EmptyRowError
+
+NGRAM_MAX = 3  # the ngram drafter matches the row's last 3, then 2, then 1 tokens
+
+
+class RowStats(NamedTuple):
+    """One row's cost: target forwards it took part in (the prefill included) and drafted
+    tokens the target confirmed and the row used."""
+
+    target_forwards: int
+    accepted_drafts: int
+
+
+class _Rows:
+    """The host and device state of one speculative batch, read by the drafters.
+
+    ``seqs[r]`` is row ``r``'s prompt and kept tokens; ``steps[r]`` the next step (tokens
+    sampled, EOT included): it keys the noise of the row's next token, as in the engine.
+    """
+
+    def __init__(self, prompts: Sequence[Sequence[int]], rows: Sequence[SamplingParams],
+                 max_tokens: Sequence[int], device: torch.device, hist_len: int):
+        batch = len(prompts)
+        self.device = device
+        self.seqs = [list(p) for p in prompts]
+        self.out: list[list[int]] = [[] for _ in prompts]
+        self.max_tokens = list(max_tokens)
+        self.done = [m == 0 for m in max_tokens]
+        self.steps = [0] * batch
+        self.forwards = [0] * batch
+        self.accepted = [0] * batch
+        self.token_lp: list[list[float]] = [[] for _ in prompts]
+        self.top: list[list[list[tuple[int, float]]]] = [[] for _ in prompts]
+        packed = PackedParams.from_rows(rows, device)
+        # Unseeded rows draw their seed once (as the engine does on the GPU): each row then
+        # races, so a draft can be checked against the target's own draw.
+        drawn = torch.randint(0, 2**62, (batch,), device=device)
+        self.packed = replace(packed, seed=torch.where(packed.seeded, packed.seed, drawn),
+                              seeded=torch.ones_like(packed.seeded))
+        self.penalized = any(r.repetition_penalty != 1.0 or r.frequency_penalty != 0.0
+                             or r.presence_penalty != 0.0 for r in rows)
+        self.range_list = [r.repetition_penalty_range for r in rows]
+        self.ranges = torch.tensor(self.range_list, device=device)
+        base = [len(p) if r.penalty_scope == "all" else 0
+                for p, r in zip(prompts, rows, strict=True)]
+        self.hlen = list(base)
+        self.hist = None
+        if self.penalized:
+            self.hist = torch.full((batch, hist_len), -1, dtype=torch.int64)
+            for i, p in enumerate(prompts):
+                self.hist[i, : base[i]] = torch.as_tensor(p[: base[i]], dtype=torch.int64)
+            self.hist = self.hist.to(device)
+
+    @property
+    def batch(self) -> int:
+        return len(self.seqs)
+
+    def active(self) -> list[int]:
+        return [r for r, d in enumerate(self.done) if not d]
+
+    def sample(self, logits: torch.Tensor, drafts: torch.Tensor, offset: int = 0,
+               return_logprobs: bool = False) -> reference.SampleResult:
+        """Sample every position of every row in one sampler call.
+
+        Parameters
+        ----------
+        logits : Tensor
+            ``[B, T, V]`` float: position ``t`` is the model's prediction after the row's
+            kept tokens and ``drafts[:, :offset + t]``.
+        drafts : LongTensor
+            ``[B, D]`` int64, ``D >= offset + T - 1``, ``-1`` for no draft.
+        offset : int
+            Drafts already before position 0.
+        return_logprobs : bool
+            Also the raw log-probabilities (with the rows' top alternatives).
+
+        Returns
+        -------
+        SampleResult
+            ``tokens`` and ``status`` ``[B * T]`` (row-major), never raising for a row with
+            nothing to sample: only positions a row keeps are checked, by the caller.
+        """
+        batch, t, vocab = logits.shape
+        dev = logits.device
+        flat = PackedParams(**{f.name: (v.repeat_interleave(t) if isinstance(v, torch.Tensor)
+                                        else v)
+                               for f in fields(PackedParams)
+                               for v in [getattr(self.packed, f.name)]})
+        ahead = torch.arange(t, device=dev)
+        steps = (torch.tensor(self.steps, device=dev).unsqueeze(1) + offset + ahead).flatten()
+        window = None
+        if self.penalized:
+            hlen = torch.tensor(self.hlen, device=dev)
+            hist = self.hist
+            used = offset + t - 1  # drafts that some position's window reads
+            if used > 0:
+                cols = (hlen.unsqueeze(1) + torch.arange(used, device=dev))
+                hist = torch.cat([hist, hist.new_full((batch, used), -1)], dim=1)
+                hist.scatter_(1, cols, drafts[:, :used])
+            hlens = (hlen.unsqueeze(1) + offset + ahead).flatten()
+            # As wide as the widest window any position reads (engine.Run.width).
+            longest = [h + offset + t - 1 for h in self.hlen]
+            width = max(min(rng or h, h) for rng, h in zip(self.range_list, longest, strict=True))
+            window = _window(hist.repeat_interleave(t, dim=0), hlens,
+                             self.ranges.repeat_interleave(t), max(width, 1))
+        return reference.sample(logits.reshape(batch * t, vocab), flat, window, step=steps,
+                                return_logprobs=return_logprobs, check=False,
+                                on_device=dev.type != "cpu")
+
+    def book(self, got: reference.SampleResult, drafts: list[list[int]], t: int, eos_id: int,
+             callback: TokenCallback | None) -> None:
+        """Keep each active row's accepted drafts and the target's token after them."""
+        tokens = got.tokens.view(self.batch, t).tolist()
+        status = got.status.view(self.batch, t).tolist()
+        lps = None
+        if got.logprobs is not None:
+            lp = got.logprobs
+            n = lp.top_ids.shape[1]
+            lps = (lp.token_logprob.view(self.batch, t).tolist(),
+                   lp.top_ids.view(self.batch, t, n).tolist(),
+                   lp.top_logprobs.view(self.batch, t, n).tolist())
+        hist_rows, hist_cols, hist_vals = [], [], []
+        for r in self.active():
+            self.forwards[r] += 1
+            kept = len(self.out[r])
+            for j in range(t):
+                if status[r][j]:
+                    exc = EmptyRowError([r])
+                    raise GenerationError(f"at step {self.steps[r]}: {exc}", self.partial())
+                tok = tokens[r][j]
+                self.steps[r] += 1
+                hist_rows.append(r)
+                hist_cols.append(self.hlen[r])
+                hist_vals.append(tok)
+                self.hlen[r] += 1
+                hit = j < len(drafts[r]) and drafts[r][j] == tok
+                self.accepted[r] += hit
+                if tok == eos_id:
+                    self.done[r] = True
+                    break
+                self.out[r].append(tok)
+                self.seqs[r].append(tok)
+                if lps is not None:
+                    self.token_lp[r].append(lps[0][r][j])
+                    self.top[r].append(list(zip(lps[1][r][j], lps[2][r][j], strict=True)))
+                if len(self.out[r]) >= self.max_tokens[r]:
+                    self.done[r] = True
+                    break
+                if not hit:
+                    break
+            if callback is not None:
+                for tok in self.out[r][kept:]:
+                    callback(r, tok)
+        if self.hist is not None and hist_rows:
+            at = (torch.tensor(hist_rows, device=self.device),
+                  torch.tensor(hist_cols, device=self.device))
+            self.hist.index_put_(at, torch.tensor(hist_vals, device=self.device))
+
+    def partial(self) -> list[list[int]]:
+        return [list(o) for o in self.out]
+
+
+class Drafter(Protocol):
+    """Proposes tokens for every row of a speculative batch."""
+
+    def start(self, rows: _Rows, prompts: Sequence[Sequence[int]], max_new: int) -> None:
+        """Called once after the target's prefill, before the first round."""
+
+    def propose(self, rows: _Rows, k: int) -> torch.Tensor:
+        """``[B, k]`` int64 on the rows' device: each row's guesses for its next ``k``
+        tokens, ``-1`` where it has none."""
+
+
+class NgramDrafter:
+    """Prompt lookup: the tokens that followed the latest earlier occurrence of the row's
+    last ``n`` tokens (``n`` from 3 down to 1) in its prompt and output.
+
+    Each row keeps, for every n-gram that has a successor, where its latest occurrence
+    ends; indexing a new token costs O(1). A match near the end copies on into the tokens
+    it proposes itself (as an overlapping copy would), so a repeating cycle is proposed in
+    full.
+    """
+
+    def __init__(self, max_n: int = NGRAM_MAX):
+        self.max_n = max_n
+
+    def start(self, rows: _Rows, prompts: Sequence[Sequence[int]], max_new: int) -> None:
+        self.index: list[dict[tuple[int, ...], int]] = [{} for _ in prompts]
+        self.seen = [0] * len(prompts)
+
+    def _catch_up(self, r: int, seq: list[int]) -> None:
+        index = self.index[r]
+        for m in range(max(self.seen[r], 1), len(seq)):
+            # Token m follows the n-grams that end at m - 1: latest occurrence wins.
+            for n in range(1, min(self.max_n, m) + 1):
+                index[tuple(seq[m - n: m])] = m
+        self.seen[r] = len(seq)
+
+    def propose(self, rows: _Rows, k: int) -> torch.Tensor:
+        out = []
+        for r, seq in enumerate(rows.seqs):
+            guess: list[int] = []
+            if not rows.done[r]:
+                self._catch_up(r, seq)
+                for n in range(min(self.max_n, len(seq)), 0, -1):
+                    follow = self.index[r].get(tuple(seq[-n:]))
+                    if follow is not None:
+                        ext = seq + guess
+                        for j in range(k):
+                            ext.append(ext[follow + j])
+                        guess = ext[len(seq):]
+                        break
+            out.append(guess + [-1] * (k - len(guess)))
+        return torch.tensor(out, dtype=torch.int64, device=rows.device).view(len(out), k)
+
+
+def _forward(decoder: CachedLlamaDecoder, ids: torch.Tensor, positions: torch.Tensor,
+             top: int) -> torch.Tensor:
+    """Logits ``[B, T, V]`` of ``ids`` ``[B, T]`` at ``positions`` ``[B, T]`` (highest
+    ``top``), writing the decoder's cache there."""
+    kv_len = min(decoder._round(top + 1), decoder.cache.max_len)
+    hidden = decoder.model.forward_cached(ids, positions, decoder.cache, kv_len=kv_len)
+    return decoder.model.lm_head(hidden)
+
+
+def _capacity(decoder: CachedLlamaDecoder) -> int:
+    """Positions a row may use in the decoder's cache."""
+    return min(decoder.cache.max_len, decoder.model.config.max_position_embeddings)
+
+
+class ModelDrafter:
+    """A smaller model proposes by sampling its own tokens with the target's noise keys.
+
+    Its draft ``j`` of a row is drawn like the target's token at step ``s + j``: the row's
+    parameters and seed, its penalty window with the drafts before it. Where the two
+    models' distributions are close, their races then often have the same winner. The
+    draft model keeps its own KV cache; each round it re-reads the row's last two kept
+    tokens (the last one is new to it, and after a fully accepted round so is the one
+    before), then runs ``k - 1`` one-token steps.
+
+    Parameters
+    ----------
+    model
+        Anything :func:`lmgen_fast.wrap` runs with a cache at per-row positions (our Llama,
+        a module laid out like the article's, a transformers Llama), with the target's
+        vocabulary; or such a decoder.
+    """
+
+    def __init__(self, model):
+        decoder = model if isinstance(model, Decoder) else wrap(model)
+        if not isinstance(decoder, CachedLlamaDecoder):
+            raise ValueError(
+                f"speculative= draft model must be one lmgen-fast runs with its own KV cache "
+                f"(a Llama); {type(model).__name__} runs on {type(decoder).__name__}")
+        self.decoder = decoder
+
+    def start(self, rows: _Rows, prompts: Sequence[Sequence[int]], max_new: int) -> None:
+        limit = self.decoder.model.config.max_position_embeddings
+        longest = max(len(p) for p in prompts)
+        logits = self.decoder.prefill(prompts, max(1, min(max_new, limit - longest + 1)))
+        self.vocab = logits.shape[-1]
+
+    def capacity(self) -> int:
+        return _capacity(self.decoder)
+
+    def propose(self, rows: _Rows, k: int) -> torch.Tensor:
+        dev = rows.device
+        batch = rows.batch
+        drafts = torch.full((batch, k), -1, dtype=torch.int64, device=dev)
+        cap = self.capacity() - 1
+        last = torch.tensor([s[-1] for s in rows.seqs], device=dev)
+        prev = torch.tensor([s[-2] if len(s) > 1 else s[-1] for s in rows.seqs], device=dev)
+        end = torch.tensor([len(s) - 1 for s in rows.seqs], device=dev)
+        pos = torch.stack([(end - 1).clamp_min(0), end], dim=1).clamp_max(cap)
+        ids = torch.stack([prev, last], dim=1)
+        logits = _forward(self.decoder, ids, pos, int(pos.max()))[:, -1:]
+        for j in range(k):
+            drafts[:, j] = rows.sample(logits, drafts, offset=j).tokens
+            if j + 1 < k:
+                pos = (end + j + 1).clamp_max(cap).view(-1, 1)
+                logits = _forward(self.decoder, drafts[:, j: j + 1], pos, int(pos.max()))
+        return drafts
+
+
+def make_drafter(speculative) -> Drafter:
+    """The drafter ``speculative=`` names: "ngram", a model (or decoder) to draft with, or
+    a drafter object (with ``start`` and ``propose``)."""
+    if isinstance(speculative, str):
+        if speculative == "ngram":
+            return NgramDrafter()
+        raise ValueError(f"speculative must be 'ngram', a draft model or a drafter, got "
+                         f"{speculative!r}")
+    if hasattr(speculative, "propose") and hasattr(speculative, "start"):
+        return speculative
+    return ModelDrafter(speculative)
+
+
+def check_num_speculative_tokens(k) -> int:
+    """Raise ValueError unless ``k`` is an int >= 1; return it."""
+    try:
+        if isinstance(k, bool):
+            raise TypeError
+        n = operator.index(k)
+    except TypeError:
+        raise ValueError(f"num_speculative_tokens must be an integer, got {k!r}") from None
+    if n < 1:
+        raise ValueError(f"num_speculative_tokens must be >= 1, got {k!r}")
+    return n
+
+
+@torch.inference_mode()
+def generate_ids(
+    decoder: Decoder,
+    prompts: Sequence[Sequence[int]],
+    rows: Sequence[SamplingParams],
+    max_tokens: Sequence[int],
+    eos_id: int,
+    *,
+    speculative,
+    num_speculative_tokens: int = 4,
+    callback: TokenCallback | None = None,
+    return_logprobs: bool = False,
+) -> tuple[list[tuple[list[int], str]], list[RowLogprobs], list[RowStats]]:
+    """:func:`lmgen_fast.engine.generate_ids` by speculative rounds: the same tokens.
+
+    Parameters
+    ----------
+    decoder
+        The target's decoder; it must be a :class:`~lmgen_fast.decoder.CachedLlamaDecoder`
+        (models run by full recompute or by transformers' own cache are refused).
+    prompts, rows, max_tokens, eos_id, callback
+        As for :func:`lmgen_fast.engine.generate_ids` (``callback`` once a round).
+    speculative
+        "ngram", a draft model (see :class:`ModelDrafter`) or a :class:`Drafter`.
+    num_speculative_tokens : int
+        Drafts per row and round, ``k >= 1``: each round's target forward covers ``k + 1``
+        positions of every row.
+    return_logprobs : bool
+        Fill the :class:`RowLogprobs` (empty lists otherwise).
+
+    Returns
+    -------
+    (pairs, logprobs, stats)
+        Per row ``(token_ids, finish_reason)``, its :class:`RowLogprobs` and its
+        :class:`RowStats`.
+
+    Raises
+    ------
+    ValueError
+        Bad ``speculative`` or ``num_speculative_tokens``, a decoder without a usable
+        cache, a draft model with another vocabulary.
+    GenerationError
+        A row had nothing to sample at a token it would keep.
+    """
+    k = check_num_speculative_tokens(num_speculative_tokens)
+    drafter = make_drafter(speculative)
+    if not isinstance(decoder, CachedLlamaDecoder):
+        raise ValueError(
+            f"speculative= needs a model lmgen-fast runs with its own KV cache (our Llama, a "
+            f"module laid out like the article's, a transformers Llama); this model runs on "
+            f"{type(decoder).__name__}")
+    batch = len(prompts)
+    total = max(max_tokens, default=0)
+    if total == 0:
+        return ([([], "length")] * batch,
+                [RowLogprobs([], [] if r.logprobs > 0 else None) for r in rows],
+                [RowStats(0, 0)] * batch)
+    if decoder.busy:
+        raise RuntimeError("this decoder is already generating; use another one (wrap(model)) "
+                           "for a nested call")
+    decoder.busy = True
+    try:
+        limit = decoder.model.config.max_position_embeddings
+        longest = max(len(p) for p in prompts)
+        # Room for the drafts of the last round where the positions allow it; rounds are
+        # shortened where they do not.
+        max_new = max(total, min(total + k, limit - longest + 1))
+        logits = decoder.prefill(prompts, max_new)
+        dev = logits.device
+        state = _Rows(prompts, rows, max_tokens, dev,
+                      max(len(p) for p in prompts) + total + k + 1)
+        drafter.start(state, prompts, max_new)
+        vocab = getattr(drafter, "vocab", logits.shape[-1])
+        if vocab != logits.shape[-1]:
+            raise ValueError(f"speculative= draft model has {vocab} tokens, the model "
+                             f"{logits.shape[-1]}: they must share the tokenizer")
+        none = torch.empty(batch, 0, dtype=torch.int64, device=dev)
+        state.book(state.sample(logits.unsqueeze(1), none, return_logprobs=return_logprobs),
+                   [[]] * batch, 1, eos_id, callback)
+        cap = _capacity(decoder)
+        if hasattr(drafter, "capacity"):
+            cap = min(cap, drafter.capacity() + 1)
+        while not all(state.done):
+            active = state.active()
+            room = min(cap - len(state.seqs[r]) for r in active)
+            left = max(state.max_tokens[r] - len(state.out[r]) for r in active)
+            kr = max(0, min(k, room, left - 1))
+            drafts = drafter.propose(state, kr) if kr else none
+            # Positions past every active row's last proposal cannot be accepted: a round
+            # without any proposal is a plain one-token step.
+            proposed = (drafts >= 0).cumprod(dim=1).sum(dim=1).tolist()
+            kr = max(proposed[r] for r in active)
+            drafts = drafts[:, :kr]
+            last = torch.tensor([s[-1] for s in state.seqs], device=dev)
+            ids = torch.cat([last.unsqueeze(1), drafts.clamp_min(0)], dim=1)
+            end = torch.tensor([len(s) - 1 for s in state.seqs], device=dev)
+            positions = (end.unsqueeze(1) + torch.arange(kr + 1, device=dev)).clamp_max(cap - 1)
+            logits = _forward(decoder, ids, positions, int(positions.max()))
+            got = state.sample(logits, drafts, return_logprobs=return_logprobs)
+            state.book(got, drafts.tolist(), kr + 1, eos_id, callback)
+    finally:
+        decoder.busy = False
+    pairs = [(o, "eot" if len(o) < m else "length")
+             for o, m in zip(state.out, max_tokens, strict=True)]
+    lps = [RowLogprobs(state.token_lp[r] if return_logprobs else [],
+                       (state.top[r] if return_logprobs else [])
+                       if rows[r].logprobs > 0 else None) for r in range(batch)]
+    top_n = [r.logprobs for r in rows]
+    lps = [RowLogprobs(lp.logprobs, None if lp.top_logprobs is None
+                       else [alts[:n] for alts in lp.top_logprobs])
+           for lp, n in zip(lps, top_n, strict=True)]
+    stats = [RowStats(f, a) for f, a in zip(state.forwards, state.accepted, strict=True)]
+    return pairs, lps, stats
