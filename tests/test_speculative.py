@@ -1,0 +1,282 @@
+"""Speculative decoding returns plain decoding's tokens (lmgen_fast.speculative).
+
+Seeded and greedy rows are compared token for token with plain decoding on the embedded
+model; unseeded rows by a chi-square test of the joint law of their first tokens against
+the exact one, computed here in float64 from full forwards. An oracle drafter (it knows
+plain decoding's output and errs where told) puts stops inside accepted runs and makes rows
+accept different counts, with the number of target forwards known in advance.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import pytest
+import torch
+from scipy import stats
+
+import lmgen_fast
+from lmgen_fast import SamplingParams, generate, generate_batch
+from lmgen_fast.models import LlamaConfig, LlamaForPretraining
+from lmgen_fast.speculative import NgramDrafter, RowStats
+
+from conftest import random_model
+
+SUBJECTS = ["The list type", "A dictionary maps keys", "The for statement", "import os",
+            "def main():", "Exceptions are raised", "class Point:", "The module search path"]
+TAILS = ["", " is used to", ". For example,", " returns a new"]
+
+
+def _prompts() -> list[str]:
+    out = []
+    for i, (s, t) in enumerate(itertools.product(SUBJECTS, TAILS)):
+        out.append(s + t)
+        # Half the prompts repeat themselves: text the ngram drafter finds again.
+        out.append(f"{s}{t} {s}{t} {s}" if i % 2 else f"{t} {s}.")
+    return out
+
+
+PROMPTS = _prompts()
+assert len(PROMPTS) == 64
+
+
+def _rows(greedy: bool) -> list[SamplingParams]:
+    rows = []
+    for i in range(len(PROMPTS)):
+        extra = dict(repetition_penalty=1.0 + 0.1 * (i % 4), repetition_penalty_range=i % 3 * 8,
+                     penalty_scope="all" if i % 5 == 0 else "generated",
+                     penalty_mode="once" if i % 7 == 0 else "per_occurrence",
+                     frequency_penalty=0.2 if i % 3 == 0 else 0.0,
+                     presence_penalty=0.3 if i % 4 == 1 else 0.0)
+        if greedy:
+            rows.append(SamplingParams(temperature=0.0, seed=i, **extra))
+        else:
+            rows.append(SamplingParams(temperature=0.8, top_k=(0, 40, 8)[i % 3],
+                                       top_p=(1.0, 0.9)[i % 2], seed=1000 + i, **extra))
+    return rows
+
+
+MAX_TOKENS = 32
+
+
+@pytest.fixture(scope="module")
+def default():
+    return lmgen_fast.load_default()
+
+
+@pytest.fixture(scope="module")
+def plain(default, one_thread):
+    model, tok = default
+    return {greedy: generate_batch(model, tok, PROMPTS, MAX_TOKENS, params=_rows(greedy),
+                                   return_details=True)
+            for greedy in (True, False)}
+
+
+def _compare(plain_rows, spec_rows) -> int:
+    """Rows whose tokens differ; every row must carry its counts."""
+    for g in spec_rows:
+        assert g.target_forwards >= 1 and 0 <= g.accepted_drafts
+        # Every target forward but the prefill gives one token beyond its accepted drafts.
+        assert len(g.token_ids) <= g.target_forwards + g.accepted_drafts
+    return sum(p.token_ids != s.token_ids or p.finish_reason != s.finish_reason
+               for p, s in zip(plain_rows, spec_rows, strict=True))
+
+
+def _random_draft(vocab: int) -> LlamaForPretraining:
+    torch.manual_seed(123)
+    cfg = LlamaConfig(vocab_size=vocab, max_position_embeddings=1024, hidden_size=64,
+                      intermediate_size=128, num_hidden_layers=1, num_attention_heads=4,
+                      num_key_value_heads=2)
+    return LlamaForPretraining(cfg).eval()
+
+
+def test_ngram_matches_plain_decoding(default, plain):
+    model, tok = default
+    differ, rows, accepted, forwards, tokens = 0, 0, 0, 0, 0
+    for greedy in (True, False):
+        spec = generate_batch(model, tok, PROMPTS, MAX_TOKENS, params=_rows(greedy),
+                              return_details=True, speculative="ngram",
+                              num_speculative_tokens=4)
+        differ += _compare(plain[greedy], spec)
+        rows += len(spec)
+        accepted += sum(g.accepted_drafts for g in spec)
+        forwards += sum(g.target_forwards for g in spec)
+        tokens += sum(len(g.token_ids) for g in spec)
+    assert differ <= rows // 100, f"{differ} of {rows} rows differ"
+    assert accepted > 0 and forwards < tokens  # the drafts saved forwards
+
+
+@pytest.mark.parametrize("draft", ["random", "self"])
+def test_draft_model_matches_plain_decoding(default, plain, draft):
+    model, tok = default
+    drafter = _random_draft(model.config.vocab_size) if draft == "random" else model
+    differ, rows, accepted, drafted_rounds = 0, 0, 0, 0
+    for greedy in (True, False):
+        spec = generate_batch(model, tok, PROMPTS, MAX_TOKENS, params=_rows(greedy),
+                              return_details=True, speculative=drafter,
+                              num_speculative_tokens=3)
+        differ += _compare(plain[greedy], spec)
+        rows += len(spec)
+        accepted += sum(g.accepted_drafts for g in spec)
+        drafted_rounds += sum(g.target_forwards - 1 for g in spec)
+    assert differ <= rows // 100, f"{differ} of {rows} rows differ"
+    rate = accepted / (3 * drafted_rounds)
+    if draft == "self":
+        # Same model, same noise keys: the drafts are the target's own draws.
+        assert rate > 0.9, rate
+    else:
+        assert rate < 0.2, rate
+
+
+def _exact_joint(model, prompt: list[int], top_k: int, depth: int, eot: int) -> dict:
+    """P(first ``depth`` tokens, a row ending at EOT) under temperature 1 and top-k, from
+    float64 softmaxes of full forwards."""
+    out, done = {(): 1.0}, {}
+    for _ in range(depth):
+        nxt = {}
+        for prefix, p in out.items():
+            with torch.no_grad():
+                logits = model(torch.tensor([prompt + list(prefix)]))[0, -1].double()
+            vals, ids = logits.topk(top_k)
+            for i, q in zip(ids.tolist(), torch.softmax(vals, dim=0).tolist(), strict=True):
+                (done if i == eot else nxt)[prefix + (i,)] = p * q
+        out = nxt
+    return {**out, **done}
+
+
+@pytest.mark.parametrize("draft", ["perturbed", "self"])
+def test_unseeded_rows_draw_the_exact_distribution(tokenizer, one_thread, draft):
+    model = random_model(tokenizer.get_vocab_size(), seed=3)
+    drafter = model
+    if draft == "perturbed":  # agrees sometimes: accepted and rejected drafts both occur
+        drafter = random_model(tokenizer.get_vocab_size(), seed=3)
+        with torch.no_grad():
+            w = drafter.lm_head.weight
+            w.add_(torch.randn_like(w) * w.std())
+    bot = tokenizer.token_to_id("[BOT]")
+    prompt_ids = [bot] + tokenizer.encode(" The quick").ids
+    eot = tokenizer.token_to_id("[EOT]")
+    exact = _exact_joint(model, prompt_ids, top_k=3, depth=3, eot=eot)
+    n = 3000
+    torch.manual_seed(0)
+    got = generate_batch(model, tokenizer, ["The quick"] * n, 3, temperature=1.0, top_k=3,
+                         return_details=True, speculative=drafter, num_speculative_tokens=2)
+    keys = sorted(exact)
+    counts = {key: 0 for key in keys}
+    for g in got:
+        drawn = tuple(g.token_ids) + ((eot,) if g.finish_reason == "eot" else ())
+        counts[drawn] += 1  # a KeyError would be a draw outside the support
+    accepted = sum(g.accepted_drafts for g in got)
+    drafted = 2 * sum(g.target_forwards - 1 for g in got)
+    assert 0 < accepted < drafted
+    observed = [counts[key] for key in keys]
+    expected = [exact[key] * n for key in keys]
+    assert stats.chisquare(observed, expected).pvalue > 1e-3
+
+
+class OracleDrafter:
+    """Proposes each row's true continuation (plain decoding's, EOT included), except that
+    row ``r``'s draft number ``wrong[r]`` in every round is off by one token."""
+
+    def __init__(self, truth: list[list[int]], prompt_lens: list[int], wrong: list[int]):
+        self.truth, self.prompt_lens, self.wrong = truth, prompt_lens, wrong
+
+    def start(self, rows, prompts, max_new):
+        pass
+
+    def propose(self, rows, k):
+        out = []
+        for r, seq in enumerate(rows.seqs):
+            kept = len(seq) - self.prompt_lens[r]
+            guess = self.truth[r][kept: kept + k]
+            if self.wrong[r] < len(guess):
+                guess[self.wrong[r]] = (guess[self.wrong[r]] + 1) % 50
+            out.append(guess + [-1] * (k - len(guess)))
+        return torch.tensor(out)
+
+
+@pytest.mark.parametrize("k", [1, 4])
+def test_stops_inside_accepted_runs_and_rows_accepting_different_counts(
+        tokenizer, model, one_thread, k):
+    prompts = ["The quick brown fox", "A", "Sampling with", "Once upon a time",
+               "def generate(model", "The lazy dog"] * 2
+    rows = [SamplingParams(temperature=t, top_k=20, seed=i)
+            for i, t in enumerate([0.0, 1.0, 2.0, 0.7, 1.5, 1.0] * 2)]
+    # The stop token: one the model draws early in row 0, so that some rows end on it.
+    first = generate_batch(model, tokenizer, prompts[:1], 5, params=rows[:1],
+                           return_details=True)[0]
+    eos = first.token_ids[1]
+    caps = [3, 7, 11, 17, 2, 30] * 2  # caps that land inside runs of k + 1 kept tokens
+    kw = dict(params=rows, return_details=True, eos_token=eos)
+    plain = generate_batch(model, tokenizer, prompts, caps, **kw)
+    assert {g.finish_reason for g in plain} == {"eot", "length"}
+    truth = [g.token_ids + ([eos] if g.finish_reason == "eot" else []) for g in plain]
+    lens = [1 + len(tokenizer.encode(" " + p).ids) for p in prompts]
+    wrong = [r % (k + 1) for r in range(len(prompts))]  # k: every draft right
+    spec = generate_batch(model, tokenizer, prompts, caps, **kw,
+                          speculative=OracleDrafter(truth, lens, wrong),
+                          num_speculative_tokens=k)
+    for r, (p, s) in enumerate(zip(plain, spec, strict=True)):
+        assert (s.token_ids, s.finish_reason) == (p.token_ids, p.finish_reason), r
+        sampled = len(truth[r])  # tokens drawn, the stop token included
+        # After the prefill's token, each round keeps wrong[r] drafts and the target's next
+        # token (fewer in the round where the row stops).
+        rounds = math.ceil((sampled - 1) / (wrong[r] + 1))
+        assert s.target_forwards == 1 + rounds, r
+        # Within a round every kept token but the last is an accepted draft; the last is
+        # one too where the row stopped on a draft.
+        assert sampled - 1 - rounds <= s.accepted_drafts <= sampled - rounds, r
+    assert len({s.accepted_drafts / s.target_forwards for s in spec}) > 2
+
+
+def test_logprobs_and_callback_follow_the_kept_tokens(tokenizer, model, one_thread):
+    prompts = ["The quick brown fox", "A", "Sampling with temperature"]
+    kw = dict(max_tokens=12, temperature=0.9, top_k=10, seeds=[1, 2, 3], logprobs=2,
+              return_details=True)
+    plain = generate_batch(model, tokenizer, prompts, **kw)
+    seen: dict[int, list[int]] = {0: [], 1: [], 2: []}
+    spec = generate_batch(model, tokenizer, prompts, **kw, speculative=model,
+                          callback=lambda r, t: seen[r].append(t))
+    for r, (p, s) in enumerate(zip(plain, spec, strict=True)):
+        assert s.token_ids == p.token_ids == seen[r]
+        assert s.logprobs == pytest.approx(p.logprobs, abs=1e-4)
+        assert [[i for i, _ in alts] for alts in s.top_logprobs] == \
+            [[i for i, _ in alts] for alts in p.top_logprobs]
+        assert p.target_forwards is None
+    one = generate(model, tokenizer, prompts[0], 12, 0.9, top_k=10, seed=1,
+                   speculative="ngram", num_speculative_tokens=2)
+    assert one == generate(model, tokenizer, prompts[0], 12, 0.9, top_k=10, seed=1)
+
+
+def test_ngram_drafter_proposes_what_followed_the_latest_match():
+    class Rows:
+        device = torch.device("cpu")
+        seqs = [[5, 1, 2, 3, 9, 1, 2, 3, 7, 1, 2, 3], [4, 4, 4], [1, 2, 3], [8, 6, 8]]
+        done = [False, False, False, True]
+
+    d = NgramDrafter()
+    d.start(Rows, Rows.seqs, 0)
+    got = d.propose(Rows, 3).tolist()
+    assert got[0] == [7, 1, 2]  # last 3 tokens seen before, latest occurrence: "7" follows
+    assert got[1] == [4, 4, 4]  # an overlapping copy continues the cycle
+    assert got[2] == [-1, -1, -1]  # nothing seen before
+    assert got[3] == [-1, -1, -1]  # finished rows get no drafts
+    Rows.seqs[2] += [1, 2]  # now "1 2" recurs: "3" followed it, then the copy goes on
+    assert d.propose(Rows, 4).tolist()[2] == [3, 1, 2, 3]
+
+
+def test_bad_arguments(tokenizer, model):
+    def call(m=model, **kw):
+        return generate_batch(m, tokenizer, ["A"], 3, seed=0, **kw)
+
+    with pytest.raises(ValueError, match="num_speculative_tokens"):
+        call(speculative="ngram", num_speculative_tokens=0)
+    with pytest.raises(ValueError, match="speculative must be"):
+        call(speculative="lookup")
+    with pytest.raises(ValueError, match="KV cache"):
+        call(m=lambda ids: model(ids), speculative="ngram")
+    other = random_model(tokenizer.get_vocab_size() + 8, seed=1)
+    with pytest.raises(ValueError, match="share the tokenizer"):
+        call(speculative=other)
+    assert RowStats(1, 0).target_forwards == 1
