@@ -36,6 +36,8 @@ from .cli_options import (  # noqa: F401  (re-exported: benchmarks and users imp
     load_model_and_tokenizer,
     resolve_device,
     sampling_params_from_args,
+    speculative_from_args,
+    speculative_summary,
 )
 from .default_model import load_default
 from .generate import generate, generate_batch
@@ -151,12 +153,14 @@ def cmd_generate(args: argparse.Namespace) -> int:
         presence_penalty=args.presence_penalty, cuda_graph=not args.no_cuda_graph,
         sync_every=args.sync_every,
     )
+    speculative = speculative_from_args(args, device)
     start = time.perf_counter()
     details = None
-    if args.logprobs is not None:
+    if args.logprobs is not None or speculative is not None:
         [details] = generate_batch(
-            model, tokenizer, [args.prompt], **settings, logprobs=args.logprobs,
+            model, tokenizer, [args.prompt], **settings, logprobs=args.logprobs or 0,
             callback=lambda _row, t: on_token(t), return_details=True,
+            speculative=speculative, num_speculative_tokens=args.num_speculative_tokens,
         )
         text = details.text
     else:
@@ -167,11 +171,14 @@ def cmd_generate(args: argparse.Namespace) -> int:
     else:
         sys.stdout.write(text + "\n")
         sys.stdout.flush()
-    if details is not None:
+    if args.logprobs is not None:
         print(json.dumps({"token_ids": details.token_ids, "logprobs": details.logprobs,
                           "top_logprobs": details.top_logprobs}), file=sys.stderr)
     rate = count / elapsed if elapsed > 0 else float("inf")
     print(f"{count} tokens in {elapsed:.2f} s: {rate:.1f} tokens/s on {device}", file=sys.stderr)
+    if speculative is not None:
+        print(speculative_summary(count, details.target_forwards, details.accepted_drafts,
+                                  details.proposed_drafts), file=sys.stderr)
     return 0
 
 

@@ -228,6 +228,13 @@ def add_sampling_arguments(
     p.add_argument("--sync-every", type=int, default=None, metavar="N",
                    help="steps between the host's looks at the GPU (stop when every row is "
                         "done, stream tokens) (default: 16 on CUDA, 1 on the CPU)")
+    p.add_argument("--speculative", default=None, metavar="ngram|DIR",
+                   help="speculative decoding: drafts checked by one forward of the model "
+                        "per round, same tokens for seeded and greedy rows; 'ngram' drafts "
+                        "from the row's own prompt and output, DIR is a smaller checkpoint "
+                        "with the same tokenizer (default: off)")
+    p.add_argument("--num-speculative-tokens", type=int, default=4, metavar="K",
+                   help="with --speculative: tokens drafted per row and round (default: 4)")
 
 
 _OPTION_NAMES = (
@@ -269,4 +276,32 @@ def sampling_params_from_args(args: argparse.Namespace):
         raise CLIError(f"--max-tokens must be >= 0, got {args.max_tokens}")
     if args.sync_every is not None and args.sync_every < 1:
         raise CLIError(f"--sync-every must be >= 1, got {args.sync_every}")
+    if args.num_speculative_tokens < 1:
+        raise CLIError(f"--num-speculative-tokens must be >= 1, got "
+                       f"{args.num_speculative_tokens}")
     return params
+
+
+def speculative_from_args(args: argparse.Namespace, device):
+    """What ``--speculative`` names: None, "ngram", or the draft model loaded on ``device``.
+
+    Raises
+    ------
+    CLIError
+        A draft checkpoint that cannot be read.
+    """
+    if args.speculative in (None, "ngram"):
+        return args.speculative
+    try:
+        loaded = load_model(args.speculative, device=device)
+    except (FileNotFoundError, ValueError) as err:
+        raise CLIError(f"--speculative: {' '.join(str(err).split())}") from None
+    return loaded[0] if isinstance(loaded, tuple) else loaded
+
+
+def speculative_summary(tokens: int, forwards: int, accepted: int, proposed: int) -> str:
+    """One line on what speculative decoding saved: acceptance, tokens per target forward."""
+    rate = accepted / proposed if proposed else 0.0
+    per = tokens / forwards if forwards else 0.0
+    return (f"speculative: {accepted} of {proposed} drafted tokens accepted ({rate:.0%}); "
+            f"{forwards} target forwards, {per:.2f} tokens per target forward")

@@ -34,8 +34,8 @@ class Generation:
     ``top_logprobs`` the row's ``logprobs`` best ``(token_id, logprob)`` pairs per token, most
     probable first (``None`` when the row's ``logprobs`` is 0). With ``speculative=``,
     ``target_forwards`` counts the target's forwards the row took part in (its prefill
-    included) and ``accepted_drafts`` the drafted tokens the target confirmed; both are
-    None otherwise.
+    included), ``accepted_drafts`` the drafted tokens the target confirmed and
+    ``proposed_drafts`` those it checked; all three are None otherwise.
     """
 
     text: str
@@ -45,6 +45,7 @@ class Generation:
     top_logprobs: TopLogprobs | None = None
     target_forwards: int | None = None
     accepted_drafts: int | None = None
+    proposed_drafts: int | None = None
 
 
 def _check_max_tokens(max_tokens, batch: int) -> list[int]:

@@ -40,11 +40,12 @@ NGRAM_MAX = 3  # the ngram drafter matches the row's last 3, then 2, then 1 toke
 
 
 class RowStats(NamedTuple):
-    """One row's cost: target forwards it took part in (the prefill included) and drafted
-    tokens the target confirmed and the row used."""
+    """One row's cost: target forwards it took part in (the prefill included), drafted
+    tokens the target confirmed and the row used, and drafted tokens the target checked."""
 
     target_forwards: int
     accepted_drafts: int
+    proposed_drafts: int
 
 
 class _Rows:
@@ -65,6 +66,7 @@ class _Rows:
         self.steps = [0] * batch
         self.forwards = [0] * batch
         self.accepted = [0] * batch
+        self.proposed = [0] * batch
         self.token_lp: list[list[float]] = [[] for _ in prompts]
         self.top: list[list[list[tuple[int, float]]]] = [[] for _ in prompts]
         packed = PackedParams.from_rows(rows, device)
@@ -158,6 +160,7 @@ class _Rows:
         hist_rows, hist_cols, hist_vals = [], [], []
         for r in self.active():
             self.forwards[r] += 1
+            self.proposed[r] += sum(d >= 0 for d in drafts[r])
             kept = len(self.out[r])
             for j in range(t):
                 if status[r][j]:
@@ -400,7 +403,7 @@ def generate_ids(
     if total == 0:
         return ([([], "length")] * batch,
                 [RowLogprobs([], [] if r.logprobs > 0 else None) for r in rows],
-                [RowStats(0, 0)] * batch)
+                [RowStats(0, 0, 0)] * batch)
     if decoder.busy:
         raise RuntimeError("this decoder is already generating; use another one (wrap(model)) "
                            "for a nested call")
@@ -455,5 +458,6 @@ def generate_ids(
     lps = [RowLogprobs(lp.logprobs, None if lp.top_logprobs is None
                        else [alts[:n] for alts in lp.top_logprobs])
            for lp, n in zip(lps, top_n, strict=True)]
-    stats = [RowStats(f, a) for f, a in zip(state.forwards, state.accepted, strict=True)]
+    stats = [RowStats(*s) for s in zip(state.forwards, state.accepted, state.proposed,
+                                       strict=True)]
     return pairs, lps, stats

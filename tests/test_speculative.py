@@ -10,6 +10,7 @@ accept different counts, with the number of target forwards known in advance.
 from __future__ import annotations
 
 import itertools
+import json
 import math
 
 import pytest
@@ -19,7 +20,7 @@ from scipy import stats
 import lmgen_fast
 from lmgen_fast import SamplingParams, generate, generate_batch
 from lmgen_fast.models import LlamaConfig, LlamaForPretraining
-from lmgen_fast.speculative import NgramDrafter, RowStats
+from lmgen_fast.speculative import NgramDrafter
 
 from conftest import random_model
 
@@ -76,7 +77,7 @@ def plain(default, one_thread):
 def _compare(plain_rows, spec_rows) -> int:
     """Rows whose tokens differ; every row must carry its counts."""
     for g in spec_rows:
-        assert g.target_forwards >= 1 and 0 <= g.accepted_drafts
+        assert g.target_forwards >= 1 and 0 <= g.accepted_drafts <= g.proposed_drafts
         # Every target forward but the prefill gives one token beyond its accepted drafts.
         assert len(g.token_ids) <= g.target_forwards + g.accepted_drafts
     return sum(p.token_ids != s.token_ids or p.finish_reason != s.finish_reason
@@ -111,7 +112,7 @@ def test_ngram_matches_plain_decoding(default, plain):
 def test_draft_model_matches_plain_decoding(default, plain, draft):
     model, tok = default
     drafter = _random_draft(model.config.vocab_size) if draft == "random" else model
-    differ, rows, accepted, drafted_rounds = 0, 0, 0, 0
+    differ, rows, accepted, proposed = 0, 0, 0, 0
     for greedy in (True, False):
         spec = generate_batch(model, tok, PROMPTS, MAX_TOKENS, params=_rows(greedy),
                               return_details=True, speculative=drafter,
@@ -119,9 +120,9 @@ def test_draft_model_matches_plain_decoding(default, plain, draft):
         differ += _compare(plain[greedy], spec)
         rows += len(spec)
         accepted += sum(g.accepted_drafts for g in spec)
-        drafted_rounds += sum(g.target_forwards - 1 for g in spec)
+        proposed += sum(g.proposed_drafts for g in spec)
     assert differ <= rows // 100, f"{differ} of {rows} rows differ"
-    rate = accepted / (3 * drafted_rounds)
+    rate = accepted / proposed
     if draft == "self":
         # Same model, same noise keys: the drafts are the target's own draws.
         assert rate > 0.9, rate
@@ -168,8 +169,7 @@ def test_unseeded_rows_draw_the_exact_distribution(tokenizer, one_thread, draft)
         drawn = tuple(g.token_ids) + ((eot,) if g.finish_reason == "eot" else ())
         counts[drawn] += 1  # a KeyError would be a draw outside the support
     accepted = sum(g.accepted_drafts for g in got)
-    drafted = 2 * sum(g.target_forwards - 1 for g in got)
-    assert 0 < accepted < drafted
+    assert 0 < accepted < sum(g.proposed_drafts for g in got)
     observed = [counts[key] for key in keys]
     expected = [exact[key] * n for key in keys]
     assert stats.chisquare(observed, expected).pvalue > 1e-3
@@ -279,4 +279,43 @@ def test_bad_arguments(tokenizer, model):
     other = random_model(tokenizer.get_vocab_size() + 8, seed=1)
     with pytest.raises(ValueError, match="share the tokenizer"):
         call(speculative=other)
-    assert RowStats(1, 0).target_forwards == 1
+
+
+def test_cli_generate_and_run_take_speculative_options(tmp_path, capsys, one_thread):
+    from safetensors.torch import save_file
+
+    from lmgen_fast.cli import main
+
+    model, tok = lmgen_fast.load_default()
+    settings = ["--max-tokens", "24", "--temperature", "0.8", "--top-k", "40", "--seed", "3",
+                "--device", "cpu"]
+    prompt = "The list type"
+    expected = generate(model, tok, prompt, 24, 0.8, top_k=40, seed=3)
+    assert main(["generate", prompt, *settings, "--speculative", "ngram",
+                 "--num-speculative-tokens", "3"]) == 0
+    out, err = capsys.readouterr()
+    assert out == expected + "\n"
+    assert "drafted tokens accepted" in err and "tokens per target forward" in err
+
+    # A draft checkpoint directory (the random draft model, sharing the vocabulary).
+    draft = tmp_path / "draft"
+    draft.mkdir()
+    small = _random_draft(model.config.vocab_size)
+    (draft / "config.json").write_text(json.dumps(small.config.to_dict()))
+    save_file({k: v.contiguous() for k, v in small.state_dict().items()},
+              str(draft / "model.safetensors"))
+    inp = tmp_path / "in.jsonl"
+    inp.write_text("".join(json.dumps({"id": i, "prompt": p}) + "\n"
+                           for i, p in enumerate(SUBJECTS)))
+    plain_out, spec_out = tmp_path / "plain.jsonl", tmp_path / "spec.jsonl"
+    base = ["run", "--input", str(inp), "--no-progress", *settings]
+    assert main([*base, "--output", str(plain_out)]) == 0
+    capsys.readouterr()
+    assert main([*base, "--output", str(spec_out), "--speculative", str(draft)]) == 0
+    err = capsys.readouterr().err
+    assert "tokens per target forward" in err
+    assert plain_out.read_text() == spec_out.read_text()
+    assert main(["generate", prompt, *settings, "--num-speculative-tokens", "0"]) == 2
+    assert "--num-speculative-tokens" in capsys.readouterr().err
+    assert main(["generate", prompt, *settings, "--speculative", str(tmp_path / "none")]) == 2
+    assert "--speculative" in capsys.readouterr().err
