@@ -48,6 +48,12 @@ class RowStats(NamedTuple):
     proposed_drafts: int
 
 
+def _fixed_shapes(device: torch.device) -> bool:
+    """Whether rounds on ``device`` sample with the reference's fixed-shape path (no host
+    waits inside the sampler), as the engine does off the CPU."""
+    return device.type != "cpu"
+
+
 class _Rows:
     """The host and device state of one speculative batch, read by the drafters.
 
@@ -143,7 +149,7 @@ class _Rows:
                              self.ranges.repeat_interleave(t), max(width, 1))
         return reference.sample(logits.reshape(batch * t, vocab), flat, window, step=steps,
                                 return_logprobs=return_logprobs, check=False,
-                                on_device=dev.type != "cpu")
+                                on_device=_fixed_shapes(dev))
 
     def book(self, got: reference.SampleResult, drafts: list[list[int]], t: int, eos_id: int,
              callback: TokenCallback | None) -> None:

@@ -18,7 +18,7 @@ import torch
 from scipy import stats
 
 import lmgen_fast
-from lmgen_fast import SamplingParams, generate, generate_batch
+from lmgen_fast import SamplingParams, generate, generate_batch, speculative
 from lmgen_fast.models import LlamaConfig, LlamaForPretraining
 from lmgen_fast.speculative import NgramDrafter
 
@@ -249,6 +249,17 @@ def test_logprobs_and_callback_follow_the_kept_tokens(tokenizer, model, one_thre
     assert one == generate(model, tokenizer, prompts[0], 12, 0.9, top_k=10, seed=1)
 
 
+def test_fixed_shape_sampler_path_gives_the_same_tokens(tokenizer, model, monkeypatch):
+    # The path rounds take off the CPU (reference.sample_on_device), run here on the CPU.
+    prompts = ["The quick brown fox", "A", "Sampling with temperature"]
+    rows = [SamplingParams(temperature=t, top_k=10, top_p=0.9, repetition_penalty=1.2,
+                           seed=i) for i, t in enumerate([0.0, 0.8, 1.3])]
+    plain = generate_batch(model, tokenizer, prompts, 16, params=rows)
+    monkeypatch.setattr(speculative, "_fixed_shapes", lambda device: True)
+    assert generate_batch(model, tokenizer, prompts, 16, params=rows, speculative=model,
+                          num_speculative_tokens=3) == plain
+
+
 def test_ngram_drafter_proposes_what_followed_the_latest_match():
     class Rows:
         device = torch.device("cpu")
@@ -319,3 +330,14 @@ def test_cli_generate_and_run_take_speculative_options(tmp_path, capsys, one_thr
     assert "--num-speculative-tokens" in capsys.readouterr().err
     assert main(["generate", prompt, *settings, "--speculative", str(tmp_path / "none")]) == 2
     assert "--speculative" in capsys.readouterr().err
+
+
+def test_transformers_llama_target_and_draft(tokenizer, model, one_thread):
+    pytest.importorskip("transformers")
+    hf = model.to_hf()
+    prompts = ["The quick brown fox", "Sampling with temperature"]
+    kw = dict(max_tokens=16, temperature=0.9, top_k=20, seeds=[4, 5])
+    plain = generate_batch(hf, tokenizer, prompts, **kw)
+    assert generate_batch(hf, tokenizer, prompts, **kw, speculative="ngram") == plain
+    assert generate_batch(model, tokenizer, prompts, **kw, speculative=hf) == \
+        generate_batch(model, tokenizer, prompts, **kw)
