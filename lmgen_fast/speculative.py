@@ -78,9 +78,10 @@ class _Rows:
         packed = PackedParams.from_rows(rows, device)
         # Unseeded rows draw their seed once (as the engine does on the GPU): each row then
         # races, so a draft can be checked against the target's own draw.
-        drawn = torch.randint(0, 2**62, (batch,), device=device)
-        self.packed = replace(packed, seed=torch.where(packed.seeded, packed.seed, drawn),
-                              seeded=torch.ones_like(packed.seeded))
+        if any(r.seed is None for r in rows):
+            drawn = torch.randint(0, 2**62, (batch,), device=device)
+            packed = replace(packed, seed=torch.where(packed.seeded, packed.seed, drawn))
+        self.packed = replace(packed, seeded=torch.ones_like(packed.seeded))
         self.penalized = any(r.repetition_penalty != 1.0 or r.frequency_penalty != 0.0
                              or r.presence_penalty != 0.0 for r in rows)
         self.range_list = [r.repetition_penalty_range for r in rows]
@@ -126,10 +127,10 @@ class _Rows:
         """
         batch, t, vocab = logits.shape
         dev = logits.device
-        flat = PackedParams(**{f.name: (v.repeat_interleave(t) if isinstance(v, torch.Tensor)
-                                        else v)
-                               for f in fields(PackedParams)
-                               for v in [getattr(self.packed, f.name)]})
+        # Every position of a row samples with the row's parameters.
+        flat = replace(self.packed, **{f.name: getattr(self.packed, f.name).repeat_interleave(t)
+                                       for f in fields(PackedParams)
+                                       if isinstance(getattr(self.packed, f.name), torch.Tensor)})
         ahead = torch.arange(t, device=dev)
         steps = (torch.tensor(self.steps, device=dev).unsqueeze(1) + offset + ahead).flatten()
         window = None
