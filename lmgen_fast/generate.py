@@ -35,7 +35,8 @@ class Generation:
     probable first (``None`` when the row's ``logprobs`` is 0). With ``speculative=``,
     ``target_forwards`` counts the target's forwards the row took part in (its prefill
     included), ``accepted_drafts`` the drafted tokens the target confirmed and
-    ``proposed_drafts`` those it checked; all three are None otherwise.
+    ``proposed_drafts`` the drafted tokens it checked (see
+    :class:`lmgen_fast.speculative.RowStats`); all three are None otherwise.
     """
 
     text: str

@@ -41,7 +41,8 @@ NGRAM_MAX = 3  # the ngram drafter matches the row's last 3, then 2, then 1 toke
 
 class RowStats(NamedTuple):
     """One row's cost: target forwards it took part in (the prefill included), drafted
-    tokens the target confirmed and the row used, and drafted tokens the target checked."""
+    tokens the target confirmed and the row used, and drafted tokens the row could have
+    used (within its ``max_tokens``, none after a drafted EOT) that the target checked."""
 
     target_forwards: int
     accepted_drafts: int
@@ -201,6 +202,18 @@ class _Rows:
             at = (torch.tensor(hist_rows, device=self.device),
                   torch.tensor(hist_cols, device=self.device))
             self.hist.index_put_(at, torch.tensor(hist_vals, device=self.device))
+
+    def usable(self, drafts: torch.Tensor, eos_id: int) -> torch.Tensor:
+        """``drafts`` ``[B, k]`` with ``-1`` where a row could not use them: past its
+        ``max_tokens``, after a drafted EOT, and for finished rows."""
+        dev = drafts.device
+        left = torch.tensor([0 if d else m - len(o) - 1 for d, m, o in
+                             zip(self.done, self.max_tokens, self.out, strict=True)],
+                            device=dev)
+        eos = (drafts == eos_id).to(torch.int64)
+        after_eos = (eos.cumsum(dim=1) - eos) > 0
+        room = torch.arange(drafts.shape[1], device=dev) < left.unsqueeze(1)
+        return torch.where(room & ~after_eos, drafts, -1)
 
     def partial(self) -> list[list[int]]:
         return [list(o) for o in self.out]
@@ -442,6 +455,7 @@ def generate_ids(
             left = max(state.max_tokens[r] - len(state.out[r]) for r in active)
             kr = max(0, min(k, room, left - 1))
             drafts = drafter.propose(state, kr) if kr else none
+            drafts = state.usable(drafts, eos_id)
             # Positions past every active row's last proposal cannot be accepted: a round
             # without any proposal is a plain one-token step.
             proposed = (drafts >= 0).cumprod(dim=1).sum(dim=1).tolist()
