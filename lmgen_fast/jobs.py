@@ -72,8 +72,7 @@ from .manifest import (
 )
 from .params import SamplingParams
 from .progress import Progress
-from .speculative import generate_ids as speculative_ids
-from .speculative import make_drafter
+from .speculative import SpeculativeRun
 from .tokenization import adapt_tokenizer
 
 DEFAULT_BATCH_SIZE = 16
@@ -146,11 +145,6 @@ class RunStats:
     tokens: int = 0
     already_done: int = 0
     seconds: float = 0.0
-    # With speculative decoding: target forwards, accepted and proposed drafts (summed over
-    # rows, see lmgen_fast.speculative.RowStats).
-    target_forwards: int = 0
-    accepted_drafts: int = 0
-    proposed_drafts: int = 0
 
 
 def _done_keys(output: Path, target: Path, env: DistEnv) -> set[str]:
@@ -181,8 +175,6 @@ def run_rows(
     generate: Callable | None = None,
     cuda_graph: bool = True,
     sync_every: int | None = None,
-    speculative=None,
-    num_speculative_tokens: int = 4,
 ) -> RunStats:
     """Generate ``rows`` in batches and append one result line per row to ``writer``.
 
@@ -205,33 +197,16 @@ def run_rows(
     progress : Progress, optional
         Told of every token and every finished row.
     generate : callable, optional
-        Replaces :func:`lmgen_fast.generate.generate_ids` (for tests).
+        Replaces :func:`lmgen_fast.generate.generate_ids` (speculative decoding, tests).
     cuda_graph, sync_every
         Passed to :func:`lmgen_fast.generate.generate_ids`.
-    speculative, num_speculative_tokens
-        Speculative decoding (:func:`lmgen_fast.speculative.generate_ids`) when
-        ``speculative`` is set; its counts go to the returned stats.
 
     Returns
     -------
     RunStats
     """
-    stats = RunStats()
-    if speculative is not None and generate is None:
-        drafter = make_drafter(speculative)
-
-        def generate(*args, backend, cuda_graph, sync_every, **kw):
-            # The reference samples the rounds; no CUDA graphs, the host looks every round.
-            pairs, lps, row_stats = speculative_ids(
-                *args, speculative=drafter, num_speculative_tokens=num_speculative_tokens,
-                **kw)
-            for st in row_stats:
-                stats.target_forwards += st.target_forwards
-                stats.accepted_drafts += st.accepted_drafts
-                stats.proposed_drafts += st.proposed_drafts
-            return (pairs, lps) if kw.get("return_logprobs") else pairs
-
     generate = generate or generate_ids
+    stats = RunStats()
     start = time.perf_counter()
     callback = progress.on_token if progress is not None else None
     for batch in plan_batches(rows, prompt_ids, batch_size, limit):
@@ -411,6 +386,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         # between one process and several without losing or repeating rows.
         merge_parts(output)
     target = part_path(output, env.rank, env.world) if env.distributed else output
+    draft = speculative_from_args(args, device)
+    spec = None if draft is None else SpeculativeRun(draft, args.num_speculative_tokens)
     mine = [i for i, row in enumerate(rows) if shard_of(row.key, env.world) == env.rank]
     interrupted = False
     with ResultWriter(target) as writer:
@@ -423,8 +400,7 @@ def cmd_run(args: argparse.Namespace) -> int:
                 decoder, adapter, [rows[i] for i in todo], [prompt_ids[i] for i in todo],
                 writer, batch_size=args.batch_size, backend=args.backend, limit=limit,
                 cuda_graph=not args.no_cuda_graph, sync_every=args.sync_every,
-                progress=progress, speculative=speculative_from_args(args, device),
-                num_speculative_tokens=args.num_speculative_tokens,
+                progress=progress, generate=spec,
             )
         except KeyboardInterrupt:
             interrupted = True
@@ -445,10 +421,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     print(f"{prefix}{stats.rows} rows, {stats.tokens} tokens in {stats.seconds:.2f} s "
           f"({rate:.1f} tokens/s) on {device}; {stats.already_done} already done{skipped}; "
           f"{time.perf_counter() - wall:.1f} s in all; results in {target}", file=sys.stderr)
-    if args.speculative is not None:
-        print(prefix + speculative_summary(stats.tokens, stats.target_forwards,
-                                           stats.accepted_drafts, stats.proposed_drafts),
-              file=sys.stderr)
+    if spec is not None:
+        print(prefix + speculative_summary(stats.tokens, *spec.totals), file=sys.stderr)
     if env.distributed:
         barrier(env)
         if env.rank == 0:

@@ -482,3 +482,30 @@ def generate_ids(
     stats = [RowStats(*s) for s in zip(state.forwards, state.accepted, state.proposed,
                                        strict=True)]
     return pairs, lps, stats
+
+
+class SpeculativeRun:
+    """Stands in for :func:`lmgen_fast.engine.generate_ids` (same call, same results) in
+    batch jobs, decoding speculatively and adding up every row's :class:`RowStats`.
+
+    Parameters
+    ----------
+    speculative, num_speculative_tokens
+        As for :func:`generate_ids`.
+    """
+
+    def __init__(self, speculative, num_speculative_tokens: int = 4):
+        self.drafter = make_drafter(speculative)
+        self.k = check_num_speculative_tokens(num_speculative_tokens)
+        self.totals = RowStats(0, 0, 0)
+
+    def __call__(self, decoder, prompts, rows, max_tokens, eos_id, *, callback=None,
+                 return_logprobs: bool = False, **engine_options):
+        # engine_options (backend, cuda_graph, sync_every) do not apply: the rounds sample
+        # with the reference, eagerly, and the host looks at every round.
+        pairs, lps, stats = generate_ids(
+            decoder, prompts, rows, max_tokens, eos_id, speculative=self.drafter,
+            num_speculative_tokens=self.k, callback=callback, return_logprobs=return_logprobs)
+        self.totals = RowStats(*(sum(col) for col in zip(self.totals, *stats, strict=True)))
+        return (pairs, lps) if return_logprobs else pairs
+
