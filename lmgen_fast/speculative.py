@@ -74,6 +74,9 @@ class _Rows:
         self.forwards = [0] * batch
         self.accepted = [0] * batch
         self.proposed = [0] * batch
+        # Rows whose last round hit a position with nothing to sample: they take a plain
+        # one-token round before that counts as an error (see book).
+        self.retry = [False] * batch
         self.token_lp: list[list[float]] = [[] for _ in prompts]
         self.top: list[list[list[tuple[int, float]]]] = [[] for _ in prompts]
         packed = PackedParams.from_rows(rows, device)
@@ -169,9 +172,17 @@ class _Rows:
         for r in self.active():
             self.forwards[r] += 1
             self.proposed[r] += sum(d >= 0 for d in drafts[r])
+            self.retry[r] = False
             kept = len(self.out[r])
             for j in range(t):
                 if status[r][j]:
+                    if t > 1:
+                        # A draft whose keys or values are not finite (a model that gives NaN
+                        # for some token) spoils even the positions before it: attention
+                        # weighs masked slots by 0, and 0 * NaN is NaN. A one-token round
+                        # decides, as plain decoding would.
+                        self.retry[r] = True
+                        break
                     exc = EmptyRowError([r])
                     raise GenerationError(f"at step {self.steps[r]}: {exc}", self.partial())
                 tok = tokens[r][j]
@@ -280,6 +291,13 @@ def _forward(decoder: CachedLlamaDecoder, ids: torch.Tensor, positions: torch.Te
     kv_len = min(decoder._round(top + 1), decoder.cache.max_len)
     hidden = decoder.model.forward_cached(ids, positions, decoder.cache, kv_len=kv_len)
     return decoder.model.lm_head(hidden)
+
+
+def _clear_slots(decoder: CachedLlamaDecoder, row: int, start: int) -> None:
+    """Zero ``row``'s cache slots from ``start`` on (keys and values of every layer)."""
+    for keys, values in zip(decoder.cache.k, decoder.cache.v, strict=True):
+        keys[row, :, start:] = 0
+        values[row, :, start:] = 0
 
 
 def _capacity(decoder: CachedLlamaDecoder) -> int:
@@ -454,6 +472,10 @@ def generate_ids(
             room = min(cap - len(state.seqs[r]) for r in active)
             left = max(state.max_tokens[r] - len(state.out[r]) for r in active)
             kr = max(0, min(k, room, left - 1))
+            for r in active:
+                if state.retry[r]:
+                    kr = 0
+                    _clear_slots(decoder, r, len(state.seqs[r]))
             drafts = drafter.propose(state, kr) if kr else none
             drafts = state.usable(drafts, eos_id)
             # Positions past every active row's last proposal cannot be accepted: a round

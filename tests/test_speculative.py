@@ -342,3 +342,23 @@ def test_transformers_llama_target_and_draft(tokenizer, model, one_thread):
     assert generate_batch(hf, tokenizer, prompts, **kw, speculative="ngram") == plain
     assert generate_batch(model, tokenizer, prompts, **kw, speculative=hf) == \
         generate_batch(model, tokenizer, prompts, **kw)
+
+
+def test_a_row_with_nothing_to_sample_raises_with_what_was_kept(tokenizer):
+    from lmgen_fast.generate import GenerationError
+
+    model = random_model(tokenizer.get_vocab_size(), seed=5, scale=4.0)
+    kw = dict(max_tokens=12, temperature=0.0, top_k=0)
+    good = generate_batch(model, tokenizer, ["The quick brown fox"], return_details=True, **kw)
+    poison = good[0].token_ids[2]
+    with torch.no_grad():  # the logits after this token are NaN: nothing left to sample
+        model.base_model.embed_tokens.weight[poison] = float("nan")
+    errors = []
+    for spec in ({}, dict(speculative="ngram"), dict(speculative=OracleDrafter(
+            [good[0].token_ids], [len(tokenizer.encode(" The quick brown fox").ids) + 1],
+            [4]))):
+        with pytest.raises(GenerationError, match="row\\(s\\) \\[0\\]") as info:
+            generate_batch(model, tokenizer, ["The quick brown fox"], **kw, **spec)
+        errors.append((str(info.value), info.value.partial))
+    assert errors[0][1] == [good[0].token_ids[:3]]
+    assert errors[1] == errors[0] and errors[2] == errors[0]
