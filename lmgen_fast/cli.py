@@ -153,7 +153,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         presence_penalty=args.presence_penalty, cuda_graph=not args.no_cuda_graph,
         sync_every=args.sync_every,
     )
-    speculative = speculative_from_args(args, device)
+    speculative = speculative_from_args(args, device, model)
     start = time.perf_counter()
     details = None
     if args.logprobs is not None or speculative is not None:

@@ -23,6 +23,7 @@ import torch
 from .default_model import load_default, load_model
 from .params import SamplingParams
 from .sampling import BACKENDS
+from .speculative import make_drafter
 
 PROG = "lmgen-fast"
 
@@ -282,21 +283,27 @@ def sampling_params_from_args(args: argparse.Namespace):
     return params
 
 
-def speculative_from_args(args: argparse.Namespace, device):
-    """What ``--speculative`` names: None, "ngram", or the draft model loaded on ``device``.
+def speculative_from_args(args: argparse.Namespace, device, model=None):
+    """What ``--speculative`` names: None, "ngram", or a drafter on the checkpoint it names,
+    loaded on ``device`` and checked against ``model``'s vocabulary when given.
 
     Raises
     ------
     CLIError
-        A draft checkpoint that cannot be read.
+        A draft checkpoint that cannot be read or cannot draft for ``model``.
     """
     if args.speculative in (None, "ngram"):
         return args.speculative
     try:
         loaded = load_model(args.speculative, device=device)
+        drafter = make_drafter(loaded[0] if isinstance(loaded, tuple) else loaded)
     except (FileNotFoundError, ValueError) as err:
         raise CLIError(f"--speculative: {' '.join(str(err).split())}") from None
-    return loaded[0] if isinstance(loaded, tuple) else loaded
+    vocab = getattr(getattr(model, "config", None), "vocab_size", None)
+    if vocab is not None and drafter.vocab != vocab:
+        raise CLIError(f"--speculative: the draft model has {drafter.vocab} tokens, the model "
+                       f"{vocab}; they must share the tokenizer")
+    return drafter
 
 
 def speculative_summary(tokens: int, forwards: int, accepted: int, proposed: int) -> str:

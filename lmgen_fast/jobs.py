@@ -386,7 +386,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         # between one process and several without losing or repeating rows.
         merge_parts(output)
     target = part_path(output, env.rank, env.world) if env.distributed else output
-    draft = speculative_from_args(args, device)
+    draft = speculative_from_args(args, device, model)
     spec = None if draft is None else SpeculativeRun(draft, args.num_speculative_tokens)
     mine = [i for i, row in enumerate(rows) if shard_of(row.key, env.world) == env.rank]
     interrupted = False

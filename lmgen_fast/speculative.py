@@ -330,12 +330,12 @@ class ModelDrafter:
                 f"speculative= draft model must be one lmgen-fast runs with its own KV cache "
                 f"(a Llama); {type(model).__name__} runs on {type(decoder).__name__}")
         self.decoder = decoder
+        self.vocab = decoder.model.config.vocab_size
 
     def start(self, rows: _Rows, prompts: Sequence[Sequence[int]], max_new: int) -> None:
         limit = self.decoder.model.config.max_position_embeddings
         longest = max(len(p) for p in prompts)
-        logits = self.decoder.prefill(prompts, max(1, min(max_new, limit - longest + 1)))
-        self.vocab = logits.shape[-1]
+        self.decoder.prefill(prompts, max(1, min(max_new, limit - longest + 1)))
 
     def capacity(self) -> int:
         return _capacity(self.decoder)
@@ -445,6 +445,10 @@ def generate_ids(
     if decoder.busy:
         raise RuntimeError("this decoder is already generating; use another one (wrap(model)) "
                            "for a nested call")
+    vocab = decoder.model.config.vocab_size
+    if getattr(drafter, "vocab", vocab) != vocab:
+        raise ValueError(f"speculative= draft model has {drafter.vocab} tokens, the model "
+                         f"{vocab}: they must share the tokenizer")
     decoder.busy = True
     try:
         limit = decoder.model.config.max_position_embeddings
@@ -457,10 +461,6 @@ def generate_ids(
         state = _Rows(prompts, rows, max_tokens, dev,
                       max(len(p) for p in prompts) + total + k + 1)
         drafter.start(state, prompts, max_new)
-        vocab = getattr(drafter, "vocab", logits.shape[-1])
-        if vocab != logits.shape[-1]:
-            raise ValueError(f"speculative= draft model has {vocab} tokens, the model "
-                             f"{logits.shape[-1]}: they must share the tokenizer")
         none = torch.empty(batch, 0, dtype=torch.int64, device=dev)
         state.book(state.sample(logits.unsqueeze(1), none, return_logprobs=return_logprobs),
                    [[]] * batch, 1, eos_id, callback)

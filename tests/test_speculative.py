@@ -331,6 +331,12 @@ def test_cli_generate_and_run_take_speculative_options(tmp_path, capsys, one_thr
     assert "--num-speculative-tokens" in capsys.readouterr().err
     assert main(["generate", prompt, *settings, "--speculative", str(tmp_path / "none")]) == 2
     assert "--speculative" in capsys.readouterr().err
+    other = random_model(400)  # another vocabulary
+    (draft / "config.json").write_text(json.dumps(other.config.to_dict()))
+    save_file({k: v.contiguous() for k, v in other.state_dict().items()},
+              str(draft / "model.safetensors"))
+    assert main(["generate", prompt, *settings, "--speculative", str(draft)]) == 2
+    assert "share the tokenizer" in capsys.readouterr().err
 
 
 def test_transformers_llama_target_and_draft(tokenizer, model, one_thread):
