@@ -368,3 +368,36 @@ def test_a_row_with_nothing_to_sample_raises_with_what_was_kept(tokenizer):
         errors.append((str(info.value), info.value.partial))
     assert errors[0][1] == [good[0].token_ids[:3]]
     assert errors[1] == errors[0] and errors[2] == errors[0]
+
+
+def test_draft_model_proposes_its_own_greedy_continuation(tokenizer, model, one_thread):
+    # The draft model's cache is re-synced every round (its last two kept tokens): its
+    # drafts must be what a full recompute of the draft model picks.
+    draft = random_model(tokenizer.get_vocab_size(), seed=9, scale=8.0)
+    inner = speculative.ModelDrafter(draft)
+    seen = []
+
+    class Recording:
+        vocab = inner.vocab
+
+        def start(self, rows, prompts, max_new):
+            inner.start(rows, prompts, max_new)
+
+        def propose(self, rows, k):
+            drafts = inner.propose(rows, k)
+            seen.append(([list(s) for s in rows.seqs], list(rows.done), drafts.tolist()))
+            return drafts
+
+    prompts = ["The quick brown fox", "A", "Sampling with temperature"]
+    plain = generate_batch(model, tokenizer, prompts, 20, temperature=0.0)
+    got = generate_batch(model, tokenizer, prompts, 20, temperature=0.0,
+                         speculative=Recording(), num_speculative_tokens=3)
+    assert got == plain and len(seen) > 3
+    for seqs, done, drafts in seen:
+        for seq, finished, guess in zip(seqs, done, drafts, strict=True):
+            if finished:
+                continue
+            with torch.no_grad():
+                for j, d in enumerate(guess):
+                    expect = draft(torch.tensor([seq + guess[:j]]))[0, -1].argmax().item()
+                    assert d == expect
