@@ -55,6 +55,47 @@ def _fixed_shapes(device: torch.device) -> bool:
     return device.type != "cpu"
 
 
+def _sample_positions(logits: torch.Tensor, flat: PackedParams, hist: torch.Tensor | None,
+                      hlen: torch.Tensor, ranges: torch.Tensor, steps: torch.Tensor,
+                      drafts: torch.Tensor, offset: int, width: int, fixed: bool,
+                      return_logprobs: bool) -> reference.SampleResult:
+    """One sampler call for ``T`` positions of every row (see :meth:`_Rows.sample`).
+
+    Reads device tensors only: ``hist`` ``[B, H]`` (None: no penalties), ``hlen``,
+    ``ranges`` and ``steps`` ``[B]``, ``drafts`` ``[B, D]``; with ``fixed``, through the
+    reference's fixed-shape path, so a CUDA graph can capture it.
+    """
+    batch, t, vocab = logits.shape
+    dev = logits.device
+    ahead = torch.arange(t, device=dev)
+    steps = (steps.unsqueeze(1) + offset + ahead).flatten()
+    window = None
+    if hist is not None:
+        used = offset + t - 1  # drafts that some position's window reads
+        if used > 0:
+            cols = hlen.unsqueeze(1) + torch.arange(used, device=dev)
+            hist = torch.cat([hist, hist.new_full((batch, used), -1)], dim=1)
+            hist.scatter_(1, cols, drafts[:, :used])
+        hlens = (hlen.unsqueeze(1) + offset + ahead).flatten()
+        window = _window(hist.repeat_interleave(t, dim=0), hlens, ranges.repeat_interleave(t),
+                         width)
+    flat_logits = logits.reshape(batch * t, vocab)
+    if not fixed:
+        return reference.sample(flat_logits, flat, window, step=steps,
+                                return_logprobs=return_logprobs, check=False, on_device=False)
+    # Seeds are drawn already (every row races): no input checks, no host waits.
+    tokens, status, token_lp = reference.sample_on_device(
+        flat_logits, flat, window, steps, draw_seeds=False,
+        return_logprobs=return_logprobs and not flat.logprobs)
+    lp = None
+    if return_logprobs:
+        lp = (reference.raw_logprobs_on_device(flat_logits, tokens, flat.logprobs)
+              if flat.logprobs else
+              reference.SampleLogprobs(token_lp, tokens.new_zeros(batch * t, 0),
+                                       token_lp.new_zeros(batch * t, 0)))
+    return reference.SampleResult(tokens, status, lp)
+
+
 class _Rows:
     """The host and device state of one speculative batch, read by the drafters.
 
@@ -129,32 +170,23 @@ class _Rows:
             ``tokens`` and ``status`` ``[B * T]`` (row-major), never raising for a row with
             nothing to sample: only positions a row keeps are checked, by the caller.
         """
-        batch, t, vocab = logits.shape
+        t = logits.shape[1]
         dev = logits.device
-        # Every position of a row samples with the row's parameters.
-        flat = replace(self.packed, **{f.name: getattr(self.packed, f.name).repeat_interleave(t)
-                                       for f in fields(PackedParams)
-                                       if isinstance(getattr(self.packed, f.name), torch.Tensor)})
-        ahead = torch.arange(t, device=dev)
-        steps = (torch.tensor(self.steps, device=dev).unsqueeze(1) + offset + ahead).flatten()
-        window = None
+        width = 0
         if self.penalized:
-            hlen = torch.tensor(self.hlen, device=dev)
-            hist = self.hist
-            used = offset + t - 1  # drafts that some position's window reads
-            if used > 0:
-                cols = (hlen.unsqueeze(1) + torch.arange(used, device=dev))
-                hist = torch.cat([hist, hist.new_full((batch, used), -1)], dim=1)
-                hist.scatter_(1, cols, drafts[:, :used])
-            hlens = (hlen.unsqueeze(1) + offset + ahead).flatten()
             # As wide as the widest window any position reads (engine.Run.width).
             longest = [h + offset + t - 1 for h in self.hlen]
             width = max(min(rng or h, h) for rng, h in zip(self.range_list, longest, strict=True))
-            window = _window(hist.repeat_interleave(t, dim=0), hlens,
-                             self.ranges.repeat_interleave(t), max(width, 1))
-        return reference.sample(logits.reshape(batch * t, vocab), flat, window, step=steps,
-                                return_logprobs=return_logprobs, check=False,
-                                on_device=_fixed_shapes(dev))
+        return _sample_positions(
+            logits, self.flat_params(t), self.hist, torch.tensor(self.hlen, device=dev),
+            self.ranges, torch.tensor(self.steps, device=dev), drafts, offset, max(width, 1),
+            _fixed_shapes(dev), return_logprobs)
+
+    def flat_params(self, t: int) -> PackedParams:
+        """The rows' parameters repeated for ``t`` positions each (row-major)."""
+        return replace(self.packed, **{f.name: getattr(self.packed, f.name).repeat_interleave(t)
+                                       for f in fields(PackedParams)
+                                       if isinstance(getattr(self.packed, f.name), torch.Tensor)})
 
     def book(self, got: reference.SampleResult, drafts: list[list[int]], t: int, eos_id: int,
              callback: TokenCallback | None) -> None:
