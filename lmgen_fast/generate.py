@@ -155,7 +155,8 @@ def generate_batch(
         logits' rounding); unseeded rows draw from the same distribution. "ngram" looks the
         row's last tokens up in its prompt and output; a model (with the same tokenizer)
         drafts by sampling with the row's own noise. Needs a model run with lmgen-fast's
-        own KV cache (a ValueError otherwise); the sampler is the reference (no CUDA graphs).
+        own KV cache (a ValueError otherwise); the rounds sample with the reference (on
+        CUDA, each round's forward and sampler replay as one CUDA graph).
     num_speculative_tokens : int
         Drafts per row and round (``k >= 1``).
 
@@ -191,7 +192,7 @@ def generate_batch(
         results, lps, stats = speculative_ids(
             decoder, ids, rows, caps, tok.eos_id, speculative=speculative,
             num_speculative_tokens=num_speculative_tokens, callback=callback,
-            return_logprobs=return_details)
+            return_logprobs=return_details, cuda_graph=cuda_graph)
         if not return_details:
             return [tok.decode(o) for o, _ in results]
         return [Generation(tok.decode(o), o, r, lp.logprobs, lp.top_logprobs, *st)

@@ -24,13 +24,14 @@ near-tie between the two best race keys a token can differ from plain decoding's
 from __future__ import annotations
 
 import operator
+import warnings
 from collections.abc import Sequence
 from dataclasses import fields, replace
 from typing import NamedTuple, Protocol
 
 import torch
 
-from . import reference
+from . import engine, reference
 from .decoder import CachedLlamaDecoder, Decoder, wrap
 from .engine import GenerationError, RowLogprobs, TokenCallback, _window
 from .params import PackedParams, SamplingParams
@@ -391,6 +392,94 @@ class ModelDrafter:
         return drafts
 
 
+def _graph_backend(device: torch.device):
+    """The engine's CUDA-graph class for ``device``, or None where there are no graphs."""
+    return engine._graph_backend(device)
+
+
+class _Verify:
+    """One captured verify step: the target's forward over ``T`` positions of every row at
+    attention length ``kv_len``, then the sampler, reading and writing only these buffers."""
+
+    def __init__(self, owner: _VerifyGraphs, t: int, kv_len: int):
+        st, dec = owner.state, owner.decoder
+        dev, b = st.device, st.batch
+        i64 = dict(dtype=torch.int64, device=dev)
+        self.ids = torch.zeros(b, t, **i64)
+        self.positions = torch.zeros(b, t, **i64)
+        self.drafts = torch.full((b, t - 1), -1, **i64)
+        self.steps = torch.zeros(b, **i64)
+        self.hlen = torch.zeros(b, **i64)
+        self.tokens = torch.zeros(b * t, **i64)
+        self.status = torch.zeros(b * t, dtype=torch.int32, device=dev)
+        self.token_lp = torch.zeros(b * t, dtype=torch.float32, device=dev)
+        flat = st.flat_params(t)
+        # Every window as wide as the history plus the drafts: -1 padded, same penalties.
+        width = (st.hist.shape[1] + t - 1) if st.hist is not None else 1
+        logprobs = self.logprobs = owner.logprobs
+
+        def fn() -> None:
+            hidden = dec.model.forward_cached(self.ids, self.positions, dec.cache, kv_len=kv_len)
+            got = _sample_positions(dec.model.lm_head(hidden), flat, st.hist, self.hlen,
+                                    st.ranges, self.steps, self.drafts, 0, width, True, logprobs)
+            self.tokens.copy_(got.tokens)
+            self.status.copy_(got.status)
+            if logprobs:
+                self.token_lp.copy_(got.logprobs.token_logprob)
+
+        self.fn = fn
+        self.graph = owner.graph_cls(owner)
+
+    def result(self) -> reference.SampleResult:
+        lp = None
+        if self.logprobs:
+            empty = self.tokens.new_zeros(self.tokens.shape[0], 0)
+            lp = reference.SampleLogprobs(self.token_lp, empty, empty.float())
+        return reference.SampleResult(self.tokens, self.status, lp)
+
+
+class _VerifyGraphs:
+    """The rounds' verify steps as CUDA graphs, one per (positions, attention length), kept
+    for the call: a round is then copies into fixed buffers and one replay. Capture failing
+    warns once and leaves the rest of the call eager (same tokens)."""
+
+    def __init__(self, graph_cls, decoder: CachedLlamaDecoder, state: _Rows, logprobs: bool):
+        self.graph_cls, self.decoder, self.state = graph_cls, decoder, state
+        self.logprobs = logprobs
+        self.pool = self.stream = None  # the graph class shares these across graphs
+        self.steps: dict[tuple[int, int], _Verify] = {}
+        self.broken = False
+
+    def run(self, ids: torch.Tensor, positions: torch.Tensor, drafts: torch.Tensor,
+            top: int) -> reference.SampleResult:
+        st, dec = self.state, self.decoder
+        t = ids.shape[1]
+        kv_len = min(dec._round(top + 1), dec.cache.max_len)
+        step = self.steps.get((t, kv_len))
+        fresh = step is None
+        if fresh:
+            step = _Verify(self, t, kv_len)
+        step.ids.copy_(ids)
+        step.positions.copy_(positions)
+        step.drafts.copy_(drafts)
+        step.steps.copy_(torch.tensor(st.steps, device=st.device))
+        step.hlen.copy_(torch.tensor(st.hlen, device=st.device))
+        if not fresh:
+            step.graph.replay()
+            return step.result()
+        step.graph.warm(step.fn)  # a real step: this round's
+        try:
+            step.graph.capture(step.fn)
+        except Exception as exc:  # whatever broke the capture, eager rounds still work
+            self.broken = True
+            warnings.warn(f"capturing a speculative verify step as a CUDA graph failed "
+                          f"({type(exc).__name__}: {str(exc).splitlines()[0]}); the rest of "
+                          "this call runs eagerly (same tokens)", RuntimeWarning, stacklevel=3)
+        else:
+            self.steps[(t, kv_len)] = step
+        return step.result()
+
+
 def make_drafter(speculative) -> Drafter:
     """The drafter ``speculative=`` names: "ngram", a model (or decoder) to draft with, or
     a drafter object (with ``start`` and ``propose``)."""
@@ -429,6 +518,7 @@ def generate_ids(
     num_speculative_tokens: int = 4,
     callback: TokenCallback | None = None,
     return_logprobs: bool = False,
+    cuda_graph: bool = True,
 ) -> tuple[list[tuple[list[int], str]], list[RowLogprobs], list[RowStats]]:
     """:func:`lmgen_fast.engine.generate_ids` by speculative rounds: the same tokens.
 
@@ -446,6 +536,11 @@ def generate_ids(
         positions of every row.
     return_logprobs : bool
         Fill the :class:`RowLogprobs` (empty lists otherwise).
+    cuda_graph : bool
+        On CUDA, replay each round's verify step (the target's forward over ``k + 1``
+        positions and the sampler) as a CUDA graph, captured per number of positions and
+        attention length and kept for the call. Not with top alternatives
+        (``logprobs > 0``), which need the host. Same tokens either way.
 
     Returns
     -------
@@ -496,6 +591,10 @@ def generate_ids(
         none = torch.empty(batch, 0, dtype=torch.int64, device=dev)
         state.book(state.sample(logits.unsqueeze(1), none, return_logprobs=return_logprobs),
                    [[]] * batch, 1, eos_id, callback)
+        graph_cls = _graph_backend(dev) if cuda_graph and _fixed_shapes(dev) else None
+        graphs = None
+        if graph_cls is not None and not any(r.logprobs for r in rows):
+            graphs = _VerifyGraphs(graph_cls, decoder, state, return_logprobs)
         cap = _capacity(decoder)
         if hasattr(drafter, "capacity"):
             cap = min(cap, drafter.capacity() + 1)
@@ -519,8 +618,12 @@ def generate_ids(
             ids = torch.cat([last.unsqueeze(1), drafts.clamp_min(0)], dim=1)
             end = torch.tensor([len(s) - 1 for s in state.seqs], device=dev)
             positions = (end.unsqueeze(1) + torch.arange(kr + 1, device=dev)).clamp_max(cap - 1)
-            logits = _forward(decoder, ids, positions, int(positions.max()))
-            got = state.sample(logits, drafts, return_logprobs=return_logprobs)
+            top = int(positions.max())
+            if graphs is not None and not graphs.broken:
+                got = graphs.run(ids, positions, drafts, top)
+            else:
+                logits = _forward(decoder, ids, positions, top)
+                got = state.sample(logits, drafts, return_logprobs=return_logprobs)
             state.book(got, drafts.tolist(), kr + 1, eos_id, callback)
     finally:
         decoder.busy = False
@@ -554,12 +657,13 @@ class SpeculativeRun:
         self.totals = RowStats(0, 0, 0)
 
     def __call__(self, decoder, prompts, rows, max_tokens, eos_id, *, callback=None,
-                 return_logprobs: bool = False, **engine_options):
-        # engine_options (backend, cuda_graph, sync_every) do not apply: the rounds sample
-        # with the reference, eagerly, and the host looks at every round.
+                 return_logprobs: bool = False, cuda_graph: bool = True, **engine_options):
+        # The other engine_options (backend, sync_every) do not apply: the rounds sample
+        # with the reference, and the host looks at every round.
         pairs, lps, stats = generate_ids(
             decoder, prompts, rows, max_tokens, eos_id, speculative=self.drafter,
-            num_speculative_tokens=self.k, callback=callback, return_logprobs=return_logprobs)
+            num_speculative_tokens=self.k, callback=callback, return_logprobs=return_logprobs,
+            cuda_graph=cuda_graph)
         self.totals = RowStats(*(sum(col) for col in zip(self.totals, *stats, strict=True)))
         return (pairs, lps) if return_logprobs else pairs
 

@@ -19,10 +19,11 @@ from scipy import stats
 
 import lmgen_fast
 from lmgen_fast import SamplingParams, generate, generate_batch, speculative
+from lmgen_fast.decoder import decoder_for, wrap
 from lmgen_fast.models import LlamaConfig, LlamaForPretraining
 from lmgen_fast.speculative import NgramDrafter
 
-from conftest import random_model
+from conftest import StandInGraph, random_model
 
 SUBJECTS = ["The list type", "A dictionary maps keys", "The for statement", "import os",
             "def main():", "Exceptions are raised", "class Point:", "The module search path"]
@@ -261,6 +262,53 @@ def test_fixed_shape_sampler_path_gives_the_same_tokens(tokenizer, model, monkey
                           num_speculative_tokens=3) == plain
 
 
+class Replayed(StandInGraph):
+    """A CPU stand-in for a CUDA graph: capture keeps the step, replay runs it again, so a
+    step that read anything but its buffers would give other tokens."""
+
+    captures = replays = 0
+
+    def capture(self, fn):
+        self.fn = fn
+        Replayed.captures += 1
+
+    def replay(self):
+        Replayed.replays += 1
+        self.fn()
+
+
+class Uncapturable(StandInGraph):
+    def capture(self, fn):
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+
+@pytest.mark.parametrize("graph", [Replayed, Uncapturable])
+def test_captured_verify_steps_give_the_same_tokens(tokenizer, model, monkeypatch, graph):
+    prompts = ["The quick brown fox", "A", "Sampling with temperature", "def generate("]
+    rows = [SamplingParams(temperature=t, top_k=10, top_p=0.9, repetition_penalty=1.2,
+                           presence_penalty=0.1 * i, penalty_scope=("all", "generated")[i % 2],
+                           seed=i) for i, t in enumerate([0.0, 0.8, 1.3, 1.0])]
+    plain = generate_batch(model, tokenizer, prompts, 24, params=rows, return_details=True)
+    monkeypatch.setattr(speculative, "_fixed_shapes", lambda device: True)
+    monkeypatch.setattr(speculative, "_graph_backend", lambda device: graph)
+    # Attention lengths in blocks, as on CUDA, so that rounds replay captured steps.
+    monkeypatch.setattr(decoder_for(model), "kv_block", 32)
+    Replayed.captures = Replayed.replays = 0
+    for drafter in ("ngram", model):
+        if graph is Uncapturable:
+            with pytest.warns(RuntimeWarning, match="runs eagerly"):
+                spec = generate_batch(model, tokenizer, prompts, 24, params=rows,
+                                      return_details=True, speculative=drafter)
+        else:
+            spec = generate_batch(model, tokenizer, prompts, 24, params=rows,
+                                  return_details=True, speculative=drafter)
+        for p, s in zip(plain, spec, strict=True):
+            assert s.token_ids == p.token_ids
+            assert s.logprobs == pytest.approx(p.logprobs, abs=1e-4)
+    if graph is Replayed:
+        assert Replayed.replays > Replayed.captures > 0
+
+
 def test_ngram_drafter_proposes_what_followed_the_latest_match():
     class Rows:
         device = torch.device("cpu")
@@ -401,3 +449,31 @@ def test_draft_model_proposes_its_own_greedy_continuation(tokenizer, model, one_
                 for j, d in enumerate(guess):
                     expect = draft(torch.tensor([seq + guess[:j]]))[0, -1].argmax().item()
                     assert d == expect
+
+
+@pytest.mark.parametrize("penalized", [False, True])
+def test_the_captured_verify_step_never_waits_for_the_device(penalized):
+    # As tests/test_capture_safety.py checks the engine's step: on the meta device, the
+    # captured region runs under a mode that records every host wait and CPU tensor.
+    from test_capture_safety import CheckedCapture
+
+    CheckedCapture.found, CheckedCapture.captures = [], 0
+    model = random_model(64, seed=1).to("meta")
+    decoder = wrap(model)
+    decoder.kv_block = 4
+    prompts = [[1, 2, 3], [4, 5]]
+    rows = [SamplingParams(temperature=0.8, top_k=5, top_p=0.9, seed=1),
+            SamplingParams(temperature=0.0, repetition_penalty=1.3 if penalized else 1.0,
+                           frequency_penalty=0.2 if penalized else 0.0)]
+    decoder.prefill(prompts, 16)
+    meta = torch.device("meta")
+    state = speculative._Rows(prompts, rows, [12, 12], meta, 24)
+    graphs = speculative._VerifyGraphs(CheckedCapture, decoder, state, logprobs=True)
+    for length, t in [(4, 3), (5, 3), (9, 5), (9, 1)]:
+        positions = (torch.tensor([[length - 1], [length - 2]]) + torch.arange(t)).to(meta)
+        ids = torch.zeros(2, t, dtype=torch.int64, device=meta)
+        drafts = torch.zeros(2, t - 1, dtype=torch.int64, device=meta)
+        got = graphs.run(ids, positions, drafts, length + t)
+        assert got.tokens.shape == (2 * t,) and got.tokens.device.type == "meta"
+    assert not graphs.broken and CheckedCapture.captures == 4
+    assert CheckedCapture.found == []
