@@ -16,6 +16,9 @@ where they have nothing (such a position is never accepted). Cache slots past a 
 accepted prefix hold rejected drafts; they are overwritten by the next round, which starts
 at the row's last kept token.
 
+On CUDA the verify step of a round (the forward and the sampler) replays as a CUDA graph
+(:class:`_VerifyGraphs`); drafting and bookkeeping stay on the host, one wait per round.
+
 The one caveat: the verify forward over ``k + 1`` positions and a one-token decode step
 compute the same logits with a different summation order (a few ulps apart), so at a
 near-tie between the two best race keys a token can differ from plain decoding's.
