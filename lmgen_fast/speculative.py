@@ -632,13 +632,8 @@ def generate_ids(
         decoder.busy = False
     pairs = [(o, "eot" if len(o) < m else "length")
              for o, m in zip(state.out, max_tokens, strict=True)]
-    lps = [RowLogprobs(state.token_lp[r] if return_logprobs else [],
-                       (state.top[r] if return_logprobs else [])
-                       if rows[r].logprobs > 0 else None) for r in range(batch)]
-    top_n = [r.logprobs for r in rows]
-    lps = [RowLogprobs(lp.logprobs, None if lp.top_logprobs is None
-                       else [alts[:n] for alts in lp.top_logprobs])
-           for lp, n in zip(lps, top_n, strict=True)]
+    lps = [RowLogprobs(state.token_lp[r], [alts[: row.logprobs] for alts in state.top[r]]
+                       if row.logprobs > 0 else None) for r, row in enumerate(rows)]
     stats = [RowStats(*s) for s in zip(state.forwards, state.accepted, state.proposed,
                                        strict=True)]
     return pairs, lps, stats
