@@ -124,7 +124,8 @@ class _State:
         self.rows = torch.arange(b, device=dev)
         self.packed = PackedParams(**{k: v.clone() if isinstance(v, torch.Tensor) else v
                                       for k, v in vars(packed).items()})
-        self.lp = torch.zeros(b, 3, **f32) if lay.logprobs and lay.kernel else None
+        self.lp = (torch.zeros(b, kernel_sampler.LOGPROB_COLUMNS, **f32)
+                   if lay.logprobs and lay.kernel else None)
         self.token_lp = torch.zeros(b, lay.cols, **f32) if lay.logprobs else None
         n = min(lay.top_n, vocab)
         self.top_ids = torch.zeros(b, lay.cols, n, **i64) if n else None
@@ -170,11 +171,13 @@ class _State:
                     max_top_k=lay.max_top_k, draw_seeds=False, nucleus_candidates=lay.nucleus,
                     logprob_out=self.lp,
                 )
-            else:
+            elif lay.logprobs:
                 # The reference off the CPU (the GPU fallback): fixed shapes, no host wait.
-                tokens, status, token_lp = reference.sample_on_device(
-                    logits, self.packed, window, self.step,
-                    draw_seeds=False, return_logprobs=lay.logprobs and not lay.top_n)
+                tokens, status, slp = reference.sample_on_device_logprobs(
+                    logits, self.packed, window, self.step, lay.top_n, draw_seeds=False)
+            else:
+                tokens, status, _ = reference.sample_on_device(
+                    logits, self.packed, window, self.step, draw_seeds=False)
             bits = status & ~kernel_sampler.STATUS_SLOW
             newly = active & (bits != 0)
             self.bad_step.copy_(torch.where(newly & (self.bad_step < 0), self.step,
@@ -182,10 +185,8 @@ class _State:
             self.bad_bits.bitwise_or_(torch.where(newly, bits, 0))
             active = active & (bits == 0)
             if lay.logprobs and lay.kernel:
-                slp = kernel_sampler.logprobs_from_launch(logits, self.lp, lay.top_n)
-            elif lay.logprobs:
-                slp = (reference.raw_logprobs(logits, tokens, lay.top_n) if lay.top_n else
-                       SampleLogprobs(token_lp, None, None))
+                slp = kernel_sampler.logprobs_from_launch(logits, self.lp, lay.top_n,
+                                                          self.packed, window, tokens)
         else:
             got = reference.sample(logits, self.packed, window, step=self.step,
                                    return_logprobs=lay.logprobs)
@@ -447,7 +448,8 @@ class _Run:
             alts = None
             if row.logprobs > 0:
                 k = row.logprobs
-                alts = [list(zip(i[:k], v[:k], strict=True))
+                # A processed row lists its surviving tokens only (id -1 pads the rest).
+                alts = [[(t, x) for t, x in zip(i[:k], v[:k], strict=True) if t >= 0]
                         for i, v in zip(top[0][r][:n], top[1][r][:n], strict=True)]
             lps.append(RowLogprobs(token_lp[r][:n], alts))
         return pairs, lps

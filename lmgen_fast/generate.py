@@ -30,12 +30,14 @@ from .tokenization import adapt_tokenizer
 class Generation:
     """One row's result: its text, its token ids (EOT excluded) and why it stopped.
 
-    ``logprobs`` holds the raw log-probability of each token of ``token_ids``;
+    ``logprobs`` holds the log-probability of each token of ``token_ids``, in the row's
+    ``logprobs_mode`` (raw, or processed: under the distribution it was drawn from);
     ``top_logprobs`` the row's ``logprobs`` best ``(token_id, logprob)`` pairs per token, most
-    probable first (``None`` when the row's ``logprobs`` is 0). With ``speculative=``,
-    ``target_forwards`` counts the target's forwards the row took part in (its prefill
-    included), ``accepted_drafts`` the drafted tokens the target confirmed and
-    ``proposed_drafts`` the drafted tokens it checked (see
+    probable first (``None`` when the row's ``logprobs`` is 0). A processed row lists only
+    tokens its filters kept, so a list can be shorter (a greedy row's has its token alone).
+    With ``speculative=``, ``target_forwards`` counts the target's forwards the row took
+    part in (its prefill included), ``accepted_drafts`` the drafted tokens the target
+    confirmed and ``proposed_drafts`` the drafted tokens it checked (see
     :class:`lmgen_fast.speculative.RowStats`); all three are None otherwise.
     """
 
@@ -117,6 +119,7 @@ def generate_batch(
     sync_every: int | None = None,
     speculative=None,
     num_speculative_tokens: int = 4,
+    logprobs_mode: str = "raw",
 ) -> list[str] | list[Generation]:
     """Generate a continuation for every prompt, in one batch.
 
@@ -129,7 +132,7 @@ def generate_batch(
     max_tokens : int or sequence of int
         Per-row cap on new tokens (one value for all, or one per prompt).
     temperature, repetition_penalty, repetition_penalty_range, top_k, seed, penalty_scope,
-    penalty_mode, top_p, min_p, frequency_penalty, presence_penalty, logprobs
+    penalty_mode, top_p, min_p, frequency_penalty, presence_penalty, logprobs, logprobs_mode
         The sampling parameters of every row (see :class:`SamplingParams`).
     params : sequence of SamplingParams, optional
         One per prompt; replaces the keywords row by row.
@@ -140,8 +143,9 @@ def generate_batch(
     callback : callable, optional
         ``callback(row, token_id)`` for each new token, for streaming.
     return_details : bool
-        Return :class:`Generation` records instead of strings, with each token's raw
-        log-probability (and, for rows with ``logprobs > 0``, the top alternatives).
+        Return :class:`Generation` records instead of strings, with each token's
+        log-probability (raw, or with ``logprobs_mode="processed"`` under the distribution
+        it was drawn from) and, for rows with ``logprobs > 0``, the top alternatives.
     cuda_graph : bool
         On CUDA, replay each decode step as a CUDA graph (captured on the first call, kept
         with the model for later calls). Same tokens either way.
@@ -174,7 +178,7 @@ def generate_batch(
         repetition_penalty_range=repetition_penalty_range, seed=seed,
         penalty_scope=penalty_scope, penalty_mode=penalty_mode, top_p=top_p, min_p=min_p,
         frequency_penalty=frequency_penalty, presence_penalty=presence_penalty,
-        logprobs=logprobs,
+        logprobs=logprobs, logprobs_mode=logprobs_mode,
     )
     rows = _row_params(batch, keywords, params, seeds)
     caps = _check_max_tokens(max_tokens, batch)

@@ -233,6 +233,7 @@ def run_rows(
             if asked:
                 record["logprobs"] = lp.logprobs
                 record["top_logprobs"] = lp.top_logprobs
+                record["logprobs_mode"] = rows[i].params.logprobs_mode
             writer.write(record)
             stats.tokens += len(token_ids)
         writer.sync()
@@ -253,13 +254,13 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
                         "integer) and a 'prompt', and optionally max_tokens, temperature, "
                         "top_k, repetition_penalty, repetition_penalty_range, seed, "
                         "penalty_scope, penalty_mode, top_p, min_p, frequency_penalty, "
-                        "presence_penalty to override the options for that row, and logprobs "
-                        "(0 to 20) to get that row's token log-probabilities")
+                        "presence_penalty, logprobs_mode to override the options for that row, "
+                        "and logprobs (0 to 20) to get that row's token log-probabilities")
     p.add_argument("--output", required=True, metavar="FILE",
                    help="JSONL results, one line per id: id, text, token_ids, finish_reason "
-                        "(eot or length), num_tokens, and for rows with logprobs > 0 logprobs "
-                        "and top_logprobs ([id, logprob] pairs); rerunning the command resumes "
-                        "it")
+                        "(eot or length), num_tokens, and for rows with logprobs > 0 logprobs, "
+                        "top_logprobs ([id, logprob] pairs) and logprobs_mode; rerunning the "
+                        "command resumes it")
     p.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE, metavar="N",
                    help=f"rows per batch; rows are batched by prompt length "
                         f"(default: {DEFAULT_BATCH_SIZE})")
