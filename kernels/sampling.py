@@ -15,7 +15,8 @@ order-preserving integer keys that stops as soon as at most ``CAP`` values remai
 the exact ``k_sel``-th largest still leave more than ``CAP`` values (many equal values),
 the values equal to it are summarised as one tie group (its value, size, best race key and
 index) instead of being stored. Each chunk also leaves its threshold ``t`` and, for
-top-p rows without top-k, ``sum(exp(z - chunk max))``; with ``LOGPROBS`` the maximum and
+top-p rows and processed-log-probability rows without top-k, ``sum(exp(z - chunk max))``
+(the count of ``+inf`` values in a chunk holding some); with ``LOGPROBS`` the maximum and
 the sum of exponentials of the raw logits.
 
 ``merge_kernel`` (grid ``[B]``) combines a row's chunks: greedy argmax, the ``+inf`` race,
@@ -32,18 +33,25 @@ the race without filters, or, for filtered rows:
   the usual case). Otherwise, unless min-p already rules out every token below ``lo``, the
   row takes the slow path: a radix search re-reads the row ``32 / RB`` times (``RB`` bits
   of ``P`` per pass, masses accumulated per digit) and one more pass runs the race;
-* min-p: ``exp(z - z_max) >= min_p`` on the survivors, a per-token test;
+* min-p: ``z - z_max >= t`` on the survivors, ``t`` the row's float32 threshold
+  (:func:`lmgen_fast.params.min_p_threshold`, exactly ``exp(z - z_max) >= min_p``);
 * the race over the survivors, whose noise is computed there.
+
+With ``LOGPROBS`` each row also leaves its token's log-probability, raw or processed
+(``logprobs_mode``). A processed row's normaliser is ``sum(exp(z - z_max))`` over the
+final survivors, summed where the race reads them: the candidates (and tie groups) of a
+filtered row, the slow path's last pass, or the chunk sums of a row without filters; its
+token's ``z`` is recomputed from one logit by the chunk kernel's own code.
 
 Noise: Triton's Philox keyed on (row seed, step, token id), exactly as
 :mod:`lmgen_fast.philox` defines it, so the CPU reference replays the GPU's picks.
 
 Rounding: on CUDA (``ACC``) every ``exp`` whose value decides a token (top-p masses and
-their normaliser, min-p's ``exp(z - z_max) >= min_p``, the log-softmax sums) is the device
-library's ``expf``, the function torch's CUDA kernels call, rather than ``tl.exp``
-(``ex2.approx``), and every division is correctly rounded (``div_rn``; a plain ``/`` compiles
-to an approximate division). Under the interpreter ``exp`` is NumPy's, which can differ from
-torch's CPU ``exp`` by an ulp: a min-p ratio exactly at such a value may then differ.
+their normaliser, the log-softmax sums) is the device library's ``expf``, the function
+torch's CUDA kernels call, rather than ``tl.exp`` (``ex2.approx``), and every division is
+correctly rounded (``div_rn``; a plain ``/`` compiles to an approximate division). Min-p
+uses no ``exp`` at all, so it agrees with the reference bit for bit on every device. Top-p
+compares its float32 masses with the user's ``top_p`` loaded as float64 (never rounded).
 
 Compile time: the multi-pass path's loops are ``range``, not ``tl.static_range``: unrolled,
 they held 32 to 64 copies of ``_row_z`` and took 12 to 42 s to compile per variant.

@@ -42,7 +42,8 @@ DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 _PTR_TYPES = {
     torch.float32: "*fp32", torch.bfloat16: "*bf16", torch.float16: "*fp16",
-    torch.float64: "*fp64", torch.int64: "*i64", torch.int32: "*i32", torch.int8: "*i8", torch.bool: "*i1",
+    torch.float64: "*fp64", torch.int64: "*i64", torch.int32: "*i32", torch.int8: "*i8",
+    torch.bool: "*i1",
 }
 
 

@@ -4,9 +4,11 @@ The kernels (:mod:`lmgen_fast.kernels.sampling`) compute exactly
 :func:`lmgen_fast.reference.sample` for seeded rows: same ``z`` (IEEE float32 division by
 the temperature, the penalty factors ``p**c`` from the same ``torch.pow``, the frequency and
 presence penalties rounded as the reference rounds them), same top-k threshold with ties
-kept, same top-p and min-p rules, same Philox/Gumbel race with ties to the lower token id.
-Top-p sums the softmax in another order than the reference, so a token whose top-p fate
-turns on the last bits of those sums may differ; nothing else may.
+kept, same top-p and min-p rules (min-p on the same float32 threshold, bit for bit), same
+Philox/Gumbel race with ties to the lower token id. Top-p sums the softmax in another order
+than the reference (float32, against float64 prefix sums), so a token whose top-p fate turns
+on the last bits of those sums may differ; nothing else may. Log-probabilities, raw or
+processed (``logprobs_mode``), come out of the same launches (``logprob_out``).
 
 Cost: with top-k on (``k <= max_top_k``) the logits are read once, top-p and min-p then run
 over the top-k candidates. Without top-k, each chunk keeps ``nucleus_candidates`` of its

@@ -374,6 +374,28 @@ def test_mismatched_rerun_is_refused_naming_each_difference(checkpoint, tmp_path
     assert out.read_bytes() == before
 
 
+def test_logprobs_mode_is_a_result_setting(checkpoint, tmp_path, capsys):
+    inp = write_jsonl(tmp_path / "in.jsonl", prompts(4))
+    out = tmp_path / "out.jsonl"
+    common = ["--max-tokens", "3", "--seed", "2"]
+    assert run(checkpoint, inp, out, *common) == 0
+    before = out.read_bytes()
+    assert json.loads(manifest_path(out).read_text())["settings"]["logprobs_mode"] == "raw"
+    capsys.readouterr()
+    assert run(checkpoint, inp, out, *common, "--logprobs-mode", "processed") == 2
+    err = capsys.readouterr().err
+    assert '--logprobs-mode "processed" (the output was made with "raw")' in err
+    assert out.read_bytes() == before
+    # An output made before the option existed was made with raw log-probabilities: it
+    # resumes under the default and is refused under "processed".
+    manifest = json.loads(manifest_path(out).read_text())
+    del manifest["settings"]["logprobs_mode"]
+    manifest_path(out).write_text(json.dumps(manifest))
+    assert run(checkpoint, inp, out, *common) == 0
+    assert "4 already done" in capsys.readouterr().err
+    assert run(checkpoint, inp, out, *common, "--logprobs-mode", "processed") == 2
+
+
 def test_output_without_manifest_is_refused(checkpoint, tmp_path, capsys):
     inp = write_jsonl(tmp_path / "in.jsonl", prompts(6))
     # Any JSONL with ids, e.g. a copy of the input itself.
