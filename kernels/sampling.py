@@ -546,7 +546,8 @@ def merge_kernel(
             z_out = _token_z(logits_ptr, row64, stride_row, V, n_chunks, row, out, temp,
                              tl.load(once_ptr + row) != 0, tl.load(fpen_ptr + row),
                              tl.load(ppen_ptr + row), win_ptr, W, wrange_ptr, pow_ptr, CHUNK)
-            norm = tl.where(has_inf, p_share, tl.log(p_sum))
+            # p_sum is 0 only in greedy and empty rows, whose norm is never read.
+            norm = tl.where(has_inf, p_share, tl.log(tl.where(p_sum > 0.0, p_sum, 1.0)))
             lp = tl.where(has_inf, p_share, (z_out - row_max) - norm)
             # A greedy row is a point mass on its token.
             lp = tl.where(temp == 0.0, 0.0, lp)

@@ -64,7 +64,8 @@ ParamsLike = SamplingParams | Sequence[SamplingParams] | PackedParams
 
 
 class SampleLogprobs(NamedTuple):
-    """Log-probabilities of one sampling step under the raw logits (log-softmax, float32).
+    """Log-probabilities of one sampling step (float32), each row in its ``logprobs_mode``:
+    under the raw logits, or under the distribution it was drawn from (processed).
 
     Attributes
     ----------
@@ -72,7 +73,8 @@ class SampleLogprobs(NamedTuple):
         float32 ``[B]``: the log-probability of each row's sampled token.
     top_ids : Tensor
         int64 ``[B, n]``: the ``n`` most probable tokens per row, most probable first; equal
-        values in lower-id-first order.
+        values in lower-id-first order. A processed row lists its surviving tokens only:
+        its slots past them hold ``-1`` (and ``-inf`` in ``top_logprobs``).
     top_logprobs : Tensor
         float32 ``[B, n]``: their log-probabilities.
     """
