@@ -740,7 +740,7 @@ class SampleResult(NamedTuple):
     status : IntTensor
         int32 ``[B]``: :data:`STATUS_EMPTY` for a row with nothing to sample, else 0.
     logprobs : SampleLogprobs or None
-        With ``return_logprobs``, as :func:`raw_logprobs` (not meaningful for flagged rows).
+        With ``return_logprobs``, as :func:`step_logprobs` (not meaningful for flagged rows).
     """
 
     tokens: torch.Tensor

@@ -502,3 +502,33 @@ def test_gpu_chi_square_logprobs_and_graph():
     step_t.fill_(3)
     graph.replay()
     assert torch.equal(tok_g, tokens) and int((status & ~K.STATUS_SLOW).sum()) == 0
+
+
+@pytest.mark.gpu
+@gpu
+def test_gpu_processed_logprobs_full_size():
+    gen = torch.Generator().manual_seed(23)
+    scale = torch.tensor([1.0, 2.0, 4.0, 8.0]).repeat(GPU_B // 4).unsqueeze(1)
+    logits = (torch.randn(GPU_B, GPU_V, generator=gen) * scale).cuda()
+    params = random_params(gen, GPU_B, GPU_V, top_k=[0, 0, 50, 1024], logprobs=5,
+                           logprobs_mode="processed")
+    window = random_window(gen, GPU_B, GPU_V, width=64).cuda()
+    tokens, lp = K.sample(logits, params, window, step=1, return_logprobs=True)
+    want_tokens, want = reference.sample(logits, params, window, step=1, return_logprobs=True)
+    same = tokens == want_tokens
+    # Near-ties within rounding (race keys, the top-p boundary) may differ.
+    assert (~same).sum() <= 2
+    assert torch.allclose(lp.token_logprob[same], want.token_logprob[same], atol=1e-5, rtol=0)
+    assert torch.allclose(lp.top_logprobs[same], want.top_logprobs[same], atol=1e-5, rtol=0)
+    # The launch with processed rows is capturable, and replays the same values.
+    packed = reference.pack(params, GPU_B, torch.device("cuda"))
+    step_t = torch.ones(GPU_B, dtype=torch.int64, device="cuda")
+    out = torch.empty(GPU_B, K.LOGPROB_COLUMNS, device="cuda")
+    kw = dict(max_top_k=1024, nucleus_candidates=K.NUCLEUS_CANDIDATES, logprob_out=out,
+              draw_seeds=False)
+    K.launch(logits, packed, window, step_t, **kw)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        tok_g, _status = K.launch(logits, packed, window, step_t, **kw)
+    graph.replay()
+    assert torch.equal(tok_g, tokens) and torch.equal(out[:, 0], lp.token_logprob)
