@@ -16,7 +16,9 @@ from .engine import (  # noqa: F401  (re-exported: jobs and users import them fr
     RowLogprobs,
     TokenCallback,
     TopLogprobs,
+    check_max_batch_size,
     check_sync_every,
+    default_slots,
     generate_ids,
 )
 from .params import SamplingParams
@@ -120,6 +122,7 @@ def generate_batch(
     speculative=None,
     num_speculative_tokens: int = 4,
     logprobs_mode: str = "raw",
+    max_batch_size: int | None = None,
 ) -> list[str] | list[Generation]:
     """Generate a continuation for every prompt, in one batch.
 
@@ -163,6 +166,13 @@ def generate_batch(
         CUDA, each round's forward and sampler replay as one CUDA graph).
     num_speculative_tokens : int
         Drafts per row and round (``k >= 1``).
+    max_batch_size : int, optional
+        Rows decoded at once. With more prompts than that, continuous batching: a fixed set
+        of ``max_batch_size`` slots, where a finished row's slot takes the next prompt at the
+        next host check (our cached Llama; other models run batches of that size in turn;
+        speculative decoding runs every prompt in one batch).
+        Default: up to 64 prompts in one batch, as ever; more go through 64 slots, fewer
+        where the KV cache of 64 would not fit in half the device's free memory.
 
     Returns
     -------
@@ -187,6 +197,7 @@ def generate_batch(
     if speculative is not None:
         check_num_speculative_tokens(num_speculative_tokens)
         speculative = make_drafter(speculative)
+    check_max_batch_size(max_batch_size)
     tok = adapt_tokenizer(tokenizer, bos_token, eos_token)
     ids = [tok.encode_prompt(p) for p in prompts]
     if batch == 0:
@@ -201,8 +212,10 @@ def generate_batch(
             return [tok.decode(o) for o, _ in results]
         return [Generation(tok.decode(o), o, r, lp.logprobs, lp.top_logprobs, *st)
                 for (o, r), lp, st in zip(results, lps, stats, strict=True)]
+    if max_batch_size is None:
+        max_batch_size = default_slots(decoder, ids, caps)
     options = dict(backend=backend, callback=callback, cuda_graph=cuda_graph,
-                   sync_every=sync_every)
+                   sync_every=sync_every, max_batch_size=max_batch_size)
     if return_details:
         results, lps = generate_ids(decoder, ids, rows, caps, tok.eos_id, return_logprobs=True,
                                     **options)

@@ -206,6 +206,11 @@ class PackedParams:
                  for k, v in vars(self).items()}
         return PackedParams(**moved)
 
+    def take(self, index: torch.Tensor) -> PackedParams:
+        """The rows ``index`` (int64 ``[n]``, on the parameters' device) of every tensor."""
+        return PackedParams(**{k: v[index] if isinstance(v, torch.Tensor) else v
+                               for k, v in vars(self).items()})
+
     @staticmethod
     def from_rows(rows: Sequence[SamplingParams], device: torch.device | str) -> PackedParams:
         def t(values, dtype):
