@@ -181,7 +181,8 @@ OWNED_MAX_LINES = 450
 
 
 @pytest.mark.parametrize("name", [
-    "lmgen_fast.cli", "lmgen_fast.cli_options", "lmgen_fast.jobs", "lmgen_fast.job_input",
+    "lmgen_fast.cli", "lmgen_fast.cli_options", "lmgen_fast.jobs", "lmgen_fast.job_runner",
+    "lmgen_fast.job_input",
     "lmgen_fast.manifest", "lmgen_fast.progress", "lmgen_fast.jsonl", "lmgen_fast.train",
     "lmgen_fast.train_data", "lmgen_fast.loss_plot", "lmgen_fast.decoder", "lmgen_fast.hf",
     "lmgen_fast.models.llama",

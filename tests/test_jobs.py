@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from lmgen_fast import generate_batch, jobs
+from lmgen_fast import generate_batch, job_runner, jobs
 from lmgen_fast.cli import main
 from lmgen_fast.jobs import derive_seed, shard_of
 from lmgen_fast.jsonl import id_key, merge_parts, part_path, scan_results
@@ -471,8 +471,8 @@ def test_runtime_failure_exits_1_and_interrupt_130(checkpoint, tmp_path, capsys,
             raise GenerationError("row 0 had nothing to sample at step 2", [[]])
         return real(*args, **kwargs)
 
-    real = jobs.generate_ids
-    monkeypatch.setattr(jobs, "generate_ids", failing)
+    real = job_runner.generate_ids
+    monkeypatch.setattr(job_runner, "generate_ids", failing)
     assert run(checkpoint, inp, out, "--max-tokens", "2", "--batch-size", "3",
                "--static-batches") == 1
     err = capsys.readouterr().err
@@ -482,7 +482,7 @@ def test_runtime_failure_exits_1_and_interrupt_130(checkpoint, tmp_path, capsys,
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(jobs, "generate_ids", interrupted)
+    monkeypatch.setattr(job_runner, "generate_ids", interrupted)
     assert run(checkpoint, inp, out, "--max-tokens", "2", "--batch-size", "3") == 130
     assert "run the same command again to resume" in capsys.readouterr().err
     assert len(read_results(out)) == 3
@@ -526,7 +526,7 @@ def test_continuous_run_killed_midway_resumes_without_loss_or_repeat(checkpoint,
     inp = write_jsonl(tmp_path / "in.jsonl", mixed_lengths(n))
     out, full = tmp_path / "out.jsonl", tmp_path / "full.jsonl"
     common = ["--seed", "9", "--batch-size", "6"]
-    real = jobs.generate_ids
+    real = job_runner.generate_ids
     seen = []
 
     def killed(*args, on_row, **kwargs):
@@ -537,10 +537,10 @@ def test_continuous_run_killed_midway_resumes_without_loss_or_repeat(checkpoint,
                 raise KeyboardInterrupt
         return real(*args, on_row=row, **kwargs)
 
-    monkeypatch.setattr(jobs, "generate_ids", killed)
+    monkeypatch.setattr(job_runner, "generate_ids", killed)
     assert run(checkpoint, inp, out, *common) == 130
     assert len(read_results(out)) == 7
-    monkeypatch.setattr(jobs, "generate_ids", real)
+    monkeypatch.setattr(job_runner, "generate_ids", real)
     assert run(checkpoint, inp, out, "--batch-size", "3", *common[:2]) == 0
     assert run(checkpoint, inp, full, "--static-batches", *common) == 0
     assert out.read_bytes().count(b"\n") == n  # nothing doubled (read_results checks ids)
