@@ -50,10 +50,9 @@ def bookkeeping_kernel(
         k = tl.arange(0, NB)
         ok = k < TOP_N
         at = (row * cols + step) * TOP_N + k
-        tl.store(top_ids_ptr + at, tl.load(top_ids_src + row * TOP_N + k, mask=ok),
-                 mask=ok & in_cols)
-        tl.store(top_lp_ptr + at, tl.load(top_lp_src + row * TOP_N + k, mask=ok),
-                 mask=ok & in_cols)
+        put = ok & (step + 0 * k < cols)  # a vector mask (the interpreter takes no scalar)
+        tl.store(top_ids_ptr + at, tl.load(top_ids_src + row * TOP_N + k, mask=ok), mask=put)
+        tl.store(top_lp_ptr + at, tl.load(top_lp_src + row * TOP_N + k, mask=ok), mask=put)
     eot = tok == eos
     count = tl.load(count_ptr + row) + (active & ~eot).to(tl.int64)
     tl.store(count_ptr + row, count)
