@@ -151,6 +151,11 @@ def test_engine_selects_the_fused_path_for_triton_only(model):
         assert dec.fused == (backend == "triton")
     assert out["triton"] == out["reference"]
     assert all(len(o) == m for (o, _), m in zip(out["triton"], [12, 7, 12], strict=True))
+    # allow_fused = False: the Triton sampler over eager model steps, no weight copies.
+    dec = wrap(model)  # a fresh decoder: nothing built yet
+    dec.allow_fused = False
+    got = generate_ids(dec, prompts, rows, [12, 7, 12], -1, backend="triton")
+    assert not dec.fused and dec._fused_step is None and got == out["reference"]
 
 
 def test_transformers_llama_takes_the_fused_path():
