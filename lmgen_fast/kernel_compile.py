@@ -146,11 +146,14 @@ def sampler_variants() -> list[Variant]:
                     out = torch.empty(batch, 3, device="meta") if logprobs else None
                     calls, _, _ = kernel_calls(logits, packed, window, steps, packed.seed,
                                                lp, out, cuda=True)
-                    # The engine's window, read from the history by the set-up kernel.
-                    hist = torch.full((batch, 64), -1, dtype=torch.int64, device="meta")
-                    hw = kernel_sampler.HistoryWindow(hist, steps, steps, 16)
-                    calls += kernel_calls(logits, packed, hw, steps, packed.seed, lp, out,
-                                          cuda=True)[0][:1]
+                    # The set-up for the engine's window (read from the history) and for a
+                    # given one, short and wide enough for its largest tiles.
+                    for width in (16, 4096):
+                        hist = torch.empty(batch, width, dtype=torch.int64, device="meta")
+                        for win in (kernel_sampler.HistoryWindow(hist, steps, steps, width),
+                                    hist):
+                            calls += kernel_calls(logits, packed, win, steps, packed.seed, lp,
+                                                  out, cuda=True)[0][:1]
                     for call in calls:
                         v = _variant(kernel_sampler.kernel(call.name), call)
                         seen.setdefault((v.kernel, v.signature, v.constexprs, v.options), v)
@@ -232,6 +235,8 @@ def covering(variants: list[Variant]) -> list[Variant]:
     def weight(v: Variant) -> float:
         c = dict(v.constexprs)
         block = c.get("TILE", c.get("CHUNK", 1))
+        if v.kernel == "setup_kernel":  # one-hot tiles of TB window slots by CPB buckets
+            block = c["TB"] * c["CPB"]
         return block / dict(v.options)["num_warps"]
 
     groups: dict[tuple, Variant] = {}
