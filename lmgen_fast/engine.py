@@ -2,10 +2,12 @@
 
 A step is the model's forward for one token per row (writing the KV cache), the sampler,
 and the bookkeeping: each row's history for the penalties, its count of kept tokens, EOT,
-its length cap, and a flag for a row that had nothing to sample. Every step reads and writes
-the same tensors (:class:`_State`, kept with the decoder), and the host decides nothing from
-their values. So on CUDA, with a graph-capable decoder (our Llama, modules built like the
-article's, transformers Llama) and the Triton sampler, each step is one CUDA graph replay:
+its length cap, and a flag for a row that had nothing to sample (with the Triton sampler,
+one launch of :mod:`lmgen_fast.bookkeeping`; eager torch ops on the reference path, bit for
+bit as before). Every step reads and writes the same tensors (:class:`_State`, kept with
+the decoder), and the host decides nothing from their values. So on CUDA, with a
+graph-capable decoder (our Llama, modules built like the article's, transformers Llama) and
+the Triton sampler, each step is one CUDA graph replay:
 the host only looks every ``sync_every`` steps, to hand new tokens to the callback, stop
 when every row is done and raise for a bad row. Elsewhere the same step runs eagerly.
 
@@ -212,7 +214,8 @@ class _State:
             slp = kernel_sampler.logprobs_from_launch(logits, self.lp, lay.top_n)
             top = (slp.token_logprob,) + ((slp.top_ids, slp.top_logprobs)
                                           if self.top_ids is not None else ())
-        bookkeeping.book(self.ledger, tokens, status, lay.eos, *top)
+        # A bookkeeping kernel that fails to build falls back as the sampler's would.
+        kernel_sampler.guarded(bookkeeping.book, self.ledger, tokens, status, lay.eos, *top)
 
 
 def _capture_autocast():

@@ -468,19 +468,25 @@ def reset_failure() -> None:
     _failure = None
 
 
-def guarded_launch(*args, **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
-    """:func:`launch`, with a failure of Triton itself (compilation, a missing driver
-    feature, a launch error) raised as :class:`KernelUnavailable`.
+def guarded(fn, *args, **kwargs):
+    """``fn(*args, **kwargs)`` (a launch of Triton kernels), with a failure of Triton itself
+    (compilation, a missing driver feature, a launch error) raised as
+    :class:`KernelUnavailable`.
 
     Bad arguments (``ValueError``) and out-of-memory errors pass through unchanged: the
     reference would meet them too.
     """
     try:
-        return launch(*args, **kwargs)
+        return fn(*args, **kwargs)
     except (ValueError, torch.OutOfMemoryError):
         raise
     except Exception as exc:
         raise KernelUnavailable(f"the Triton sampler failed: {exc}") from exc
+
+
+def guarded_launch(*args, **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`launch` under :func:`guarded`."""
+    return guarded(launch, *args, **kwargs)
 
 
 def host_hints(params: ParamsLike, packed: PackedParams, batch: int) -> tuple[int, bool, bool]:

@@ -8,10 +8,13 @@ from __future__ import annotations
 import pytest
 import torch
 
+from lmgen_fast import SamplingParams, kernel_sampler
 from lmgen_fast import bookkeeping as bk
+from lmgen_fast.decoder import wrap
+from lmgen_fast.engine import generate_ids
 from lmgen_fast.kernel_sampler import STATUS_EMPTY, STATUS_INTERNAL, STATUS_SLOW
 
-from conftest import DEVICE, require_kernel_runtime
+from conftest import DEVICE, random_model, require_kernel_runtime
 
 require_kernel_runtime()
 
@@ -114,3 +117,25 @@ def test_bad_arguments_name_the_parameter():
         bk.book_call(led, torch.zeros(2, dtype=torch.int64), torch.zeros(2), EOS)
     with pytest.raises(ValueError, match="token_lp"):
         bk.book_call(led, torch.zeros(2, dtype=torch.int64), None, EOS, torch.zeros(2))
+
+
+def test_a_failing_bookkeeping_kernel_falls_back_like_the_sampler(monkeypatch):
+    """Degrade, never fail: a bookkeeping kernel that does not build sends the call to the
+    reference path (one warning), with the same tokens."""
+    class Broken:
+        def __getitem__(self, grid):
+            def fail(*args, **kwargs):
+                raise RuntimeError("at 3:1: no bookkeeping on this target")
+            return fail
+
+    model = random_model(64, seed=3, scale=4.0)
+    rows = [SamplingParams(temperature=0.8, seed=i) for i in range(2)]
+    want = generate_ids(wrap(model), [[1, 2], [3]], rows, [5, 5], 2, backend="reference")
+    kernel_sampler.reset_failure()
+    monkeypatch.setattr(bk, "_kernels", lambda: type("M", (), {"bookkeeping_kernel": Broken()}))
+    try:
+        with pytest.warns(RuntimeWarning, match="no bookkeeping on this target"):
+            got = generate_ids(wrap(model), [[1, 2], [3]], rows, [5, 5], 2, backend="triton")
+    finally:
+        kernel_sampler.reset_failure()
+    assert got == want
