@@ -15,7 +15,8 @@ order-preserving integer keys that stops as soon as at most ``CAP`` values remai
 the exact ``k_sel``-th largest still leave more than ``CAP`` values (many equal values),
 the values equal to it are summarised as one tie group (its value, size, best race key and
 index) instead of being stored. Each chunk also leaves its threshold ``t`` and, for
-top-p rows without top-k, ``sum(exp(z - chunk max))``; with ``LOGPROBS`` the maximum and
+top-p rows and processed-log-probability rows without top-k, ``sum(exp(z - chunk max))``
+(the count of ``+inf`` values in a chunk holding some); with ``LOGPROBS`` the maximum and
 the sum of exponentials of the raw logits.
 
 ``merge_kernel`` (grid ``[B]``) combines a row's chunks: greedy argmax, the ``+inf`` race,
@@ -32,18 +33,25 @@ the race without filters, or, for filtered rows:
   the usual case). Otherwise, unless min-p already rules out every token below ``lo``, the
   row takes the slow path: a radix search re-reads the row ``32 / RB`` times (``RB`` bits
   of ``P`` per pass, masses accumulated per digit) and one more pass runs the race;
-* min-p: ``exp(z - z_max) >= min_p`` on the survivors, a per-token test;
+* min-p: ``z - z_max >= t`` on the survivors, ``t`` the row's float32 threshold
+  (:func:`lmgen_fast.params.min_p_threshold`, exactly ``exp(z - z_max) >= min_p``);
 * the race over the survivors, whose noise is computed there.
+
+With ``LOGPROBS`` each row also leaves its token's log-probability, raw or processed
+(``logprobs_mode``). A processed row's normaliser is ``sum(exp(z - z_max))`` over the
+final survivors, summed where the race reads them: the candidates (and tie groups) of a
+filtered row, the slow path's last pass, or the chunk sums of a row without filters; its
+token's ``z`` is recomputed from one logit by the chunk kernel's own code.
 
 Noise: Triton's Philox keyed on (row seed, step, token id), exactly as
 :mod:`lmgen_fast.philox` defines it, so the CPU reference replays the GPU's picks.
 
 Rounding: on CUDA (``ACC``) every ``exp`` whose value decides a token (top-p masses and
-their normaliser, min-p's ``exp(z - z_max) >= min_p``, the log-softmax sums) is the device
-library's ``expf``, the function torch's CUDA kernels call, rather than ``tl.exp``
-(``ex2.approx``), and every division is correctly rounded (``div_rn``; a plain ``/`` compiles
-to an approximate division). Under the interpreter ``exp`` is NumPy's, which can differ from
-torch's CPU ``exp`` by an ulp: a min-p ratio exactly at such a value may then differ.
+their normaliser, the log-softmax sums) is the device library's ``expf``, the function
+torch's CUDA kernels call, rather than ``tl.exp`` (``ex2.approx``), and every division is
+correctly rounded (``div_rn``; a plain ``/`` compiles to an approximate division). Min-p
+uses no ``exp`` at all, so it agrees with the reference bit for bit on every device. Top-p
+compares its float32 masses with the user's ``top_p`` loaded as float64 (never rounded).
 
 Compile time: the multi-pass path's loops are ``range``, not ``tl.static_range``: unrolled,
 they held 32 to 64 copies of ``_row_z`` and took 12 to 42 s to compile per variant.
@@ -181,7 +189,7 @@ def _unnorm(key, valid, row_max, ACCURATE: tl.constexpr):
 def chunk_kernel(
     logits_ptr, stride_row, V,
     temp_ptr, topk_ptr, once_ptr, seed_ptr, step_ptr,
-    top_p_ptr, min_p_ptr, fpen_ptr, ppen_ptr,
+    top_p_ptr, mlog_ptr, fpen_ptr, ppen_ptr, proc_ptr,
     win_ptr, W, wrange_ptr, pow_ptr,
     cmax_ptr, cidx_ptr, rkey_ptr, ridx_ptr,
     ncand_ptr, ckey_ptr, cidx_buf_ptr,
@@ -225,7 +233,7 @@ def chunk_kernel(
     kk = tl.load(topk_ptr + row)
     k_eff = tl.where((kk > 0) & (kk < V), kk, 0).to(tl.int32)
     top_p = tl.load(top_p_ptr + row)
-    nucleus = (top_p < 1.0) | (tl.load(min_p_ptr + row) > 0.0)
+    nucleus = (top_p < 1.0) | (tl.load(mlog_ptr + row) > float("-inf"))
     # Top-p/min-p rows without top-k keep CAP // 2 candidates per chunk: usually the
     # nucleus lies among them and the merge needs no second read of the row.
     k_sel = tl.where(k_eff > 0, k_eff, tl.where(nucleus, CAP // 2, 0)).to(tl.int32)
@@ -244,9 +252,16 @@ def chunk_kernel(
     tl.store(rkey_ptr + out_at, rkey)
     tl.store(ridx_ptr + out_at, ridx)
 
+    # Processed log-probabilities need the normaliser of rows without top-k (top-p needs it
+    # too) and the count of +inf values (their share) from the same read.
+    proc = tl.zeros([], dtype=tl.int1)
+    if LOGPROBS:
+        proc = tl.load(proc_ptr + row) != 0
     csum = tl.zeros([], dtype=tl.float32)
-    if sampled & (k_eff == 0) & (top_p < 1.0):
-        csum = tl.sum(tl.where(z > float("-inf"), _exp(z - cmax, ACC), 0.0), axis=0)
+    if sampled & (((k_eff == 0) & ((top_p < 1.0) | proc)) | (has_inf & proc)):
+        n_pinf = tl.sum((z == float("inf")).to(tl.float32), axis=0)
+        esum = tl.sum(tl.where(z > float("-inf"), _exp(z - cmax, ACC), 0.0), axis=0)
+        csum = tl.where(has_inf, n_pinf, esum)
     tl.store(csum_ptr + out_at, csum)
 
     n_emit = tl.zeros([], dtype=tl.int32)
@@ -315,7 +330,7 @@ def _top_p_search(key, q, gkey, qg, top_p):
 def merge_kernel(
     logits_ptr, stride_row, V, n_chunks,
     temp_ptr, topk_ptr, seed_ptr, step_ptr,
-    top_p_ptr, min_p_ptr, once_ptr, fpen_ptr, ppen_ptr,
+    top_p_ptr, mlog_ptr, once_ptr, fpen_ptr, ppen_ptr, proc_ptr,
     win_ptr, W, wrange_ptr, pow_ptr,
     cmax_ptr, cidx_ptr, rkey_ptr, ridx_ptr,
     ncand_ptr, ckey_ptr, cidx_buf_ptr,
@@ -341,13 +356,17 @@ def merge_kernel(
     kk = tl.load(topk_ptr + row)
     k_eff = tl.where((kk > 0) & (kk < V), kk, 0).to(tl.int32)
     top_p = tl.load(top_p_ptr + row)
-    min_p = tl.load(min_p_ptr + row)
+    mlog = tl.load(mlog_ptr + row)
     top_p_on = top_p < 1.0
-    nucleus = top_p_on | (min_p > 0.0)
+    nucleus = top_p_on | (mlog > float("-inf"))
     sampled = (temp != 0.0) & (row_max > float("-inf"))
     has_inf = row_max == float("inf")
     no_inf = row_max != float("inf")
     slow = tl.zeros([], dtype=tl.int1)
+    # Processed log-probabilities of filtered rows: sum(exp(z - row_max)) over the final
+    # survivors and the smallest surviving z, from the candidates the race reads.
+    p_sum = tl.zeros([], dtype=tl.float32)
+    p_cut = tl.full([], float("-inf"), tl.float32)
 
     if sampled & (has_inf | ((k_eff == 0) & (~nucleus))):
         rkey = tl.load(rkey_ptr + at, mask=cm, other=float("-inf"))
@@ -404,10 +423,14 @@ def merge_kernel(
                 f_lo = tl.sum(tl.where(key >= lo, q, 0.0), axis=0)
                 f_lo += tl.sum(tl.where(gkey >= lo, qg, 0.0), axis=0)
                 prefix = _top_p_search(key, q, gkey, qg, top_p)
-            cut, slow = _cut(k_eff, tau, lo, prefix, f_lo, top_p, top_p_on, min_p, row_max, ACC)
+            cut, slow = _cut(k_eff, tau, lo, prefix, f_lo, top_p, top_p_on, mlog, row_max, ACC)
             tok = tl.load(cidx_buf_ptr + base + tl.arange(0, TILE), mask=valid, other=0)
             race = _from_key(key) + _gumbel(seed, step, tok)
-            best, best_at = _best(race, tok, surv & (key >= cut) & (e >= min_p))
+            fin = surv & (key >= cut) & _min_p_ok(key, row_max, mlog)
+            best, best_at = _best(race, tok, fin)
+            if LOGPROBS:
+                p_sum = tl.sum(tl.where(fin, e, 0.0), axis=0)
+                p_cut = tl.min(tl.where(fin, _from_key(key), float("inf")), axis=0)
         else:
             if k_eff > 0:
                 bit = tl.full([], 0x80000000, dtype=tl.uint32)
@@ -449,27 +472,36 @@ def merge_kernel(
                     else:
                         prefix = tl.where(f >= top_p, trial, prefix)
                         bit = bit >> 1
-            cut, slow = _cut(k_eff, tau, lo, prefix, f_lo, top_p, top_p_on, min_p, row_max, ACC)
+            cut, slow = _cut(k_eff, tau, lo, prefix, f_lo, top_p, top_p_on, mlog, row_max, ACC)
+            p_cut = tl.full([], float("inf"), tl.float32)
             for s0 in range(0, n_slots, TILE):
                 valid, key = _slots(
                     ncand_ptr, ckey_ptr, row, n_chunks, base, s0, n_slots, CAP, TILE
                 )
                 tok = tl.load(cidx_buf_ptr + base + s0 + tl.arange(0, TILE), mask=valid, other=0)
                 race = _from_key(key) + _gumbel(seed, step, tok)
-                e = _unnorm(key, valid, row_max, ACC)
-                b2, a2 = _best(race, tok, valid & (key >= tau) & (key >= cut) & (e >= min_p))
+                fin = valid & (key >= tau) & (key >= cut) & _min_p_ok(key, row_max, mlog)
+                b2, a2 = _best(race, tok, fin)
                 best, best_at = _combine(best, best_at, b2, a2)
+                if LOGPROBS:
+                    p_sum += tl.sum(tl.where(fin, _unnorm(key, fin, row_max, ACC), 0.0), axis=0)
+                    p_cut = tl.minimum(
+                        p_cut, tl.min(tl.where(fin, _from_key(key), float("inf")), axis=0))
         gbest = tl.load(gbest_ptr + at, mask=cm, other=float("-inf"))
         gidx = tl.load(gidx_ptr + at, mask=cm, other=2147483647)
-        g_ok = grp & (gkey >= cut) & (_unnorm(gkey, grp, row_max, ACC) >= min_p)
+        g_ok = grp & (gkey >= cut) & _min_p_ok(gkey, row_max, mlog)
         b2, a2 = _best(gbest, gidx, g_ok)
         best, out = _combine(best, best_at, b2, a2)
+        if LOGPROBS:
+            p_sum += tl.sum(tl.where(g_ok, eg, 0.0), axis=0)
+            p_cut = tl.minimum(p_cut, tl.min(tl.where(g_ok, _from_key(gkey), float("inf")),
+                                             axis=0))
         if slow:
-            out = _slow_path(
+            out, p_sum, p_cut = _slow_path(
                 logits_ptr, stride_row, V, n_chunks, row, row64, temp,
                 tl.load(once_ptr + row) != 0, tl.load(fpen_ptr + row), tl.load(ppen_ptr + row),
                 win_ptr, W, wrange_ptr, pow_ptr, seed, step,
-                row_max, s_row, top_p, top_p_on, min_p, CHUNK, SUB, RB, NBINS, ACC,
+                row_max, s_row, top_p, top_p_on, mlog, CHUNK, SUB, RB, NBINS, ACC, LOGPROBS,
             )
 
     # Never an out-of-range id: an empty row yields 0 and is reported in status.
@@ -482,6 +514,10 @@ def merge_kernel(
     tl.store(out_ptr + row, out.to(tl.int64))
 
     if LOGPROBS:
+        # Each row leaves (log-probability of its token, shift m, log-normaliser s, cut):
+        # a token's log-probability is (v - m) - s, v its raw logit or, for a processed
+        # row, its z if z >= cut (else -inf); m = +inf marks a row with +inf values, where
+        # s is the share -log(count) of each +inf value.
         rmax = tl.load(rmax_ptr + at, mask=cm, other=float("-inf"))
         rsum = tl.load(rsum_ptr + at, mask=cm, other=0.0)
         big = tl.max(rmax, axis=0)
@@ -489,18 +525,42 @@ def merge_kernel(
                        axis=0)
         n_inf = tl.sum(tl.where(rmax == float("inf"), rsum, 0.0), axis=0)
         share = -tl.log(tl.maximum(n_inf, 1.0))  # only read where n_inf >= 1
-        lse = tl.where(big == float("inf"), big, big + tl.log(total))
         x = tl.load(logits_ptr + row64 * stride_row + out).to(tl.float32)
         x = tl.where(x != x, float("-inf"), x)
+        norm = tl.where(big == float("inf"), share, tl.log(total))
         lp = tl.where(big == float("inf"), tl.where(x == float("inf"), share, float("-inf")),
-                      x - lse)
-        tl.store(lp_ptr + row * 3, lp)
-        tl.store(lp_ptr + row * 3 + 1, lse)
-        tl.store(lp_ptr + row * 3 + 2, share)
+                      (x - big) - norm)
+        shift = big
+        cut_z = tl.full([], float("-inf"), tl.float32)
+        if tl.load(proc_ptr + row) != 0:
+            csum = tl.load(csum_ptr + at, mask=cm, other=0.0)
+            # Rows without a filter: every finite z survives, the chunks summed them.
+            s_all = tl.sum(tl.where(cm & (cmax > float("-inf")) & (cmax < float("inf")),
+                                    csum * _exp(cmax - row_max, ACC), 0.0), axis=0)
+            filtered = (k_eff > 0) | nucleus
+            p_sum = tl.where(filtered, p_sum, s_all)
+            p_cut = tl.where(filtered, p_cut, float("-inf"))
+            # The +inf tokens all survive every filter and share the mass.
+            p_inf = tl.sum(tl.where(cm & (cmax == float("inf")), csum, 0.0), axis=0)
+            p_share = -tl.log(tl.maximum(p_inf, 1.0))
+            z_out = _token_z(logits_ptr, row64, stride_row, V, n_chunks, row, out, temp,
+                             tl.load(once_ptr + row) != 0, tl.load(fpen_ptr + row),
+                             tl.load(ppen_ptr + row), win_ptr, W, wrange_ptr, pow_ptr, CHUNK)
+            # p_sum is 0 only in greedy and empty rows, whose norm is never read.
+            norm = tl.where(has_inf, p_share, tl.log(tl.where(p_sum > 0.0, p_sum, 1.0)))
+            lp = tl.where(has_inf, p_share, (z_out - row_max) - norm)
+            # A greedy row is a point mass on its token.
+            lp = tl.where(temp == 0.0, 0.0, lp)
+            shift = row_max
+            cut_z = tl.where(has_inf, float("inf"), p_cut)
+        tl.store(lp_ptr + row * 4, lp)
+        tl.store(lp_ptr + row * 4 + 1, shift)
+        tl.store(lp_ptr + row * 4 + 2, norm)
+        tl.store(lp_ptr + row * 4 + 3, cut_z)
 
 
 @triton.jit
-def _cut(k_eff, tau, lo, prefix, f_lo, top_p, top_p_on, min_p, row_max, ACC: tl.constexpr):
+def _cut(k_eff, tau, lo, prefix, f_lo, top_p, top_p_on, mlog, row_max, ACC: tl.constexpr):
     """Smallest surviving key after top-k and top-p, and whether the row needs the slow path.
 
     With top-k every survivor is a candidate: the cut is ``max(tau, P)``. Without top-k,
@@ -512,7 +572,7 @@ def _cut(k_eff, tau, lo, prefix, f_lo, top_p, top_p_on, min_p, row_max, ACC: tl.
     all_cand = lo <= 0x007FFFFF
     fast_p = top_p_on & (f_lo >= top_p)
     z_lo = _from_key(tl.where(all_cand, tl.full([], 0x00800000, tl.uint32), lo))
-    fast_m = (min_p > 0.0) & (_exp(z_lo - row_max, ACC) < min_p)
+    fast_m = (mlog > float("-inf")) & (z_lo - row_max < mlog)
     topk_cut = tl.maximum(tau, prefix)
     free_cut = tl.where(fast_p, prefix, tl.where(all_cand, lo * 0, lo))
     cut = tl.where(k_eff > 0, topk_cut, free_cut).to(tl.uint32)
@@ -524,15 +584,16 @@ def _cut(k_eff, tau, lo, prefix, f_lo, top_p, top_p_on, min_p, row_max, ACC: tl.
 def _slow_path(
     logits_ptr, stride_row, V, n_chunks, row, row64, temp, once, fpen, ppen,
     win_ptr, W, wrange_ptr, pow_ptr, seed, step,
-    row_max, s_row, top_p, top_p_on, min_p,
+    row_max, s_row, top_p, top_p_on, mlog,
     CHUNK: tl.constexpr, SUB: tl.constexpr, RB: tl.constexpr, R: tl.constexpr,
-    ACC: tl.constexpr,
+    ACC: tl.constexpr, LOGPROBS: tl.constexpr,
 ):
     """Top-p/min-p without top-k when the nucleus is not among the candidates.
 
     A radix search for ``P`` (``RB`` bits per pass over the row, each pass summing the
     softmax mass per digit of the keys that share the bits found so far), then one pass
-    for the race. ``z`` is recomputed with the chunk kernel's own code.
+    for the race. ``z`` is recomputed with the chunk kernel's own code. Returns the token
+    and, with ``LOGPROBS``, the survivors' ``sum(exp(z - row_max))`` and smallest ``z``.
     """
     digits = tl.arange(0, R)
     prefix = tl.zeros([], dtype=tl.uint32)
@@ -565,6 +626,8 @@ def _slow_path(
             prefix = prefix | (dstar.to(tl.uint32) << shift)
     best = tl.full([], float("-inf"), tl.float32)
     best_at = tl.full([], 2147483647, tl.int32)
+    p_sum = tl.zeros([], dtype=tl.float32)
+    p_cut = tl.full([], float("inf"), tl.float32)
     for c in range(n_chunks):
         w_lo = tl.load(wrange_ptr + row * (n_chunks + 1) + c)
         w_hi = tl.load(wrange_ptr + row * (n_chunks + 1) + c + 1)
@@ -573,8 +636,32 @@ def _slow_path(
             _x, z = _row_z(logits_ptr, row64, stride_row, V, offs, temp, once, fpen, ppen,
                            win_ptr, W, w_lo, w_hi, pow_ptr, SUB)
             ok = (offs < V) & (z > float("-inf")) & (_to_key(z) >= prefix)
-            ok = ok & (_exp(z - row_max, ACC) >= min_p)
+            ok = ok & (z - row_max >= mlog)
             race = z + _gumbel(seed, step, offs)
             b2, a2 = _best(race, offs, ok)
             best, best_at = _combine(best, best_at, b2, a2)
-    return best_at
+            if LOGPROBS:
+                p_sum += tl.sum(tl.where(ok, _exp(z - row_max, ACC), 0.0), axis=0)
+                p_cut = tl.minimum(p_cut, tl.min(tl.where(ok, z, float("inf")), axis=0))
+    return best_at, p_sum, p_cut
+
+
+@triton.jit
+def _min_p_ok(key, row_max, mlog):
+    """Min-p's test on candidate keys: ``z - z_max >= mlog``, ``mlog`` the float32 threshold
+    of :func:`lmgen_fast.params.min_p_threshold` (exactly ``exp(z - z_max) >= min_p``)."""
+    return _from_key(key) - row_max >= mlog
+
+
+@triton.jit
+def _token_z(logits_ptr, row64, stride_row, V, n_chunks, row, tok, temp, once, fpen, ppen,
+             win_ptr, W, wrange_ptr, pow_ptr, CHUNK: tl.constexpr):
+    """``z`` of token ``tok`` of one row, formed by the chunk kernel's own code (one logit
+    and the window entries of its chunk)."""
+    c = tok // CHUNK
+    w_lo = tl.load(wrange_ptr + row * (n_chunks + 1) + c)
+    w_hi = tl.load(wrange_ptr + row * (n_chunks + 1) + c + 1)
+    offs = tok + tl.arange(0, 16)
+    _x, z = _row_z(logits_ptr, row64, stride_row, V, offs, temp, once, fpen, ppen,
+                   win_ptr, W, w_lo, w_hi, pow_ptr, 16)
+    return tl.max(tl.where(offs == tok, z, float("-inf")), axis=0)

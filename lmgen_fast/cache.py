@@ -33,3 +33,26 @@ class KVCache:
             ck.scatter_(2, index, k)
             cv.scatter_(2, index, v)
         return ck[:, :, :kv_len], cv[:, :, :kv_len]
+
+
+class RowsView:
+    """Some rows of a :class:`KVCache`, for a prefill that must not touch the other rows.
+
+    ``update`` writes row ``i`` of its input into cache row ``rows[i]`` and returns those rows'
+    first ``kv_len`` slots (a gathered copy: the prefill of newcomers into free slots while
+    other rows keep their keys and values).
+    """
+
+    def __init__(self, cache: KVCache, rows: torch.Tensor):
+        self.cache, self.rows = cache, rows
+        self.max_len = cache.max_len
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor,
+               kv_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write ``k``/``v`` ``[n, H, T, D]`` at ``positions`` ``[n, T]`` of the view's rows."""
+        ck, cv = self.cache.k[layer], self.cache.v[layer]
+        # Advanced indices apart from the head slice put [n, T] first: [n, T, H, D].
+        at = (self.rows.view(-1, 1), slice(None), positions)
+        ck[at] = k.transpose(1, 2)
+        cv[at] = v.transpose(1, 2)
+        return ck[self.rows, :, :kv_len], cv[self.rows, :, :kv_len]

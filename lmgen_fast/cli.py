@@ -125,8 +125,8 @@ def _add_generate_arguments(p: argparse.ArgumentParser) -> None:
                    help="print tokens to stdout as they are generated")
     p.add_argument("--logprobs", type=int, default=None, metavar="N",
                    help="also print, as one JSON line on stderr, each generated token's "
-                        "log-probability under the model and, for N > 0, its N most likely "
-                        "alternatives (N from 0 to 20; default: print none)")
+                        "log-probability (see --logprobs-mode) and, for N > 0, its N most "
+                        "likely alternatives (N from 0 to 20; default: print none)")
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
@@ -159,6 +159,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if args.logprobs is not None or speculative is not None:
         [details] = generate_batch(
             model, tokenizer, [args.prompt], **settings, logprobs=args.logprobs or 0,
+            logprobs_mode=args.logprobs_mode,
             callback=lambda _row, t: on_token(t), return_details=True,
             speculative=speculative, num_speculative_tokens=args.num_speculative_tokens,
         )
@@ -173,7 +174,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
         sys.stdout.flush()
     if args.logprobs is not None:
         print(json.dumps({"token_ids": details.token_ids, "logprobs": details.logprobs,
-                          "top_logprobs": details.top_logprobs}), file=sys.stderr)
+                          "top_logprobs": details.top_logprobs,
+                          "logprobs_mode": args.logprobs_mode}), file=sys.stderr)
     rate = count / elapsed if elapsed > 0 else float("inf")
     print(f"{count} tokens in {elapsed:.2f} s: {rate:.1f} tokens/s on {device}", file=sys.stderr)
     if speculative is not None:

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from .default_model import load_default, load_model
-from .params import SamplingParams
+from .params import LOGPROBS_MODES, SamplingParams
 from .sampling import BACKENDS
 from .speculative import make_drafter
 
@@ -211,6 +211,11 @@ def add_sampling_arguments(
     p.add_argument("--presence-penalty", type=float, default=0.0, metavar="F",
                    help="OpenAI-style: lower a token's logit by F if it occurs in the "
                         "penalty window at all; 0 is off (default: 0.0)")
+    p.add_argument("--logprobs-mode", choices=LOGPROBS_MODES, default="raw",
+                   help="what reported log-probabilities describe: 'raw', the model's "
+                        "log-softmax; 'processed', the distribution each token was drawn "
+                        "from, after temperature, penalties and filters (removed tokens are "
+                        "never listed; a greedy token has log-probability 0) (default: raw)")
     p.add_argument("--seed", type=int, default=None, metavar="S", help=seed_help)
     p.add_argument("--model", default=None, metavar="DIR",
                    help="checkpoint directory with config.json and model.safetensors or a "
@@ -267,6 +272,7 @@ def sampling_params_from_args(args: argparse.Namespace):
             top_p=args.top_p, min_p=args.min_p, frequency_penalty=args.frequency_penalty,
             presence_penalty=args.presence_penalty,
             logprobs=getattr(args, "logprobs", None) or 0,  # an option of `generate` only
+            logprobs_mode=args.logprobs_mode,
         )
     except ValueError as err:
         message = str(err)

@@ -25,9 +25,12 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import nn
 
+# get_path and set_path are imported from here by the transformers adapter.
+from .article import get_path, infer_article_config, set_path, share_weights  # noqa: F401
+from .cache import RowsView
 from .fused_step import FusedLlamaStep
 from .fused_step import supported as fused_supported
-from .models.llama import LlamaConfig, LlamaForPretraining, LlamaRotaryEmbedding
+from .models.llama import LlamaForPretraining
 
 
 class Decoder:
@@ -125,19 +128,9 @@ class CachedLlamaDecoder(Decoder):
         if min(lengths) == 0:
             raise ValueError(f"prompt {lengths.index(0)} has no tokens")
         longest = max(lengths)
-        limit = self.model.config.max_position_embeddings
-        # The last sampled token is never fed back, hence the - 1.
-        need = longest + max(max_new_tokens - 1, 0)
-        if need > limit:
-            raise ValueError(
-                f"prompt of {longest} tokens plus max_tokens={max_new_tokens} needs {need} "
-                f"positions, beyond max_position_embeddings={limit}"
-            )
+        need = self._need(longest, max_new_tokens)
         batch = len(prompts)
-        ids = torch.zeros(batch, longest, dtype=torch.int64)
-        for i, p in enumerate(prompts):
-            ids[i, : len(p)] = torch.as_tensor(p, dtype=torch.int64)
-        ids = ids.to(self.device)
+        ids = _right_padded(prompts, self.device)
         self._ensure_cache(batch, self._round(max(need, longest)))
         positions = torch.arange(longest, device=self.device).expand(batch, longest)
         hidden = self.model.forward_cached(ids, positions, self.cache, kv_len=longest)
@@ -156,6 +149,51 @@ class CachedLlamaDecoder(Decoder):
         self.cache = self.model.new_cache(batch, max_len)
         self.positions = torch.zeros(batch, dtype=torch.int64, device=self.device)
         self.cache_version += 1
+
+    def _need(self, prompt_len: int, max_new_tokens: int) -> int:
+        """Positions a row takes (the last sampled token is never fed back, hence the - 1)."""
+        limit = self.model.config.max_position_embeddings
+        need = prompt_len + max(max_new_tokens - 1, 0)
+        if need > limit:
+            raise ValueError(
+                f"prompt of {prompt_len} tokens plus max_tokens={max_new_tokens} needs {need} "
+                f"positions, beyond max_position_embeddings={limit}"
+            )
+        return need
+
+    def reserve(self, batch: int, prompt_len: int, max_new_tokens: int) -> None:
+        """A cache of ``batch`` rows, each as long as the row of ``prompt_len`` tokens and
+        ``max_new_tokens`` needs (the longest of a run); every row at position 0."""
+        self._ensure_cache(batch, self._round(self._need(prompt_len, max_new_tokens)))
+        self.positions.zero_()
+        self.kv_len = 0
+
+    def refill(self, slots: Sequence[int], prompts: Sequence[Sequence[int]],
+               kv_len: int) -> None:
+        """Put prompt ``i`` into cache row ``slots[i]``; other rows keep their cache.
+
+        All but the last token of each prompt are prefilled in one batch; the row's next
+        position is ``len - 1``, where the next :meth:`step`, fed the last token, gives the
+        logits of its first new token. ``kv_len``: the caller's new bound on every row's
+        next position.
+        """
+        dev = self.device
+        self.positions.index_copy_(0, torch.as_tensor(list(slots), device=dev),
+                                   torch.as_tensor([len(p) - 1 for p in prompts], device=dev))
+        self.kv_len = kv_len
+        heads = [(s, p[:-1]) for s, p in zip(slots, prompts, strict=True) if len(p) > 1]
+        if heads:
+            ids = _right_padded([p for _, p in heads], dev)
+            rows = torch.as_tensor([s for s, _ in heads], device=dev)
+            # Padding past a short prompt lands in slots its own decode steps overwrite
+            # before attending to them (the mask stops at each row's position), as in prefill.
+            self.model.forward_cached(ids, torch.arange(ids.shape[1], device=dev).expand_as(ids),
+                                      RowsView(self.cache, rows), kv_len=ids.shape[1])
+
+    def park(self, slots: Sequence[int]) -> None:
+        """Send rows without work back to position 0, so that they stay inside the cache."""
+        where = torch.as_tensor(list(slots), dtype=torch.int64, device=self.device)
+        self.positions.index_fill_(0, where, 0)
 
     def release(self) -> None:
         """Free the cache and the fused step's weight copies (rebuilt when next used)."""
@@ -196,6 +234,14 @@ class CachedLlamaDecoder(Decoder):
         return self.step(tokens, self.advance())
 
 
+def _right_padded(prompts: Sequence[Sequence[int]], device) -> torch.Tensor:
+    """int64 ``[n, longest]`` on ``device``: each prompt's ids, then zeros."""
+    ids = torch.zeros(len(prompts), max(len(p) for p in prompts), dtype=torch.int64)
+    for i, p in enumerate(prompts):
+        ids[i, : len(p)] = torch.as_tensor(p, dtype=torch.int64)
+    return ids.to(device)
+
+
 class RecomputeDecoder(Decoder):
     """Any ``model(input_ids) -> logits``: the article's full recompute at every step."""
 
@@ -216,104 +262,6 @@ class RecomputeDecoder(Decoder):
         for s, t in zip(self.seqs, tokens.tolist(), strict=True):
             s.append(t)
         return torch.stack([self._last_logits(s) for s in self.seqs])
-
-
-_LAYER_PARTS = (
-    "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
-    "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj",
-)
-
-
-def get_path(module: nn.Module, path: str):
-    """The attribute at dotted ``path`` below ``module`` (None where a part is missing)."""
-    for name in path.split("."):
-        module = getattr(module, name, None)
-        if module is None:
-            return None
-    return module
-
-
-def _find_attr(objs, names):
-    for obj in objs:
-        for name in names:
-            value = getattr(obj, name, None)
-            if isinstance(value, (int, float)) and not isinstance(value, bool):
-                return value
-    return None
-
-
-def infer_article_config(model: nn.Module) -> LlamaConfig | None:
-    """The LlamaConfig of a module laid out like the article's, or None if it is not one."""
-    base = getattr(model, "base_model", None)
-    layers = getattr(base, "layers", None)
-    if (
-        not isinstance(model, nn.Module)
-        or not isinstance(get_path(model, "lm_head"), nn.Linear)
-        or not isinstance(get_path(model, "base_model.embed_tokens"), nn.Embedding)
-        or get_path(model, "base_model.norm.weight") is None
-        or not isinstance(layers, nn.ModuleList)
-        or len(layers) == 0
-    ):
-        return None
-    for layer in layers:
-        for part in _LAYER_PARTS:
-            linear = get_path(layer, part)
-            if not isinstance(linear, nn.Linear) or linear.bias is not None:
-                return None
-        for norm in ("input_layernorm", "post_attention_layernorm"):
-            if get_path(layer, norm + ".weight") is None:
-                return None
-    if model.lm_head.bias is not None:
-        return None
-    attn = layers[0].self_attn
-    cfg = getattr(model, "config", None)
-    hidden = base.embed_tokens.weight.shape[1]
-    heads = _find_attr([cfg, attn], ("num_attention_heads", "num_heads", "n_heads"))
-    if heads is None:
-        head_dim = _find_attr([cfg, attn], ("head_dim",))
-        if head_dim is None:
-            return None
-        heads = hidden // head_dim
-    head_dim = hidden // heads
-    rotary_cos = get_path(model, "base_model.rotary_emb.cos")
-    max_pos = _find_attr([cfg], ("max_position_embeddings",))
-    if max_pos is None:
-        max_pos = rotary_cos.shape[0] if isinstance(rotary_cos, torch.Tensor) else 2048
-    eps = _find_attr([base.norm, cfg], ("eps", "variance_epsilon", "rms_norm_eps")) or 1e-5
-    return LlamaConfig(
-        vocab_size=base.embed_tokens.weight.shape[0],
-        max_position_embeddings=int(max_pos),
-        hidden_size=hidden,
-        intermediate_size=layers[0].mlp.gate_proj.out_features,
-        num_hidden_layers=len(layers),
-        num_attention_heads=int(heads),
-        num_key_value_heads=layers[0].self_attn.k_proj.out_features // head_dim,
-        rms_norm_eps=float(eps),
-        rope_theta=float(_find_attr([cfg], ("rope_theta",)) or 10000.0),
-    )
-
-
-def set_path(module: nn.Module, path: str, value) -> None:
-    """Set the attribute at dotted ``path`` below ``module``."""
-    owner, _, leaf = path.rpartition(".")
-    setattr(get_path(module, owner), leaf, value)
-
-
-def share_weights(
-    model: nn.Module, config: LlamaConfig, source_name: Callable[[str], str] = lambda n: n
-) -> LlamaForPretraining:
-    """A LlamaForPretraining whose parameters are ``model``'s own tensors (no copy).
-
-    ``source_name`` maps each of our parameter names to ``model``'s. Tied parameters are
-    listed under every name, so each of our names points at its own source tensor.
-    """
-    with torch.device("meta"):
-        ours = LlamaForPretraining(config)
-    for name, _ in list(ours.named_parameters(remove_duplicate=False)):
-        set_path(ours, name, get_path(model, source_name(name)))
-    device = model.lm_head.weight.device
-    ours.base_model.rotary_emb = LlamaRotaryEmbedding(config).to(device)
-    return ours.eval()
 
 
 def _article_adapter(model) -> Decoder | None:

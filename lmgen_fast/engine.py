@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import warnings
 import weakref
+from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, fields, replace
 from typing import NamedTuple
@@ -126,7 +127,8 @@ class _State:
         self.rows = torch.arange(b, device=dev)
         self.packed = PackedParams(**{k: v.clone() if isinstance(v, torch.Tensor) else v
                                       for k, v in vars(packed).items()})
-        self.lp = torch.zeros(b, 3, **f32) if lay.logprobs and lay.kernel else None
+        self.lp = (torch.zeros(b, kernel_sampler.LOGPROB_COLUMNS, **f32)
+                   if lay.logprobs and lay.kernel else None)
         self.token_lp = torch.zeros(b, lay.cols, **f32) if lay.logprobs else None
         n = min(lay.top_n, vocab)
         self.top_ids = torch.zeros(b, lay.cols, n, **i64) if n else None
@@ -164,6 +166,49 @@ class _State:
         if self.pow is not None:
             self.pow.copy_(kernel_sampler.penalty_powers(self.packed.penalty, self.layout.width))
 
+    def admit(self, slots: torch.Tensor, packed: PackedParams, hist: torch.Tensor,
+              ranges: list[int], max_tokens: list[int], base: list[int],
+              tokens: list[int]) -> None:
+        """Reset rows ``slots`` (int64 ``[n]``) for new prompts; other rows are untouched.
+
+        ``packed`` holds the newcomers' parameters (``[n]`` each), ``hist`` ``[n, w]`` their
+        penalty histories (``base[i]`` valid entries), ``tokens`` the token each is fed next.
+        """
+        for f in fields(PackedParams):
+            value = getattr(packed, f.name)
+            if isinstance(value, torch.Tensor):
+                getattr(self.packed, f.name).index_copy_(0, slots, value)
+        dev = self.layout.device
+
+        def ints(values: list[int]) -> torch.Tensor:
+            return torch.tensor(values, dtype=torch.int64, device=dev)
+
+        rows = torch.full((len(base), self.layout.hist), -1, dtype=torch.int64)
+        rows[:, : hist.shape[1]] = hist
+        self.hist.index_copy_(0, slots, rows.to(dev))
+        self.hlen.index_copy_(0, slots, ints(base))
+        self.ranges.index_copy_(0, slots, ints(ranges))
+        caps = ints(max_tokens)
+        self.max_tokens.index_copy_(0, slots, caps)
+        self.done.index_copy_(0, slots, caps == 0)
+        self.tokens.index_copy_(0, slots, ints(tokens))
+        if self.pow is not None:  # the newcomers' penalties, as load() computes them
+            self.pow.index_copy_(0, slots, kernel_sampler.penalty_powers(
+                self.packed.penalty[slots], self.layout.width))
+        self._restart(slots)
+
+    def park(self, slots: torch.Tensor) -> None:
+        """Mark rows ``slots`` done with nothing to keep (free slots with no prompt to take)."""
+        self.max_tokens.index_fill_(0, slots, 0)
+        self.done.index_fill_(0, slots, True)
+        self.hlen.index_fill_(0, slots, 0)
+        self._restart(slots)
+
+    def _restart(self, slots: torch.Tensor) -> None:
+        # Step 0 again: the row's noise and its output columns start over.
+        for t in (self.count, self.step, self.bad_step, self.bad_bits):
+            t.index_fill_(0, slots, -1 if t is self.bad_step else 0)
+
     def sample(self, logits: torch.Tensor, width: int) -> None:
         """Sample every row from ``logits`` ``[B, V]`` and book the tokens (device only).
 
@@ -179,12 +224,12 @@ class _State:
         status = None
         if lay.resident:
             # The reference off the CPU (the GPU fallback): fixed shapes, no host wait.
-            tokens, status, token_lp = reference.sample_on_device(
-                logits, self.packed, window, self.step,
-                draw_seeds=False, return_logprobs=lay.logprobs and not lay.top_n)
             if lay.logprobs:
-                slp = (reference.raw_logprobs(logits, tokens, lay.top_n) if lay.top_n else
-                       SampleLogprobs(token_lp, None, None))
+                tokens, status, slp = reference.sample_on_device_logprobs(
+                    logits, self.packed, window, self.step, lay.top_n, draw_seeds=False)
+            else:
+                tokens, status, _ = reference.sample_on_device(
+                    logits, self.packed, window, self.step, draw_seeds=False)
         else:
             got = reference.sample(logits, self.packed, window, step=self.step,
                                    return_logprobs=lay.logprobs)
@@ -211,7 +256,12 @@ class _State:
         )
         top: tuple = ()
         if lay.logprobs:
-            slp = kernel_sampler.logprobs_from_launch(logits, self.lp, lay.top_n)
+            # Top alternatives (never captured: they wait for the host) rank processed rows
+            # by their z, which needs the window as a tensor.
+            plain = (_window(self.hist, self.hlen, self.ranges, lay.width)
+                     if lay.top_n and lay.width else None)
+            slp = kernel_sampler.logprobs_from_launch(logits, self.lp, lay.top_n,
+                                                      self.packed, plain, tokens)
             top = (slp.token_logprob,) + ((slp.top_ids, slp.top_logprobs)
                                           if self.top_ids is not None else ())
         # A bookkeeping kernel that fails to build falls back as the sampler's would.
@@ -279,21 +329,46 @@ def _round_up(n: int, m: int) -> int:
     return -(-n // m) * m
 
 
+def _prompt_history(prompts: Sequence[Sequence[int]], base: list[int]) -> torch.Tensor:
+    """int64 ``[n, max(base)]`` on the CPU: the first ``base[i]`` ids of prompt ``i`` (the
+    history a penalty over the prompt starts from), -1 after."""
+    hist = torch.full((len(prompts), max(base)), -1, dtype=torch.int64)
+    for i, (p, b) in enumerate(zip(prompts, base, strict=True)):
+        if b:
+            hist[i, :b] = torch.as_tensor(p[:b], dtype=torch.int64)
+    return hist
+
+
 class _Run:
     """One call of :func:`generate_ids` on one batch."""
 
     def __init__(self, decoder, prompts, rows, max_tokens, eos_id, backend, callback,
                  return_logprobs, cuda_graph, sync_every):
+        batch = len(prompts)
+        logits = decoder.prefill(prompts, max(max_tokens))
+        self.first_logits = logits
+        self.base = [len(p) if r.penalty_scope == "all" else 0
+                     for p, r in zip(prompts, rows, strict=True)]
+        packed = self.setup(decoder, rows, max_tokens, eos_id, backend, callback,
+                            return_logprobs, cuda_graph, sync_every, logits.device,
+                            logits.shape[1], batch)
+        hist0 = _prompt_history(prompts, self.base)
+        self.state.load(packed, hist0.to(self.state.layout.device),
+                        [r.repetition_penalty_range for r in rows], list(max_tokens), self.base)
+        self.delivered = [0] * batch
+
+    def setup(self, decoder, rows, max_tokens, eos_id, backend, callback, return_logprobs,
+              cuda_graph, sync_every, device: torch.device, vocab: int,
+              batch: int) -> PackedParams:
+        """Choose the step's path and layout for ``rows`` through ``batch`` rows of state,
+        and take (or make) the decoder's state; return the packed parameters of ``rows``
+        (unseeded rows' seeds drawn where the step samples on the device)."""
         self.decoder, self.rows, self.max_tokens = decoder, rows, max_tokens
         self.callback = callback
         self.total = max(max_tokens)
-        batch = len(prompts)
-        logits = decoder.prefill(prompts, self.total)
-        self.first_logits = logits
-        device = logits.device
         kernel = resolve_backend(backend, device) == "triton"
         if kernel:
-            kernel_sampler.check_device(logits)
+            kernel_sampler.check_device(torch.empty(0, device=device))
             # After a failure of the kernels, the reference samples (generate_ids warned).
             kernel = kernel_sampler.kernel_failure() is None
         if hasattr(decoder, "supports_fused"):  # the fused Triton decode step, with the kernels
@@ -301,8 +376,6 @@ class _Run:
         if sync_every is None:
             sync_every = SYNC_EVERY_CUDA if device.type == "cuda" else 1
         self.sync_every = sync_every
-        self.base = [len(p) if r.penalty_scope == "all" else 0
-                     for p, r in zip(prompts, rows, strict=True)]
         self.penalized = any(r.repetition_penalty != 1.0 or r.frequency_penalty != 0.0
                              or r.presence_penalty != 0.0 for r in rows)
         top_n = max(r.logprobs for r in rows) if return_logprobs else 0
@@ -321,19 +394,19 @@ class _Run:
         packed = PackedParams.from_rows(rows, device)
         max_top_k, nucleus = 0, 0
         if sync_free:
-            max_top_k, draw, nucleus_rows = kernel_sampler.host_hints(rows, packed, batch)
+            max_top_k, draw, nucleus_rows = kernel_sampler.host_hints(rows, packed, len(rows))
             nucleus = kernel_sampler.NUCLEUS_CANDIDATES if nucleus_rows else 0
             if draw:
                 # Unseeded rows draw their seed once; the step number keys fresh noise per
                 # step, so each draw is independent as with a new seed per step.
-                drawn = torch.randint(0, 2**62, (batch,), device=device)
+                drawn = torch.randint(0, 2**62, (len(rows),), device=device)
                 packed = replace(packed, seed=torch.where(packed.seeded, packed.seed, drawn))
         lay = _Layout(batch, cols, hist, width, max_top_k, nucleus, top_n, return_logprobs,
                       eos_id, kernel, device)
         state = decoder.engine_state
         if state is None or state.layout != lay:
             decoder.engine_state = None  # free the old buffers and graphs first
-            state = _State(lay, packed, logits.shape[1])
+            state = _State(lay, packed.take(torch.arange(batch, device=device)), vocab)
             decoder.engine_state = state
         model = getattr(decoder, "model", None)
         owner = (getattr(decoder, "cache_version", None),
@@ -342,14 +415,8 @@ class _Run:
         if state.owner != owner:
             state.graphs.clear()  # captured on another cache or other weights
             state.owner = owner
-        hist0 = torch.full((batch, max(self.base)), -1, dtype=torch.int64)
-        for i, p in enumerate(prompts):
-            if self.base[i]:
-                hist0[i, : self.base[i]] = torch.as_tensor(p, dtype=torch.int64)
-        state.load(packed, hist0.to(device), [r.repetition_penalty_range for r in rows],
-                   list(max_tokens), self.base)
         self.state = state
-        self.delivered = [0] * batch
+        return packed
 
     def width(self, step: int) -> int:
         """The eager step's window: as wide as the longest window at ``step``, no wider."""
@@ -407,18 +474,27 @@ class _Run:
                     for t in block[r][start - lo:end - lo]:
                         self.callback(r, t)
         self.delivered = count
-        if st.layout.resident:
-            bad = st.bad_step.tolist()
-            if max(bad) >= 0:
-                first = min(b for b in bad if b >= 0)
-                rows = [r for r, b in enumerate(bad) if b == first]
-                bits = st.bad_bits.tolist()
-                if any(bits[r] & kernel_sampler.STATUS_EMPTY for r in rows):
-                    exc: Exception = EmptyRowError(rows)
-                else:
-                    exc = RuntimeError(f"internal error of the Triton sampler on rows {rows}")
-                raise GenerationError(f"at step {first}: {exc}", self.partial()) from exc
+        self.raise_bad(lambda rows: rows)
         return bool(st.done.all())
+
+    def raise_bad(self, input_rows: Callable[[list[int]], list[int]]) -> None:
+        """Raise GenerationError where the step flagged a row (``input_rows`` maps state rows
+        to the caller's rows)."""
+        st = self.state
+        if not st.layout.resident:
+            return  # the reference on the CPU raises at the step itself
+        bad = st.bad_step.tolist()
+        if max(bad) < 0:
+            return
+        first = min(b for b in bad if b >= 0)
+        rows = [r for r, b in enumerate(bad) if b == first]
+        bits = st.bad_bits.tolist()
+        if any(bits[r] & kernel_sampler.STATUS_EMPTY for r in rows):
+            exc: Exception = EmptyRowError(input_rows(rows))
+        else:
+            exc = RuntimeError(f"internal error of the Triton sampler on rows "
+                               f"{input_rows(rows)}")
+        raise GenerationError(f"at step {first}: {exc}", self.partial()) from exc
 
     def partial(self) -> list[list[int]]:
         count = self.state.count.tolist()
@@ -440,6 +516,8 @@ class _Run:
         except EmptyRowError as exc:  # the reference sampler raises at the step
             self.check()
             raise GenerationError(f"at step {step}: {exc}", self.partial()) from exc
+        finally:
+            self.steps = step
 
     def results(self, return_logprobs: bool):
         st = self.state
@@ -448,29 +526,226 @@ class _Run:
                  for o, m in zip(ids, self.max_tokens, strict=True)]
         if not return_logprobs:
             return pairs
-        width = max(len(o) for o in ids)
-        token_lp = st.token_lp[:, :width].tolist()
-        top = None
-        if st.top_ids is not None:
-            top = (st.top_ids[:, :width].tolist(), st.top_lp[:, :width].tolist())
-        lps = []
-        for r, (o, row) in enumerate(zip(ids, self.rows, strict=True)):
-            n = len(o)
-            alts = None
-            if row.logprobs > 0:
-                k = row.logprobs
-                alts = [list(zip(i[:k], v[:k], strict=True))
-                        for i, v in zip(top[0][r][:n], top[1][r][:n], strict=True)]
-            lps.append(RowLogprobs(token_lp[r][:n], alts))
+        lps = _row_logprobs(st, list(range(len(ids))), [len(o) for o in ids], self.rows)
         return pairs, lps
 
 
+def _row_logprobs(st: _State, slots: list[int], counts: list[int],
+                  rows: Sequence[SamplingParams]) -> list[RowLogprobs]:
+    """The log-probabilities of state rows ``slots``: ``counts[i]`` tokens each, the top
+    alternatives ``rows[i].logprobs`` deep."""
+    index = torch.tensor(slots, device=st.layout.device)
+    width = max(counts, default=0)
+    token_lp = st.token_lp[index, :width].tolist()
+    top = None
+    if st.top_ids is not None:
+        top = (st.top_ids[index, :width].tolist(), st.top_lp[index, :width].tolist())
+    lps = []
+    for j, (n, row) in enumerate(zip(counts, rows, strict=True)):
+        alts = None
+        if row.logprobs > 0:
+            k = row.logprobs
+            # A processed row lists its surviving tokens only (id -1 pads the rest).
+            alts = [[(t, x) for t, x in zip(i[:k], v[:k], strict=True) if t >= 0]
+                    for i, v in zip(top[0][j][:n], top[1][j][:n], strict=True)]
+        lps.append(RowLogprobs(token_lp[j][:n], alts))
+    return lps
+
+
+def supports_slots(decoder) -> bool:
+    """Whether ``decoder`` takes new prompts into rows of a running batch (continuous
+    batching): our cached Llama does; recomputing decoders and transformers' own caches run
+    static batches."""
+    return callable(getattr(decoder, "refill", None))
+
+
+RowCallback = Callable[[int, tuple[list[int], str], "RowLogprobs | None"], None]
+
+
+class _SlotRun(_Run):
+    """One call of :func:`generate_ids` through a fixed set of slots (continuous batching).
+
+    Every slot is a row of the decoder's cache and of the engine's state. At each host check
+    the rows that finished are harvested and their slots take the next waiting prompts: one
+    batched prefill of the newcomers into their own cache rows (:meth:`refill`), their state
+    rows reset (:meth:`_State.admit`), while the other rows go on. The step keeps its shape
+    (its CUDA graphs are reused), and a row's noise and output column follow its own step
+    counter, so a seeded row's tokens do not depend on its slot or on when it entered.
+    Prompts are admitted longest ``max_tokens`` first, so that the run ends on short rows.
+    """
+
+    def __init__(self, decoder, prompts, rows, max_tokens, eos_id, backend, callback,
+                 return_logprobs, cuda_graph, sync_every, slots, on_row):
+        n = len(prompts)
+        for i, p in enumerate(prompts):
+            if len(p) == 0:
+                raise ValueError(f"prompt {i} has no tokens")
+        slots = min(slots, n)
+        self.prompts, self.on_row, self.return_logprobs = prompts, on_row, return_logprobs
+        self.base = [len(p) if r.penalty_scope == "all" else 0
+                     for p, r in zip(prompts, rows, strict=True)]
+        # The last sampled token is never fed back: a row spans len + max_tokens - 1
+        # positions; a parked slot never gets further than the longest row still running.
+        longest = max(range(n), key=lambda i: len(prompts[i]) + max(max_tokens[i] - 1, 0))
+        decoder.reserve(slots, len(prompts[longest]), max_tokens[longest])
+        device = torch.device(decoder.device)
+        self.packed_all = self.setup(decoder, rows, max_tokens, eos_id, backend, callback,
+                                     return_logprobs, cuda_graph, sync_every, device,
+                                     decoder.model.config.vocab_size, slots)
+        every = torch.arange(slots, device=device)
+        self.state.load(self.packed_all.take(every), torch.empty(slots, 0, dtype=torch.int64,
+                                                                 device=device),
+                        [0] * slots, [0] * slots, [0] * slots)
+        self.finished: dict[int, tuple] = {}
+        for i, m in enumerate(max_tokens):
+            if m == 0:
+                self.finish(i, [], RowLogprobs([], [] if rows[i].logprobs > 0 else None))
+        self.queue = deque(sorted((i for i in range(n) if max_tokens[i] > 0),
+                                  key=lambda i: -max_tokens[i]))
+        self.occupant: list[int | None] = [None] * slots
+        self.entered = [0] * slots  # the run step at which the slot's row entered
+        self.origin = [0] * slots  # the slot's next position is origin + run step
+        self.delivered = [0] * slots
+        self.steps = 0
+
+    def finish(self, i: int, ids: list[int], lp: RowLogprobs | None) -> None:
+        pair = (ids, "eot" if len(ids) < self.max_tokens[i] else "length")
+        self.finished[i] = (pair, lp)
+        if self.on_row is not None:
+            self.on_row(i, pair, lp if self.return_logprobs else None)
+
+    def width(self, step: int) -> int:
+        if not self.penalized:
+            return 0
+        widths = [0]
+        for s, i in enumerate(self.occupant):
+            if i is not None:
+                seen = self.base[i] + step - self.entered[s]
+                widths.append(min(self.rows[i].repetition_penalty_range or seen, seen))
+        return max(widths)
+
+    def check(self, step: int) -> bool:
+        """Wait for the device at run step ``step``: stream new tokens, raise for bad rows,
+        harvest finished rows and refill their slots. Returns True when all is done."""
+        st = self.state
+        live = [s for s, i in enumerate(self.occupant) if i is not None]
+        count = st.count.tolist()
+        if self.callback is not None and live:
+            new = max(count[s] - self.delivered[s] for s in live)
+            if new > 0:
+                at = torch.tensor(self.delivered, device=st.out.device).unsqueeze(1)
+                cols = (at + torch.arange(new, device=at.device)).clamp_max(st.out.shape[1] - 1)
+                block = st.out.gather(1, cols).tolist()
+                for s in live:
+                    for t in block[s][: count[s] - self.delivered[s]]:
+                        self.callback(self.occupant[s], t)
+        for s in live:
+            self.delivered[s] = count[s]
+        self.raise_bad(lambda rows: [self.occupant[r] for r in rows])
+        done = st.done.tolist()
+        ended = [s for s in live if done[s]]
+        if ended:
+            self.harvest(ended, count)
+        if not self.queue and all(i is None for i in self.occupant):
+            return True
+        self.refill([s for s, i in enumerate(self.occupant) if i is None], step)
+        return False
+
+    def harvest(self, slots: list[int], count: list[int]) -> None:
+        """Hand out the rows in ``slots`` (done), freeing their slots."""
+        st = self.state
+        counts = [count[s] for s in slots]
+        index = torch.tensor(slots, device=st.out.device)
+        ids = st.out[index, : max(counts)].tolist()
+        lps: list[RowLogprobs | None] = [None] * len(slots)
+        if self.return_logprobs:
+            lps = _row_logprobs(st, slots, counts, [self.rows[self.occupant[s]] for s in slots])
+        for j, s in enumerate(slots):
+            self.finish(self.occupant[s], ids[j][: counts[j]], lps[j])
+            self.occupant[s] = None
+
+    def refill(self, free: list[int], step: int) -> None:
+        """Give free slots the next waiting prompts (one prefill); park the rest."""
+        take = [self.queue.popleft() for _ in range(min(len(free), len(self.queue)))]
+        slots, idle = free[: len(take)], free[len(take):]
+        for s, i in zip(slots, take, strict=True):
+            self.occupant[s], self.entered[s], self.delivered[s] = i, step, 0
+            self.origin[s] = len(self.prompts[i]) - 1 - step
+        for s in idle:
+            self.origin[s] = -step
+        bound = max(self.origin) + step  # the largest next position over every slot
+        st, dev = self.state, self.state.layout.device
+        if take:
+            base = [self.base[i] for i in take]
+            hist = _prompt_history([self.prompts[i] for i in take], base)
+            index = torch.tensor(slots, device=dev)
+            st.admit(index, self.packed_all.take(torch.tensor(take, device=dev)), hist,
+                     [self.rows[i].repetition_penalty_range for i in take],
+                     [self.max_tokens[i] for i in take], base,
+                     [self.prompts[i][-1] for i in take])
+            self.decoder.refill(slots, [self.prompts[i] for i in take], bound)
+        if idle:
+            # Re-parked at every check: their positions, history and columns restart at 0.
+            index = torch.tensor(idle, device=dev)
+            st.park(index)
+            self.decoder.park(idle)
+        self.decoder.kv_len = bound
+
+    def next_check(self, step: int) -> int:
+        """The next run step to look at: ``sync_every`` on, or sooner where a row reaches its
+        ``max_tokens`` (its slot is free then, and it must not step past its columns)."""
+        ends = [self.entered[s] + self.max_tokens[i]
+                for s, i in enumerate(self.occupant) if i is not None]
+        return min([step + self.sync_every, *ends])
+
+    def partial(self) -> list[list[int]]:
+        count = self.state.count.tolist()
+        ids = {i: pair[0] for i, (pair, _) in self.finished.items()}
+        for s, i in enumerate(self.occupant):
+            if i is not None:
+                ids[i] = self.state.out[s, : count[s]].tolist()
+        return [ids.get(i, []) for i in range(len(self.prompts))]
+
+    def loop(self) -> None:
+        step, due = 0, 0
+        try:
+            while True:
+                if step >= due:
+                    if self.check(step):
+                        return
+                    due = self.next_check(step)
+                self.advance(step)
+                step += 1
+                self.steps = step
+        except EmptyRowError as exc:  # the reference sampler raises at the step
+            rows = [self.occupant[r] for r in exc.rows if self.occupant[r] is not None]
+            raise GenerationError(f"at step {step}: {EmptyRowError(rows)}",
+                                  self.partial()) from exc
+
+    def results(self, return_logprobs: bool):
+        got = [self.finished[i] for i in range(len(self.prompts))]
+        pairs = [pair for pair, _ in got]
+        return (pairs, [lp for _, lp in got]) if return_logprobs else pairs
+
+
+@dataclass
+class DecodeStats:
+    """Work of :func:`generate_ids` calls, added up: decode ``steps`` and ``slot_steps``
+    (rows times steps: what the device computed, kept or not)."""
+
+    steps: int = 0
+    slot_steps: int = 0
+
+
 def _decode(decoder, prompts, rows, max_tokens, eos_id, backend, callback, return_logprobs,
-            cuda_graph, sync_every):
+            cuda_graph, sync_every, slots=None, on_row=None, stats=None):
     batch = len(prompts)
     if max(max_tokens, default=0) == 0:
         pairs = [([], "length")] * batch
         lps = [RowLogprobs([], [] if r.logprobs > 0 else None) for r in rows]
+        if on_row is not None:
+            for i in range(batch):
+                on_row(i, pairs[i], lps[i] if return_logprobs else None)
         return (pairs, lps) if return_logprobs else pairs
     if decoder.busy:
         # Its cache and buffers belong to the run in progress (a callback called back in).
@@ -478,10 +753,24 @@ def _decode(decoder, prompts, rows, max_tokens, eos_id, backend, callback, retur
                            "for a nested call")
     decoder.busy = True
     try:
-        run = _Run(decoder, prompts, rows, max_tokens, eos_id, backend, callback,
-                   return_logprobs, cuda_graph, sync_every)
-        run.loop()
-        return run.results(return_logprobs)
+        if slots is not None:
+            run = _SlotRun(decoder, prompts, rows, max_tokens, eos_id, backend, callback,
+                           return_logprobs, cuda_graph, sync_every, slots, on_row)
+        else:
+            run = _Run(decoder, prompts, rows, max_tokens, eos_id, backend, callback,
+                       return_logprobs, cuda_graph, sync_every)
+        try:
+            run.loop()
+        finally:
+            if stats is not None:
+                stats.steps += run.steps
+                stats.slot_steps += run.steps * run.state.layout.batch
+        got = run.results(return_logprobs)
+        if slots is None and on_row is not None:
+            pairs, lps = got if return_logprobs else (got, [None] * batch)
+            for i in range(batch):
+                on_row(i, pairs[i], lps[i])
+        return got
     finally:
         decoder.busy = False
 
@@ -542,6 +831,9 @@ def generate_ids(
     return_logprobs: bool = False,
     cuda_graph: bool = True,
     sync_every: int | None = None,
+    max_batch_size: int | None = None,
+    on_row: RowCallback | None = None,
+    stats: DecodeStats | None = None,
 ) -> list[tuple[list[int], str]] | tuple[list[tuple[list[int], str]], list[RowLogprobs]]:
     """Sample up to ``max_tokens[r]`` tokens for each prompt (lists of ids) on ``decoder``.
 
@@ -569,12 +861,22 @@ def generate_ids(
         sampler, a graph-capable decoder, no top alternatives asked).
     sync_every : int, optional
         Steps between host checks; default 16 on CUDA and 1 elsewhere.
+    max_batch_size : int, optional
+        Rows decoded at once. With more prompts than that, a decoder that
+        :func:`supports_slots` runs continuous batching through ``max_batch_size`` slots (a
+        finished row's slot takes the next prompt at the next host check); other decoders
+        run static batches of that size in turn. None: every prompt in one batch.
+    on_row : callable, optional
+        ``on_row(row, (token_ids, finish_reason), row_logprobs)`` once per row as soon as it
+        is finished (``row_logprobs`` None without ``return_logprobs``).
+    stats : DecodeStats, optional
+        Steps and slot-steps of the call are added to it.
 
     Returns
     -------
     list of (token_ids, finish_reason)
-        Per row, ``finish_reason`` "eot" or "length"; with ``return_logprobs`` also the list
-        of :class:`RowLogprobs`.
+        Per row, in the order of ``prompts``, ``finish_reason`` "eot" or "length"; with
+        ``return_logprobs`` also the list of :class:`RowLogprobs`.
 
     Raises
     ------
@@ -582,7 +884,8 @@ def generate_ids(
         A row had nothing to sample; ``partial`` holds what every row had so far.
     DecodeOutOfMemory
         A single row does not fit. A larger batch that does not fit is split in halves
-        (with a warning), which for seeded rows gives the same tokens.
+        (continuous batching: run with half the slots), with a warning, which for seeded
+        rows gives the same tokens.
 
     Notes
     -----
@@ -593,50 +896,120 @@ def generate_ids(
     rows get the same tokens either way.
     """
     check_sync_every(sync_every)
+    check_max_batch_size(max_batch_size)
+    slots = None
+    if max_batch_size is not None and len(prompts) > max_batch_size:
+        if not supports_slots(decoder):
+            return _in_turn(decoder, prompts, rows, max_tokens, eos_id, max_batch_size,
+                            dict(backend=backend, callback=callback,
+                                 return_logprobs=return_logprobs, cuda_graph=cuda_graph,
+                                 sync_every=sync_every, on_row=on_row, stats=stats))
+        slots = max_batch_size
     delivered = [False]
 
     def counted(row: int, token: int) -> None:
         delivered[0] = True
         callback(row, token)
 
+    def handed(row: int, pair, lp) -> None:
+        delivered[0] = True
+        on_row(row, pair, lp)
+
+    options = dict(backend=backend, callback=callback, return_logprobs=return_logprobs,
+                   cuda_graph=cuda_graph, sync_every=sync_every, on_row=on_row, stats=stats)
     try:
         # Triton, graphs and streams act on the current CUDA device: make it the model's.
         with on_device(getattr(decoder, "device", None)):
             return _decode(decoder, prompts, rows, max_tokens, eos_id, backend,
                            None if callback is None else counted, return_logprobs,
-                           cuda_graph, sync_every)
+                           cuda_graph, sync_every, slots, None if on_row is None else handed,
+                           stats)
     except torch.OutOfMemoryError as exc:
         _free(decoder)
         if delivered[0]:
             raise DecodeOutOfMemory(
-                f"out of device memory after tokens were streamed to the callback; run "
-                f"fewer than {len(prompts)} rows at a time ({str(exc).splitlines()[0]})"
+                f"out of device memory after tokens were streamed (or rows handed to "
+                f"on_row); run fewer than "
+                f"{slots or len(prompts)} rows at a time ({str(exc).splitlines()[0]})"
             ) from exc
-        if len(prompts) == 1:
-            raise DecodeOutOfMemory(
-                _one_row_message(decoder, prompts[0], max_tokens[0], exc)) from exc
+        if slots == 1 or len(prompts) == 1:
+            longest = max(range(len(prompts)),
+                          key=lambda i: len(prompts[i]) + max_tokens[i])
+            raise DecodeOutOfMemory(_one_row_message(
+                decoder, prompts[longest], max_tokens[longest], exc)) from exc
     except kernel_sampler.KernelUnavailable as exc:
         kernel_sampler.note_failure(exc)
         if delivered[0]:
             raise  # tokens were streamed: a rerun would hand them out twice
         # Nothing was handed out yet: the whole call again, sampled by the reference.
-        return generate_ids(decoder, prompts, rows, max_tokens, eos_id, backend="reference",
-                            callback=callback, return_logprobs=return_logprobs,
-                            cuda_graph=cuda_graph, sync_every=sync_every)
+        return generate_ids(decoder, prompts, rows, max_tokens, eos_id,
+                            max_batch_size=max_batch_size,
+                            **{**options, "backend": "reference"})
+    if slots is not None:
+        half = (slots + 1) // 2
+        warnings.warn(f"{slots} slots did not fit in device memory; generating through "
+                      f"{half} slots", RuntimeWarning, stacklevel=3)
+        return generate_ids(decoder, prompts, rows, max_tokens, eos_id, max_batch_size=half,
+                            **options)
     half = (len(prompts) + 1) // 2
     warnings.warn(f"a batch of {len(prompts)} rows did not fit in device memory; generating "
                   f"it as batches of at most {half}", RuntimeWarning, stacklevel=3)
+    return _in_turn(decoder, prompts, rows, max_tokens, eos_id, half, options)
+
+
+def _in_turn(decoder, prompts, rows, max_tokens, eos_id, size: int, options: dict):
+    """:func:`generate_ids` on batches of ``size`` rows in turn (rows keep their numbers)."""
+    callback, on_row = options["callback"], options["on_row"]
     parts = []
-    for lo in range(0, len(prompts), half):
-        hi = lo + half
+    for lo in range(0, len(prompts), size):
+        hi = lo + size
 
         def shifted(row: int, token: int, lo: int = lo) -> None:
             callback(row + lo, token)
 
+        def shifted_row(row: int, pair, lp, lo: int = lo) -> None:
+            on_row(row + lo, pair, lp)
+
         parts.append(generate_ids(
             decoder, prompts[lo:hi], rows[lo:hi], max_tokens[lo:hi], eos_id,
-            backend=backend, callback=None if callback is None else shifted,
-            return_logprobs=return_logprobs, cuda_graph=cuda_graph, sync_every=sync_every))
-    if not return_logprobs:
+            **{**options, "callback": None if callback is None else shifted,
+               "on_row": None if on_row is None else shifted_row}))
+    if not options["return_logprobs"]:
         return [pair for part in parts for pair in part]
     return ([p for part in parts for p in part[0]], [lp for part in parts for lp in part[1]])
+
+
+# Prompts that generate_batch runs in one batch by default; beyond, through this many slots.
+DEFAULT_SLOTS = 64
+
+
+def default_slots(decoder, prompts: Sequence[Sequence[int]], max_tokens: Sequence[int]) -> int:
+    """The default ``max_batch_size`` of :func:`lmgen_fast.generate_batch`.
+
+    All prompts in one batch when there are at most :data:`DEFAULT_SLOTS` of them (the
+    behaviour before continuous batching); more go through ``DEFAULT_SLOTS`` slots, fewer
+    on a GPU where their KV cache (sized by the longest row) would take more than half of
+    the free memory.
+    """
+    if len(prompts) <= DEFAULT_SLOTS:
+        return max(len(prompts), 1)
+    slots = DEFAULT_SLOTS
+    model = getattr(decoder, "model", None)
+    device = torch.device(getattr(decoder, "device", "cpu"))
+    if device.type == "cuda" and isinstance(model, torch.nn.Module):
+        per_position = _kv_bytes_per_position(model)
+        positions = max(len(p) + max(m - 1, 0) for p, m in zip(prompts, max_tokens,
+                                                                 strict=True))
+        if per_position:
+            free, _ = torch.cuda.mem_get_info(device)
+            slots = max(1, min(slots, free // 2 // (per_position * positions)))
+    return slots
+
+
+def check_max_batch_size(max_batch_size: int | None) -> None:
+    """Raise ValueError unless ``max_batch_size`` is None or a positive int."""
+    if max_batch_size is None:
+        return
+    if (isinstance(max_batch_size, bool) or not isinstance(max_batch_size, int)
+            or max_batch_size < 1):
+        raise ValueError(f"max_batch_size must be a positive int, got {max_batch_size!r}")

@@ -16,7 +16,9 @@ from .engine import (  # noqa: F401  (re-exported: jobs and users import them fr
     RowLogprobs,
     TokenCallback,
     TopLogprobs,
+    check_max_batch_size,
     check_sync_every,
+    default_slots,
     generate_ids,
 )
 from .params import SamplingParams
@@ -30,12 +32,14 @@ from .tokenization import adapt_tokenizer
 class Generation:
     """One row's result: its text, its token ids (EOT excluded) and why it stopped.
 
-    ``logprobs`` holds the raw log-probability of each token of ``token_ids``;
+    ``logprobs`` holds the log-probability of each token of ``token_ids``, in the row's
+    ``logprobs_mode`` (raw, or processed: under the distribution it was drawn from);
     ``top_logprobs`` the row's ``logprobs`` best ``(token_id, logprob)`` pairs per token, most
-    probable first (``None`` when the row's ``logprobs`` is 0). With ``speculative=``,
-    ``target_forwards`` counts the target's forwards the row took part in (its prefill
-    included), ``accepted_drafts`` the drafted tokens the target confirmed and
-    ``proposed_drafts`` the drafted tokens it checked (see
+    probable first (``None`` when the row's ``logprobs`` is 0). A processed row lists only
+    tokens its filters kept, so a list can be shorter (a greedy row's has its token alone).
+    With ``speculative=``, ``target_forwards`` counts the target's forwards the row took
+    part in (its prefill included), ``accepted_drafts`` the drafted tokens the target
+    confirmed and ``proposed_drafts`` the drafted tokens it checked (see
     :class:`lmgen_fast.speculative.RowStats`); all three are None otherwise.
     """
 
@@ -117,6 +121,8 @@ def generate_batch(
     sync_every: int | None = None,
     speculative=None,
     num_speculative_tokens: int = 4,
+    logprobs_mode: str = "raw",
+    max_batch_size: int | None = None,
 ) -> list[str] | list[Generation]:
     """Generate a continuation for every prompt, in one batch.
 
@@ -129,7 +135,7 @@ def generate_batch(
     max_tokens : int or sequence of int
         Per-row cap on new tokens (one value for all, or one per prompt).
     temperature, repetition_penalty, repetition_penalty_range, top_k, seed, penalty_scope,
-    penalty_mode, top_p, min_p, frequency_penalty, presence_penalty, logprobs
+    penalty_mode, top_p, min_p, frequency_penalty, presence_penalty, logprobs, logprobs_mode
         The sampling parameters of every row (see :class:`SamplingParams`).
     params : sequence of SamplingParams, optional
         One per prompt; replaces the keywords row by row.
@@ -140,8 +146,9 @@ def generate_batch(
     callback : callable, optional
         ``callback(row, token_id)`` for each new token, for streaming.
     return_details : bool
-        Return :class:`Generation` records instead of strings, with each token's raw
-        log-probability (and, for rows with ``logprobs > 0``, the top alternatives).
+        Return :class:`Generation` records instead of strings, with each token's
+        log-probability (raw, or with ``logprobs_mode="processed"`` under the distribution
+        it was drawn from) and, for rows with ``logprobs > 0``, the top alternatives.
     cuda_graph : bool
         On CUDA, replay each decode step as a CUDA graph (captured on the first call, kept
         with the model for later calls). Same tokens either way.
@@ -159,6 +166,13 @@ def generate_batch(
         CUDA, each round's forward and sampler replay as one CUDA graph).
     num_speculative_tokens : int
         Drafts per row and round (``k >= 1``).
+    max_batch_size : int, optional
+        Rows decoded at once. With more prompts than that, continuous batching: a fixed set
+        of ``max_batch_size`` slots, where a finished row's slot takes the next prompt at the
+        next host check (our cached Llama; other models run batches of that size in turn;
+        speculative decoding runs every prompt in one batch).
+        Default: up to 64 prompts in one batch, as ever; more go through 64 slots, fewer
+        where the KV cache of 64 would not fit in half the device's free memory.
 
     Returns
     -------
@@ -174,7 +188,7 @@ def generate_batch(
         repetition_penalty_range=repetition_penalty_range, seed=seed,
         penalty_scope=penalty_scope, penalty_mode=penalty_mode, top_p=top_p, min_p=min_p,
         frequency_penalty=frequency_penalty, presence_penalty=presence_penalty,
-        logprobs=logprobs,
+        logprobs=logprobs, logprobs_mode=logprobs_mode,
     )
     rows = _row_params(batch, keywords, params, seeds)
     caps = _check_max_tokens(max_tokens, batch)
@@ -183,6 +197,7 @@ def generate_batch(
     if speculative is not None:
         check_num_speculative_tokens(num_speculative_tokens)
         speculative = make_drafter(speculative)
+    check_max_batch_size(max_batch_size)
     tok = adapt_tokenizer(tokenizer, bos_token, eos_token)
     ids = [tok.encode_prompt(p) for p in prompts]
     if batch == 0:
@@ -197,8 +212,10 @@ def generate_batch(
             return [tok.decode(o) for o, _ in results]
         return [Generation(tok.decode(o), o, r, lp.logprobs, lp.top_logprobs, *st)
                 for (o, r), lp, st in zip(results, lps, stats, strict=True)]
+    if max_batch_size is None:
+        max_batch_size = default_slots(decoder, ids, caps)
     options = dict(backend=backend, callback=callback, cuda_graph=cuda_graph,
-                   sync_every=sync_every)
+                   sync_every=sync_every, max_batch_size=max_batch_size)
     if return_details:
         results, lps = generate_ids(decoder, ids, rows, caps, tok.eos_id, return_logprobs=True,
                                     **options)

@@ -14,12 +14,12 @@ end.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
-from datetime import timedelta
 from pathlib import Path
 
 import torch
@@ -36,6 +36,7 @@ from .cli_options import (
     speculative_summary,
 )
 from .decoder import CachedLlamaDecoder, wrap
+from .engine import DecodeStats, supports_slots
 from .generate import GenerationError, generate_ids
 from .job_input import (  # noqa: F401  (re-exported: the names users import from here)
     KNOWN_FIELDS,
@@ -72,79 +73,30 @@ from .manifest import (
 )
 from .params import SamplingParams
 from .progress import Progress
+from .ranks import DistEnv, barrier, dist_env
 from .speculative import SpeculativeRun
 from .tokenization import adapt_tokenizer
 
 DEFAULT_BATCH_SIZE = 16
-# Ranks that finish their shard wait at the final barrier for the slowest one, possibly for
-# hours; the default timeouts (10 to 30 minutes) would fail a run that is merely uneven.
-BARRIER_TIMEOUT = timedelta(days=7)
-
-
-# --------------------------------------------------------------------------- distributed
-
-
-@dataclass(frozen=True)
-class DistEnv:
-    """Where this process stands in a torchrun job (rank 0 of 1 outside one)."""
-
-    rank: int = 0
-    world: int = 1
-    local_rank: int = 0
-
-    @property
-    def distributed(self) -> bool:
-        return self.world > 1
-
-
-def dist_env(environ: dict | None = None) -> DistEnv:
-    """Read ``RANK``, ``WORLD_SIZE`` and ``LOCAL_RANK`` as torchrun sets them."""
-    environ = os.environ if environ is None else environ
-    try:
-        world = int(environ.get("WORLD_SIZE", "1"))
-        rank = int(environ.get("RANK", "0"))
-        local = int(environ.get("LOCAL_RANK", str(rank)))
-    except ValueError:
-        raise JobError("RANK, WORLD_SIZE and LOCAL_RANK must be integers") from None
-    if world < 1 or not 0 <= rank < world:
-        raise JobError(f"bad torchrun environment: RANK={rank}, WORLD_SIZE={world}")
-    return DistEnv(rank, world, local)
-
-
-def barrier(env: DistEnv, *, last: bool = True) -> None:
-    """Wait for every rank: after rank 0 set the output up, and when every shard is done.
-
-    Gloo is used on every device: the barrier moves no tensors, and unlike NCCL it needs no
-    GPU memory or device binding, and has no watchdog that kills a rank waiting for hours
-    on a slower one. If a rank fails before a barrier, torchrun stops the others.
-
-    Parameters
-    ----------
-    env : DistEnv
-        This process's place in the job.
-    last : bool
-        Tear the process group down after the barrier (the final one).
-    """
-    import torch.distributed as dist
-
-    if not dist.is_initialized():
-        dist.init_process_group("gloo", timeout=BARRIER_TIMEOUT)
-    dist.barrier()
-    if last:
-        dist.destroy_process_group()
-
-
 # --------------------------------------------------------------------------- running
 
 
 @dataclass
 class RunStats:
-    """What one process did: rows and tokens generated, rows found done, time spent."""
+    """What one process did: rows and tokens generated, rows found done, time spent, and
+    the device's work: decode steps and slot-steps (rows times steps)."""
 
     rows: int = 0
     tokens: int = 0
     already_done: int = 0
     seconds: float = 0.0
+    steps: int = 0
+    slot_steps: int = 0
+
+    @property
+    def slot_utilization(self) -> float:
+        """Kept tokens over slot-steps, in percent (0 when nothing ran)."""
+        return 100.0 * self.tokens / self.slot_steps if self.slot_steps else 0.0
 
 
 def _done_keys(output: Path, target: Path, env: DistEnv) -> set[str]:
@@ -161,6 +113,10 @@ def _done_keys(output: Path, target: Path, env: DistEnv) -> set[str]:
     return done
 
 
+# Seconds between fsyncs while rows finish one by one: a power loss costs at most this much.
+SYNC_SECONDS = 1.0
+
+
 def run_rows(
     decoder,
     adapter,
@@ -175,8 +131,9 @@ def run_rows(
     generate: Callable | None = None,
     cuda_graph: bool = True,
     sync_every: int | None = None,
+    static: bool = False,
 ) -> RunStats:
-    """Generate ``rows`` in batches and append one result line per row to ``writer``.
+    """Generate ``rows`` and append one result line per row to ``writer`` as it finishes.
 
     Parameters
     ----------
@@ -187,9 +144,9 @@ def run_rows(
     rows, prompt_ids
         The rows to generate and their prompt ids.
     writer : ResultWriter
-        Where results go; it is synced after every batch.
+        Where results go; synced after every batch, and every second or so in between.
     batch_size : int
-        Rows per batch at most.
+        Rows decoded at once: the slots of continuous batching, or the rows of a batch.
     backend : str
         The sampling backend.
     limit : int, optional
@@ -200,6 +157,10 @@ def run_rows(
         Replaces :func:`lmgen_fast.generate.generate_ids` (speculative decoding, tests).
     cuda_graph, sync_every
         Passed to :func:`lmgen_fast.generate.generate_ids`.
+    static : bool
+        Batches of similar prompt length, each run to its longest row. Otherwise, where the
+        decoder :func:`supports_slots`, ``batch_size`` slots: one pass for the rows that ask
+        for log-probabilities, one for the others.
 
     Returns
     -------
@@ -207,38 +168,67 @@ def run_rows(
     """
     generate = generate or generate_ids
     stats = RunStats()
-    start = time.perf_counter()
+    counts = DecodeStats()
+    start = last_sync = time.perf_counter()
     callback = progress.on_token if progress is not None else None
-    for batch in plan_batches(rows, prompt_ids, batch_size, limit):
-        # Log-probabilities cost work on every step: only batches with a row that asks.
+    written: set[int] = set()
+    slots = not static and supports_slots(decoder)
+    if slots:
+        # Log-probabilities cost work on every step: only for the pass of rows that ask.
+        asking = [i for i, r in enumerate(rows) if r.params.logprobs > 0]
+        others = [i for i, r in enumerate(rows) if r.params.logprobs <= 0]
+        batches = [b for b in (others, asking) if b]
+    else:
+        batches = plan_batches(rows, prompt_ids, batch_size, limit)
+    for batch in batches:
         want = [rows[i].params.logprobs > 0 for i in batch]
-        extra = {"return_logprobs": True} if any(want) else {}
-        try:
-            results = generate(
-                decoder, [prompt_ids[i] for i in batch], [rows[i].params for i in batch],
-                [rows[i].max_tokens for i in batch], adapter.eos_id, backend=backend,
-                callback=callback, cuda_graph=cuda_graph, sync_every=sync_every, **extra,
-            )
-        except GenerationError as err:
-            ids = ", ".join(rows[i].key for i in batch[:5])
-            more = f" and {len(batch) - 5} more" if len(batch) > 5 else ""
-            raise JobFailed(f"generation failed for ids {ids}{more}: {err}; the rows before "
-                            "them are in the output, and a rerun resumes there") from None
-        results, lps = results if extra else (results, [None] * len(batch))
-        for i, (token_ids, reason), lp, asked in zip(batch, results, lps, want, strict=True):
+        extra: dict = {"return_logprobs": True} if any(want) else {}
+        extra.update({"max_batch_size": batch_size} if slots else {})
+
+        def finished(j: int, pair: tuple[list[int], str], lp, batch=batch, want=want) -> None:
+            nonlocal last_sync
+            token_ids, reason = pair
+            i = batch[j]
             record = {
                 "id": rows[i].id, "text": adapter.decode(token_ids), "token_ids": token_ids,
                 "finish_reason": reason, "num_tokens": len(token_ids),
             }
-            if asked:
+            if want[j]:
                 record["logprobs"] = lp.logprobs
                 record["top_logprobs"] = lp.top_logprobs
+                record["logprobs_mode"] = rows[i].params.logprobs_mode
             writer.write(record)
-            stats.tokens += len(token_ids)
+            written.add(i)
+            stats.tokens, stats.rows = stats.tokens + len(token_ids), stats.rows + 1
+            if progress is not None:
+                progress.add_rows(1)
+            if time.perf_counter() - last_sync >= SYNC_SECONDS:
+                writer.sync()
+                last_sync = time.perf_counter()
+
+        try:
+            got = generate(
+                decoder, [prompt_ids[i] for i in batch], [rows[i].params for i in batch],
+                [rows[i].max_tokens for i in batch], adapter.eos_id, backend=backend,
+                callback=callback, cuda_graph=cuda_graph, sync_every=sync_every,
+                on_row=finished, stats=counts, **extra,
+            )
+        except GenerationError as err:
+            pending = [i for i in batch if i not in written]
+            ids = ", ".join(rows[i].key for i in pending[:5])
+            more = f" and {len(pending) - 5} more" if len(pending) > 5 else ""
+            raise JobFailed(f"generation failed for ids {ids}{more}: {err}; the rows "
+                            f"finished before ({stats.rows} in this run) are in the output, "
+                            "and a rerun resumes there") from None
+        finally:
+            writer.sync()
+            last_sync = time.perf_counter()
+        pairs, lps = got if extra.get("return_logprobs") else (got, [None] * len(batch))
+        for j, i in enumerate(batch):
+            if i not in written:  # a stand-in for generate_ids that does not call on_row
+                finished(j, pairs[j], lps[j])
         writer.sync()
-        stats.rows += len(batch)
-        if progress is not None:
-            progress.add_rows(len(batch))
+    stats.steps, stats.slot_steps = counts.steps, counts.slot_steps
     stats.seconds = time.perf_counter() - start
     return stats
 
@@ -253,16 +243,24 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
                         "integer) and a 'prompt', and optionally max_tokens, temperature, "
                         "top_k, repetition_penalty, repetition_penalty_range, seed, "
                         "penalty_scope, penalty_mode, top_p, min_p, frequency_penalty, "
-                        "presence_penalty to override the options for that row, and logprobs "
-                        "(0 to 20) to get that row's token log-probabilities")
+                        "presence_penalty, logprobs_mode to override the options for that row, "
+                        "and logprobs (0 to 20) to get that row's token log-probabilities")
     p.add_argument("--output", required=True, metavar="FILE",
                    help="JSONL results, one line per id: id, text, token_ids, finish_reason "
-                        "(eot or length), num_tokens, and for rows with logprobs > 0 logprobs "
-                        "and top_logprobs ([id, logprob] pairs); rerunning the command resumes "
-                        "it")
+                        "(eot or length), num_tokens, and for rows with logprobs > 0 logprobs, "
+                        "top_logprobs ([id, logprob] pairs) and logprobs_mode; rerunning the "
+                        "command resumes it")
     p.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE, metavar="N",
-                   help=f"rows per batch; rows are batched by prompt length "
-                        f"(default: {DEFAULT_BATCH_SIZE})")
+                   help=f"rows decoded at once: N slots, where a finished row's slot takes "
+                        f"the next prompt (continuous batching; default: {DEFAULT_BATCH_SIZE})")
+    p.add_argument("--static-batches", action="store_true",
+                   help="batches of N rows of similar prompt length instead, each run until "
+                        "its longest row is done (the same tokens for seeded rows, more "
+                        "steps)")
+    p.add_argument("--summary", default=None, metavar="FILE",
+                   help="also write the run's summary as a JSON object to FILE: rows, "
+                        "tokens, seconds, tokens_per_s, steps, slot_steps, slot_utilization "
+                        "(percent), batching, batch_size")
     add_sampling_arguments(
         p,
         seed_help="make the run reproducible: a row without its own 'seed' gets one "
@@ -293,6 +291,8 @@ def _check_options(args: argparse.Namespace) -> SamplingParams:
     if args.errors is not None and not args.skip_invalid:
         raise CLIError("--errors needs --skip-invalid")
     paths = {"--input": args.input, "--output": args.output}
+    if args.summary is not None:
+        paths["--summary"] = args.summary
     if args.skip_invalid:
         paths["--errors"] = args.errors or args.output + ".errors.jsonl"
     resolved = {}
@@ -401,6 +401,7 @@ def cmd_run(args: argparse.Namespace) -> int:
                 writer, batch_size=args.batch_size, backend=args.backend, limit=limit,
                 cuda_graph=not args.no_cuda_graph, sync_every=args.sync_every,
                 progress=progress, generate=spec,
+                static=args.static_batches or spec is not None,
             )
         except KeyboardInterrupt:
             interrupted = True
@@ -418,11 +419,26 @@ def cmd_run(args: argparse.Namespace) -> int:
     rate = stats.tokens / stats.seconds if stats.seconds > 0 else 0.0
     skipped = (f", {len(invalid)} invalid line{'s' * (len(invalid) != 1)} skipped "
                f"(see {errors_path})") if invalid else ""
+    static = args.static_batches or spec is not None or not supports_slots(decoder)
+    batching = "static" if static else "continuous"
+    # Speculative rounds count no decode steps: no utilization to report for them.
+    slot_note = (f"{batching} batching, {stats.steps} steps, slot utilization "
+                 f"{stats.slot_utilization:.1f}%; ") if stats.slot_steps else ""
     print(f"{prefix}{stats.rows} rows, {stats.tokens} tokens in {stats.seconds:.2f} s "
           f"({rate:.1f} tokens/s) on {device}; {stats.already_done} already done{skipped}; "
-          f"{time.perf_counter() - wall:.1f} s in all; results in {target}", file=sys.stderr)
+          f"{slot_note}{time.perf_counter() - wall:.1f} s in all; results in {target}",
+          file=sys.stderr)
     if spec is not None:
         print(prefix + speculative_summary(stats.tokens, *spec.totals), file=sys.stderr)
+    if args.summary is not None:
+        summary = {"rows": stats.rows, "tokens": stats.tokens, "seconds": stats.seconds,
+                   "tokens_per_s": rate, "already_done": stats.already_done,
+                   "steps": stats.steps, "slot_steps": stats.slot_steps,
+                   "slot_utilization": stats.slot_utilization, "batching": batching,
+                   "batch_size": args.batch_size, "device": str(device), "rank": env.rank}
+        # Under torchrun each rank writes its own summary beside the others.
+        path = f"{args.summary}.rank{env.rank}" if env.distributed else args.summary
+        write_atomic(path, [(json.dumps(summary) + "\n").encode()])
     if env.distributed:
         barrier(env)
         if env.rank == 0:

@@ -43,7 +43,8 @@ DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 _PTR_TYPES = {
     torch.float32: "*fp32", torch.bfloat16: "*bf16", torch.float16: "*fp16",
-    torch.int64: "*i64", torch.int32: "*i32", torch.int8: "*i8", torch.bool: "*i1",
+    torch.float64: "*fp64", torch.int64: "*i64", torch.int32: "*i32", torch.int8: "*i8",
+    torch.bool: "*i1",
 }
 
 
@@ -143,7 +144,7 @@ def sampler_variants() -> list[Variant]:
                                                     "meta")
                     window = torch.full((batch, 8), -1, dtype=torch.int64, device="meta")
                     steps = torch.zeros(batch, dtype=torch.int64, device="meta")
-                    out = torch.empty(batch, 3, device="meta") if logprobs else None
+                    out = torch.empty(batch, 4, device="meta") if logprobs else None
                     calls, _, _ = kernel_calls(logits, packed, window, steps, packed.seed,
                                                lp, out, cuda=True)
                     # The set-up for the engine's window (read from the history) and for a

@@ -4,9 +4,11 @@ The kernels (:mod:`lmgen_fast.kernels.sampling`) compute exactly
 :func:`lmgen_fast.reference.sample` for seeded rows: same ``z`` (IEEE float32 division by
 the temperature, the penalty factors ``p**c`` from the same ``torch.pow``, the frequency and
 presence penalties rounded as the reference rounds them), same top-k threshold with ties
-kept, same top-p and min-p rules, same Philox/Gumbel race with ties to the lower token id.
-Top-p sums the softmax in another order than the reference, so a token whose top-p fate
-turns on the last bits of those sums may differ; nothing else may.
+kept, same top-p and min-p rules (min-p on the same float32 threshold, bit for bit), same
+Philox/Gumbel race with ties to the lower token id. Top-p sums the softmax in another order
+than the reference (float32, against float64 prefix sums), so a token whose top-p fate turns
+on the last bits of those sums may differ; nothing else may. Log-probabilities, raw or
+processed (``logprobs_mode``), come out of the same launches (``logprob_out``).
 
 Cost: with top-k on (``k <= max_top_k``) the logits are read once, top-p and min-p then run
 over the top-k candidates. Without top-k, each chunk keeps ``nucleus_candidates`` of its
@@ -91,6 +93,8 @@ def check_device(logits: torch.Tensor) -> None:
 
 
 STATUS_SLOW = 8  # informational: a top-p/min-p row re-read its logits
+# Columns of ``logprob_out`` (see :func:`launch`).
+LOGPROB_COLUMNS = 4
 # Candidates per chunk kept for top-p/min-p rows without top-k (sample()'s default).
 NUCLEUS_CANDIDATES = 64
 # Bits of the top-p cutoff found per extra pass of the slow path (16 bins per pass).
@@ -279,26 +283,29 @@ def kernel_calls(
     tokens = torch.empty(batch, dtype=torch.int64, device=dev)
     want_lp = logprob_out is not None
     if want_lp:
-        if logprob_out.shape != (batch, 3) or logprob_out.dtype != torch.float32 \
+        if logprob_out.shape != (batch, LOGPROB_COLUMNS) or logprob_out.dtype != torch.float32 \
                 or not logprob_out.is_contiguous():
-            raise ValueError("logprob_out must be a contiguous float32 [B, 3] tensor")
+            raise ValueError(f"logprob_out must be a contiguous float32 [B, {LOGPROB_COLUMNS}] "
+                             f"tensor, got {logprob_out.dtype} {tuple(logprob_out.shape)}")
         rmax, rsum = (torch.empty(shape, **f32) for _ in range(2))
     else:
         rmax = rsum = logprob_out = cmax  # never touched: LOGPROBS is off
     temp = packed.temperature.contiguous()
     top_k = packed.top_k.contiguous()
     once = packed.once  # bool: the kernels test it against 0
-    top_p = packed.top_p.to(**f32).contiguous()
-    min_p = packed.min_p.to(**f32).contiguous()
+    # top_p stays float64: the kernels compare their float32 masses with the user's value.
+    top_p = packed.top_p.to(dtype=torch.float64, device=dev).contiguous()
+    mlog = packed.min_p_log.to(**f32).contiguous()
     fpen = packed.frequency_penalty.to(**f32).contiguous()
     ppen = packed.presence_penalty.to(**f32).contiguous()
+    proc = packed.processed.to(torch.int8)
     steps = steps.contiguous()
     # No multiply-add contraction: the reference rounds every float32 op.
     chunk_call = KernelCall(
         "chunk_kernel", (batch, n_chunks),
         (logits, logits.stride(0), vocab,
          temp, top_k, once, seed, steps,
-         top_p, min_p, fpen, ppen,
+         top_p, mlog, fpen, ppen, proc,
          win, width, wrange, pow_table,
          cmax, cidx, rkey, ridx,
          ncand, ckey, cidx_buf,
@@ -312,7 +319,7 @@ def kernel_calls(
         "merge_kernel", (batch,),
         (logits, logits.stride(0), vocab, n_chunks,
          temp, top_k, seed, steps,
-         top_p, min_p, once, fpen, ppen,
+         top_p, mlog, once, fpen, ppen, proc,
          win, width, wrange, pow_table,
          cmax, cidx, rkey, ridx,
          ncand, ckey, cidx_buf,
@@ -367,9 +374,13 @@ def launch(
         Candidates per chunk to size for top-p/min-p rows without top-k (a speed knob:
         any value is exact; too few send more rows to the multi-pass path).
     logprob_out : Tensor, optional
-        float32 ``[B, 3]``; receives per row the raw log-probability of the sampled token,
-        the raw logsumexp (``+inf`` for rows with ``+inf`` logits) and ``-log(count of
-        +inf)`` (the share of each ``+inf`` token in such rows). Computed in the same read.
+        float32 ``[B, 4]``; receives per row, in the row's ``logprobs_mode``, the
+        log-probability of the sampled token, a shift ``m`` and a log-normaliser ``s``
+        (a token's log-probability is ``(v - m) - s``, ``v`` its raw logit or processed
+        ``z``; ``m = +inf`` in rows with ``+inf`` values, where ``s`` is each one's share
+        ``-log(count)``), and for processed rows the smallest surviving ``z`` (``-inf`` for
+        raw rows). Computed in the reads the draw does (:func:`logprob_table` turns it
+        into every token's value).
     chunk_warps : int, optional
         Warps per program of the chunk kernel (a speed knob for tuning; default by chunk).
     pow_table : Tensor, optional
@@ -580,7 +591,7 @@ def sample(
         nucleus_candidates = NUCLEUS_CANDIDATES if nucleus else 0
     if check and window is not None:
         reference.check_window_values(window, vocab)
-    lp = torch.empty(batch, 3, dtype=torch.float32, device=logits.device) \
+    lp = torch.empty(batch, LOGPROB_COLUMNS, dtype=torch.float32, device=logits.device) \
         if return_logprobs else None
     try:
         with on_device(logits.device):
@@ -596,25 +607,66 @@ def sample(
         raise_for_status(status)
     if not return_logprobs:
         return tokens
-    return tokens, logprobs_from_launch(logits, lp, packed.logprobs)
+    return tokens, logprobs_from_launch(logits, lp, packed.logprobs, packed, window, tokens)
 
 
-def logprobs_from_launch(logits: torch.Tensor, lp: torch.Tensor, n: int) -> SampleLogprobs:
-    """The kernels' token log-probabilities plus the top ``n`` alternatives of each row."""
+def logprob_table(
+    logits: torch.Tensor,
+    lp: torch.Tensor,
+    packed: PackedParams,
+    window: torch.Tensor | None,
+    tokens: torch.Tensor,
+) -> torch.Tensor:
+    """Every token's log-probability, float32 ``[B, V]``, from a launch's ``logprob_out``.
+
+    Raw rows from the logits, processed rows from their ``z`` (:func:`lmgen_fast.reference.
+    process_logits`: the kernels' ``z`` bit for bit) masked by the launch's cut, with the
+    launch's normaliser: the token's own value is the one the launch wrote. A greedy
+    processed row is a point mass on its token. One extra pass over the logits, for the
+    top alternatives only.
+    """
+    shift, norm, cut = lp[:, 1:2], lp[:, 2:3], lp[:, 3:4]
+    x = logits.to(torch.float32)
+    if bool(packed.processed.any()):
+        z = reference.process_logits(logits, packed, window, openai=True)
+        z = torch.where(z >= cut, z, float("-inf"))
+        x = torch.where(packed.processed.unsqueeze(1), z, x)
+    x = torch.where(torch.isnan(x), float("-inf"), x)
+    # In rows with +inf values only those have mass, each its share.
+    table = torch.where(shift == float("inf"),
+                        torch.where(x == float("inf"), norm, float("-inf")),
+                        (x - shift) - norm)
+    cols = torch.arange(x.shape[1], device=x.device)
+    point = torch.where(cols == tokens.unsqueeze(1), 0.0, float("-inf"))
+    greedy = packed.processed & (packed.temperature == 0)
+    return torch.where(greedy.unsqueeze(1), point, table)
+
+
+def logprobs_from_launch(
+    logits: torch.Tensor,
+    lp: torch.Tensor,
+    n: int,
+    packed: PackedParams | None = None,
+    window: torch.Tensor | None = None,
+    tokens: torch.Tensor | None = None,
+) -> SampleLogprobs:
+    """The kernels' token log-probabilities plus the top ``n`` alternatives of each row.
+
+    ``packed``, ``window`` and ``tokens`` (the launch's) are needed for ``n > 0``. The
+    alternatives are ranked as :func:`lmgen_fast.reference.step_logprobs` ranks them
+    (processed rows list their survivors only, id ``-1`` and ``-inf`` past them).
+    """
     batch, vocab = logits.shape
     n = min(n, vocab)
     if n <= 0:
         top_ids = torch.empty(batch, 0, dtype=torch.int64, device=logits.device)
         top_lp = torch.empty(batch, 0, dtype=torch.float32, device=logits.device)
         return SampleLogprobs(lp[:, 0], top_ids, top_lp)
-    lse, share = lp[:, 1:2], lp[:, 2:3]
-    x = logits.to(torch.float32)
-    # NaN counts as -inf; in rows with +inf values every other token has log-probability
-    # -inf, so it ranks as -inf (equal values then go lower id first).
-    x = torch.where(torch.isnan(x) | ((lse == float("inf")) & (x != float("inf"))),
-                    float("-inf"), x)
-    # Ranking raw logits ranks log-probabilities (one shift per row); the reference's
-    # helper fixes the order of equal values and which of them make the cut.
-    top_ids, vals = reference._top_logprobs(x, n)
-    top_lp = torch.where(vals == float("inf"), share, vals - lse)
+    if packed is None or tokens is None:
+        raise ValueError("logprobs_from_launch needs the launch's packed params and tokens "
+                         f"for n={n} alternatives")
+    table = logprob_table(logits, lp, packed, window, tokens)
+    top_ids, top_lp = reference._top_logprobs(table, n)
+    top_ids = torch.where(packed.processed.unsqueeze(1) & (top_lp == float("-inf")), -1,
+                          top_ids)
     return SampleLogprobs(lp[:, 0], top_ids, top_lp)

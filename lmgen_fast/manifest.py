@@ -39,8 +39,11 @@ SUFFIX = ".manifest.json"
 RESULT_OPTIONS = (
     "max_tokens", "temperature", "top_k", "repetition_penalty", "penalty_range",
     "penalty_scope", "penalty_mode", "top_p", "min_p", "frequency_penalty",
-    "presence_penalty", "seed",
+    "presence_penalty", "seed", "logprobs_mode",
 )
+# Result-changing options added after format 1 was fixed, with the value that outputs made
+# before them were made with, so that those outputs still resume.
+_LATER_OPTIONS = {"logprobs_mode": "raw"}
 # Files of a checkpoint directory that decide its outputs; anything else (a README, logs,
 # optimizer state under another name) may change without changing the model.
 _MODEL_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json",
@@ -201,7 +204,8 @@ def differences(old: Mapping, new: Mapping) -> list[str]:
     """
     found = []
     for name in RESULT_OPTIONS:
-        was, now = old.get("settings", {}).get(name), new["settings"][name]
+        was = old.get("settings", {}).get(name, _LATER_OPTIONS.get(name))
+        now = new["settings"][name]
         if was != now:
             found.append(f"--{name.replace('_', '-')} {json.dumps(now)} "
                          f"(the output was made with {json.dumps(was)})")

@@ -11,6 +11,7 @@ import torch
 
 PENALTY_SCOPES = ("generated", "all")
 PENALTY_MODES = ("per_occurrence", "once")
+LOGPROBS_MODES = ("raw", "processed")
 # Seeds are stored in int64 tensors so that kernels can read them on the device.
 SEED_LIMIT = 2**63
 MAX_LOGPROBS = 20
@@ -70,7 +71,13 @@ class SamplingParams:
         OpenAI-style: ``z[t] -= frequency_penalty * c_t + presence_penalty * (c_t > 0)``
         for a token seen ``c_t`` times in the window. Finite; ``0`` is off.
     logprobs : int
-        How many top alternatives (by raw log-probability) to report, 0 to 20.
+        How many top alternatives to report, 0 to 20 (ranked by the log-probabilities
+        ``logprobs_mode`` selects).
+    logprobs_mode : {"raw", "processed"}
+        Which distribution reported log-probabilities describe: "raw", the model's
+        ``log_softmax`` of the logits; "processed", the distribution the token was drawn
+        from (after temperature, penalties, top-k, top-p and min-p; ``-inf`` for removed
+        tokens, which are never listed; a greedy row's token has log-probability 0).
 
     Examples
     --------
@@ -90,6 +97,7 @@ class SamplingParams:
     frequency_penalty: float = 0.0
     presence_penalty: float = 0.0
     logprobs: int = 0
+    logprobs_mode: str = "raw"
 
     def __post_init__(self) -> None:
         set_ = object.__setattr__  # frozen: normalise the stored values once, here
@@ -139,6 +147,10 @@ class SamplingParams:
         if not 0 <= logprobs <= MAX_LOGPROBS:
             raise ValueError(f"logprobs must be in [0, {MAX_LOGPROBS}], got {self.logprobs!r}")
         set_(self, "logprobs", logprobs)
+        if self.logprobs_mode not in LOGPROBS_MODES:
+            raise ValueError(
+                f"logprobs_mode must be one of {LOGPROBS_MODES}, got {self.logprobs_mode!r}"
+            )
 
     @property
     def greedy(self) -> bool:
@@ -167,7 +179,10 @@ class PackedParams:
     All tensors have shape ``[B]``: ``temperature`` float32, ``top_k`` int64 (``0`` = off),
     ``penalty`` float32, ``once`` bool (penalty_mode == "once"), ``seed`` int64 and
     ``seeded`` bool (``False`` rows have ``seed`` 0 until the sampler draws one),
-    ``top_p``, ``min_p``, ``frequency_penalty``, ``presence_penalty`` float32.
+    ``top_p`` and ``min_p`` float64 (the user's values: float32 would move the filters'
+    edges, e.g. ``top_p=0.9999999`` to 0.99999988), ``min_p_log`` float32 (min-p's
+    threshold on ``z - z_max``, see :func:`min_p_threshold`), ``frequency_penalty``,
+    ``presence_penalty`` float32, ``processed`` bool (``logprobs_mode == "processed"``).
     ``logprobs`` is kept on the host: the largest count of alternatives any row asks for.
     """
 
@@ -181,6 +196,8 @@ class PackedParams:
     min_p: torch.Tensor
     frequency_penalty: torch.Tensor
     presence_penalty: torch.Tensor
+    min_p_log: torch.Tensor
+    processed: torch.Tensor
     logprobs: int = 0
 
     def to(self, device: torch.device | str) -> PackedParams:
@@ -188,6 +205,11 @@ class PackedParams:
         moved = {k: v.to(device) if isinstance(v, torch.Tensor) else v
                  for k, v in vars(self).items()}
         return PackedParams(**moved)
+
+    def take(self, index: torch.Tensor) -> PackedParams:
+        """The rows ``index`` (int64 ``[n]``, on the parameters' device) of every tensor."""
+        return PackedParams(**{k: v[index] if isinstance(v, torch.Tensor) else v
+                               for k, v in vars(self).items()})
 
     @staticmethod
     def from_rows(rows: Sequence[SamplingParams], device: torch.device | str) -> PackedParams:
@@ -201,9 +223,26 @@ class PackedParams:
             once=t([p.penalty_mode == "once" for p in rows], torch.bool),
             seed=t([p.seed if p.seed is not None else 0 for p in rows], torch.int64),
             seeded=t([p.seed is not None for p in rows], torch.bool),
-            top_p=t([p.top_p for p in rows], torch.float32),
-            min_p=t([p.min_p for p in rows], torch.float32),
+            top_p=t([p.top_p for p in rows], torch.float64),
+            min_p=t([p.min_p for p in rows], torch.float64),
             frequency_penalty=t([p.frequency_penalty for p in rows], torch.float32),
             presence_penalty=t([p.presence_penalty for p in rows], torch.float32),
+            min_p_log=min_p_threshold([p.min_p for p in rows]).to(device),
+            processed=t([p.logprobs_mode == "processed" for p in rows], torch.bool),
             logprobs=max((p.logprobs for p in rows), default=0),
         )
+
+
+def min_p_threshold(min_p: Sequence[float]) -> torch.Tensor:
+    """Min-p's threshold on ``d = z_i - z_max``, float32 ``[N]`` on the CPU.
+
+    ``exp(d) >= min_p`` holds exactly when ``d >= log(min_p)``; for a float32 ``d`` that is
+    ``d >= t`` with ``t`` the smallest float32 at or above ``log(min_p)`` (taken in float64
+    from the user's value). Every backend compares ``d`` with this ``t``, so none depends on
+    how its device rounds ``exp``. ``min_p == 0`` gives ``-inf`` (keeps every token).
+    """
+    logs = torch.tensor([math.log(m) if m > 0 else -math.inf for m in min_p],
+                        dtype=torch.float64)
+    t = logs.to(torch.float32)
+    # float64 -> float32 rounds to nearest: step up where that went below.
+    return torch.where(t.to(torch.float64) < logs, torch.nextafter(t, torch.tensor(math.inf)), t)

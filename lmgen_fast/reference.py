@@ -13,13 +13,16 @@ One step for row ``r`` (logits ``l``, window ``w``):
    bit-exact ``l / T`` untouched when these penalties are 0.
 3. Top-k (``0 < k < V``): values below the k-th largest become ``-inf`` (ties survive).
 4. Top-p (``top_p < 1``): over the survivors sorted by ``z`` descending, ``e = exp(z - z_max)``,
-   ``q = e / sum(e)`` and ``m_i`` the exclusive prefix sum of ``q`` (both sums accumulated in
-   float64, in that order, and rounded to float32); every member of a group of equal ``z``
-   takes the ``m`` of the group's first member, so ``m_i`` is the mass of the tokens strictly
-   more probable than ``i``. Keep ``i`` iff ``m_i < top_p``: ties are kept or dropped
-   together and the most probable tokens always stay.
-5. Min-p (``min_p > 0``): keep ``i`` iff ``exp(z_i - z_max) >= min_p`` in float32 (``z_max``
-   the row's largest survivor, which step 4 never removes), i.e. ``q_i >= min_p * max q``.
+   ``q = e / sum(e)`` (the sum accumulated in float64, rounded to float32) and ``m_i`` the
+   exclusive prefix sum of ``q`` in float64; every member of a group of equal ``z`` takes
+   the ``m`` of the group's first member, so ``m_i`` is the mass of the tokens strictly more
+   probable than ``i``. Keep ``i`` iff ``m_i < top_p``, compared in float64 with the user's
+   ``top_p`` (never rounded to float32): ties are kept or dropped together and the most
+   probable tokens always stay.
+5. Min-p (``min_p > 0``): keep ``i`` iff ``z_i - z_max >= t`` in float32, ``t`` the smallest
+   float32 at or above ``log(min_p)`` (:func:`lmgen_fast.params.min_p_threshold`, once per
+   row): exactly ``exp(z_i - z_max) >= min_p``, with no ``exp`` whose rounding could differ
+   between devices (``z_max`` is the row's largest survivor, which step 4 never removes).
    Steps 4 and 5 skip greedy rows and rows with a ``+inf`` survivor.
 6. Draw: greedy rows take the first argmax of step 2. If ``+inf`` values remain, they alone
    share the probability equally. Seeded rows run the exponential race ``argmax(z_i + g_i)``,
@@ -28,7 +31,10 @@ One step for row ``r`` (logits ``l``, window ``w``):
    ``torch.multinomial`` on ``softmax(z)`` as the article does; otherwise each row races with a
    seed drawn from torch's generator.
 
-Log-probabilities (:func:`raw_logprobs`) are those of the raw logits, before any of the steps.
+Log-probabilities (:func:`step_logprobs`) follow each row's ``logprobs_mode``: "raw" those of
+the raw logits, before any of the steps (:func:`raw_logprobs`); "processed" those of the final
+``z`` of step 5 that the draw uses (:func:`processed_table`: ``log_softmax``, ``-inf`` for
+removed tokens, a share ``-log(count)`` for ``+inf`` survivors, 0 for a greedy row's token).
 
 Two paths compute this. The CPU path works on the rows each step applies to, found on the
 host (``bool(t.any())``, ``nonzero``, ``k.max()``): cheap on the CPU, a wait for the device
@@ -44,6 +50,7 @@ tokens, except for an unseeded batch of one (see :func:`sample`).
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import replace
 from typing import NamedTuple
 
 import torch
@@ -57,7 +64,8 @@ ParamsLike = SamplingParams | Sequence[SamplingParams] | PackedParams
 
 
 class SampleLogprobs(NamedTuple):
-    """Log-probabilities of one sampling step under the raw logits (log-softmax, float32).
+    """Log-probabilities of one sampling step (float32), each row in its ``logprobs_mode``:
+    under the raw logits, or under the distribution it was drawn from (processed).
 
     Attributes
     ----------
@@ -65,7 +73,8 @@ class SampleLogprobs(NamedTuple):
         float32 ``[B]``: the log-probability of each row's sampled token.
     top_ids : Tensor
         int64 ``[B, n]``: the ``n`` most probable tokens per row, most probable first; equal
-        values in lower-id-first order.
+        values in lower-id-first order. A processed row lists its surviving tokens only:
+        its slots past them hold ``-1`` (and ``-inf`` in ``top_logprobs``).
     top_logprobs : Tensor
         float32 ``[B, n]``: their log-probabilities.
     """
@@ -267,8 +276,8 @@ def _filter(z: torch.Tensor, packed: PackedParams) -> torch.Tensor:
     z.masked_fill_(z < top_k_threshold(z, packed.top_k).unsqueeze(1), NEG_INF)
     greedy = packed.temperature == 0
     top_p = torch.where(greedy, 1.0, packed.top_p)
-    min_p = torch.where(greedy, 0.0, packed.min_p)
-    return p_filter(z, top_p, min_p)
+    min_p_log = torch.where(greedy, NEG_INF, packed.min_p_log)
+    return p_filter(z, top_p, min_p_log)
 
 
 def top_p_keep(vals: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
@@ -280,7 +289,7 @@ def top_p_keep(vals: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
         float32 ``[N, C]``, each row sorted descending with a finite first entry; removed
         tokens are ``-inf`` (at the end).
     top_p : Tensor
-        float32 ``[N]``, in ``(0, 1]``.
+        float64 ``[N]``, in ``(0, 1]``: the user's values, unrounded.
 
     Returns
     -------
@@ -292,27 +301,32 @@ def top_p_keep(vals: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
     # float64 accumulation makes the sums independent of how a device orders the additions.
     total = e.sum(dim=1, keepdim=True, dtype=torch.float64).to(torch.float32)
     q = e / total
-    before = torch.zeros_like(q)
-    before[:, 1:] = torch.cumsum(q[:, :-1], dim=1, dtype=torch.float64).to(torch.float32)
+    # The prefix masses stay in float64 and meet top_p in float64: rounded to float32,
+    # either side would move the edge (top_p=0.9999999 would act as 0.99999988).
+    before = torch.zeros_like(q, dtype=torch.float64)
+    before[:, 1:] = torch.cumsum(q[:, :-1], dim=1, dtype=torch.float64)
     # Each member of a run of equal values takes the run's first prefix: the mass of the
     # values strictly larger, so that ties are kept or dropped together.
     cols = torch.arange(vals.shape[1], device=vals.device).expand_as(vals)
     start = torch.ones_like(vals, dtype=torch.bool)
     start[:, 1:] = vals[:, 1:] != vals[:, :-1]
     first = torch.where(start, cols, 0).cummax(dim=1).values
-    return before.gather(1, first) < top_p.unsqueeze(1)
+    return before.gather(1, first) < top_p.to(torch.float64).unsqueeze(1)
 
 
-def min_p_removes(z: torch.Tensor, zmax: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
-    """Step 5's rule: bool ``[N, C]``, True where ``exp(z - zmax) < min_p`` in float32.
+def min_p_removes(z: torch.Tensor, zmax: torch.Tensor, min_p_log: torch.Tensor) -> torch.Tensor:
+    """Step 5's rule: bool ``[N, C]``, True where ``z - zmax < min_p_log`` in float32.
 
-    ``z`` float32 ``[N, C]``; ``zmax`` (the row's largest survivor) and ``min_p`` float32 ``[N]``.
+    ``z`` float32 ``[N, C]``; ``zmax`` (the row's largest survivor) float32 ``[N]``;
+    ``min_p_log`` float32 ``[N]`` from :func:`lmgen_fast.params.min_p_threshold`, so the test
+    is ``exp(z - zmax) < min_p`` exactly, without rounding an ``exp`` (the kernels compare
+    the same float32 difference with the same threshold: bit for bit on every device).
     """
-    return torch.exp(z - zmax.unsqueeze(1)) < min_p.unsqueeze(1)
+    return (z - zmax.unsqueeze(1)) < min_p_log.unsqueeze(1)
 
 
 def p_filter(
-    z: torch.Tensor, top_p: torch.Tensor, min_p: torch.Tensor, *, presorted: bool = False
+    z: torch.Tensor, top_p: torch.Tensor, min_p_log: torch.Tensor, *, presorted: bool = False
 ) -> torch.Tensor:
     """Steps 4 (top-p) and 5 (min-p) in place on the survivors of top-k; returns ``z``.
 
@@ -320,9 +334,10 @@ def p_filter(
     ----------
     z : Tensor
         float32 ``[N, C]``: candidate values, removed tokens ``-inf``.
-    top_p, min_p : Tensor
-        float32 ``[N]``; ``top_p == 1`` and ``min_p == 0`` turn a row's filter off (callers
-        pass those for greedy rows).
+    top_p, min_p_log : Tensor
+        ``[N]``: float64 ``top_p`` and min-p's float32 threshold on ``z - z_max``
+        (:func:`lmgen_fast.params.min_p_threshold`); ``top_p == 1`` and ``min_p_log == -inf``
+        turn a row's filter off (callers pass those for greedy rows).
     presorted : bool
         Rows of ``z`` are sorted descending already (the top-k candidates), so top-p needs
         no sort.
@@ -345,12 +360,12 @@ def p_filter(
             keep = torch.empty_like(order, dtype=torch.bool)
             keep.scatter_(1, order, top_p_keep(vals, top_p[rows]))
         z[rows] = sub.masked_fill_(~keep, NEG_INF)
-    use_m = live & (min_p > 0)
+    use_m = live & (min_p_log > NEG_INF)
     if bool(use_m.any()):
         rows = use_m.nonzero().flatten()
         sub = z[rows]
         # Top-p never removes the maximum, so z_max of step 3 is still the row's maximum.
-        z[rows] = sub.masked_fill_(min_p_removes(sub, zmax[rows], min_p[rows]), NEG_INF)
+        z[rows] = sub.masked_fill_(min_p_removes(sub, zmax[rows], min_p_log[rows]), NEG_INF)
     return z
 
 
@@ -371,7 +386,7 @@ def _race_compact(
     idx: torch.Tensor,
     k: torch.Tensor,
     top_p: torch.Tensor,
-    min_p: torch.Tensor,
+    min_p_log: torch.Tensor,
     seed: torch.Tensor,
     step: torch.Tensor,
 ) -> torch.Tensor:
@@ -380,7 +395,7 @@ def _race_compact(
     Top-p and min-p work on these k sorted candidates only.
     """
     in_k = torch.arange(vals.shape[1], device=vals.device).unsqueeze(0) < k.unsqueeze(1)
-    v = p_filter(vals.masked_fill(~in_k, NEG_INF), top_p, min_p, presorted=True)
+    v = p_filter(vals.masked_fill(~in_k, NEG_INF), top_p, min_p_log, presorted=True)
     v = _race_keys(v)
     g = gumbel_from_uniform(uniform_noise(seed.unsqueeze(1), step.unsqueeze(1), idx))
     keys = torch.where(v > NEG_INF, v + g, NEG_INF)
@@ -391,12 +406,12 @@ def _race_rows(
     z: torch.Tensor,
     tau: torch.Tensor,
     top_p: torch.Tensor,
-    min_p: torch.Tensor,
+    min_p_log: torch.Tensor,
     seed: torch.Tensor,
     step: torch.Tensor,
 ) -> torch.Tensor:
     """The race over every surviving token of each row; noise only for the survivors."""
-    z = p_filter(z.masked_fill(z < tau.unsqueeze(1), NEG_INF), top_p, min_p)
+    z = p_filter(z.masked_fill(z < tau.unsqueeze(1), NEG_INF), top_p, min_p_log)
     z = _race_keys(z)
     rows, cols = (z > NEG_INF).nonzero(as_tuple=True)
     keys = z[rows, cols] + gumbel_from_uniform(uniform_noise(seed[rows], step[rows], cols))
@@ -444,7 +459,7 @@ def _race(
     z: torch.Tensor,
     top_k: torch.Tensor,
     top_p: torch.Tensor,
-    min_p: torch.Tensor,
+    min_p_log: torch.Tensor,
     seed: torch.Tensor,
     step: torch.Tensor,
 ) -> torch.Tensor:
@@ -465,7 +480,7 @@ def _race(
         compact = ~general
         if bool(compact.any()):
             out[compact] = _race_compact(
-                vals[compact], idx[compact], k[compact], top_p[compact], min_p[compact],
+                vals[compact], idx[compact], k[compact], top_p[compact], min_p_log[compact],
                 seed[compact], step[compact],
             )
     else:
@@ -473,7 +488,7 @@ def _race(
     if bool(general.any()):
         tau = torch.where(k > 0, tau, NEG_INF)
         out[general] = _race_rows(
-            z[general], tau[general], top_p[general], min_p[general], seed[general],
+            z[general], tau[general], top_p[general], min_p_log[general], seed[general],
             step[general],
         )
     return out
@@ -570,7 +585,8 @@ def sample(
         Accepted for signature parity with :func:`lmgen_fast.sample`; must be "reference"
         or "auto".
     return_logprobs : bool
-        Also return the raw log-probabilities (:func:`raw_logprobs`), with as many top
+        Also return the log-probabilities, each row in its ``logprobs_mode``
+        (:func:`step_logprobs`: raw as :func:`raw_logprobs`, or processed), with as many top
         alternatives as the largest ``logprobs`` of the rows.
     check : bool
         Validate the window's ids and raise :class:`EmptyRowError` (both wait for the
@@ -618,29 +634,47 @@ def sample(
         on_device = logits.device.type != "cpu"
     logprobs = None
     if on_device:
-        tokens, status, _ = sample_on_device(logits, packed, window, steps,
-                                             draw_seeds=_draws_seeds(params, packed))
+        tokens, status, filtered = _sample_fixed(logits, packed, window, steps,
+                                                 _draws_seeds(params, packed))
         if return_logprobs:
-            logprobs = raw_logprobs_on_device(logits, tokens, packed.logprobs)
+            logprobs = step_logprobs(logits, filtered, tokens, packed, packed.logprobs,
+                                     on_device=True)
         if check:
             empty = status != 0
             if bool(empty.any()):
                 raise EmptyRowError(empty.nonzero().flatten().tolist())
     else:
         z = process_logits(logits, packed, window)
+        filtered, draw_params = None, packed
+        if return_logprobs and bool(packed.processed.any()):
+            # Processed log-probabilities describe the z the draw uses: filter once, then
+            # race over the survivors with the filters off (the same tokens: every filter
+            # is a threshold on z, and the race's keys and tie rule do not change).
+            filtered = _filter(z, packed).clone()
+            draw_params = _filters_off(packed)
         if not check:
             # Empty rows get a harmless row to draw from, then token 0 and their status.
             empty = z.amax(dim=1) == NEG_INF
             z.masked_fill_(empty.unsqueeze(1), 0.0)
-        tokens = _draw(z, packed, steps)
+        tokens = _draw(z, draw_params, steps)
         if not check:
             tokens = tokens.masked_fill(empty, 0)
             status = torch.where(empty, STATUS_EMPTY, 0).to(torch.int32)
-        if return_logprobs:
+        if filtered is not None:
+            logprobs = step_logprobs(logits, filtered, tokens, packed, packed.logprobs,
+                                     on_device=False)
+        elif return_logprobs:
             logprobs = raw_logprobs(logits, tokens, packed.logprobs)
     if not check:
         return SampleResult(tokens, status, logprobs)
     return (tokens, logprobs) if return_logprobs else tokens
+
+
+def _filters_off(packed: PackedParams) -> PackedParams:
+    """``packed`` with top-k, top-p and min-p off: for a ``z`` already filtered."""
+    return replace(packed, top_k=torch.zeros_like(packed.top_k),
+                   top_p=torch.ones_like(packed.top_p), min_p=torch.zeros_like(packed.min_p),
+                   min_p_log=torch.full_like(packed.min_p_log, NEG_INF))
 
 
 def _draws_seeds(params: ParamsLike, packed: PackedParams) -> bool:
@@ -685,9 +719,9 @@ def _draw(z: torch.Tensor, packed: PackedParams, steps: torch.Tensor) -> torch.T
         seed = torch.where(need, drawn, seed)
     p = packed
     if bool(sampled.all()):
-        return _race(z, p.top_k, p.top_p, p.min_p, seed, steps)
+        return _race(z, p.top_k, p.top_p, p.min_p_log, seed, steps)
     rows = sampled.nonzero().flatten()
-    out[rows] = _race(z[rows], p.top_k[rows], p.top_p[rows], p.min_p[rows], seed[rows],
+    out[rows] = _race(z[rows], p.top_k[rows], p.top_p[rows], p.min_p_log[rows], seed[rows],
                       steps[rows])
     return out
 
@@ -706,7 +740,7 @@ class SampleResult(NamedTuple):
     status : IntTensor
         int32 ``[B]``: :data:`STATUS_EMPTY` for a row with nothing to sample, else 0.
     logprobs : SampleLogprobs or None
-        With ``return_logprobs``, as :func:`raw_logprobs` (not meaningful for flagged rows).
+        With ``return_logprobs``, as :func:`step_logprobs` (not meaningful for flagged rows).
     """
 
     tokens: torch.Tensor
@@ -749,8 +783,8 @@ def sample_on_device(
         Draw seeds for unseeded rows (consumes torch's generator); ``False`` takes
         ``packed.seed`` as it is (the engine draws once per decode).
     return_logprobs : bool
-        Also return the raw log-probability of each sampled token (float32 ``[B]``);
-        :func:`raw_logprobs_on_device` gives the top alternatives as well.
+        Also return the log-probability of each sampled token (float32 ``[B]``);
+        :func:`sample_on_device_logprobs` gives the top alternatives as well.
 
     Returns
     -------
@@ -759,8 +793,25 @@ def sample_on_device(
     status : IntTensor
         ``[B]`` int32, :data:`STATUS_EMPTY` for a row with nothing to sample.
     logprob : Tensor or None
-        ``[B]`` float32 raw log-probabilities of ``tokens`` (with ``return_logprobs``).
+        ``[B]`` float32 log-probabilities of ``tokens`` (with ``return_logprobs``), raw or
+        processed as each row's ``logprobs_mode`` says.
     """
+    tokens, status, filtered = _sample_fixed(logits, packed, window, steps, draw_seeds)
+    if not return_logprobs:
+        return tokens, status, None
+    return tokens, status, step_logprobs(logits, filtered, tokens, packed, 0,
+                                         on_device=True).token_logprob
+
+
+def _sample_fixed(
+    logits: torch.Tensor,
+    packed: PackedParams,
+    window: torch.Tensor | None,
+    steps: torch.Tensor,
+    draw_seeds: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`sample_on_device`'s work: ``(tokens, status, filtered)``, ``filtered`` the
+    final float32 ``z`` ``[B, V]`` the race drew from (removed tokens ``-inf``)."""
     batch, vocab = logits.shape
     z = process_logits(logits, packed, window, openai=True)
     zmax = z.amax(dim=1)
@@ -777,15 +828,16 @@ def sample_on_device(
     tau = kth_value(vals, _effective_k(packed.top_k, vocab))
     vals = vals.masked_fill(vals < tau.unsqueeze(1), NEG_INF)
     top_p = torch.where(greedy, 1.0, packed.top_p)
-    min_p = torch.where(greedy, 0.0, packed.min_p)
+    min_p_log = torch.where(greedy, NEG_INF, packed.min_p_log)
     # Rows that skip top-p or min-p compute them anyway and keep everything: the CPU path's
     # row selection (``p_filter``) as masks.
     live = (zmax < POS_INF) & (zmax > NEG_INF)
     keep_sorted = top_p_keep(vals, top_p) | ~(live & (top_p < 1)).unsqueeze(1)
     keep = torch.empty_like(keep_sorted).scatter_(1, order, keep_sorted)
     kept = torch.where(keep & (z >= tau.unsqueeze(1)), z, NEG_INF)
-    drop_m = (live & (min_p > 0)).unsqueeze(1) & min_p_removes(kept, zmax, min_p)
-    kept = _race_keys(kept.masked_fill(drop_m, NEG_INF))
+    drop_m = (live & (min_p_log > NEG_INF)).unsqueeze(1) & min_p_removes(kept, zmax, min_p_log)
+    filtered = kept.masked_fill(drop_m, NEG_INF)
+    kept = _race_keys(filtered)
     cols = torch.arange(vocab, device=z.device)
     g = gumbel_from_uniform(uniform_noise(seed.unsqueeze(1), steps.unsqueeze(1), cols))
     keys = torch.where(kept > NEG_INF, kept + g, NEG_INF)
@@ -793,9 +845,102 @@ def sample_on_device(
     # The greedy token is the first maximum of step 2, on every device (torch.argmax).
     tokens = torch.where(greedy, z.argmax(dim=1), raced)
     tokens = torch.where(status != 0, 0, tokens)
-    logprob = raw_logprobs_on_device(logits, tokens, 0).token_logprob if return_logprobs \
-        else None
-    return tokens, status, logprob
+    return tokens, status, filtered
+
+
+def sample_on_device_logprobs(
+    logits: torch.Tensor,
+    packed: PackedParams,
+    window: torch.Tensor | None,
+    steps: torch.Tensor,
+    n: int,
+    *,
+    draw_seeds: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor, SampleLogprobs]:
+    """:func:`sample_on_device` with each row's log-probabilities in its ``logprobs_mode``
+    and ``n`` top alternatives (:func:`step_logprobs`), all with fixed-shape ops.
+
+    Returns ``(tokens, status, SampleLogprobs)``; processed rows use the filtered ``z`` the
+    race drew from.
+    """
+    tokens, status, filtered = _sample_fixed(logits, packed, window, steps, draw_seeds)
+    return tokens, status, step_logprobs(logits, filtered, tokens, packed, n, on_device=True)
+
+
+def raw_table(logits: torch.Tensor) -> torch.Tensor:
+    """Raw log-probabilities, float32 ``[B, V]``, with fixed-shape ops: ``log_softmax`` of
+    the logits in float32, NaN counting as ``-inf``; in a row with ``+inf`` values those
+    share all the mass (:func:`raw_logprobs`' rule, as a mask)."""
+    x = logits.to(torch.float32)
+    x = torch.where(torch.isnan(x), NEG_INF, x)
+    is_inf = x == POS_INF
+    return torch.where(is_inf.any(dim=1, keepdim=True), _inf_share(is_inf),
+                       torch.log_softmax(x, dim=1))
+
+
+def processed_table(filtered: torch.Tensor, tokens: torch.Tensor,
+                    greedy: torch.Tensor) -> torch.Tensor:
+    """Log-probabilities of the distribution each row was drawn from, float32 ``[B, V]``.
+
+    Parameters
+    ----------
+    filtered : Tensor
+        float32 ``[B, V]``: the final ``z`` of the step (after temperature, penalties,
+        top-k, top-p and min-p), removed tokens ``-inf``.
+    tokens : LongTensor
+        int64 ``[B]``: the drawn tokens.
+    greedy : BoolTensor
+        ``[B]``: greedy rows, a point mass on their token (log-probability 0, the rest
+        ``-inf``).
+
+    Returns
+    -------
+    Tensor
+        ``log_softmax(filtered)`` in float32; a row with ``+inf`` survivors gives each of
+        them ``-log(count)`` (the draw shares the mass equally) and the rest ``-inf``; a row
+        with nothing left gives ``-inf`` everywhere.
+    """
+    is_inf = filtered == POS_INF
+    lp = torch.where(is_inf.any(dim=1, keepdim=True), _inf_share(is_inf),
+                     torch.log_softmax(filtered, dim=1))
+    lp = torch.where(torch.isnan(lp), NEG_INF, lp)
+    cols = torch.arange(filtered.shape[1], device=filtered.device)
+    point = torch.where(cols == tokens.unsqueeze(1), 0.0, NEG_INF)
+    return torch.where(greedy.unsqueeze(1), point, lp)
+
+
+def step_logprobs(
+    logits: torch.Tensor,
+    filtered: torch.Tensor | None,
+    tokens: torch.Tensor,
+    packed: PackedParams,
+    n: int,
+    *,
+    on_device: bool,
+) -> SampleLogprobs:
+    """Each row's log-probabilities in its ``logprobs_mode``: raw (:func:`raw_table`) or
+    processed (:func:`processed_table` of ``filtered``, which may be None when no row is).
+
+    The top ``n`` are ranked by the row's own values, equal values lower id first. A
+    processed row lists its survivors only: its slots past them hold id ``-1`` and
+    ``-inf``. ``on_device`` ranks by a stable sort of whole rows (no host decision);
+    otherwise :func:`_top_logprobs` (cheaper, waits for the device).
+    """
+    lp = raw_table(logits)
+    if filtered is not None:
+        proc = processed_table(filtered, tokens, packed.temperature == 0)
+        lp = torch.where(packed.processed.unsqueeze(1), proc, lp)
+    token_logprob = lp.gather(1, tokens.view(-1, 1).to(torch.int64)).squeeze(1)
+    n = max(0, min(n, lp.shape[1]))
+    if on_device and n:
+        top_logprobs, top_ids = lp.sort(dim=1, descending=True, stable=True)
+        top_ids, top_logprobs = top_ids[:, :n], top_logprobs[:, :n]
+    else:
+        top_ids, top_logprobs = _top_logprobs(lp, n)
+    if filtered is not None:
+        removed = packed.processed.unsqueeze(1) & (top_logprobs == NEG_INF)
+        top_ids = torch.where(removed, -1, top_ids)
+    return SampleLogprobs(token_logprob, top_ids, top_logprobs)
 
 
 def raw_logprobs_on_device(logits: torch.Tensor, tokens: torch.Tensor, n: int) -> SampleLogprobs:
@@ -820,11 +965,7 @@ def raw_logprobs_on_device(logits: torch.Tensor, tokens: torch.Tensor, n: int) -
         ``token_logprob`` float32 ``[B]``, ``top_ids`` int64 ``[B, n]``, ``top_logprobs``
         float32 ``[B, n]``.
     """
-    x = logits.to(torch.float32)
-    x = torch.where(torch.isnan(x), NEG_INF, x)
-    is_inf = x == POS_INF
-    lp = torch.where(is_inf.any(dim=1, keepdim=True), _inf_share(is_inf),
-                     torch.log_softmax(x, dim=1))
+    lp = raw_table(logits)
     token_logprob = lp.gather(1, tokens.view(-1, 1).to(torch.int64)).squeeze(1)
     n = max(0, min(n, lp.shape[1]))
     if n:

@@ -47,8 +47,9 @@ def sample(
     imported). Seeded rows pick the same tokens on every backend; an unseeded batch of one
     row draws with ``torch.multinomial`` on the reference and by the seeded race (with a
     seed from torch's generator) on the kernel. ``return_logprobs=True`` returns
-    ``(tokens, SampleLogprobs)`` (raw log-probabilities, see
-    :func:`lmgen_fast.reference.raw_logprobs`).
+    ``(tokens, SampleLogprobs)``, each row's in its ``logprobs_mode``: raw, or processed
+    (those of the distribution it was drawn from); see
+    :func:`lmgen_fast.reference.step_logprobs`.
     """
     if not isinstance(logits, torch.Tensor) or resolve_backend(
         backend, logits.device

@@ -88,16 +88,13 @@ def _sample_positions(logits: torch.Tensor, flat: PackedParams, hist: torch.Tens
         return reference.sample(flat_logits, flat, window, step=steps,
                                 return_logprobs=return_logprobs, check=False, on_device=False)
     # Seeds are drawn already (every row races): no input checks, no host waits.
-    tokens, status, token_lp = reference.sample_on_device(
-        flat_logits, flat, window, steps, draw_seeds=False,
-        return_logprobs=return_logprobs and not flat.logprobs)
-    lp = None
     if return_logprobs:
-        lp = (reference.raw_logprobs_on_device(flat_logits, tokens, flat.logprobs)
-              if flat.logprobs else
-              reference.SampleLogprobs(token_lp, tokens.new_zeros(batch * t, 0),
-                                       token_lp.new_zeros(batch * t, 0)))
-    return reference.SampleResult(tokens, status, lp)
+        # Each row's log-probabilities in its logprobs_mode, alternatives included.
+        return reference.SampleResult(*reference.sample_on_device_logprobs(
+            flat_logits, flat, window, steps, flat.logprobs, draw_seeds=False))
+    tokens, status, _ = reference.sample_on_device(flat_logits, flat, window, steps,
+                                                   draw_seeds=False)
+    return reference.SampleResult(tokens, status, None)
 
 
 class _Rows:
@@ -236,7 +233,9 @@ class _Rows:
                 self.seqs[r].append(tok)
                 if lps is not None:
                     self.token_lp[r].append(lps[0][r][j])
-                    self.top[r].append(list(zip(lps[1][r][j], lps[2][r][j], strict=True)))
+                    # A processed row lists its surviving tokens only (-1 pads the rest).
+                    self.top[r].append([(i, v) for i, v in zip(lps[1][r][j], lps[2][r][j],
+                                                                strict=True) if i >= 0])
                 if len(self.out[r]) >= self.max_tokens[r]:
                     self.done[r] = True
                     break

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 
 import pytest
@@ -115,3 +116,75 @@ def assert_frequencies_match(tokens: torch.Tensor, probs: torch.Tensor) -> None:
     assert observed[~support].sum() == 0, "drew a token outside the support"
     _, pvalue = stats.chisquare(observed[support], probs[support] * tokens.numel())
     assert pvalue > 1e-3, pvalue
+
+
+def exact_processed(logits: torch.Tensor, p, window: list[int] | None, token: int) -> torch.Tensor:
+    """The processed log-probabilities of one row in float64, written from the contract
+    (docs/semantics.md sections 2 and 3) without the library's code: float64 ``[V]``.
+
+    ``logits`` ``[V]``; ``p`` a SamplingParams; ``window`` the row's penalty window (``-1``
+    for empty slots); ``token`` the drawn token (a greedy row is a point mass on it).
+    """
+    z = logits.to(torch.float64).clone()
+    z[torch.isnan(z)] = -math.inf
+    vocab = z.numel()
+    greedy = p.temperature == 0
+    t = 1.0 if greedy else p.temperature
+    z = z / t
+    counts: dict[int, int] = {}
+    for w in window or []:
+        if w >= 0:
+            counts[w] = counts.get(w, 0) + 1
+    for w, c in counts.items():
+        reps = 1 if p.penalty_mode == "once" else c
+        factor = p.repetition_penalty ** reps
+        z[w] = z[w] / factor if z[w] > 0 else z[w] * factor
+        z[w] = z[w] - (p.frequency_penalty * c + p.presence_penalty) / t
+    out = torch.full((vocab,), -math.inf, dtype=torch.float64)
+    if greedy:
+        out[token] = 0.0
+        return out
+    if 0 < p.top_k < vocab:
+        tau = torch.sort(z, descending=True).values[p.top_k - 1]
+        z[z < tau] = -math.inf
+    inf = z == math.inf
+    if inf.any():
+        out[inf] = -math.log(int(inf.sum()))
+        return out
+    if p.top_p < 1:
+        q = torch.softmax(z, dim=0)
+        above = torch.stack([q[z > v].sum() for v in z])
+        z[above >= p.top_p] = -math.inf
+    if p.min_p > 0:
+        z[torch.exp(z - z.max()) < p.min_p] = -math.inf
+    return torch.log_softmax(z, dim=0)
+
+
+def assert_processed_close(got_token: torch.Tensor, got_ids: torch.Tensor,
+                           got_vals: torch.Tensor, logits: torch.Tensor, rows, window,
+                           tokens: torch.Tensor, atol: float = 1e-5) -> None:
+    """A sample's processed log-probabilities (token ``[B]``, top ids and values ``[B, n]``)
+    against :func:`exact_processed`: the same survivors listed in the same order (equal
+    values lower id first), each value within ``atol``, and when every survivor is listed,
+    their probabilities sum to 1 within ``atol``."""
+    for r, p in enumerate(rows):
+        win = None if window is None else window[r].tolist()
+        want = exact_processed(logits[r].cpu(), p, win, int(tokens[r]))
+        tok = int(tokens[r])
+        assert want[tok] > -math.inf, f"row {r}: token {tok} was removed"
+        assert abs(float(got_token[r]) - float(want[tok])) <= atol, (r, got_token[r], want[tok])
+        n = got_ids.shape[1]
+        survivors = int((want > -math.inf).sum())
+        order = sorted(range(want.numel()), key=lambda i: (-float(want[i]), i))[:min(n, survivors)]
+        ids = got_ids[r].tolist()
+        listed = [i for i in ids if i >= 0]
+        assert len(listed) == min(n, survivors), (r, ids, survivors)
+        assert all(i == -1 for i in ids[len(listed):])
+        # Ranks may swap only between values equal within atol.
+        for a, b in zip(listed, order, strict=True):
+            assert a == b or abs(float(want[a]) - float(want[b])) <= atol, (r, listed, order)
+        vals = got_vals[r, :len(listed)].double().cpu()
+        assert torch.allclose(vals, want[listed], atol=atol, rtol=0), (r, vals, want[listed])
+        assert (got_vals[r, len(listed):] == -math.inf).all()
+        if survivors <= n:
+            assert abs(float(torch.exp(vals).sum()) - 1.0) <= atol

@@ -128,23 +128,28 @@ def meta_engine(monkeypatch):
     return CheckedCapture
 
 
+def _no_kernel_launches(monkeypatch) -> set[str]:
+    """Every Triton kernel of the package launches nothing (meta tensors): the sampler's
+    set-up, chunk and merge, the fused decode step's, the bookkeeping. Returns their names."""
+    require_kernel_runtime()  # the launcher checks it runs where the tensors are
+    monkeypatch.setattr(kernel_sampler, "check_device", lambda logits: None)
+    monkeypatch.setattr(fused_step, "_triton_runs_on", lambda device: True)
+    stubbed = set()
+    for mod in kernel_modules():
+        for name in dir(mod):
+            if name.endswith("_kernel"):
+                monkeypatch.setattr(mod, name, NoLaunch())
+                stubbed.add(name)
+    return stubbed
+
+
 @pytest.mark.parametrize("logprobs", [False, True], ids=["tokens", "logprobs"])
 @pytest.mark.parametrize("layout", sorted(LAYOUTS))
 @pytest.mark.parametrize("backend", ["triton", "reference"])
 def test_the_captured_step_never_waits_for_the_device(meta_engine, monkeypatch, backend,
                                                       layout, logprobs):
     if backend == "triton":
-        require_kernel_runtime()  # the launcher checks it runs where the tensors are
-        monkeypatch.setattr(kernel_sampler, "check_device", lambda logits: None)
-        monkeypatch.setattr(fused_step, "_triton_runs_on", lambda device: True)
-        stubbed = set()
-        # Every kernel of the package: the sampler's set-up, chunk and merge, the fused
-        # decode step's, the bookkeeping.
-        for mod in kernel_modules():
-            for name in dir(mod):
-                if name.endswith("_kernel"):
-                    monkeypatch.setattr(mod, name, NoLaunch())
-                    stubbed.add(name)
+        stubbed = _no_kernel_launches(monkeypatch)
         assert {"setup_kernel", "chunk_kernel", "merge_kernel", "bookkeeping_kernel",
                 "add_rmsnorm_kernel"} <= stubbed
     model = random_model(64, seed=1).to("meta")
@@ -162,6 +167,31 @@ def test_the_captured_step_never_waits_for_the_device(meta_engine, monkeypatch, 
         run.advance(step)
     assert meta_engine.captures >= 2
     assert getattr(decoder, "fused", False) == (backend == "triton")  # it did not fall back
+    assert meta_engine.found == []
+
+
+@pytest.mark.parametrize("backend", ["triton", "reference"])
+def test_steps_between_slot_refills_never_wait_for_the_device(meta_engine, monkeypatch,
+                                                              backend):
+    """Continuous batching: rows admitted into some slots and others parked (host work at a
+    check), then captured steps over the mixed slots stay sync-free."""
+    if backend == "triton":
+        _no_kernel_launches(monkeypatch)
+    decoder = wrap(random_model(64, seed=1).to("meta"))
+    decoder.kv_block = 4
+    rows = LAYOUTS[sorted(LAYOUTS)[-1]] * 3
+    prompts = [[1, 2, 3], [4, 5], [6], [7, 8, 9, 10]] * 2
+    run = engine._SlotRun(decoder, prompts[: len(rows)], rows, [12] * len(rows), 2, backend,
+                          None, False, True, None, 2, None)
+    assert run.graph_cls is CheckedCapture
+    run.refill([0, 1], 0)  # a check's admission (host side, not captured)
+    for step in range(0, 5):
+        run.advance(step)
+    run.occupant[1] = None  # as a harvest leaves it (reading its tokens needs data)
+    run.refill([1], 5)
+    for step in range(5, 10):
+        run.advance(step)
+    assert meta_engine.captures >= 2
     assert meta_engine.found == []
 
 

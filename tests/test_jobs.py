@@ -128,7 +128,7 @@ def test_killed_run_resumes_to_the_uninterrupted_result(checkpoint, tmp_path):
     common = ["--max-tokens", "12", "--seed", "11"]
     cmd = [sys.executable, "-m", "lmgen_fast.cli", "run", "--input", str(inp), "--output",
            str(out), "--model", str(checkpoint[0]), "--device", "cpu", "--no-progress",
-           "--batch-size", "1", *common]
+           "--batch-size", "4", *common]  # 4 slots: rows in flight at the kill
     proc = subprocess.Popen(cmd, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
         deadline = time.monotonic() + 60
@@ -374,6 +374,28 @@ def test_mismatched_rerun_is_refused_naming_each_difference(checkpoint, tmp_path
     assert out.read_bytes() == before
 
 
+def test_logprobs_mode_is_a_result_setting(checkpoint, tmp_path, capsys):
+    inp = write_jsonl(tmp_path / "in.jsonl", prompts(4))
+    out = tmp_path / "out.jsonl"
+    common = ["--max-tokens", "3", "--seed", "2"]
+    assert run(checkpoint, inp, out, *common) == 0
+    before = out.read_bytes()
+    assert json.loads(manifest_path(out).read_text())["settings"]["logprobs_mode"] == "raw"
+    capsys.readouterr()
+    assert run(checkpoint, inp, out, *common, "--logprobs-mode", "processed") == 2
+    err = capsys.readouterr().err
+    assert '--logprobs-mode "processed" (the output was made with "raw")' in err
+    assert out.read_bytes() == before
+    # An output made before the option existed was made with raw log-probabilities: it
+    # resumes under the default and is refused under "processed".
+    manifest = json.loads(manifest_path(out).read_text())
+    del manifest["settings"]["logprobs_mode"]
+    manifest_path(out).write_text(json.dumps(manifest))
+    assert run(checkpoint, inp, out, *common) == 0
+    assert "4 already done" in capsys.readouterr().err
+    assert run(checkpoint, inp, out, *common, "--logprobs-mode", "processed") == 2
+
+
 def test_output_without_manifest_is_refused(checkpoint, tmp_path, capsys):
     inp = write_jsonl(tmp_path / "in.jsonl", prompts(6))
     # Any JSONL with ids, e.g. a copy of the input itself.
@@ -451,7 +473,8 @@ def test_runtime_failure_exits_1_and_interrupt_130(checkpoint, tmp_path, capsys,
 
     real = jobs.generate_ids
     monkeypatch.setattr(jobs, "generate_ids", failing)
-    assert run(checkpoint, inp, out, "--max-tokens", "2", "--batch-size", "3") == 1
+    assert run(checkpoint, inp, out, "--max-tokens", "2", "--batch-size", "3",
+               "--static-batches") == 1
     err = capsys.readouterr().err
     assert "generation failed for ids" in err and "a rerun resumes there" in err
     assert len(read_results(out)) == 3  # the first batch is kept
@@ -463,6 +486,66 @@ def test_runtime_failure_exits_1_and_interrupt_130(checkpoint, tmp_path, capsys,
     assert run(checkpoint, inp, out, "--max-tokens", "2", "--batch-size", "3") == 130
     assert "run the same command again to resume" in capsys.readouterr().err
     assert len(read_results(out)) == 3
+
+
+def mixed_lengths(n: int) -> list[dict]:
+    rows = prompts(n)
+    for i, r in enumerate(rows):
+        r["max_tokens"] = (2, 9, 17)[(i * 5) % 3]
+    return rows
+
+
+def test_continuous_run_reports_slot_utilization_and_matches_static(checkpoint, tmp_path,
+                                                                     capsys):
+    inp = write_jsonl(tmp_path / "in.jsonl", mixed_lengths(30))
+    got = {}
+    for mode in ("continuous", "static"):
+        out, summary = tmp_path / f"{mode}.jsonl", tmp_path / f"{mode}.summary.json"
+        extra = ["--static-batches"] if mode == "static" else []
+        assert run(checkpoint, inp, out, "--seed", "4", "--batch-size", "4",
+                   "--summary", str(summary), *extra) == 0
+        err = capsys.readouterr().err
+        got[mode] = json.loads(summary.read_text())
+        s = got[mode]
+        assert s["batching"] == mode and s["rows"] == 30 and s["batch_size"] == 4
+        assert s["tokens"] == sum(r["num_tokens"] for r in read_results(out).values())
+        assert s["slot_utilization"] == pytest.approx(100 * s["tokens"] / s["slot_steps"])
+        assert f"{mode} batching, {s['steps']} steps, slot utilization " \
+               f"{s['slot_utilization']:.1f}%" in err
+        got[mode + " results"] = read_results(out)
+    assert got["continuous results"] == got["static results"]
+    # 4 slots: every step computes 4 rows; static batches run to their longest row.
+    assert got["continuous"]["slot_steps"] == 4 * got["continuous"]["steps"]
+    assert got["continuous"]["steps"] < got["static"]["steps"]
+    assert got["continuous"]["slot_utilization"] > got["static"]["slot_utilization"]
+
+
+def test_continuous_run_killed_midway_resumes_without_loss_or_repeat(checkpoint, tmp_path,
+                                                                     monkeypatch):
+    n = 40
+    inp = write_jsonl(tmp_path / "in.jsonl", mixed_lengths(n))
+    out, full = tmp_path / "out.jsonl", tmp_path / "full.jsonl"
+    common = ["--seed", "9", "--batch-size", "6"]
+    real = jobs.generate_ids
+    seen = []
+
+    def killed(*args, on_row, **kwargs):
+        def row(*a):
+            on_row(*a)
+            seen.append(a[0])
+            if len(seen) == 7:  # rows are in flight in the other slots
+                raise KeyboardInterrupt
+        return real(*args, on_row=row, **kwargs)
+
+    monkeypatch.setattr(jobs, "generate_ids", killed)
+    assert run(checkpoint, inp, out, *common) == 130
+    assert len(read_results(out)) == 7
+    monkeypatch.setattr(jobs, "generate_ids", real)
+    assert run(checkpoint, inp, out, "--batch-size", "3", *common[:2]) == 0
+    assert run(checkpoint, inp, full, "--static-batches", *common) == 0
+    assert out.read_bytes().count(b"\n") == n  # nothing doubled (read_results checks ids)
+    assert read_results(out) == read_results(full)
+    assert _ids_in_file_order(out) == [r["id"] for r in mixed_lengths(n)]
 
 
 # --------------------------------------------------------------------------- progress

@@ -1,9 +1,10 @@
 import math
 
 import pytest
+import torch
 
 from lmgen_fast import SamplingParams
-from lmgen_fast.params import PackedParams, as_row_params
+from lmgen_fast.params import PackedParams, as_row_params, min_p_threshold
 
 
 @pytest.mark.parametrize(
@@ -34,6 +35,7 @@ from lmgen_fast.params import PackedParams, as_row_params
         ("presence_penalty", 1e39),
         ("logprobs", 21),
         ("logprobs", -1),
+        ("logprobs_mode", "filtered"),
     ],
 )
 def test_invalid_value_names_field_and_value(field, value):
@@ -74,3 +76,23 @@ def test_packed_rows():
 def test_row_count_must_match():
     with pytest.raises(ValueError, match="3 entries for a batch of 2"):
         as_row_params([SamplingParams()] * 3, 2)
+
+
+def test_packed_filters_keep_the_users_values():
+    rows = [SamplingParams(top_p=0.9999999, min_p=0.1, logprobs_mode="processed"),
+            SamplingParams()]
+    packed = PackedParams.from_rows(rows, "cpu")
+    assert packed.top_p.dtype == torch.float64 and packed.top_p.tolist() == [0.9999999, 1.0]
+    assert packed.min_p.tolist() == [0.1, 0.0]
+    assert packed.processed.tolist() == [True, False]
+
+
+def test_min_p_threshold_is_the_smallest_float32_at_or_above_the_log():
+    values = [1e-30, 1e-5, 0.013, 0.1, 0.25, 0.5, 0.7777, 0.999999, 1.0]
+    values += torch.rand(200, generator=torch.Generator().manual_seed(0)).tolist()
+    t = min_p_threshold(values)
+    assert t.dtype == torch.float32
+    for m, ti in zip(values, t.tolist(), strict=True):
+        below = float(torch.nextafter(torch.tensor(ti), torch.tensor(-math.inf)))
+        assert below < math.log(m) <= ti
+    assert min_p_threshold([0.0, 1.0]).tolist() == [-math.inf, 0.0]

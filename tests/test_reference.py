@@ -11,7 +11,7 @@ from scipy import stats
 from lmgen_fast import EmptyRowError, SamplingParams, reference, sample
 from lmgen_fast.philox import gumbel_from_uniform, uniform_noise
 
-from conftest import assert_frequencies_match
+from conftest import assert_frequencies_match, assert_processed_close
 
 INF = math.inf
 
@@ -324,3 +324,150 @@ def test_logits_are_not_modified():
     sample(logits, SamplingParams(temperature=0.5, repetition_penalty=1.5, seed=1),
            torch.tensor([[1, 2, 2]] * 4))
     assert torch.equal(logits, before)
+
+
+# ---- logprobs_mode="processed" and the filters' edges ------------------------------------
+
+PROCESSED_CASES = [
+    dict(temperature=0.7, top_k=0),
+    dict(temperature=1.3, top_k=0, repetition_penalty=1.4, frequency_penalty=0.5,
+         presence_penalty=-0.3),
+    dict(temperature=1.0, top_k=7),
+    dict(temperature=1.0, top_k=0, top_p=0.8),
+    dict(temperature=1.0, top_k=0, min_p=0.1),
+    dict(temperature=0.9, top_k=12, top_p=0.7, min_p=0.05, repetition_penalty=1.2,
+         penalty_mode="once"),
+    dict(temperature=0.0, top_k=5),
+]
+
+
+def processed_batch(seed: int, vocab: int, coarse: bool):
+    gen = torch.Generator().manual_seed(seed)
+    batch = 2 * len(PROCESSED_CASES) + 2
+    logits = torch.randn(batch, vocab, generator=gen) * 2
+    if coarse:
+        # Values on a grid of 0.5: ties at the k-th place and inside the nucleus, exact in
+        # float32 and float64 alike (temperatures divide them exactly only at 1, so the
+        # tie rows use T = 1).
+        logits = (logits * 2).round() / 2
+    logits[-2, [3, 11]] = INF  # +inf row: the two share the mass
+    logits[-1, ::3] = float("nan")  # NaN never survives
+    window = torch.randint(-1, vocab, (batch, 6), generator=gen)
+    cases = PROCESSED_CASES * 2 + [dict(top_k=0, top_p=0.5), dict(top_k=4, min_p=0.2)]
+    rows = [SamplingParams(**c, seed=seed * 100 + i, logprobs=20, logprobs_mode="processed")
+            for i, c in enumerate(cases)]
+    return logits, window, rows
+
+
+@pytest.mark.parametrize("on_device", [False, True])
+@pytest.mark.parametrize("vocab, coarse", [(20, False), (20, True), (300, False), (300, True)])
+def test_processed_logprobs_against_float64(on_device, vocab, coarse):
+    logits, window, rows = processed_batch(vocab + coarse, vocab, coarse)
+    for step in range(3):
+        tokens, lp = reference.sample(logits, rows, window, step=step, return_logprobs=True,
+                                      on_device=on_device)
+        assert lp.top_ids.shape == (len(rows), 20)
+        assert_processed_close(lp.token_logprob, lp.top_ids, lp.top_logprobs, logits, rows,
+                               window, tokens)
+        # The draw is the raw mode's draw: the mode changes what is reported, not tokens.
+        raw = [SamplingParams(**{**vars(p), "logprobs_mode": "raw"}) for p in rows]
+        assert torch.equal(reference.sample(logits, raw, window, step=step,
+                                            on_device=on_device), tokens)
+
+
+def test_processed_and_raw_rows_mix_in_one_batch():
+    logits, window, rows = processed_batch(5, 50, False)
+    mixed = [SamplingParams(**{**vars(p), "logprobs_mode": "raw"}) if i % 2 else p
+             for i, p in enumerate(rows)]
+    tokens, lp = reference.sample(logits, mixed, window, step=1, return_logprobs=True)
+    raw = reference.raw_logprobs(logits, tokens, 20)
+    proc_rows = [i for i in range(len(rows)) if i % 2 == 0]
+    raw_rows = [i for i in range(len(rows)) if i % 2]
+    assert torch.equal(lp.token_logprob[raw_rows], raw.token_logprob[raw_rows])
+    assert torch.equal(lp.top_ids[raw_rows], raw.top_ids[raw_rows])
+    sub = [mixed[i] for i in proc_rows]
+    assert_processed_close(lp.token_logprob[proc_rows], lp.top_ids[proc_rows],
+                           lp.top_logprobs[proc_rows], logits[proc_rows], sub,
+                           window[proc_rows], tokens[proc_rows])
+
+
+def test_processed_greedy_row_is_a_point_mass():
+    logits = torch.tensor([[1.0, 3.0, 3.0, -2.0]])
+    p = SamplingParams(temperature=0, logprobs=3, logprobs_mode="processed")
+    for on_device in (False, True):
+        tokens, lp = reference.sample(logits, p, return_logprobs=True, on_device=on_device)
+        assert tokens.tolist() == [1]
+        assert lp.token_logprob.tolist() == [0.0]
+        assert lp.top_ids.tolist() == [[1, -1, -1]]
+        assert lp.top_logprobs[0, 1:].tolist() == [-INF, -INF]
+
+
+def test_logprobs_mode_is_validated():
+    with pytest.raises(ValueError, match="logprobs_mode.*'filtered'"):
+        SamplingParams(logprobs_mode="filtered")
+
+
+def top_p_edge_row() -> torch.Tensor:
+    """Token 0 holds 0.99999989 of the mass (float64), token 1 the rest, others -inf."""
+    logits = torch.full((1, 8), -INF)
+    logits[0, 0] = 0.0
+    logits[0, 1] = math.log(1.1e-7)
+    return logits
+
+
+@pytest.mark.parametrize("on_device", [False, True])
+@pytest.mark.parametrize("top_k", [0, 4])
+def test_top_p_compares_the_users_value_unrounded(on_device, top_k):
+    logits = top_p_edge_row()
+    z1 = float(logits[0, 1])
+    above = 1.0 / (1.0 + math.exp(z1))  # float64 mass strictly above token 1
+    top_p = 0.9999999
+    assert above < top_p  # the exact rule keeps token 1 ...
+    # ... float32 would not: top_p becomes 0.99999988, which the float32 mass above token 1
+    # equals.
+    q0 = float(torch.softmax(logits.float(), dim=1)[0, 0])
+    assert q0 == float(torch.tensor(top_p, dtype=torch.float32)) and not q0 < q0
+    p = SamplingParams(temperature=1.0, top_k=top_k, top_p=top_p, logprobs=3,
+                       logprobs_mode="processed", seed=0)
+    kept = reference.filtered_logits(logits, p)
+    assert (kept[0] > -INF).nonzero().flatten().tolist() == [0, 1]
+    _, lp = reference.sample(logits, p, return_logprobs=True, on_device=on_device)
+    assert lp.top_ids[0].tolist() == [0, 1, -1]
+    # A mass clearly above top_p still removes the token.
+    logits[0, 1] = math.log(1e-8)
+    _, lp = reference.sample(logits, p, return_logprobs=True, on_device=on_device)
+    assert lp.top_ids[0].tolist() == [0, -1, -1]
+
+
+def min_p_edges(count: int = 40):
+    """Rows whose min-p fate is decided by the last bits: token 1 sits at a float32
+    difference d below token 0, and min_p is just below or just above exp(d) (float64).
+    Yields (logits [1, 4], min_p, whether the exact rule keeps token 1)."""
+    gen = torch.Generator().manual_seed(17)
+    for d in (-torch.rand(count, generator=gen) * 6).tolist():
+        logits = torch.tensor([[2.0, 2.0 + d, -30.0, 1.0 + d]])
+        e = math.exp(float(logits[0, 1] - logits[0, 0]))
+        yield logits, e * (1 - 1e-12), True
+        yield logits, e * (1 + 1e-12), False
+
+
+def test_min_p_edges_defeat_a_float32_exp():
+    # The old rule (float32 exp(d) >= float32 min_p) keeps every "False" case where float32
+    # exp(d) rounds to float32(min_p): the edges below are real edges.
+    wrong = 0
+    for logits, min_p, keep in min_p_edges():
+        d = logits[0, 1] - logits[0, 0]
+        wrong += bool(torch.exp(d) >= torch.tensor(min_p, dtype=torch.float32)) != keep
+    assert wrong > 0
+
+
+@pytest.mark.parametrize("on_device", [False, True])
+def test_min_p_is_exact_at_its_edge(on_device):
+    for top_k in (0, 3):
+        for logits, min_p, keep in min_p_edges():
+            p = SamplingParams(temperature=1.0, top_k=top_k, min_p=min_p, logprobs=4,
+                               logprobs_mode="processed", seed=1)
+            _, lp = reference.sample(logits, p, return_logprobs=True, on_device=on_device)
+            assert (1 in lp.top_ids[0].tolist()) == keep, (logits, min_p)
+            kept = reference.filtered_logits(logits, p)[0] > -INF
+            assert bool(kept[1]) == keep

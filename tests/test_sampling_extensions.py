@@ -16,7 +16,7 @@ from lmgen_fast import SamplingParams, generate_batch, load_default, reference, 
 from lmgen_fast.cli import main
 from lmgen_fast.philox import gumbel_from_uniform, uniform_noise
 
-from conftest import assert_frequencies_match
+from conftest import assert_frequencies_match, exact_processed
 
 INF = math.inf
 F32 = torch.float32
@@ -371,6 +371,44 @@ def test_generate_batch_details_carry_logprobs(model, tokenizer):
         assert pairs[0][1] >= first.logprobs[first.token_ids.index(t)] - 1e-6
 
 
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_generate_batch_processed_logprobs(model, tokenizer, backend):
+    # Each token's processed log-probability against float64 from one uncached forward pass:
+    # temperature, the penalties over the generated window, the filters.
+    if backend == "triton":
+        from conftest import require_kernel_runtime
+
+        require_kernel_runtime()
+    prompts = ["The quick brown", "Once upon", "A model"]
+    mode = dict(logprobs_mode="processed")
+    rows = [SamplingParams(seed=1, temperature=0.8, top_p=0.9, logprobs=3,
+                           repetition_penalty=1.3, repetition_penalty_range=4, **mode),
+            SamplingParams(seed=2, top_k=5, min_p=0.1, presence_penalty=0.3, logprobs=20,
+                           **mode),
+            SamplingParams(temperature=0, logprobs=2, **mode)]
+    details = generate_batch(model, tokenizer, prompts, max_tokens=6, params=rows,
+                             backend=backend, return_details=True)
+    raw = generate_batch(model, tokenizer, prompts, max_tokens=6, backend=backend,
+                         params=[SamplingParams(**{**vars(r), "logprobs_mode": "raw"})
+                                 for r in rows], return_details=True)
+    bos = tokenizer.token_to_id("[BOT]")
+    for d, r, p, prompt in zip(details, raw, rows, prompts, strict=True):
+        assert d.token_ids == r.token_ids and len(d.token_ids) > 0  # same draws
+        ids = [bos, *tokenizer.encode(" " + prompt).ids]
+        with torch.no_grad():
+            out = model(torch.tensor([ids + d.token_ids]))[0, len(ids) - 1: -1]
+        for i, tok in enumerate(d.token_ids):
+            window = d.token_ids[max(0, i - p.repetition_penalty_range):i]
+            want = exact_processed(out[i], p, window, tok)
+            assert abs(d.logprobs[i] - float(want[tok])) <= 1e-4, (i, d.logprobs[i], want[tok])
+            listed = [t for t, _ in d.top_logprobs[i]]
+            assert all(want[t] > -INF for t in listed)
+            assert len(listed) == min(p.logprobs, int((want > -INF).sum()))
+            assert tok in listed or d.top_logprobs[i][-1][1] >= d.logprobs[i] - 1e-6
+    assert details[2].logprobs == [0.0] * len(details[2].token_ids)
+    assert all(len(t) == 1 for t in details[2].top_logprobs)
+
+
 # ---- command line, jobs and validation -----------------------------------------------------
 
 
@@ -390,6 +428,17 @@ def test_command_line_options_reach_the_sampler(capsys):
     printed = json.loads(captured.err.splitlines()[0])
     assert printed["token_ids"] == want.token_ids
     assert printed["top_logprobs"] == [[list(p) for p in t] for t in want.top_logprobs]
+    assert printed["logprobs_mode"] == "raw"
+    processed = generate_batch(model, tokenizer, ["A list is"], max_tokens=16, temperature=0.9,
+                               top_k=0, seed=5, top_p=0.8, min_p=0.05, frequency_penalty=0.4,
+                               presence_penalty=0.2, return_details=True, logprobs=2,
+                               logprobs_mode="processed")[0]
+    assert processed.logprobs != want.logprobs
+    assert main([*args, "--logprobs", "2", "--logprobs-mode", "processed"]) == 0
+    printed = json.loads(capsys.readouterr().err.splitlines()[0])
+    assert printed["logprobs_mode"] == "processed"
+    assert printed["logprobs"] == processed.logprobs
+    assert printed["top_logprobs"] == [[list(p) for p in t] for t in processed.top_logprobs]
 
 
 @pytest.mark.parametrize(("option", "value", "message"), [
@@ -398,6 +447,7 @@ def test_command_line_options_reach_the_sampler(capsys):
     ("--frequency-penalty", "nan", "--frequency-penalty must be finite"),
     ("--presence-penalty", "inf", "--presence-penalty must be finite"),
     ("--logprobs", "21", "--logprobs must be in [0, 20]"),
+    ("--logprobs-mode", "filtered", "invalid choice: 'filtered'"),
 ])
 def test_command_line_names_the_option(capsys, option, value, message):
     assert main(["generate", "x", option, value]) != 0
@@ -408,6 +458,7 @@ def test_command_line_names_the_option(capsys, option, value, message):
     ("top_p", 0.0), ("top_p", 1.01), ("top_p", math.nan), ("min_p", -0.1), ("min_p", 2.0),
     ("frequency_penalty", INF), ("presence_penalty", math.nan), ("presence_penalty", "x"),
     ("logprobs", -1), ("logprobs", 21), ("logprobs", 2.5), ("logprobs", True),
+    ("logprobs_mode", "filtered"), ("logprobs_mode", None),
 ])
 def test_invalid_values_name_the_field(field, value):
     with pytest.raises(ValueError, match=field):
@@ -429,7 +480,7 @@ def test_jobs_accept_the_new_fields_and_write_logprobs(tmp_path, capsys):
               str(directory / "model.safetensors"))
     lines = [
         {"id": 1, "prompt": "the quick", "top_p": 0.8, "min_p": 0.05, "logprobs": 2,
-         "frequency_penalty": 0.5, "seed": 3},
+         "frequency_penalty": 0.5, "seed": 3, "logprobs_mode": "processed"},
         {"id": 2, "prompt": "a lazy dog", "presence_penalty": 0.4, "seed": 4},
     ]
     inp = tmp_path / "in.jsonl"
@@ -445,5 +496,7 @@ def test_jobs_accept_the_new_fields_and_write_logprobs(tmp_path, capsys):
     assert [got[1]["token_ids"], got[2]["token_ids"]] == [w.token_ids for w in want]
     assert got[1]["logprobs"] == pytest.approx(want[0].logprobs, abs=1e-6)
     assert len(got[1]["top_logprobs"]) == len(got[1]["token_ids"])
-    assert all(len(t) == 2 for t in got[1]["top_logprobs"])
+    assert all(1 <= len(t) <= 2 for t in got[1]["top_logprobs"])
     assert "logprobs" not in got[2] and "top_logprobs" not in got[2]
+    assert got[1]["logprobs_mode"] == "processed" and "logprobs_mode" not in got[2]
+    assert got[1]["top_logprobs"] == [[list(p) for p in t] for t in want[0].top_logprobs]

@@ -262,6 +262,28 @@ def test_fixed_shape_sampler_path_gives_the_same_tokens(tokenizer, model, monkey
                           num_speculative_tokens=3) == plain
 
 
+@pytest.mark.parametrize("fixed", [False, True])
+def test_processed_logprobs_are_plain_decodings(tokenizer, model, monkeypatch, fixed):
+    # logprobs_mode="processed" through the verify steps: the same values and surviving
+    # alternatives as plain decoding, on the CPU path and the fixed-shape path.
+    prompts = ["The quick brown fox", "A", "Sampling with temperature"]
+    rows = [SamplingParams(temperature=t, top_k=k, top_p=0.8, min_p=0.05, seed=i, logprobs=3,
+                           repetition_penalty=1.2, logprobs_mode="processed")
+            for i, (t, k) in enumerate([(0.0, 10), (0.8, 0), (1.3, 6)])]
+    plain = generate_batch(model, tokenizer, prompts, 12, params=rows, return_details=True)
+    if fixed:
+        monkeypatch.setattr(speculative, "_fixed_shapes", lambda device: True)
+    spec = generate_batch(model, tokenizer, prompts, 12, params=rows, return_details=True,
+                          speculative=model, num_speculative_tokens=3)
+    for p, s in zip(plain, spec, strict=True):
+        assert s.token_ids == p.token_ids
+        assert s.logprobs == pytest.approx(p.logprobs, abs=1e-5)
+        assert [[i for i, _ in alts] for alts in s.top_logprobs] == \
+            [[i for i, _ in alts] for alts in p.top_logprobs]
+    assert plain[0].logprobs == [0.0] * len(plain[0].token_ids)  # greedy: a point mass
+    assert any(len(alts) < 3 for p in plain for alts in p.top_logprobs)  # survivors only
+
+
 class Replayed(StandInGraph):
     """A CPU stand-in for a CUDA graph: capture keeps the step, replay runs it again, so a
     step that read anything but its buffers would give other tokens."""
