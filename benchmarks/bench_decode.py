@@ -14,7 +14,9 @@ exactly ``--tokens`` tokens.
 Per batch size B, tokens/s (B x tokens over the wall time of one whole call, prefill
 included, median of the repeats, after a warm-up call that also captures the graphs) of:
 
-* lmgen-fast: ``generate_ids`` with CUDA graphs, and the same without graphs;
+* lmgen-fast: ``generate_ids`` with CUDA graphs (the fused Triton decode step), the same
+  with the eager model step (``allow_fused = False``, the same Triton sampler and graphs:
+  the fused step's before and after, side by side), and the fused step without graphs;
 * transformers ``LlamaForCausalLM.generate`` on a copy of the same weights (dynamic cache),
   and with ``cache_implementation="static"`` plus ``torch.compile`` where that works on the
   installed version and the time budget allows (B = 1 first);
@@ -22,11 +24,11 @@ included, median of the repeats, after a warm-up call that also captures the gra
   per-token rate as measured: it only gets slower with length, so this flatters it).
 
 Also per B: the decode step time ((t(tokens) - t(1)) / (tokens - 1)), the sampler's share
-of it (the engine's window + fused sampler replayed from a CUDA graph on the run's own
-state), and the step time over the memory roofline: weights read per step (all but the
-embedding) plus the KV cache of every row's positions so far, over the copy bandwidth
-measured here. Then one eager decode step at B = 1 and 64 under the profiler: kernels per
-step and the busiest ones (what to fuse next). Prints the tables (last) and writes JSON
+of it (the engine's sampler launches replayed from a CUDA graph on the run's own state),
+and the step time over the memory roofline: weights read per step (all but the embedding)
+plus the KV cache of every row's positions so far, over the copy bandwidth measured here.
+Then one decode step without graphs at B = 1 and 64 under the profiler: kernels per step
+and the busiest ones (what to fuse next). Prints the tables (last) and writes JSON
 under ``benchmarks/results/``, rewritten after every batch size so that a run cut short by a
 timeout keeps what it measured (``complete`` is false until the end).
 """
@@ -42,7 +44,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
-from lmgen_fast import SamplingParams, engine, kernel_sampler  # noqa: E402
+from lmgen_fast import SamplingParams, kernel_sampler  # noqa: E402
 from lmgen_fast.baseline import article_loop  # noqa: E402
 from lmgen_fast.decoder import decoder_for  # noqa: E402
 from lmgen_fast.engine import generate_ids  # noqa: E402
@@ -83,18 +85,19 @@ def make_prompts(batch: int, vocab: int, seed: int = 0) -> list[list[int]]:
 
 
 def sampler_us(model: LlamaForPretraining) -> float:
-    """The engine's sampling (window + fused kernels) on the last run's state, from a graph."""
+    """The engine's sampling (set-up, chunk and merge kernels) on the last run's state, from
+    a graph."""
     state = decoder_for(model).engine_state
     lay = state.layout
     logits = torch.randn(lay.batch, model.config.vocab_size, device=lay.device,
                          dtype=model.lm_head.weight.dtype)
 
     def sample() -> None:  # reads the state, writes only its own outputs
-        window = engine._window(state.hist, state.hlen, state.ranges, lay.width) \
-            if lay.width else None
+        window = kernel_sampler.HistoryWindow(state.hist, state.hlen, state.ranges,
+                                              lay.width) if lay.width else None
         kernel_sampler.launch(logits, state.packed, window, state.step,
                               max_top_k=lay.max_top_k, draw_seeds=False,
-                              nucleus_candidates=lay.nucleus)
+                              nucleus_candidates=lay.nucleus, pow_table=state.pow)
 
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
@@ -257,9 +260,17 @@ def main() -> None:
         prompts = make_prompts(batch, vocab, seed=batch)
         rows = [replace(ROW, seed=i) for i in range(batch)]
 
-        def ours(graphs: bool, n: int = args.tokens, prompts=prompts, rows=rows):
-            return lambda: generate_ids(decoder_for(model), prompts, rows, [n] * len(rows), NO_EOT,
-                                        cuda_graph=graphs)
+        def ours(graphs: bool, n: int = args.tokens, prompts=prompts, rows=rows,
+                 fused: bool = True):
+            def run() -> None:
+                dec = decoder_for(model)
+                dec.allow_fused = fused  # False: eager model steps, the same Triton sampler
+                try:
+                    generate_ids(dec, prompts, rows, [n] * len(rows), NO_EOT,
+                                 cuda_graph=graphs)
+                finally:
+                    dec.allow_fused = True
+            return run
 
         r: dict = {"batch": batch, "tok_s": {}}
         made = batch * args.tokens
@@ -274,6 +285,10 @@ def main() -> None:
             r["roofline_ratio"] = step / roofline_s(model, prompts, args.tokens, bandwidth)
             t_eager = median_seconds(ours(False), args.repeats, device=args.device)[0]
             r["tok_s"]["lmgen-fast, no graphs"] = made / t_eager
+            # The fused decode step against the eager model step, both graphed, one run.
+            t_unfused = median_seconds(ours(True, fused=False), args.repeats,
+                                       device=args.device)[0]
+            r["tok_s"]["lmgen-fast, eager model"] = made / t_unfused
         if hf is not None and not over_budget():
             t_hf = median_seconds(hf_runner(hf, prompts, args.tokens, args.device, False),
                                   args.repeats, device=args.device)[0]
@@ -318,7 +333,7 @@ def main() -> None:
           + (f"  copy bandwidth {bandwidth:.0f} GB/s" if bandwidth else ""))
     for note in notes:
         print("note:", note)
-    names = ["lmgen-fast", "lmgen-fast, no graphs", "transformers",
+    names = ["lmgen-fast", "lmgen-fast, eager model", "lmgen-fast, no graphs", "transformers",
              "transformers static+compile", "naive article loop"]
     print(f"{'B':>4} | " + " | ".join(f"{n:>27}" for n in names)
           + " | step us | sampler | roofline x")

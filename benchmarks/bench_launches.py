@@ -13,9 +13,9 @@ fused decode step and the Triton sampler.
 
 Counted on any device, without running on a GPU: every aten op that is not a view or an
 allocation (each one kernel on CUDA), seen by a ``TorchDispatchMode``, plus every Triton
-launch (``kernel[grid](...)`` of the kernels in ``lmgen_fast.kernels.sampling`` and
-``.decode``; the aten ops the interpreter runs inside a launch are not counted). On CUDA also
-the profiler's count of device kernels per step. On the CPU the Triton backend runs in the
+launch (``kernel[grid](...)`` of every kernel in ``lmgen_fast.kernels``; the aten ops the
+interpreter runs inside a launch are not counted). On CUDA also the profiler's count of
+device kernels per step. On the CPU the Triton backend runs in the
 interpreter (``TRITON_INTERPRET=1`` is set here before triton is imported). Prints a table
 and writes JSON (kind ``bench_launches``) under ``benchmarks/results/``.
 """
@@ -142,13 +142,21 @@ def _wrap_with(stack: contextlib.ExitStack, owner, name: str, make: Callable) ->
     stack.callback(setattr, owner, name, original)
 
 
+def kernel_modules() -> list:
+    """Every module of ``lmgen_fast.kernels`` (each defines Triton kernels)."""
+    import importlib
+    import pkgutil
+
+    import lmgen_fast.kernels as pkg
+
+    return [importlib.import_module(f"{pkg.__name__}.{m.name}")
+            for m in pkgutil.iter_modules(pkg.__path__)]
+
+
 @contextlib.contextmanager
 def counting(counter: LaunchCounter, model: LlamaForPretraining) -> Iterator[None]:
     """Instrument the engine, the decoder, the model's layers and the kernels for
     ``counter``; everything is restored on exit."""
-    from lmgen_fast.kernels import decode as kd
-    from lmgen_fast.kernels import sampling as ks
-
     def labelled(label: str, on: bool = False):
         def make(fn):
             def wrapped(*args, **kwargs):
@@ -165,7 +173,7 @@ def counting(counter: LaunchCounter, model: LlamaForPretraining) -> Iterator[Non
         return make
 
     with contextlib.ExitStack() as stack:
-        for mod in (ks, kd):
+        for mod in kernel_modules():
             for name, obj in list(vars(mod).items()):
                 if type(obj).__name__ in ("JITFunction", "InterpretedFunction") \
                         and not name.startswith("_"):

@@ -6,11 +6,13 @@
 # others, and each also capped by what is left of DEADLINE_S (so the whole ends by then):
 #   env            10  torch/triton/CUDA versions, the device, missing test modules
 #   install        20  only when the package is missing: pip install -e ., offline
-#   gpu-tests      60  pytest -m gpu on every test file that has gpu-marked tests
+#   gpu-tests      55  pytest -m gpu on every test file that has gpu-marked tests
 #   compile-check  60  pytest tests/test_kernel_compile.py (skipped when the file is absent)
-#   sampler-tune   30  bench_sampler.py --tune: the chunk kernel's (chunk, warps) launches
-#   sampler-quick  30  bench_sampler.py --quick: 12 configurations against the baselines
-#   decode         65  bench_decode.py at B = 1, 64, 256
+#   sampler-tune   25  bench_sampler.py --tune: the chunk kernel's (chunk, warps) launches
+#   sampler-quick  25  bench_sampler.py --quick: 12 configurations against the baselines
+#   launches       25  bench_launches.py at B = 1: kernels per decode step, counted and by
+#                      the profiler, eager and fused (the article's configuration)
+#   decode         55  bench_decode.py at B = 1, 64, 256
 #   render         10  render_results.py: every table as markdown for RESULTS.md, printed last
 #   sum           285  DEADLINE_S = 288; timeout's 2 s kill grace on top: under 300.
 # Each phase's output goes to a log ($OUT/logs/ when $OUT is set); a failing phase prints
@@ -89,7 +91,7 @@ fi
 
 # Every test file with gpu-marked tests (the compile check has its own phase below).
 mapfile -t gpu_tests < <(grep -l "mark.gpu" tests/test_*.py | grep -v test_kernel_compile.py)
-phase gpu-tests 60 "$PY" -m pytest -m gpu "${gpu_tests[@]}" -v -rs -p no:cacheprovider
+phase gpu-tests 55 "$PY" -m pytest -m gpu "${gpu_tests[@]}" -v -rs -p no:cacheprovider
 tail -n 3 "$LOGS/gpu-tests.log"
 
 if [ -f tests/test_kernel_compile.py ]; then
@@ -103,9 +105,12 @@ fi
 
 # The budgets (counted from the start of the process) start no configuration late, so that
 # the last one ends within the limit; bench_decode's skips the transformers comparisons.
-phase sampler-tune 30 "$PY" benchmarks/bench_sampler.py --tune --budget-s 22
-phase sampler-quick 30 "$PY" benchmarks/bench_sampler.py --quick --budget-s 20
-phase decode 65 "$PY" benchmarks/bench_decode.py --batches 1 64 256 --repeats 2 --budget-s 38 \
+phase sampler-tune 25 "$PY" benchmarks/bench_sampler.py --tune --budget-s 18
+phase sampler-quick 25 "$PY" benchmarks/bench_sampler.py --quick --budget-s 16
+# Kernels per step: the CPU's count (the same on any device) next to the profiler's.
+phase launches 25 "$PY" benchmarks/bench_launches.py --device cuda --batches 1 \
+    --out "$RESULTS/bench_launches_cuda.json"
+phase decode 55 "$PY" benchmarks/bench_decode.py --batches 1 64 256 --repeats 2 --budget-s 30 \
     --json "$RESULTS/bench_decode_cuda.json"
 
 echo "== device_check: $SECONDS s"

@@ -4,7 +4,8 @@
 
 Without files: every ``benchmarks/results/*.json``. Known kinds (the ``kind`` field, or the
 shape of files written before the scripts named it): ``bench_sampler`` and ``sampler_tune``
-(bench_sampler.py), ``bench_decode`` (bench_decode.py). Files of another kind, or not
+(bench_sampler.py), ``bench_decode`` (bench_decode.py), ``bench_launches``
+(bench_launches.py). Files of another kind, or not
 readable, are skipped with a note at the end, so that a new script's results never stop
 the others' tables. Each section is headed with the device, torch and triton versions, the
 date and the command of its run. Needs neither torch nor a GPU.
@@ -20,7 +21,8 @@ from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
 RESULTS = Path(__file__).parent / "results"
-DECODE_COLUMNS = ("lmgen-fast", "lmgen-fast, no graphs", "transformers",
+DECODE_COLUMNS = ("lmgen-fast", "lmgen-fast, eager model", "lmgen-fast, no graphs",
+                  "transformers",
                   "transformers static+compile", "naive article loop")
 
 
@@ -177,12 +179,15 @@ def render_tune(payload: dict) -> list[str]:
     return out + [""] + _notes(payload)
 
 
+def _model_line(cfg: dict) -> str:
+    return ", ".join(f"{k.replace('num_', '').replace('_', ' ')} {cfg[k]}" for k in
+                     ("hidden_size", "num_hidden_layers", "num_attention_heads",
+                      "num_key_value_heads", "vocab_size") if k in cfg)
+
+
 def render_decode(payload: dict) -> list[str]:
     results = payload.get("results", [])
-    cfg = payload.get("config") or {}
-    model = ", ".join(f"{k.replace('num_', '').replace('_', ' ')} {cfg[k]}" for k in
-                      ("hidden_size", "num_hidden_layers", "num_attention_heads",
-                       "num_key_value_heads", "vocab_size") if k in cfg)
+    model = _model_line(payload.get("config") or {})
     samp = payload.get("sampling") or {}
     out = [f"Model: {model or '?'}, random weights, {payload.get('dtype', '?')}; "
            f"{payload.get('tokens', '?')} new tokens per row (the article loop "
@@ -237,15 +242,40 @@ def render_decode(payload: dict) -> list[str]:
     return out
 
 
+def render_launches(payload: dict) -> list[str]:
+    results = payload.get("results", [])
+    out = [f"Model: {_model_line(payload.get('config') or {}) or '?'}, random weights, "
+           f"{payload.get('dtype', '?')}; prompts of {payload.get('prompt_len', '?')} "
+           f"tokens. Kernels per decode step, counted: every aten op that is not a view or "
+           f"an allocation, plus every Triton launch (in brackets, the Triton launches "
+           f"alone); profiler = the CUDA kernels torch.profiler saw per step.", ""]
+    header = ["backend", "B", "fused", "per layer", "model other", "model", "sampler",
+              "bookkeeping", "total", "profiler"]
+
+    def counted(r: dict, key: str, part: str | None) -> str:
+        triton = (r.get("triton") or {}).get(part) if part else None
+        return _num(r.get(key)) + (f" ({triton:.0f})" if triton else "")
+
+    out += table(header, ([r.get("backend", "?"), r.get("batch", "?"),
+                           "yes" if r.get("fused") else "no",
+                           counted(r, "per_layer", None), counted(r, "model_other", None),
+                           counted(r, "model", None), counted(r, "sampler", "sampler"),
+                           counted(r, "bookkeeping", "bookkeeping"), counted(r, "total", None),
+                           _num(r.get("profiler_kernels"))] for r in results))
+    return out + [""] + _notes(payload)
+
+
 TITLES = {
     "sampler_tune": "The chunk kernel's launch",
     "bench_sampler": "One sampling step",
     "bench_decode": "The decode engine",
+    "bench_launches": "Kernels per decode step",
 }
 RENDERERS: dict[str, Callable[[dict], list[str]]] = {
     "sampler_tune": render_tune,
     "bench_sampler": render_sampler,
     "bench_decode": render_decode,
+    "bench_launches": render_launches,
 }
 
 

@@ -75,6 +75,9 @@ class CachedLlamaDecoder(Decoder):
         self.cache = None
         self.cache_version = 0
         self._fused = False
+        # False: the engine never picks the fused step (eager model steps with the Triton
+        # sampler; no concatenated weight copies). A benchmark's "before", or to save memory.
+        self.allow_fused = True
         # (fingerprint of the model when built, the FusedLlamaStep), built on first use.
         self._fused_step: tuple[tuple, FusedLlamaStep] | None = None
 
@@ -93,7 +96,10 @@ class CachedLlamaDecoder(Decoder):
             self.fused_step()
 
     def supports_fused(self) -> bool:
-        """Whether the fused step can run this model here (and has not failed)."""
+        """Whether the fused step can run this model here (and has not failed), and
+        :attr:`allow_fused` lets the engine use it."""
+        if not self.allow_fused:
+            return False
         kept = self._fused_step
         if kept is not None and kept[1].broken is not None and kept[0] == fingerprint(self.model):
             return False

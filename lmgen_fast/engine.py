@@ -2,10 +2,12 @@
 
 A step is the model's forward for one token per row (writing the KV cache), the sampler,
 and the bookkeeping: each row's history for the penalties, its count of kept tokens, EOT,
-its length cap, and a flag for a row that had nothing to sample. Every step reads and writes
-the same tensors (:class:`_State`, kept with the decoder), and the host decides nothing from
-their values. So on CUDA, with a graph-capable decoder (our Llama, modules built like the
-article's, transformers Llama) and the Triton sampler, each step is one CUDA graph replay:
+its length cap, and a flag for a row that had nothing to sample (with the Triton sampler,
+one launch of :mod:`lmgen_fast.bookkeeping`; eager torch ops on the reference path, bit for
+bit as before). Every step reads and writes the same tensors (:class:`_State`, kept with
+the decoder), and the host decides nothing from their values. So on CUDA, with a
+graph-capable decoder (our Llama, modules built like the article's, transformers Llama) and
+the Triton sampler, each step is one CUDA graph replay:
 the host only looks every ``sync_every`` steps, to hand new tokens to the callback, stop
 when every row is done and raise for a bad row. Elsewhere the same step runs eagerly.
 
@@ -26,7 +28,7 @@ from typing import NamedTuple
 
 import torch
 
-from . import kernel_sampler, reference
+from . import bookkeeping, kernel_sampler, reference
 from .decoder import fingerprint
 from .kernel_sampler import on_device
 from .params import PackedParams, SamplingParams
@@ -131,6 +133,12 @@ class _State:
         n = min(lay.top_n, vocab)
         self.top_ids = torch.zeros(b, lay.cols, n, **i64) if n else None
         self.top_lp = torch.zeros(b, lay.cols, n, **f32) if n else None
+        # The penalty powers of the kernels' window, fixed for a decode (see load()).
+        self.pow = torch.ones(b, lay.width + 1, **f32) if lay.kernel and lay.width else None
+        self.ledger = bookkeeping.Ledger(
+            self.out, self.token_lp, self.top_ids, self.top_lp, self.hist, self.hlen,
+            self.tokens, self.step, self.count, self.max_tokens, self.done, self.bad_step,
+            self.bad_bits)
         self.graphs: dict[int, object] = {}  # kv_len -> captured step
         self.pool = self.stream = None
         # What the graphs were captured on: the decoder's cache version and the addresses
@@ -155,6 +163,8 @@ class _State:
         self.bad_step.fill_(-1)
         self.bad_bits.zero_()
         self.step.zero_()
+        if self.pow is not None:
+            self.pow.copy_(kernel_sampler.penalty_powers(self.packed.penalty, self.layout.width))
 
     def admit(self, slots: torch.Tensor, packed: PackedParams, hist: torch.Tensor,
               ranges: list[int], max_tokens: list[int], base: list[int],
@@ -182,6 +192,9 @@ class _State:
         self.max_tokens.index_copy_(0, slots, caps)
         self.done.index_copy_(0, slots, caps == 0)
         self.tokens.index_copy_(0, slots, ints(tokens))
+        if self.pow is not None:  # the newcomers' penalties, as load() computes them
+            self.pow.index_copy_(0, slots, kernel_sampler.penalty_powers(
+                self.packed.penalty[slots], self.layout.width))
         self._restart(slots)
 
     def park(self, slots: torch.Tensor) -> None:
@@ -199,53 +212,60 @@ class _State:
     def sample(self, logits: torch.Tensor, width: int) -> None:
         """Sample every row from ``logits`` ``[B, V]`` and book the tokens (device only).
 
-        The noise of row ``r`` is keyed on ``self.step[r]``; ``width`` is the penalty window.
+        The noise of row ``r`` is keyed on ``self.step[r]``; ``width`` is the penalty window
+        of the eager path (the kernels read the layout's, see :meth:`_sample_kernels`).
         """
         lay = self.layout
+        if lay.kernel:
+            self._sample_kernels(logits)
+            return
         window = _window(self.hist, self.hlen, self.ranges, width) if width > 0 else None
-        active = ~self.done
         slp: SampleLogprobs | None = None
+        status = None
         if lay.resident:
-            if lay.kernel:
-                tokens, status = kernel_sampler.guarded_launch(
-                    logits, self.packed, window, self.step,
-                    max_top_k=lay.max_top_k, draw_seeds=False, nucleus_candidates=lay.nucleus,
-                    logprob_out=self.lp,
-                )
-            elif lay.logprobs:
-                # The reference off the CPU (the GPU fallback): fixed shapes, no host wait.
+            # The reference off the CPU (the GPU fallback): fixed shapes, no host wait.
+            if lay.logprobs:
                 tokens, status, slp = reference.sample_on_device_logprobs(
                     logits, self.packed, window, self.step, lay.top_n, draw_seeds=False)
             else:
                 tokens, status, _ = reference.sample_on_device(
                     logits, self.packed, window, self.step, draw_seeds=False)
-            bits = status & ~kernel_sampler.STATUS_SLOW
-            newly = active & (bits != 0)
-            self.bad_step.copy_(torch.where(newly & (self.bad_step < 0), self.step,
-                                            self.bad_step))
-            self.bad_bits.bitwise_or_(torch.where(newly, bits, 0))
-            active = active & (bits == 0)
-            if lay.logprobs and lay.kernel:
-                slp = kernel_sampler.logprobs_from_launch(logits, self.lp, lay.top_n,
-                                                          self.packed, window, tokens)
         else:
             got = reference.sample(logits, self.packed, window, step=self.step,
                                    return_logprobs=lay.logprobs)
             tokens, slp = got if lay.logprobs else (got, None)
-        eot = tokens == lay.eos
-        at = (self.rows, self.step)
-        self.out.index_put_(at, tokens)
-        if slp is not None:
-            self.token_lp.index_put_(at, slp.token_logprob.float())
-            if self.top_ids is not None:
-                self.top_ids.index_put_(at, slp.top_ids)
-                self.top_lp.index_put_(at, slp.top_logprobs.float())
-        self.count.add_(active & ~eot)
-        self.done.logical_or_(~active | eot | (self.count >= self.max_tokens))
-        self.hist.index_put_((self.rows, self.hlen), tokens)
-        self.hlen.add_(1)
-        self.tokens.copy_(tokens)
-        self.step.add_(1)
+        bookkeeping.book_eager(self.ledger, tokens, status, lay.eos,
+                               *((slp.token_logprob, slp.top_ids, slp.top_logprobs)
+                                 if slp is not None else ()), rows=self.rows)
+
+    def _sample_kernels(self, logits: torch.Tensor) -> None:
+        """The Triton path: set-up, chunk and merge kernels, then one bookkeeping launch.
+
+        The window is always the layout's widest, read from the history by the set-up
+        kernel: the slots a narrower window would drop are empty (-1) anyway, and the
+        penalty powers for that width were computed once, by :meth:`load`.
+        """
+        lay = self.layout
+        window = None
+        if lay.width:
+            window = kernel_sampler.HistoryWindow(self.hist, self.hlen, self.ranges, lay.width)
+        tokens, status = kernel_sampler.guarded_launch(
+            logits, self.packed, window, self.step,
+            max_top_k=lay.max_top_k, draw_seeds=False, nucleus_candidates=lay.nucleus,
+            logprob_out=self.lp, pow_table=self.pow,
+        )
+        top: tuple = ()
+        if lay.logprobs:
+            # Top alternatives (never captured: they wait for the host) rank processed rows
+            # by their z, which needs the window as a tensor.
+            plain = (_window(self.hist, self.hlen, self.ranges, lay.width)
+                     if lay.top_n and lay.width else None)
+            slp = kernel_sampler.logprobs_from_launch(logits, self.lp, lay.top_n,
+                                                      self.packed, plain, tokens)
+            top = (slp.token_logprob,) + ((slp.top_ids, slp.top_logprobs)
+                                          if self.top_ids is not None else ())
+        # A bookkeeping kernel that fails to build falls back as the sampler's would.
+        kernel_sampler.guarded(bookkeeping.book, self.ledger, tokens, status, lay.eos, *top)
 
 
 def _capture_autocast():

@@ -32,6 +32,7 @@ from pathlib import Path
 
 import torch
 
+from . import bookkeeping as bk
 from . import kernel_sampler
 from .params import PackedParams, SamplingParams
 
@@ -131,8 +132,7 @@ def sampler_variants() -> list[Variant]:
     """Every distinct specialisation of the sampler kernels that :func:`~lmgen_fast.
     kernel_sampler.launch` can choose on CUDA: each plan of :func:`launch_plans` for
     :data:`VOCABS`, each logits dtype of :data:`DTYPES`, log-probabilities on and off."""
-    from .kernels import sampling as ks
-
+    kernel_calls = kernel_sampler.kernel_calls
     seen: dict[tuple, Variant] = {}
     batch = 2
     for vocab in VOCABS:
@@ -145,12 +145,61 @@ def sampler_variants() -> list[Variant]:
                     window = torch.full((batch, 8), -1, dtype=torch.int64, device="meta")
                     steps = torch.zeros(batch, dtype=torch.int64, device="meta")
                     out = torch.empty(batch, 4, device="meta") if logprobs else None
-                    calls, _, _ = kernel_sampler.kernel_calls(
-                        logits, packed, window, steps, packed.seed, lp, out, cuda=True)
+                    calls, _, _ = kernel_calls(logits, packed, window, steps, packed.seed,
+                                               lp, out, cuda=True)
+                    # The set-up for the engine's window (read from the history) and for a
+                    # given one, short and wide enough for its largest tiles.
+                    for width in (16, 4096):
+                        hist = torch.empty(batch, width, dtype=torch.int64, device="meta")
+                        for win in (kernel_sampler.HistoryWindow(hist, steps, steps, width),
+                                    hist):
+                            calls += kernel_calls(logits, packed, win, steps, packed.seed, lp,
+                                                  out, cuda=True)[0][:1]
                     for call in calls:
-                        v = _variant(getattr(ks, call.name), call)
+                        v = _variant(kernel_sampler.kernel(call.name), call)
                         seen.setdefault((v.kernel, v.signature, v.constexprs, v.options), v)
     return list(seen.values())
+
+
+def bookkeeping_variants() -> list[Variant]:
+    """The bookkeeping kernel's specialisations (:mod:`lmgen_fast.bookkeeping`): without
+    log-probabilities, with them, and with top alternatives."""
+    batch, cols, dev = 2, 64, "meta"
+
+    def t(*shape, dtype=torch.int64):
+        return torch.empty(batch, *shape, dtype=dtype, device=dev)
+
+    seen: dict[tuple, Variant] = {}
+    for logprobs, top_n in ((False, 0), (True, 0), (True, 5)):
+        led = bk.Ledger(
+            out=t(cols), token_lp=t(cols, dtype=torch.float32) if logprobs else None,
+            top_ids=t(cols, top_n) if top_n else None,
+            top_lp=t(cols, top_n, dtype=torch.float32) if top_n else None,
+            hist=t(cols), hlen=t(), tokens=t(), step=t(), count=t(), max_tokens=t(),
+            done=t(dtype=torch.bool), bad_step=t(), bad_bits=t(dtype=torch.int32))
+        lp = t(3, dtype=torch.float32)
+        call = bk.book_call(led, t(), t(dtype=torch.int32), 2, lp[:, 0] if logprobs else None,
+                            t(top_n) if top_n else None,
+                            t(top_n, dtype=torch.float32) if top_n else None)
+        v = _variant(_kernel_fn(call.name), call)
+        seen.setdefault((v.kernel, v.signature, v.constexprs, v.options), v)
+    return list(seen.values())
+
+
+def _kernel_fn(name: str):
+    """The JIT function ``name`` of whichever module of ``lmgen_fast.kernels`` holds it."""
+    from .kernels import bookkeeping as kb
+    from .kernels import decode as kd
+
+    for mod in (kb, kd):
+        if hasattr(mod, name):
+            return getattr(mod, name)
+    return kernel_sampler.kernel(name)
+
+
+def all_variants() -> list[Variant]:
+    """Every kernel's variants: the sampler's, the decode step's, the bookkeeping's."""
+    return sampler_variants() + decode_variants() + bookkeeping_variants()
 
 
 def decode_variants() -> list[Variant]:
@@ -187,6 +236,8 @@ def covering(variants: list[Variant]) -> list[Variant]:
     def weight(v: Variant) -> float:
         c = dict(v.constexprs)
         block = c.get("TILE", c.get("CHUNK", 1))
+        if v.kernel == "setup_kernel":  # one-hot tiles of TB window slots by CPB buckets
+            block = c["TB"] * c["CPB"]
         return block / dict(v.options)["num_warps"]
 
     groups: dict[tuple, Variant] = {}
@@ -195,6 +246,10 @@ def covering(variants: list[Variant]) -> list[Variant]:
         key = v.path
         if v.kernel == "chunk_kernel":
             key = key + (c["CHUNK"], dict(v.options)["num_warps"])
+        if v.kernel == "setup_kernel":  # its one-hot tiles are [TB, CPB]
+            key = key + (c["CPB"],)
+        if v.kernel == "bookkeeping_kernel":  # the top alternatives' copy is a branch
+            key = key + (c["TOP_N"] > 0,)
         if key not in groups or weight(v) > weight(groups[key]):
             groups[key] = v
     return list(groups.values())
@@ -257,10 +312,7 @@ def main(argv: list[str] | None = None) -> int:
         ap.error("unset TRITON_INTERPRET: the interpreter compiles nothing")
     import triton
 
-    from .kernels import decode as kd
-    from .kernels import sampling as ks
-
-    variants = sampler_variants() + decode_variants()
+    variants = all_variants()
     chosen = variants if args.all else covering(variants)
     if args.list:
         for v in chosen:
@@ -270,7 +322,7 @@ def main(argv: list[str] | None = None) -> int:
     reports = []
     for arch in args.arch or [90]:
         for v in chosen:
-            r = compile_variant(getattr(ks, v.kernel, None) or getattr(kd, v.kernel), v, arch)
+            r = compile_variant(_kernel_fn(v.kernel), v, arch)
             reports.append(asdict(r))
             print(f"sm_{arch} {r.variant}: {r.seconds:.1f} s, {r.registers} registers, "
                   f"spills {r.spill_stores}/{r.spill_loads} B", file=sys.stderr, flush=True)

@@ -16,6 +16,11 @@ largest values; when the nucleus (or the min-p survivors) lies among them the lo
 still read once, otherwise the merge re-reads that row ``32 / RB + 1`` times (a radix
 search for the top-p cutoff, then the race): exact either way, never a sort.
 
+Launches: three per step, and no torch op besides allocations when the caller keeps the
+penalty powers (:func:`penalty_powers`): the set-up kernel (:mod:`lmgen_fast.kernels.window`:
+the penalty window grouped by vocabulary chunk, read from a ``[B, W]`` window or straight
+from each row's history, and the status words zeroed), the chunk kernel and the merge.
+
 Unseeded rows get a seed from ``torch.randint(0, 2**62)`` on the logits' device, as the
 reference does for batches of more than one row; the reference's batch-of-one path
 (``torch.multinomial``) is not reproduced token for token, only in distribution.
@@ -61,6 +66,13 @@ def _kernels():
     from .kernels import sampling as ks
 
     return ks
+
+
+def kernel(name: str):
+    """The sampler's JIT function ``name``: a sampling kernel or the set-up kernel."""
+    from .kernels import window as kw
+
+    return getattr(_kernels(), name, None) or getattr(kw, name)
 
 
 def check_device(logits: torch.Tensor) -> None:
@@ -160,38 +172,106 @@ class KernelCall(NamedTuple):
     options: dict
 
 
+class HistoryWindow(NamedTuple):
+    """A penalty window given as each row's token history, as the engine keeps it.
+
+    Row ``r``'s window is ``hist[r, max(hlen[r] - ranges[r], 0) : hlen[r]]`` (the whole
+    ``hist[r, :hlen[r]]`` where ``ranges[r]`` is 0), right-aligned in ``width`` slots and
+    ``-1`` padded: the window the reference is given. The set-up kernel reads it from the
+    history directly, so no window tensor is built.
+
+    ``hist`` ``[B, H]`` int64, ``hlen`` and ``ranges`` ``[B]`` int64, ``width`` a host int.
+    """
+
+    hist: torch.Tensor
+    hlen: torch.Tensor
+    ranges: torch.Tensor
+    width: int
+
+
+def _window_width(window: torch.Tensor | HistoryWindow | None) -> int:
+    if window is None:
+        return 0
+    return window.width if isinstance(window, HistoryWindow) else window.shape[1]
+
+
+def penalty_powers(penalty: torch.Tensor, width: int) -> torch.Tensor:
+    """``[B, width + 1]`` float32 table of ``penalty ** c`` for ``c = 0 .. width``.
+
+    From the very op the reference uses (``torch.pow`` in float32), so the kernels divide
+    by bit-identical factors. It depends on the parameters and the width only: a caller
+    that samples many steps with both fixed computes it once and passes it to
+    :func:`launch` (``pow_table``).
+    """
+    exps = torch.arange(width + 1, dtype=torch.float32, device=penalty.device)
+    return torch.pow(penalty.unsqueeze(1), exps).contiguous()
+
+
+def setup_call(window: torch.Tensor | HistoryWindow | None, batch: int, lp: LaunchPlan,
+               status: torch.Tensor) -> tuple[KernelCall, torch.Tensor, torch.Tensor]:
+    """The set-up launch (:mod:`lmgen_fast.kernels.window`) and the ``(win, wrange)`` it
+    fills: the window grouped by chunk and each chunk's slice of it, ``[B, W]`` and
+    ``[B, n_chunks + 1]`` int64. It also zeroes ``status``."""
+    dev = status.device
+    width = _window_width(window)
+    n_chunks = lp.n_chunks
+    wrange = torch.empty(batch, n_chunks + 1, dtype=torch.int64, device=dev)
+    win = torch.empty(batch, max(width, 1), dtype=torch.int64, device=dev)
+    if isinstance(window, HistoryWindow):
+        src, hlen, ranges = window.hist, window.hlen, window.ranges
+        if src.dtype != torch.int64 or src.dim() != 2 or src.stride(1) != 1:
+            raise ValueError("HistoryWindow.hist must be a [B, H] int64 tensor with "
+                             "contiguous rows")
+        stride, cols = src.stride(0), src.shape[1]
+    else:
+        src = win if window is None or width == 0 else window.contiguous()
+        hlen = ranges = wrange  # not read: the window is given
+        stride, cols = max(width, 1), max(width, 1)
+    cpb = _next_pow2(n_chunks + 2)
+    # At most 4K one-hot cells per tile of the window, whatever the chunk count: 8K spilled
+    # 52-60 bytes on sm_80 at 4 buckets (Triton 3.9).
+    tb = max(16, min(_next_pow2(max(width, 1)), 4096 // cpb))
+    call = KernelCall(
+        "setup_kernel", (batch,),
+        (src, stride, cols, hlen, ranges, width, win, wrange, status, n_chunks),
+        dict(CHUNK=lp.chunk, TB=tb, CPB=cpb, FROM_HIST=isinstance(window, HistoryWindow)),
+        dict(num_warps=4),
+    )
+    return call, win, wrange
+
+
 def kernel_calls(
     logits: torch.Tensor,
     packed: PackedParams,
-    window: torch.Tensor | None,
+    window: torch.Tensor | HistoryWindow | None,
     steps: torch.Tensor,
     seed: torch.Tensor,
     lp: LaunchPlan,
     logprob_out: torch.Tensor | None,
     cuda: bool,
+    pow_table: torch.Tensor | None = None,
 ) -> tuple[list[KernelCall], torch.Tensor, torch.Tensor]:
     """The launches of one sampling step, with their buffers allocated on ``logits.device``.
 
     Returns ``(calls, tokens, status)``; running ``calls`` in order fills the last two.
-    Only fixed-shape torch ops run here, so it works on the ``meta`` device too.
+    Only fixed-shape torch ops run here, so it works on the ``meta`` device too. The first
+    call is the set-up (:func:`setup_call`); ``pow_table`` is :func:`penalty_powers` of
+    the window's width, computed here when not given.
     """
     batch, vocab = logits.shape
     dev = logits.device
     n_chunks = lp.n_chunks
-    if window is None or window.shape[1] == 0:
-        width = 0
-        win = torch.zeros(1, dtype=torch.int64, device=dev)
-        wrange = torch.zeros(batch, n_chunks + 1, dtype=torch.int64, device=dev)
-        pow_table = torch.ones(1, dtype=torch.float32, device=dev)
-    else:
-        width = window.shape[1]
-        win = torch.sort(window, dim=1).values.contiguous()
-        bounds = torch.arange(n_chunks + 1, device=dev, dtype=torch.int64) * lp.chunk
-        wrange = torch.searchsorted(win, bounds.expand(batch, -1).contiguous())
-        # Factors p**c from the very op the reference uses (torch.pow in float32), so the
-        # kernel divides by bit-identical values.
-        exps = torch.arange(width + 1, dtype=torch.float32, device=dev)
-        pow_table = torch.pow(packed.penalty.unsqueeze(1), exps).contiguous()
+    status = torch.empty(batch, dtype=torch.int32, device=dev)  # zeroed by the set-up
+    setup, win, wrange = setup_call(window, batch, lp, status)
+    width = _window_width(window)
+    if width == 0:
+        pow_table = torch.empty(1, dtype=torch.float32, device=dev)  # not read
+    elif pow_table is None:
+        pow_table = penalty_powers(packed.penalty, width)
+    elif pow_table.shape != (batch, width + 1) or pow_table.dtype != torch.float32 \
+            or not pow_table.is_contiguous():
+        raise ValueError(f"pow_table must be a contiguous float32 [{batch}, {width + 1}] "
+                         f"tensor, got {tuple(pow_table.shape)} {pow_table.dtype}")
 
     f32 = dict(dtype=torch.float32, device=dev)
     i32 = dict(dtype=torch.int32, device=dev)
@@ -200,7 +280,6 @@ def kernel_calls(
     cidx, ridx, ncand, gkey, gcnt, gidx, ctau = (torch.empty(shape, **i32) for _ in range(7))
     ckey = torch.empty(batch * n_chunks * lp.cap, **i32)
     cidx_buf = torch.empty(batch * n_chunks * lp.cap, **i32)
-    status = torch.zeros(batch, **i32)
     tokens = torch.empty(batch, dtype=torch.int64, device=dev)
     want_lp = logprob_out is not None
     if want_lp:
@@ -213,7 +292,7 @@ def kernel_calls(
         rmax = rsum = logprob_out = cmax  # never touched: LOGPROBS is off
     temp = packed.temperature.contiguous()
     top_k = packed.top_k.contiguous()
-    once = packed.once.to(torch.int8)
+    once = packed.once  # bool: the kernels test it against 0
     # top_p stays float64: the kernels compare their float32 masses with the user's value.
     top_p = packed.top_p.to(dtype=torch.float64, device=dev).contiguous()
     mlog = packed.min_p_log.to(**f32).contiguous()
@@ -251,13 +330,13 @@ def kernel_calls(
              SUB=lp.sub, RB=RADIX_BITS, NBINS=1 << RADIX_BITS, LOGPROBS=want_lp, ACC=cuda),
         dict(num_warps=lp.merge_warps, enable_fp_fusion=False),
     )
-    return [chunk_call, merge_call], tokens, status
+    return [setup, chunk_call, merge_call], tokens, status
 
 
 def launch(
     logits: torch.Tensor,
     packed: PackedParams,
-    window: torch.Tensor | None,
+    window: torch.Tensor | HistoryWindow | None,
     steps: torch.Tensor,
     *,
     max_top_k: int,
@@ -266,6 +345,7 @@ def launch(
     nucleus_candidates: int = 0,
     logprob_out: torch.Tensor | None = None,
     chunk_warps: int | None = None,
+    pow_table: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Run the kernels without any host synchronisation (CUDA-graph capturable).
 
@@ -276,9 +356,10 @@ def launch(
         contiguous (else copied).
     packed : PackedParams
         Per-row parameters, ``[B]`` tensors on ``logits.device``.
-    window : LongTensor or None
+    window : LongTensor, HistoryWindow or None
         ``[B, W]`` int64 penalty window, ``-1`` for empty slots; ids outside ``[0, V)`` are
-        ignored (validate them beforehand, as :func:`sample` does).
+        ignored (validate them beforehand, as :func:`sample` does). Or the same window
+        read from each row's history (:class:`HistoryWindow`), with no torch op.
     steps : LongTensor
         ``[B]`` int64 decode steps in ``[0, 2**32)`` on ``logits.device``.
     max_top_k : int
@@ -302,6 +383,9 @@ def launch(
         into every token's value).
     chunk_warps : int, optional
         Warps per program of the chunk kernel (a speed knob for tuning; default by chunk).
+    pow_table : Tensor, optional
+        :func:`penalty_powers` of ``packed.penalty`` and the window's width, when the
+        caller keeps it across steps (else two torch ops compute it here).
 
     Returns
     -------
@@ -312,7 +396,6 @@ def launch(
         ``STATUS_OVERFLOW``, ``STATUS_INTERNAL``; ``STATUS_SLOW`` is informational (the row
         re-read its logits). The token is exact when no other bit is set.
     """
-    ks = _kernels()
     if logits.stride(1) != 1:
         logits = logits.contiguous()
     cuda = logits.device.type == "cuda"
@@ -323,9 +406,9 @@ def launch(
         drawn = torch.randint(0, 2**62, (logits.shape[0],), device=logits.device)
         seed = torch.where(packed.seeded, packed.seed, drawn)
     calls, tokens, status = kernel_calls(logits, packed, window, steps, seed, lp,
-                                         logprob_out, cuda)
+                                         logprob_out, cuda, pow_table)
     for call in calls:
-        getattr(ks, call.name)[call.grid](*call.args, **call.constexprs, **call.options)
+        kernel(call.name)[call.grid](*call.args, **call.constexprs, **call.options)
     return tokens, status
 
 
@@ -397,19 +480,25 @@ def reset_failure() -> None:
     _failure = None
 
 
-def guarded_launch(*args, **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
-    """:func:`launch`, with a failure of Triton itself (compilation, a missing driver
-    feature, a launch error) raised as :class:`KernelUnavailable`.
+def guarded(fn, *args, **kwargs):
+    """``fn(*args, **kwargs)`` (a launch of Triton kernels), with a failure of Triton itself
+    (compilation, a missing driver feature, a launch error) raised as
+    :class:`KernelUnavailable`.
 
     Bad arguments (``ValueError``) and out-of-memory errors pass through unchanged: the
     reference would meet them too.
     """
     try:
-        return launch(*args, **kwargs)
+        return fn(*args, **kwargs)
     except (ValueError, torch.OutOfMemoryError):
         raise
     except Exception as exc:
         raise KernelUnavailable(f"the Triton sampler failed: {exc}") from exc
+
+
+def guarded_launch(*args, **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`launch` under :func:`guarded`."""
+    return guarded(launch, *args, **kwargs)
 
 
 def host_hints(params: ParamsLike, packed: PackedParams, batch: int) -> tuple[int, bool, bool]:

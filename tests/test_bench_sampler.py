@@ -80,9 +80,12 @@ def test_device_check_parses_and_fits_five_minutes():
               for m in re.finditer(r"\bphase ([\w-]+) (\d+) ", text)}
     limits["render"] = render
     assert set(limits) == {"install", "env", "gpu-tests", "compile-check", "sampler-tune",
-                           "sampler-quick", "decode", "render"}
+                           "sampler-quick", "launches", "decode", "render"}
     assert limits["compile-check"] == 60
     assert sum(limits.values()) <= deadline and deadline + grace < 300
+    # The kernel count on CUDA (bench_launches, profiler included) lands among the results.
+    assert re.search(r"bench_launches\.py --device cuda .*\n.*--out \"\$RESULTS/bench_launches_cuda"
+                     r"\.json\"", text)
     # The header's table of limits is the one the phases use.
     for name, limit in limits.items():
         assert re.search(rf"^#\s+{name}\s+{limit}\b", text, re.M), name

@@ -12,6 +12,8 @@ around them, the launcher's set-up included, runs and is checked.
 from __future__ import annotations
 
 import contextlib
+import importlib
+import pkgutil
 
 import pytest
 import torch
@@ -89,6 +91,14 @@ class CheckedCapture(StandInGraph):
         pass  # the step was checked when it was captured
 
 
+def kernel_modules() -> list:
+    """Every module of ``lmgen_fast.kernels``."""
+    import lmgen_fast.kernels as pkg
+
+    return [importlib.import_module(f"{pkg.__name__}.{m.name}")
+            for m in pkgutil.iter_modules(pkg.__path__)]
+
+
 class NoLaunch:
     """A Triton kernel that launches nothing (meta tensors hold no data)."""
 
@@ -118,20 +128,19 @@ def meta_engine(monkeypatch):
     return CheckedCapture
 
 
-def _no_kernel_launches(monkeypatch) -> None:
-    """Triton kernels that launch nothing (meta tensors), the fused decode step's too."""
+def _no_kernel_launches(monkeypatch) -> set[str]:
+    """Every Triton kernel of the package launches nothing (meta tensors): the sampler's
+    set-up, chunk and merge, the fused decode step's, the bookkeeping. Returns their names."""
     require_kernel_runtime()  # the launcher checks it runs where the tensors are
-    ks = kernel_sampler._kernels()
-    monkeypatch.setattr(ks, "chunk_kernel", NoLaunch())
-    monkeypatch.setattr(ks, "merge_kernel", NoLaunch())
     monkeypatch.setattr(kernel_sampler, "check_device", lambda logits: None)
-    from lmgen_fast.kernels import decode as kd
-
     monkeypatch.setattr(fused_step, "_triton_runs_on", lambda device: True)
-
-    for name in dir(kd):  # the fused decode step's kernels as well
-        if name.endswith("_kernel"):
-            monkeypatch.setattr(kd, name, NoLaunch())
+    stubbed = set()
+    for mod in kernel_modules():
+        for name in dir(mod):
+            if name.endswith("_kernel"):
+                monkeypatch.setattr(mod, name, NoLaunch())
+                stubbed.add(name)
+    return stubbed
 
 
 @pytest.mark.parametrize("logprobs", [False, True], ids=["tokens", "logprobs"])
@@ -140,7 +149,9 @@ def _no_kernel_launches(monkeypatch) -> None:
 def test_the_captured_step_never_waits_for_the_device(meta_engine, monkeypatch, backend,
                                                       layout, logprobs):
     if backend == "triton":
-        _no_kernel_launches(monkeypatch)
+        stubbed = _no_kernel_launches(monkeypatch)
+        assert {"setup_kernel", "chunk_kernel", "merge_kernel", "bookkeeping_kernel",
+                "add_rmsnorm_kernel"} <= stubbed
     model = random_model(64, seed=1).to("meta")
     decoder = wrap(model)
     decoder.kv_block = 4  # a new KV bucket, hence a capture, every few steps

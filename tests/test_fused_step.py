@@ -63,9 +63,10 @@ def compare_steps(model, prompts: list[list[int]], steps: int = 2) -> list[float
     return errors
 
 
-# (dtype, prompt lengths, heads, kv heads, head_dim): GQA 1, 4 and 12; head sizes 16, 64,
-# 128; positions inside the first attention tile (64 slots; 32 for float32 at D=128), across
-# tiles, and at D=128 across two sequence splits (kv_len >= 128 at one row).
+# (dtype, prompt lengths, heads, kv heads, head_dim): B = 1, 3 and 17; GQA 1, 4 and 12; head
+# sizes 16, 64, 128; positions inside the first attention tile (64 slots; 32 for float32 at
+# D=128), across tiles, and at D=128 across two sequence splits (kv_len >= 128 at one row);
+# each in float32 and bfloat16.
 CASES = [
     (F32, [3], 4, 4, 16),
     (BF16, [3], 4, 4, 16),
@@ -75,7 +76,10 @@ CASES = [
     (F32, [100], 4, 1, 64),
     (BF16, [100], 4, 1, 64),
     (F32, [140], 2, 2, 128),
+    (BF16, [130, 2, 40], 12, 1, 16),
+    (BF16, [140], 2, 2, 128),
     (F32, [1, 9, 33, 4, 17, 2, 40, 8, 3, 25, 6, 12, 1, 30, 5, 19, 7], 4, 2, 16),
+    (BF16, [1, 9, 33, 4, 17, 2, 40, 8, 3, 25, 6, 12, 1, 30, 5, 19, 7], 4, 2, 16),
 ]
 
 
@@ -151,6 +155,11 @@ def test_engine_selects_the_fused_path_for_triton_only(model):
         assert dec.fused == (backend == "triton")
     assert out["triton"] == out["reference"]
     assert all(len(o) == m for (o, _), m in zip(out["triton"], [12, 7, 12], strict=True))
+    # allow_fused = False: the Triton sampler over eager model steps, no weight copies.
+    dec = wrap(model)  # a fresh decoder: nothing built yet
+    dec.allow_fused = False
+    got = generate_ids(dec, prompts, rows, [12, 7, 12], -1, backend="triton")
+    assert not dec.fused and dec._fused_step is None and got == out["reference"]
 
 
 def test_transformers_llama_takes_the_fused_path():

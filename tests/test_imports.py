@@ -32,7 +32,11 @@ LAZY = {
         "imports triton (slow, and absent off Linux) only when a kernel first runs",
     ("lmgen_fast.fused_ops", "lmgen_fast.kernels.decode"):
         "imports triton only when a fused decode kernel first runs",
-    ("lmgen_fast.kernel_compile", "lmgen_fast.kernels.sampling"):
+    ("lmgen_fast.kernel_sampler", "lmgen_fast.kernels.window"):
+        "as above, for the sampler's set-up kernel",
+    ("lmgen_fast.bookkeeping", "lmgen_fast.kernels.bookkeeping"):
+        "imports triton only when the bookkeeping kernel first runs",
+    ("lmgen_fast.kernel_compile", "lmgen_fast.kernels.bookkeeping"):
         "the compile check imports the kernels it compiles, with triton, when it runs",
     ("lmgen_fast.kernel_compile", "lmgen_fast.kernels.decode"):
         "as above, for the decode-step kernels",

@@ -14,6 +14,8 @@ from pathlib import Path
 
 import pytest
 
+from lmgen_fast.models import LlamaConfig
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 import bench_decode  # noqa: E402
@@ -79,21 +81,44 @@ def decode_file(tmp_path: Path) -> Path:
     return write_json(str(tmp_path / "bench_decode_cuda.json"), payload)
 
 
+def launches_file(tmp_path: Path) -> Path:
+    config = LlamaConfig().to_dict()  # the article's, as bench_launches.py counts it
+    results = [
+        {"backend": "reference", "batch": 1, "fused": False, "steps": 2, "per_layer": 27.0,
+         "model_other": 14.0, "model": 338.0, "sampler": 260.0, "bookkeeping": 26.0,
+         "total": 624.0, "profiler_kernels": 610.0,
+         "triton": {"model.layers": 0.0, "model.other": 0.0, "sampler": 0.0,
+                    "bookkeeping": 0.0}},
+        {"backend": "triton", "batch": 1, "fused": True, "steps": 2, "per_layer": 9.0,
+         "model_other": 4.0, "model": 112.0, "sampler": 3.0, "bookkeeping": 1.0,
+         "total": 116.0, "profiler_kernels": 117.5,
+         "triton": {"model.layers": 60.0, "model.other": 1.0, "sampler": 3.0,
+                    "bookkeeping": 1.0}},
+    ]
+    payload = {"kind": "bench_launches", **INFO,
+               "command": "python benchmarks/bench_launches.py --device cuda",
+               "config": config, "dtype": "torch.bfloat16", "prompt_len": 16, "tokens": 3,
+               "results": results, "notes": ["counted per component"]}
+    return write_json(str(tmp_path / "bench_launches_cuda.json"), payload)
+
+
 def test_renders_every_known_kind_and_skips_the_rest(tmp_path):
-    paths = [sampler_file(tmp_path), tune_file(tmp_path), decode_file(tmp_path)]
-    unknown = tmp_path / "bench_launches.json"
-    unknown.write_text(json.dumps({"kind": "bench_launches", "rows": [{"kernels": 3}]}))
+    paths = [sampler_file(tmp_path), tune_file(tmp_path), decode_file(tmp_path),
+             launches_file(tmp_path)]
+    unknown = tmp_path / "bench_future.json"
+    unknown.write_text(json.dumps({"kind": "bench_future", "rows": [{"kernels": 3}]}))
     broken = tmp_path / "broken.json"
     broken.write_text("{not json")
     md = render_results.render_files([*paths, unknown, broken], "benchmarks/device_check.sh")
     lines = md.splitlines()
     assert lines[0] == "## NVIDIA H200, torch 2.11.0+cu128, triton 3.6.0 (2026-12-02)"
     assert "Recorded by `benchmarks/device_check.sh`." in md
-    # Sections in a fixed order: tuning, sampler, decode; each headed with its run.
+    # Sections in a fixed order: tuning, sampler, decode, launches; each headed with its run.
     heads = [line for line in lines if line.startswith("### ")]
     assert [h.split(" (")[0] for h in heads] == [
-        "### The chunk kernel's launch", "### One sampling step", "### The decode engine"]
-    assert md.count("**NVIDIA H200**, torch 2.11.0+cu128, triton 3.6.0, 2026-12-02") == 3
+        "### The chunk kernel's launch", "### One sampling step", "### The decode engine",
+        "### Kernels per decode step"]
+    assert md.count("**NVIDIA H200**, torch 2.11.0+cu128, triton 3.6.0, 2026-12-02") == 4
     assert "`python benchmarks/bench_sampler.py --tune`" in md
 
     # The sampler: one row per measured configuration, the cut short noted.
@@ -131,8 +156,21 @@ def test_renders_every_known_kind_and_skips_the_rest(tmp_path):
     assert "B = 1: one eager decode step runs 150 kernels (800 µs busy)" in decode
     assert "| 400.0 | 30.0 | `ampere_bf16_gemm\\|x` |" in decode
 
+    # Kernels per step: both paths, Triton launches in brackets, the profiler's count.
+    launches = md.split("### Kernels per decode step")[1]
+    assert "`python benchmarks/bench_launches.py --device cuda`" in launches
+    assert "hidden size 768, hidden layers 12, attention heads 12, key value heads 3" \
+        in launches
+    assert "| backend | B | fused | per layer | model other | model | sampler | bookkeeping " \
+           "| total | profiler |" in launches
+    assert "| reference | 1 | no | 27.0 | 14.0 | 338.0 | 260.0 | 26.0 | 624.0 | 610.0 |" \
+        in launches
+    assert "| triton | 1 | yes | 9.0 | 4.0 | 112.0 | 3.0 (3) | 1.0 (1) | 116.0 | 117.5 |" \
+        in launches
+    assert "- note: counted per component" in launches
+
     # Unknown kinds and unreadable files: skipped with a note, the rest rendered.
-    assert "_Skipped `" + str(unknown) + "`: kind 'bench_launches' has no renderer yet._" in md
+    assert "_Skipped `" + str(unknown) + "`: kind 'bench_future' has no renderer yet._" in md
     assert "_Skipped `" + str(broken) + "`: not readable JSON" in md
 
 
