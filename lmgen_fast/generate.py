@@ -5,7 +5,6 @@ The loop itself is :func:`lmgen_fast.engine.generate_ids`.
 
 from __future__ import annotations
 
-import operator
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 
@@ -21,7 +20,7 @@ from .engine import (  # noqa: F401  (re-exported: jobs and users import them fr
     default_slots,
     generate_ids,
 )
-from .params import SamplingParams
+from .params import SamplingParams, check_int
 from .sampling import resolve_backend
 from .speculative import check_num_speculative_tokens, make_drafter
 from .speculative import generate_ids as speculative_ids
@@ -57,18 +56,7 @@ def _check_max_tokens(max_tokens, batch: int) -> list[int]:
     values = [max_tokens] * batch if not isinstance(max_tokens, Sequence) else list(max_tokens)
     if len(values) != batch:
         raise ValueError(f"max_tokens has {len(values)} entries for {batch} prompts")
-    out = []
-    for v in values:
-        try:
-            if isinstance(v, bool):
-                raise TypeError
-            n = operator.index(v)
-        except TypeError:
-            raise ValueError(f"max_tokens must be an integer, got {v!r}") from None
-        if n < 0:
-            raise ValueError(f"max_tokens must be >= 0, got {v!r}")
-        out.append(n)
-    return out
+    return [check_int("max_tokens", v, 0) for v in values]
 
 
 def _row_params(

@@ -30,13 +30,18 @@ def _check_real(name: str, value: object) -> float:
     return value
 
 
-def _check_int(name: str, value: object) -> int:
+def check_int(name: str, value: object, minimum: int | None = None) -> int:
+    """``value`` as an int (bools refused), at least ``minimum`` where given; else a
+    ValueError naming ``name`` and the value."""
     if isinstance(value, bool):
         raise ValueError(f"{name} must be an integer, got {value!r}")
     try:
-        return operator.index(value)
+        n = operator.index(value)
     except TypeError:
         raise ValueError(f"{name} must be an integer, got {value!r}") from None
+    if minimum is not None and n < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value!r}")
+    return n
 
 
 @dataclass(frozen=True)
@@ -105,19 +110,19 @@ class SamplingParams:
         if temperature < 0:
             raise ValueError(f"temperature must be >= 0, got {self.temperature!r}")
         set_(self, "temperature", temperature)
-        set_(self, "top_k", _check_int("top_k", self.top_k))
+        set_(self, "top_k", check_int("top_k", self.top_k))
         penalty = _check_real("repetition_penalty", self.repetition_penalty)
         if penalty <= 0:
             raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty!r}")
         set_(self, "repetition_penalty", penalty)
-        rng = _check_int("repetition_penalty_range", self.repetition_penalty_range)
+        rng = check_int("repetition_penalty_range", self.repetition_penalty_range)
         if rng < 0:
             raise ValueError(
                 f"repetition_penalty_range must be >= 0, got {self.repetition_penalty_range!r}"
             )
         set_(self, "repetition_penalty_range", rng)
         if self.seed is not None:
-            seed = _check_int("seed", self.seed)
+            seed = check_int("seed", self.seed)
             if not 0 <= seed < SEED_LIMIT:
                 raise ValueError(f"seed must be in [0, 2**63), got {self.seed!r}")
             set_(self, "seed", seed)
@@ -143,7 +148,7 @@ class SamplingParams:
             if abs(value) > FLOAT32_MAX:
                 raise ValueError(f"{name} must be within float32 range, got {value!r}")
             set_(self, name, value)
-        logprobs = _check_int("logprobs", self.logprobs)
+        logprobs = check_int("logprobs", self.logprobs)
         if not 0 <= logprobs <= MAX_LOGPROBS:
             raise ValueError(f"logprobs must be in [0, {MAX_LOGPROBS}], got {self.logprobs!r}")
         set_(self, "logprobs", logprobs)

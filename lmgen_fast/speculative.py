@@ -26,7 +26,6 @@ near-tie between the two best race keys a token can differ from plain decoding's
 
 from __future__ import annotations
 
-import operator
 import warnings
 from collections.abc import Sequence
 from dataclasses import fields, replace
@@ -37,7 +36,7 @@ import torch
 from . import engine, reference
 from .decoder import CachedLlamaDecoder, Decoder, wrap
 from .engine import GenerationError, RowLogprobs, TokenCallback, _window
-from .params import PackedParams, SamplingParams
+from .params import PackedParams, SamplingParams, check_int
 from .reference import EmptyRowError
 
 NGRAM_MAX = 3  # the ngram drafter matches the row's last 3, then 2, then 1 tokens
@@ -497,15 +496,7 @@ def make_drafter(speculative) -> Drafter:
 
 def check_num_speculative_tokens(k) -> int:
     """Raise ValueError unless ``k`` is an int >= 1; return it."""
-    try:
-        if isinstance(k, bool):
-            raise TypeError
-        n = operator.index(k)
-    except TypeError:
-        raise ValueError(f"num_speculative_tokens must be an integer, got {k!r}") from None
-    if n < 1:
-        raise ValueError(f"num_speculative_tokens must be >= 1, got {k!r}")
-    return n
+    return check_int("num_speculative_tokens", k, 1)
 
 
 @torch.inference_mode()
