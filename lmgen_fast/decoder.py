@@ -74,6 +74,9 @@ class CachedLlamaDecoder(Decoder):
         self.kv_block = 128 if self.device.type == "cuda" else 1
         self.cache = None
         self.cache_version = 0
+        # (cache, positions, version) that compact() shrank from: restored by the next run
+        # of its batch size, so that the graphs captured on it replay again.
+        self._spare: tuple | None = None
         self._fused = False
         # False: the engine never picks the fused step (eager model steps with the Triton
         # sampler; no concatenated weight copies). A benchmark's "before", or to save memory.
@@ -140,15 +143,22 @@ class CachedLlamaDecoder(Decoder):
         return self.model.lm_head(hidden[torch.arange(batch, device=self.device), last])
 
     def _ensure_cache(self, batch: int, max_len: int) -> None:
-        weight = self.model.lm_head.weight
-        c = self.cache
-        if (c is not None and c.k[0].shape[0] == batch and c.max_len >= max_len
-                and c.k[0].dtype == weight.dtype and c.k[0].device == weight.device):
+        if self._spare is not None:
+            spare, self._spare = self._spare, None
+            if self._fits(spare[0], batch, max_len):
+                self.cache, self.positions, self.cache_version = spare
+                return
+        if self._fits(self.cache, batch, max_len):
             return
         self.cache = self.positions = None  # free the old one before allocating
         self.cache = self.model.new_cache(batch, max_len)
         self.positions = torch.zeros(batch, dtype=torch.int64, device=self.device)
         self.cache_version += 1
+
+    def _fits(self, c, batch: int, max_len: int) -> bool:
+        weight = self.model.lm_head.weight
+        return (c is not None and c.k[0].shape[0] == batch and c.max_len >= max_len
+                and c.k[0].dtype == weight.dtype and c.k[0].device == weight.device)
 
     def _need(self, prompt_len: int, max_new_tokens: int) -> int:
         """Positions a row takes (the last sampled token is never fed back, hence the - 1)."""
@@ -195,9 +205,24 @@ class CachedLlamaDecoder(Decoder):
         where = torch.as_tensor(list(slots), dtype=torch.int64, device=self.device)
         self.positions.index_fill_(0, where, 0)
 
+    def compact(self, keep: Sequence[int]) -> None:
+        """Keep only cache rows ``keep`` (row ``j`` of the new, smaller cache is row
+        ``keep[j]``), with their positions: a batch whose other rows have nothing to do. The
+        cache of the run's full batch is kept aside for the next run (not the ones between)."""
+        index = torch.as_tensor(list(keep), dtype=torch.int64, device=self.device)
+        old, positions = self.cache, self.positions.index_select(0, index)
+        if self._spare is None:
+            self._spare = (old, self.positions, self.cache_version)
+        self.cache = self.positions = None
+        self.cache = self.model.new_cache(len(keep), old.max_len)
+        for new, kept in zip(self.cache.k + self.cache.v, old.k + old.v, strict=True):
+            new.copy_(kept.index_select(0, index))
+        self.positions = positions
+        self.cache_version += 1
+
     def release(self) -> None:
         """Free the cache and the fused step's weight copies (rebuilt when next used)."""
-        self.cache = self.positions = None
+        self.cache = self.positions = self._spare = None
         self.cache_version += 1
         if self._fused_step is not None:
             self._fused_step[1].release()

@@ -110,7 +110,7 @@ class _State:
         dev, b = lay.device, lay.batch
         i64 = dict(dtype=torch.int64, device=dev)
         f32 = dict(dtype=torch.float32, device=dev)
-        self.layout = lay
+        self.layout, self.vocab = lay, vocab
         self.tokens = torch.zeros(b, **i64)
         self.out = torch.zeros(b, lay.cols, **i64)  # the token of every step
         self.hist = torch.full((b, lay.hist), -1, **i64)
@@ -144,6 +144,22 @@ class _State:
         # What the graphs were captured on: the decoder's cache version and the addresses
         # of the model's tensors. Replaying them on anything else would read freed memory.
         self.owner: tuple | None = None
+
+    # The per-row tensors (the ledger's and the sampler's), carried over by compact().
+    _ROWS = ("tokens", "out", "hist", "hlen", "ranges", "max_tokens", "count", "done",
+             "bad_step", "bad_bits", "step", "lp", "token_lp", "top_ids", "top_lp", "pow")
+
+    def compact(self, keep: torch.Tensor) -> _State:
+        """A new state of ``len(keep)`` rows: row ``j`` is this state's row ``keep[j]``
+        (int64 ``[n]``), every per-row tensor copied (the ledger is built on the new ones).
+        Captured graphs stay behind: they bake in this state's batch and addresses."""
+        new = _State(replace(self.layout, batch=keep.numel()), self.packed.take(keep),
+                     self.vocab)
+        for name in self._ROWS:
+            old = getattr(self, name)
+            if old is not None:
+                getattr(new, name).copy_(old.index_select(0, keep))
+        return new
 
     def load(self, packed: PackedParams, hist: torch.Tensor, ranges: list[int],
              max_tokens: list[int], base: list[int]) -> None:
@@ -408,10 +424,7 @@ class _Run:
             decoder.engine_state = None  # free the old buffers and graphs first
             state = _State(lay, packed.take(torch.arange(batch, device=device)), vocab)
             decoder.engine_state = state
-        model = getattr(decoder, "model", None)
-        owner = (getattr(decoder, "cache_version", None),
-                 fingerprint(model) if isinstance(model, torch.nn.Module) else None,
-                 getattr(decoder, "fused", False))  # a graph of one path never replays the other
+        owner = _owner(decoder)
         if state.owner != owner:
             state.graphs.clear()  # captured on another cache or other weights
             state.owner = owner
@@ -518,6 +531,7 @@ class _Run:
             raise GenerationError(f"at step {step}: {exc}", self.partial()) from exc
         finally:
             self.steps = step
+            self.slot_steps = step * self.state.layout.batch
 
     def results(self, return_logprobs: bool):
         st = self.state
@@ -528,6 +542,15 @@ class _Run:
             return pairs
         lps = _row_logprobs(st, list(range(len(ids))), [len(o) for o in ids], self.rows)
         return pairs, lps
+
+
+def _owner(decoder) -> tuple:
+    """What a state's graphs are captured on: the decoder's cache version, the addresses
+    of its model's tensors and its step path (a graph of one path never replays the other)."""
+    model = getattr(decoder, "model", None)
+    return (getattr(decoder, "cache_version", None),
+            fingerprint(model) if isinstance(model, torch.nn.Module) else None,
+            getattr(decoder, "fused", False))
 
 
 def _row_logprobs(st: _State, slots: list[int], counts: list[int],
@@ -572,6 +595,9 @@ class _SlotRun(_Run):
     (its CUDA graphs are reused), and a row's noise and output column follow its own step
     counter, so a seeded row's tokens do not depend on its slot or on when it entered.
     Prompts are admitted longest ``max_tokens`` first, so that the run ends on short rows.
+    Once the queue is empty, the batch halves whenever the live rows fit in half of it
+    (:meth:`compact`): the tail's long rows do not keep computing empty slots, and the step
+    takes at most one shape per halving.
     """
 
     def __init__(self, decoder, prompts, rows, max_tokens, eos_id, backend, callback,
@@ -606,7 +632,7 @@ class _SlotRun(_Run):
         self.entered = [0] * slots  # the run step at which the slot's row entered
         self.origin = [0] * slots  # the slot's next position is origin + run step
         self.delivered = [0] * slots
-        self.steps = 0
+        self.steps = self.slot_steps = 0
 
     def finish(self, i: int, ids: list[int], lp: RowLogprobs | None) -> None:
         pair = (ids, "eot" if len(ids) < self.max_tokens[i] else "length")
@@ -648,6 +674,8 @@ class _SlotRun(_Run):
             self.harvest(ended, count)
         if not self.queue and all(i is None for i in self.occupant):
             return True
+        if not self.queue:
+            self.compact()
         self.refill([s for s, i in enumerate(self.occupant) if i is None], step)
         return False
 
@@ -663,6 +691,23 @@ class _SlotRun(_Run):
         for j, s in enumerate(slots):
             self.finish(self.occupant[s], ids[j][: counts[j]], lps[j])
             self.occupant[s] = None
+
+    def compact(self) -> None:
+        """Halve the batch while the live rows fit in half of it: their cache rows, state
+        rows and slot bookkeeping move to a smaller layout (the freed slots are parked)."""
+        live = [s for s, i in enumerate(self.occupant) if i is not None]
+        size = batch = self.state.layout.batch
+        while size > 1 and (size + 1) // 2 >= len(live):
+            size = (size + 1) // 2
+        if size == batch:
+            return
+        keep = live + [s for s, i in enumerate(self.occupant) if i is None][: size - len(live)]
+        self.decoder.compact(keep)
+        state = self.state.compact(torch.tensor(keep, device=self.state.layout.device))
+        state.owner = _owner(self.decoder)
+        self.state = state  # the decoder keeps the full one, for the next run's graphs
+        for name in ("occupant", "entered", "origin", "delivered"):
+            setattr(self, name, [getattr(self, name)[s] for s in keep])
 
     def refill(self, free: list[int], step: int) -> None:
         """Give free slots the next waiting prompts (one prefill); park the rest."""
@@ -717,6 +762,7 @@ class _SlotRun(_Run):
                 self.advance(step)
                 step += 1
                 self.steps = step
+                self.slot_steps += self.state.layout.batch
         except EmptyRowError as exc:  # the reference sampler raises at the step
             rows = [self.occupant[r] for r in exc.rows if self.occupant[r] is not None]
             raise GenerationError(f"at step {step}: {EmptyRowError(rows)}",
@@ -764,7 +810,7 @@ def _decode(decoder, prompts, rows, max_tokens, eos_id, backend, callback, retur
         finally:
             if stats is not None:
                 stats.steps += run.steps
-                stats.slot_steps += run.steps * run.state.layout.batch
+                stats.slot_steps += run.slot_steps
         got = run.results(return_logprobs)
         if slots is None and on_row is not None:
             pairs, lps = got if return_logprobs else (got, [None] * batch)

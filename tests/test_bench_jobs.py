@@ -27,7 +27,8 @@ def test_bench_jobs_runs_both_modes_and_their_counts_add_up(tmp_path):
     assert (static["mode"], continuous["mode"]) == ("static", "continuous")
     assert data["identical"] is True
     assert static["tokens"] == continuous["tokens"] > 0
-    assert continuous["slot_steps"] == 3 * continuous["steps"]
+    # 3 slots while prompts wait; the tail compacts to fewer.
+    assert continuous["steps"] <= continuous["slot_steps"] < 3 * continuous["steps"]
     for run in data["runs"]:
         assert run["rows"] == 7
         assert run["slot_utilization"] == round(100 * run["tokens"] / run["slot_steps"], 1)

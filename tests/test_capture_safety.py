@@ -191,7 +191,18 @@ def test_steps_between_slot_refills_never_wait_for_the_device(meta_engine, monke
     run.refill([1], 5)
     for step in range(5, 10):
         run.advance(step)
-    assert meta_engine.captures >= 2
+    captures = meta_engine.captures
+    assert captures >= 2
+    # The tail: no prompt waits and one row lives, so the batch compacts to it; the steps
+    # of the smaller layout, captured anew, stay sync-free too.
+    run.queue.clear()
+    run.occupant[1] = None
+    run.compact()
+    assert run.state.layout.batch == 1 and run.state is not decoder.engine_state
+    run.refill([], 10)
+    for step in range(10, 13):
+        run.advance(step)
+    assert meta_engine.captures > captures
     assert meta_engine.found == []
 
 

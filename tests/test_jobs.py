@@ -514,8 +514,9 @@ def test_continuous_run_reports_slot_utilization_and_matches_static(checkpoint, 
                f"{s['slot_utilization']:.1f}%" in err
         got[mode + " results"] = read_results(out)
     assert got["continuous results"] == got["static results"]
-    # 4 slots: every step computes 4 rows; static batches run to their longest row.
-    assert got["continuous"]["slot_steps"] == 4 * got["continuous"]["steps"]
+    # At most 4 slots a step (fewer once the tail compacts); static batches run to their
+    # longest row.
+    assert got["continuous"]["slot_steps"] <= 4 * got["continuous"]["steps"]
     assert got["continuous"]["steps"] < got["static"]["steps"]
     assert got["continuous"]["slot_utilization"] > got["static"]["slot_utilization"]
 

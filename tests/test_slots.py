@@ -68,7 +68,8 @@ def test_seeded_rows_equal_the_row_alone_through_any_number_of_slots(flat_model,
     want, want_lp = alone(flat_model, prompts, rows, caps)
     assert {r for _, r in want} == {"eot", "length"}  # rows end both ways
     seen, handed, stats = [], [], DecodeStats()
-    got, lps = generate_ids(wrap(flat_model), prompts, rows, caps, EOS, max_batch_size=slots,
+    decoder, sizes = compacting(flat_model)
+    got, lps = generate_ids(decoder, prompts, rows, caps, EOS, max_batch_size=slots,
                             return_logprobs=True, stats=stats,
                             callback=lambda r, t: seen.append((r, t)),
                             on_row=lambda r, pair, lp: handed.append((r, pair, lp)))
@@ -80,9 +81,53 @@ def test_seeded_rows_equal_the_row_alone_through_any_number_of_slots(flat_model,
         assert lps[r].logprobs == pytest.approx(want_lp[r].logprobs, abs=1e-5)
     assert sorted(r for r, _, _ in handed) == list(range(len(prompts)))
     assert all(pair == got[r] and lp == lps[r] for r, pair, lp in handed)
-    # Every step computes every slot; the kept tokens are those returned.
-    assert stats.slot_steps == slots * stats.steps
+    # The tail compacted (halving), the steps after it computing fewer rows; the kept
+    # tokens are those returned.
+    assert bool(sizes) == (slots > 1) and halvings(slots, sizes)
+    assert (stats.slot_steps < slots * stats.steps) == (slots > 1)
     assert sum(len(ids) for ids, _ in got) <= stats.slot_steps
+
+
+def halvings(slots: int, sizes: list[int]) -> bool:
+    """Whether ``sizes`` shrink strictly, each one of slots halved (rounded up) some times."""
+    chain, size = set(), slots
+    while size > 1:
+        size = (size + 1) // 2
+        chain.add(size)
+    return set(sizes) <= chain and sizes == sorted(set(sizes), reverse=True)
+
+
+def compacting(model):
+    """A decoder for ``model`` and the batch sizes its compactions went to."""
+    decoder, sizes = wrap(model), []
+    compact = decoder.compact
+
+    def spied(keep):
+        sizes.append(len(keep))
+        compact(keep)
+
+    decoder.compact = spied
+    return decoder, sizes
+
+
+def test_the_tail_compacts_past_what_fixed_slots_can_reach(flat_model, one_thread):
+    slots, n = 8, 16
+    gen = torch.Generator().manual_seed(31)
+    prompts = [torch.randint(0, VOCAB, (1 + i % 6,), generator=gen).tolist() for i in range(n)]
+    rows = varied_rows(n, seed=31)
+    caps = [48 if i == 5 else 1 + i % 4 for i in range(n)]
+    want = generate_ids(wrap(flat_model), prompts, rows, caps, -1)  # one static batch
+    stats = DecodeStats()
+    decoder, sizes = compacting(flat_model)
+    got = generate_ids(decoder, prompts, rows, caps, -1, max_batch_size=slots, stats=stats)
+    assert got == want
+    # Halving while the queue is empty, down to the long row alone.
+    assert halvings(slots, sizes) and sizes[-1] == 1
+    kept = sum(caps)  # no EOT (-1): every row runs to its cap
+    # Fixed slots compute ``slots`` rows for each of at least max(caps) steps.
+    fixed_best = kept / (slots * max(caps))
+    assert stats.steps >= max(caps)
+    assert kept / stats.slot_steps > 2 * fixed_best
 
 
 def test_slots_keep_the_step_shape_and_replay_its_graphs(flat_model, monkeypatch, one_thread):
@@ -98,12 +143,22 @@ def test_slots_keep_the_step_shape_and_replay_its_graphs(flat_model, monkeypatch
                        max_batch_size=3, sync_every=4)
     assert got == want
     captured = ClosureGraph.captured
-    assert 1 <= captured <= -(-decoder.cache.max_len // 8)  # one per bucket, not per refill
+    buckets = -(-decoder.cache.max_len // 8)
+    # One graph per KV bucket and batch shape (3 slots, then 2 and 1 as the tail compacts),
+    # not per refill.
+    assert 1 <= captured <= 3 * buckets
     state = decoder.engine_state
+    assert state.layout.batch == 3
+    full = dict(state.graphs)
+    assert 1 <= len(full) < captured  # the tail's shapes were captured too
     again = generate_ids(decoder, prompts[::-1], rows[::-1], caps[::-1], EOS,
                          backend="triton", max_batch_size=3, sync_every=4)
     assert again == want[::-1]
-    assert decoder.engine_state is state and ClosureGraph.captured == captured
+    # The full batch's state, cache and graphs serve the next call; only the tail's smaller
+    # shapes are captured again (their states live for one call).
+    assert decoder.engine_state is state
+    assert all(state.graphs[kv] is g for kv, g in full.items())
+    assert ClosureGraph.captured - captured <= 2 * buckets + (buckets - len(full))
     assert ClosureGraph.replays > 20
 
 
