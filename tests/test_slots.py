@@ -115,12 +115,21 @@ def test_the_tail_compacts_past_what_fixed_slots_can_reach(flat_model, one_threa
     gen = torch.Generator().manual_seed(31)
     prompts = [torch.randint(0, VOCAB, (1 + i % 6,), generator=gen).tolist() for i in range(n)]
     rows = varied_rows(n, seed=31)
+    rows[5] = replace(rows[5], logprobs=3)  # the long row: its alternatives move with it
     caps = [48 if i == 5 else 1 + i % 4 for i in range(n)]
-    want = generate_ids(wrap(flat_model), prompts, rows, caps, -1)  # one static batch
+    want, want_lp = generate_ids(wrap(flat_model), prompts, rows, caps, -1,
+                                 return_logprobs=True)  # one static batch
     stats = DecodeStats()
     decoder, sizes = compacting(flat_model)
-    got = generate_ids(decoder, prompts, rows, caps, -1, max_batch_size=slots, stats=stats)
+    got, lps = generate_ids(decoder, prompts, rows, caps, -1, max_batch_size=slots,
+                            stats=stats, return_logprobs=True)
     assert got == want
+    for lp, w in zip(lps, want_lp, strict=True):
+        assert lp.logprobs == pytest.approx(w.logprobs, abs=1e-5)
+    alts, want_alts = lps[5].top_logprobs, want_lp[5].top_logprobs
+    assert [[t for t, _ in a] for a in alts] == [[t for t, _ in a] for a in want_alts]
+    assert [x for a in alts for _, x in a] == pytest.approx(
+        [x for a in want_alts for _, x in a], abs=1e-5)
     # Halving while the queue is empty, down to the long row alone.
     assert halvings(slots, sizes) and sizes[-1] == 1
     kept = sum(caps)  # no EOT (-1): every row runs to its cap
