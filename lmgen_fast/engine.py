@@ -345,6 +345,12 @@ def _round_up(n: int, m: int) -> int:
     return -(-n // m) * m
 
 
+def prompt_base(prompts: Sequence[Sequence[int]], rows: Sequence[SamplingParams]) -> list[int]:
+    """How many prompt tokens start each row's penalty history: all of them with
+    ``penalty_scope="all"``, none otherwise."""
+    return [len(p) if r.penalty_scope == "all" else 0 for p, r in zip(prompts, rows, strict=True)]
+
+
 def _prompt_history(prompts: Sequence[Sequence[int]], base: list[int]) -> torch.Tensor:
     """int64 ``[n, max(base)]`` on the CPU: the first ``base[i]`` ids of prompt ``i`` (the
     history a penalty over the prompt starts from), -1 after."""
@@ -363,8 +369,7 @@ class _Run:
         batch = len(prompts)
         logits = decoder.prefill(prompts, max(max_tokens))
         self.first_logits = logits
-        self.base = [len(p) if r.penalty_scope == "all" else 0
-                     for p, r in zip(prompts, rows, strict=True)]
+        self.base = prompt_base(prompts, rows)
         packed = self.setup(decoder, rows, max_tokens, eos_id, backend, callback,
                             return_logprobs, cuda_graph, sync_every, logits.device,
                             logits.shape[1], batch)
@@ -392,8 +397,7 @@ class _Run:
         if sync_every is None:
             sync_every = SYNC_EVERY_CUDA if device.type == "cuda" else 1
         self.sync_every = sync_every
-        self.penalized = any(r.repetition_penalty != 1.0 or r.frequency_penalty != 0.0
-                             or r.presence_penalty != 0.0 for r in rows)
+        self.penalized = any(r.penalized for r in rows)
         top_n = max(r.logprobs for r in rows) if return_logprobs else 0
         # The reference off the CPU is capturable too (reference.sample_on_device).
         sync_free = resident(kernel, device)
@@ -608,8 +612,7 @@ class _SlotRun(_Run):
                 raise ValueError(f"prompt {i} has no tokens")
         slots = min(slots, n)
         self.prompts, self.on_row, self.return_logprobs = prompts, on_row, return_logprobs
-        self.base = [len(p) if r.penalty_scope == "all" else 0
-                     for p, r in zip(prompts, rows, strict=True)]
+        self.base = prompt_base(prompts, rows)
         # The last sampled token is never fed back: a row spans len + max_tokens - 1
         # positions; a parked slot never gets further than the longest row still running.
         longest = max(range(n), key=lambda i: len(prompts[i]) + max(max_tokens[i] - 1, 0))

@@ -161,6 +161,12 @@ class SamplingParams:
     def greedy(self) -> bool:
         return self.temperature == 0.0
 
+    @property
+    def penalized(self) -> bool:
+        """Whether any penalty reads the row's history (so a window must be built)."""
+        return (self.repetition_penalty != 1.0 or self.frequency_penalty != 0.0
+                or self.presence_penalty != 0.0)
+
 
 def as_row_params(
     params: SamplingParams | Sequence[SamplingParams], batch: int

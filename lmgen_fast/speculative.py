@@ -127,12 +127,10 @@ class _Rows:
             drawn = torch.randint(0, 2**62, (batch,), device=device)
             packed = replace(packed, seed=torch.where(packed.seeded, packed.seed, drawn))
         self.packed = replace(packed, seeded=torch.ones_like(packed.seeded))
-        self.penalized = any(r.repetition_penalty != 1.0 or r.frequency_penalty != 0.0
-                             or r.presence_penalty != 0.0 for r in rows)
+        self.penalized = any(r.penalized for r in rows)
         self.range_list = [r.repetition_penalty_range for r in rows]
         self.ranges = torch.tensor(self.range_list, device=device)
-        base = [len(p) if r.penalty_scope == "all" else 0
-                for p, r in zip(prompts, rows, strict=True)]
+        base = engine.prompt_base(prompts, rows)
         self.hlen = list(base)
         self.hist = None
         if self.penalized:
