@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from lmgen_fast import cli
+from lmgen_fast.cli import main as cli
 
 RESULTS = Path(__file__).parent / "results"
 

@@ -44,11 +44,12 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
-from lmgen_fast import SamplingParams, kernel_sampler  # noqa: E402
-from lmgen_fast.baseline import article_loop  # noqa: E402
-from lmgen_fast.decoder import decoder_for  # noqa: E402
-from lmgen_fast.engine import generate_ids  # noqa: E402
+from lmgen_fast import SamplingParams  # noqa: E402
+from lmgen_fast.api.baseline import article_loop  # noqa: E402
+from lmgen_fast.engine.loop import generate_ids  # noqa: E402
 from lmgen_fast.models import LlamaConfig, LlamaForPretraining  # noqa: E402
+from lmgen_fast.models.decoder import decoder_for  # noqa: E402
+from lmgen_fast.sampling import kernel as kernel_sampler
 
 from _common import (  # noqa: E402
     copy_bandwidth_gbs,
@@ -132,7 +133,7 @@ def naive_tokens_per_s(model, prompt: list[int], tokens: int, device: str) -> fl
 
 def hf_runner(model, prompts, tokens: int, device: str, static: bool):
     """A closure running transformers' generate on ``model`` (a LlamaForCausalLM)."""
-    from lmgen_fast.hf import left_pad  # transformers is optional
+    from lmgen_fast.models.hf import left_pad  # transformers is optional
 
     ids, mask = (t.to(device) for t in left_pad(prompts))
     extra = {"cache_implementation": "static"} if static else {}

@@ -19,7 +19,7 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
 from lmgen_fast import generate_batch  # noqa: E402
-from lmgen_fast.baseline import article_generate_ids  # noqa: E402
+from lmgen_fast.api.baseline import article_generate_ids  # noqa: E402
 from lmgen_fast.models import LlamaConfig, LlamaForPretraining  # noqa: E402
 
 from _common import device_name, median_seconds, write_json  # noqa: E402

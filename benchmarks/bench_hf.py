@@ -28,8 +28,8 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
 from lmgen_fast import generate_batch  # noqa: E402
-from lmgen_fast.hf import left_pad  # noqa: E402
-from lmgen_fast.tokenization import adapt_tokenizer  # noqa: E402
+from lmgen_fast.api.tokenization import adapt_tokenizer  # noqa: E402
+from lmgen_fast.models.hf import left_pad  # noqa: E402
 
 from _common import device_name, sync, write_json  # noqa: E402
 

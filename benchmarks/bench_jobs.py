@@ -3,7 +3,7 @@
     python benchmarks/bench_jobs.py [--prompts 128] [--batch-size 32] [--device cpu]
                                     [--threads N] [--max-tokens 16 64 256]
 
-The embedded model (``lmgen_fast.default_model.load_default``) and the job of ``lmgen-fast
+The embedded model (``lmgen_fast.api.default_model.load_default``) and the job of ``lmgen-fast
 run``: ``--prompts`` prompts, each with ``max_tokens`` drawn from ``--max-tokens`` and its own
 seed, the CLI's default sampling (rows stop at EOT or at their cap). Both modes go through
 :func:`lmgen_fast.jobs.run_rows` with ``--batch-size`` rows at once: static batches of
@@ -25,12 +25,12 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
-from lmgen_fast.decoder import wrap  # noqa: E402
-from lmgen_fast.default_model import load_default  # noqa: E402
-from lmgen_fast.jobs import JobRow, encode_prompts, run_rows  # noqa: E402
-from lmgen_fast.jsonl import ResultWriter  # noqa: E402
-from lmgen_fast.params import SamplingParams  # noqa: E402
-from lmgen_fast.tokenization import adapt_tokenizer  # noqa: E402
+from lmgen_fast.api.default_model import load_default  # noqa: E402
+from lmgen_fast.api.tokenization import adapt_tokenizer  # noqa: E402
+from lmgen_fast.cli.run import JobRow, encode_prompts, run_rows  # noqa: E402
+from lmgen_fast.core.params import SamplingParams  # noqa: E402
+from lmgen_fast.jobs.jsonl import ResultWriter  # noqa: E402
+from lmgen_fast.models.decoder import wrap  # noqa: E402
 
 from _common import run_info, write_json  # noqa: E402
 

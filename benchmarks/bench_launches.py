@@ -49,11 +49,13 @@ if not _device_from_argv(sys.argv).startswith("cuda"):
 from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
-from lmgen_fast import engine, kernel_sampler, reference  # noqa: E402
-from lmgen_fast.decoder import CachedLlamaDecoder, wrap  # noqa: E402
-from lmgen_fast.fused_step import FusedLlamaStep  # noqa: E402
+from lmgen_fast.core.params import SamplingParams  # noqa: E402
+from lmgen_fast.engine import loop as engine  # noqa: E402
 from lmgen_fast.models import LlamaConfig, LlamaForPretraining  # noqa: E402
-from lmgen_fast.params import SamplingParams  # noqa: E402
+from lmgen_fast.models.decoder import CachedLlamaDecoder, wrap  # noqa: E402
+from lmgen_fast.models.fused_step import FusedLlamaStep  # noqa: E402
+from lmgen_fast.sampling import kernel as kernel_sampler  # noqa: E402
+from lmgen_fast.sampling import reference  # noqa: E402
 
 from _common import run_info, sync, write_json  # noqa: E402
 

@@ -15,8 +15,9 @@ import sys
 import torch
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
-from lmgen_fast import SamplingParams, reference  # noqa: E402
-from lmgen_fast.baseline import article_sample_row  # noqa: E402
+from lmgen_fast import SamplingParams  # noqa: E402
+from lmgen_fast.api.baseline import article_sample_row  # noqa: E402
+from lmgen_fast.sampling import reference
 
 from _common import device_name, median_seconds, write_json  # noqa: E402
 

@@ -207,7 +207,9 @@ def bench_config(cfg: Config, device: torch.device, clock: Clock, iters: int,
                  copy_gbs: float | None, baselines: bool, compiled, reference_tokens=None
                  ) -> tuple[dict, torch.Tensor]:
     """Measure one configuration; returns its row and the tokens of its first launch."""
-    from lmgen_fast import SamplingParams, kernel_sampler, reference
+    from lmgen_fast import SamplingParams
+    from lmgen_fast.sampling import kernel as kernel_sampler
+    from lmgen_fast.sampling import reference
 
     filt = FILTERS[cfg.filter]
     dtype = getattr(torch, cfg.dtype)
@@ -321,14 +323,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     copy_gbs = copy_bandwidth_gbs() if clock.cuda else None
     compiled = None
     if mode_name == "full" and clock.cuda and not args.no_compile:
-        from lmgen_fast import reference
+        from lmgen_fast.sampling import reference
 
         compiled = torch.compile(reference.sample, dynamic=True)
     info = run_info(str(device))
     path = Path(args.json) if args.json else default_json(mode_name, args.smoke)
     default_launch = None
     if mode_name == "tune":
-        from lmgen_fast import kernel_sampler
+        from lmgen_fast.sampling import kernel as kernel_sampler
 
         lp = kernel_sampler.plan_launch(configs[0].V, FILTERS[configs[0].filter].top_k,
                                         cuda=clock.cuda)

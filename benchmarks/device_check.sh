@@ -7,7 +7,7 @@
 #   env            10  torch/triton/CUDA versions, the device, missing test modules
 #   install        20  only when the package is missing: pip install -e ., offline
 #   gpu-tests      55  pytest -m gpu on every test file that has gpu-marked tests
-#   compile-check  60  pytest tests/test_kernel_compile.py (skipped when the file is absent)
+#   compile-check  60  pytest tests/cli/test_kernel_compile.py (skipped when the file is absent)
 #   sampler-tune   25  bench_sampler.py --tune: the chunk kernel's (chunk, warps) launches
 #   sampler-quick  25  bench_sampler.py --quick: 12 configurations against the baselines
 #   launches       25  bench_launches.py at B = 1: kernels per decode step, counted and by
@@ -90,17 +90,17 @@ if compgen -G "$RESULTS/*.json" >/dev/null; then
 fi
 
 # Every test file with gpu-marked tests (the compile check has its own phase below).
-mapfile -t gpu_tests < <(grep -l "mark.gpu" tests/test_*.py | grep -v test_kernel_compile.py)
+mapfile -t gpu_tests < <(grep -rl --include="test_*.py" "mark.gpu" tests | grep -v test_kernel_compile.py)
 phase gpu-tests 55 "$PY" -m pytest -m gpu "${gpu_tests[@]}" -v -rs -p no:cacheprovider
 tail -n 3 "$LOGS/gpu-tests.log"
 
-if [ -f tests/test_kernel_compile.py ]; then
+if [ -f tests/cli/test_kernel_compile.py ]; then
     # sm_90a only: the machine's own arch (CI compiles sm_80 too, with both Tritons).
     LMGEN_COMPILE_ARCHS=90 phase compile-check 60 "$PY" -m pytest -v \
-        tests/test_kernel_compile.py -rs -p no:cacheprovider
+        tests/cli/test_kernel_compile.py -rs -p no:cacheprovider
     tail -n 3 "$LOGS/compile-check.log"
 else
-    summary+=("compile-check: skipped (tests/test_kernel_compile.py is absent)")
+    summary+=("compile-check: skipped (tests/cli/test_kernel_compile.py is absent)")
 fi
 
 # The budgets (counted from the start of the process) start no configuration late, so that

@@ -4,13 +4,20 @@ Public names: :func:`generate`, :func:`generate_batch`, :func:`sample`, :class:`
 :func:`wrap`, ``lmgen_fast.reference.sample`` and ``lmgen_fast.models``.
 """
 
-from . import reference
-from .decoder import release, wrap
-from .default_model import load_default
-from .generate import DecodeOutOfMemory, Generation, GenerationError, generate, generate_batch
-from .params import SamplingParams
-from .reference import EmptyRowError
-from .sampling import sample
+from lmgen_fast import reference
+from lmgen_fast.api.default_model import load_default
+from lmgen_fast.api.generate import (
+    DecodeOutOfMemory,
+    Generation,
+    GenerationError,
+    generate,
+    generate_batch,
+)
+from lmgen_fast.core.params import SamplingParams
+from lmgen_fast.core.version import __version__  # noqa: F401  (lmgen_fast.__version__)
+from lmgen_fast.models.decoder import release, wrap
+from lmgen_fast.sampling.dispatch import sample
+from lmgen_fast.sampling.reference import EmptyRowError
 
 __all__ = [
     "DecodeOutOfMemory",
@@ -26,4 +33,3 @@ __all__ = [
     "sample",
     "wrap",
 ]
-__version__ = "0.1.0"

@@ -1,5 +1,5 @@
 """Model definitions: the article's Llama."""
 
-from .llama import LlamaConfig, LlamaForPretraining
+from lmgen_fast.models.llama import LlamaConfig, LlamaForPretraining
 
 __all__ = ["LlamaConfig", "LlamaForPretraining"]

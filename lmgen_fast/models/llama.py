@@ -1,8 +1,9 @@
 """The article's Llama (SPEC section 5), state-dict compatible, with an optional static KV cache.
 
 Without a cache, ``forward(input_ids, attn_mask=None)`` recomputes the whole sequence like
-the article's class. With a :class:`~lmgen_fast.cache.KVCache`, the same layers write keys and
-values at per-row positions and attend over the cache: a prefill, then one-token steps.
+the article's class. With a :class:`~lmgen_fast.models.cache.KVCache`, the same layers
+write keys and values at per-row positions and attend over the cache: a prefill, then
+one-token steps.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..cache import KVCache
+from lmgen_fast.models.cache import KVCache
 
 _POSITIVE_INTS = (
     "vocab_size", "max_position_embeddings", "hidden_size", "intermediate_size",
@@ -321,10 +322,11 @@ def full_attention_mask(attn_mask: torch.Tensor | None, t: int, device) -> torch
 
 
 # Conversions to and from other libraries' models, registered by the modules that implement
-# them (lmgen_fast.hf registers "from_hf" and "to_hf" when imported). The model does not
+# them (lmgen_fast.models.hf registers "from_hf" and "to_hf" when imported). The model does not
 # import its converters: they depend on it, and on an optional library.
 CONVERTERS: dict[str, Callable] = {}
-CONVERTER_MODULES: dict[str, str] = {"from_hf": "lmgen_fast.hf", "to_hf": "lmgen_fast.hf"}
+CONVERTER_MODULES: dict[str, str] = {"from_hf": "lmgen_fast.models.hf",
+                                     "to_hf": "lmgen_fast.models.hf"}
 
 
 def converter(name: str) -> Callable:
@@ -343,7 +345,7 @@ def converter(name: str) -> Callable:
     Raises
     ------
     ImportError
-        The providing module (e.g. transformers for ``lmgen_fast.hf``) is not installed.
+        The providing module (e.g. transformers for ``lmgen_fast.models.hf``) is not installed.
     KeyError
         No module provides ``name``.
     """
@@ -380,14 +382,14 @@ class LlamaForPretraining(nn.Module):
     def from_hf(cls, model) -> LlamaForPretraining:
         """An exact copy of a transformers ``LlamaForCausalLM`` (``model.`` -> ``base_model.``).
 
-        See :func:`lmgen_fast.hf.from_hf`.
+        See :func:`lmgen_fast.models.hf.from_hf`.
         """
         return converter("from_hf")(model)
 
     def to_hf(self):
         """An exact copy as a transformers ``LlamaForCausalLM`` (``base_model.`` -> ``model.``).
 
-        See :func:`lmgen_fast.hf.to_hf`.
+        See :func:`lmgen_fast.models.hf.to_hf`.
         """
         return converter("to_hf")(self)
 

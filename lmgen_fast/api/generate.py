@@ -1,0 +1,289 @@
+"""The article's ``generate()`` and its batched form: arguments in, text out.
+
+The loop itself is :func:`lmgen_fast.engine.generate_ids`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
+
+from lmgen_fast.api.tokenization import adapt_tokenizer
+from lmgen_fast.core.params import SamplingParams, check_int
+from lmgen_fast.engine.loop import (  # noqa: F401  (re-exported: jobs and users import them from here)
+    DecodeOutOfMemory,
+    GenerationError,
+    RowLogprobs,
+    TokenCallback,
+    TopLogprobs,
+    check_max_batch_size,
+    check_sync_every,
+    default_slots,
+    generate_ids,
+)
+from lmgen_fast.models.decoder import decoder_for
+from lmgen_fast.sampling.dispatch import resolve_backend
+from lmgen_fast.speculative.rounds import check_num_speculative_tokens, make_drafter
+from lmgen_fast.speculative.rounds import generate_ids as speculative_ids
+
+
+@dataclass(frozen=True)
+class Generation:
+    """One row's result: its text, its token ids (EOT excluded) and why it stopped.
+
+    ``logprobs`` holds the log-probability of each token of ``token_ids``, in the row's
+    ``logprobs_mode`` (raw, or processed: under the distribution it was drawn from);
+    ``top_logprobs`` the row's ``logprobs`` best ``(token_id, logprob)`` pairs per token, most
+    probable first (``None`` when the row's ``logprobs`` is 0). A processed row lists only
+    tokens its filters kept, so a list can be shorter (a greedy row's has its token alone).
+    With ``speculative=``, ``target_forwards`` counts the target's forwards the row took
+    part in (its prefill included), ``accepted_drafts`` the drafted tokens the target
+    confirmed and ``proposed_drafts`` the drafted tokens it checked (see
+    :class:`lmgen_fast.speculative.RowStats`); all three are None otherwise.
+    """
+
+    text: str
+    token_ids: list[int]
+    finish_reason: str  # "eot" or "length"
+    logprobs: list[float] = field(default_factory=list)
+    top_logprobs: TopLogprobs | None = None
+    target_forwards: int | None = None
+    accepted_drafts: int | None = None
+    proposed_drafts: int | None = None
+
+
+def _check_max_tokens(max_tokens, batch: int) -> list[int]:
+    values = [max_tokens] * batch if not isinstance(max_tokens, Sequence) else list(max_tokens)
+    if len(values) != batch:
+        raise ValueError(f"max_tokens has {len(values)} entries for {batch} prompts")
+    return [check_int("max_tokens", v, 0) for v in values]
+
+
+def _row_params(
+    batch: int, keywords: SamplingParams, params, seeds
+) -> list[SamplingParams]:
+    rows = [keywords] * batch
+    if params is not None:
+        params = list(params)
+        if len(params) != batch:
+            raise ValueError(f"params has {len(params)} entries for {batch} prompts")
+        for i, p in enumerate(params):
+            if not isinstance(p, SamplingParams):
+                raise ValueError(f"params[{i}] must be a SamplingParams, got {type(p).__name__}")
+        rows = params
+    if seeds is not None:
+        seeds = list(seeds)
+        if len(seeds) != batch:
+            raise ValueError(f"seeds has {len(seeds)} entries for {batch} prompts")
+        rows = [p if s is None else replace(p, seed=s) for p, s in zip(rows, seeds, strict=True)]
+    return rows
+
+
+def generate_batch(
+    model,
+    tokenizer,
+    prompts: Sequence[str],
+    max_tokens: int | Sequence[int] = 100,
+    temperature: float = 1.0,
+    repetition_penalty: float = 1.0,
+    repetition_penalty_range: int = 10,
+    top_k: int = 50,
+    device=None,
+    *,
+    seed: int | None = None,
+    backend: str = "auto",
+    penalty_scope: str = "generated",
+    penalty_mode: str = "per_occurrence",
+    params: Sequence[SamplingParams] | None = None,
+    seeds: Sequence[int | None] | None = None,
+    bos_token: str | int | None = None,
+    eos_token: str | int | None = None,
+    callback: TokenCallback | None = None,
+    return_details: bool = False,
+    top_p: float = 1.0,
+    min_p: float = 0.0,
+    frequency_penalty: float = 0.0,
+    presence_penalty: float = 0.0,
+    logprobs: int = 0,
+    cuda_graph: bool = True,
+    sync_every: int | None = None,
+    speculative=None,
+    num_speculative_tokens: int = 4,
+    logprobs_mode: str = "raw",
+    max_batch_size: int | None = None,
+) -> list[str] | list[Generation]:
+    """Generate a continuation for every prompt, in one batch.
+
+    Parameters
+    ----------
+    model, tokenizer
+        As for :func:`generate`.
+    prompts : sequence of str
+        Prompts of any lengths.
+    max_tokens : int or sequence of int
+        Per-row cap on new tokens (one value for all, or one per prompt).
+    temperature, repetition_penalty, repetition_penalty_range, top_k, seed, penalty_scope,
+    penalty_mode, top_p, min_p, frequency_penalty, presence_penalty, logprobs, logprobs_mode
+        The sampling parameters of every row (see :class:`SamplingParams`).
+    params : sequence of SamplingParams, optional
+        One per prompt; replaces the keywords row by row.
+    seeds : sequence of int or None, optional
+        One per prompt; a non-None entry replaces that row's seed.
+    bos_token, eos_token : str or int, optional
+        The tokens that play ``[BOT]`` and ``[EOT]`` when the tokenizer has other names.
+    callback : callable, optional
+        ``callback(row, token_id)`` for each new token, for streaming.
+    return_details : bool
+        Return :class:`Generation` records instead of strings, with each token's
+        log-probability (raw, or with ``logprobs_mode="processed"`` under the distribution
+        it was drawn from) and, for rows with ``logprobs > 0``, the top alternatives.
+    cuda_graph : bool
+        On CUDA, replay each decode step as a CUDA graph (captured on the first call, kept
+        with the model for later calls). Same tokens either way.
+    sync_every : int, optional
+        Steps between the host's looks at the device (stop when all rows are done, hand
+        tokens to ``callback``); default 16 on CUDA, 1 on the CPU.
+    speculative : "ngram", a model, or a drafter, optional
+        Speculative decoding (:mod:`lmgen_fast.speculative`): each round, the drafter proposes
+        ``num_speculative_tokens`` tokens per row and one forward of ``model`` checks them
+        all. Seeded and greedy rows get plain decoding's tokens (up to a near-tie of the
+        logits' rounding); unseeded rows draw from the same distribution. "ngram" looks the
+        row's last tokens up in its prompt and output; a model (with the same tokenizer)
+        drafts by sampling with the row's own noise. Needs a model run with lmgen-fast's
+        own KV cache (a ValueError otherwise); the rounds sample with the reference (on
+        CUDA, each round's forward and sampler replay as one CUDA graph).
+    num_speculative_tokens : int
+        Drafts per row and round (``k >= 1``).
+    max_batch_size : int, optional
+        Rows decoded at once. With more prompts than that, continuous batching: a fixed set
+        of ``max_batch_size`` slots, where a finished row's slot takes the next prompt at the
+        next host check (our cached Llama; other models run batches of that size in turn;
+        speculative decoding runs every prompt in one batch).
+        Default: up to 64 prompts in one batch, as ever; more go through 64 slots, fewer
+        where the KV cache of 64 would not fit in half the device's free memory.
+
+    Returns
+    -------
+    list of str (or of Generation)
+        The decoded new tokens of each row, prompt excluded, in the order of ``prompts``.
+        A seeded row's result does not depend on its batch mates or the batch size.
+    """
+    if isinstance(prompts, str):
+        raise ValueError("prompts must be a sequence of strings; use generate() for one prompt")
+    batch = len(prompts)
+    keywords = SamplingParams(
+        temperature=temperature, top_k=top_k, repetition_penalty=repetition_penalty,
+        repetition_penalty_range=repetition_penalty_range, seed=seed,
+        penalty_scope=penalty_scope, penalty_mode=penalty_mode, top_p=top_p, min_p=min_p,
+        frequency_penalty=frequency_penalty, presence_penalty=presence_penalty,
+        logprobs=logprobs, logprobs_mode=logprobs_mode,
+    )
+    rows = _row_params(batch, keywords, params, seeds)
+    caps = _check_max_tokens(max_tokens, batch)
+    resolve_backend(backend, "cpu")  # validates the name before any work
+    check_sync_every(sync_every)
+    if speculative is not None:
+        check_num_speculative_tokens(num_speculative_tokens)
+        speculative = make_drafter(speculative)
+    check_max_batch_size(max_batch_size)
+    tok = adapt_tokenizer(tokenizer, bos_token, eos_token)
+    ids = [tok.encode_prompt(p) for p in prompts]
+    if batch == 0:
+        return []
+    decoder = decoder_for(model, device)
+    if speculative is not None:
+        results, lps, stats = speculative_ids(
+            decoder, ids, rows, caps, tok.eos_id, speculative=speculative,
+            num_speculative_tokens=num_speculative_tokens, callback=callback,
+            return_logprobs=return_details, cuda_graph=cuda_graph)
+        if not return_details:
+            return [tok.decode(o) for o, _ in results]
+        return [Generation(tok.decode(o), o, r, lp.logprobs, lp.top_logprobs, *st)
+                for (o, r), lp, st in zip(results, lps, stats, strict=True)]
+    if max_batch_size is None:
+        max_batch_size = default_slots(decoder, ids, caps)
+    options = dict(backend=backend, callback=callback, cuda_graph=cuda_graph,
+                   sync_every=sync_every, max_batch_size=max_batch_size)
+    if return_details:
+        results, lps = generate_ids(decoder, ids, rows, caps, tok.eos_id, return_logprobs=True,
+                                    **options)
+        return [Generation(tok.decode(o), o, r, lp.logprobs, lp.top_logprobs)
+                for (o, r), lp in zip(results, lps, strict=True)]
+    results = generate_ids(decoder, ids, rows, caps, tok.eos_id, **options)
+    return [tok.decode(o) for o, _ in results]
+
+
+def generate(
+    model,
+    tokenizer,
+    prompt: str,
+    max_tokens: int = 100,
+    temperature: float = 1.0,
+    repetition_penalty: float = 1.0,
+    repetition_penalty_range: int = 10,
+    top_k: int = 50,
+    device=None,
+    *,
+    seed: int | None = None,
+    backend: str = "auto",
+    penalty_scope: str = "generated",
+    penalty_mode: str = "per_occurrence",
+    bos_token: str | int | None = None,
+    eos_token: str | int | None = None,
+    callback: Callable[[int], None] | None = None,
+    top_p: float = 1.0,
+    min_p: float = 0.0,
+    frequency_penalty: float = 0.0,
+    presence_penalty: float = 0.0,
+    cuda_graph: bool = True,
+    sync_every: int | None = None,
+    speculative=None,
+    num_speculative_tokens: int = 4,
+) -> str:
+    """Drop-in for the article's ``generate()``: same arguments, same distribution, cached.
+
+    Parameters
+    ----------
+    model
+        ``LlamaForPretraining``, a module laid out like the article's, or any callable
+        ``model(input_ids [B, T]) -> logits [B, T, V]`` (recomputed each step).
+    tokenizer
+        A ``tokenizers.Tokenizer`` with ``[BOT]`` and ``[EOT]`` (or pass ``bos_token`` and
+        ``eos_token``).
+    prompt : str
+        Encoded as ``[BOT]`` + ``tokenizer.encode(" " + prompt).ids``.
+    max_tokens, temperature, repetition_penalty, repetition_penalty_range, top_k
+        The article's parameters (``temperature=0``: greedy; ``top_k <= 0``: off).
+    device
+        Where input ids go for a recomputed model; a cached model uses its weights' device.
+    seed : int, optional
+        Reproducible draws independent of torch's global generator. Without it, a run after
+        ``torch.manual_seed(s)`` draws like the article's loop after the same call.
+    callback : callable, optional
+        ``callback(token_id)`` for each new token as it is produced.
+    top_p, min_p, frequency_penalty, presence_penalty
+        Beyond the article (see :class:`SamplingParams`); the defaults turn them off.
+    cuda_graph, sync_every, speculative, num_speculative_tokens
+        As for :func:`generate_batch`.
+
+    Returns
+    -------
+    str
+        ``tokenizer.decode`` of the generated ids (prompt and ``[EOT]`` excluded).
+
+    Examples
+    --------
+    >>> text = generate(model, tokenizer, "Once upon a time", max_tokens=50)  # doctest: +SKIP
+    """
+    if not isinstance(prompt, str):
+        raise ValueError(f"prompt must be a str, got {type(prompt).__name__}")
+    return generate_batch(
+        model, tokenizer, [prompt], max_tokens, temperature, repetition_penalty,
+        repetition_penalty_range, top_k, device, seed=seed, backend=backend,
+        penalty_scope=penalty_scope, penalty_mode=penalty_mode, bos_token=bos_token,
+        eos_token=eos_token,
+        callback=None if callback is None else (lambda _row, t: callback(t)),
+        top_p=top_p, min_p=min_p, frequency_penalty=frequency_penalty,
+        presence_penalty=presence_penalty, cuda_graph=cuda_graph, sync_every=sync_every,
+        speculative=speculative, num_speculative_tokens=num_speculative_tokens,
+    )[0]

@@ -1,0 +1,301 @@
+"""The input of a batch job: read and check every line, derive seeds, plan batches.
+
+Nothing here touches a model: the whole input is validated (and, with ``--skip-invalid``,
+its bad lines collected) before any time is spent loading one. :mod:`lmgen_fast.jobs`
+re-exports every public name.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import operator
+from collections.abc import Sequence
+from dataclasses import dataclass, fields, replace
+from pathlib import Path
+
+from lmgen_fast.api.tokenization import TokenizerAdapter
+from lmgen_fast.core.errors import CLIError
+from lmgen_fast.core.params import SamplingParams
+from lmgen_fast.jobs.jsonl import id_key
+
+PARAM_FIELDS = tuple(f.name for f in fields(SamplingParams))
+KNOWN_FIELDS = ("id", "prompt", "max_tokens", *PARAM_FIELDS)
+SEED_MASK = 2**63 - 1
+
+
+class JobError(CLIError, ValueError):
+    """A job that cannot run because of its input, options or output file (exit status 2).
+
+    A generation that fails at run time raises :class:`JobFailed` instead.
+    """
+
+
+class JobFailed(RuntimeError):
+    """A job whose generation failed at run time (exit status 1); rows already written stay."""
+
+
+class LineError(ValueError):
+    """Why one input line is invalid; ``row_id`` is its id when it had a usable one."""
+
+    def __init__(self, reason: str, row_id: str | int | None = None):
+        super().__init__(reason)
+        self.row_id = row_id
+
+
+@dataclass(frozen=True)
+class JobRow:
+    """One valid input line: its id, 1-based line number, prompt and sampling settings."""
+
+    id: str | int
+    line: int
+    prompt: str
+    params: SamplingParams
+    max_tokens: int
+
+    @property
+    def key(self) -> str:
+        return id_key(self.id)
+
+
+@dataclass(frozen=True)
+class InvalidLine:
+    """One rejected input line: why, and its id when it had a usable one."""
+
+    line: int
+    id: str | int | None
+    error: str
+
+    def record(self) -> dict:
+        """The errors-file record: ``{"id", "line", "error"}``."""
+        return {"id": self.id, "line": self.line, "error": self.error}
+
+
+def derive_seed(run_seed: int, row_id: str | int) -> int:
+    """A row's seed from the run's ``--seed`` and its id.
+
+    Giving every row the run seed itself would give identical prompts identical texts and
+    correlate all rows' noise; hashing in the id keeps each row reproducible (it depends on
+    nothing but the run seed and the id) and the rows independent of each other.
+
+    Parameters
+    ----------
+    run_seed : int
+        The ``--seed`` of the run.
+    row_id : str or int
+        The row's id.
+
+    Returns
+    -------
+    int
+        A seed in ``[0, 2**63)``.
+    """
+    digest = hashlib.blake2b(f"{run_seed}\0{id_key(row_id)}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big") & SEED_MASK
+
+
+def shard_of(key: str, world: int) -> int:
+    """The rank that owns the id with ``key`` among ``world`` ranks (a stable hash)."""
+    if world == 1:
+        return 0
+    digest = hashlib.blake2b(key.encode("utf-8"), digest_size=8).digest()
+    return int.from_bytes(digest, "big") % world
+
+
+def _json_type(value: object) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "boolean"
+    if isinstance(value, (int, float)):
+        return "number"
+    if isinstance(value, str):
+        return "string"
+    return "array" if isinstance(value, list) else "object"
+
+
+def _json_error(text: str, err: json.JSONDecodeError) -> str:
+    # Columns count characters from 1, as editors do; the line holds no newline, so the
+    # decoder's position is the column.
+    message = f"malformed JSON: {err.msg} at column {err.pos + 1}"
+    if err.pos >= len(text.rstrip()):
+        message += " (the end of the line: is it cut short?)"
+    return message
+
+
+def _check_max_tokens(value: object) -> int:
+    if isinstance(value, bool):
+        raise ValueError(f"max_tokens must be an integer, got {json.dumps(value)}")
+    try:
+        n = operator.index(value)
+    except TypeError:
+        raise ValueError(f"max_tokens must be an integer, got {json.dumps(value)}") from None
+    if n < 0:
+        raise ValueError(f"max_tokens must be >= 0, got {n}")
+    return n
+
+
+def parse_line(
+    obj: object, defaults: SamplingParams, max_tokens: int, run_seed: int | None
+) -> tuple[str | int, str, SamplingParams, int]:
+    """Check one decoded input object; return its id, prompt, parameters and max_tokens.
+
+    Parameters
+    ----------
+    obj : object
+        The decoded JSON value of the line.
+    defaults : SamplingParams
+        The command line's parameters, overridden field by field by the line.
+    max_tokens : int
+        The command line's ``--max-tokens``.
+    run_seed : int or None
+        The command line's ``--seed``: rows without a ``seed`` get :func:`derive_seed`.
+
+    Raises
+    ------
+    LineError
+        The reason the line is invalid.
+    """
+    if not isinstance(obj, dict):
+        raise LineError(f"expected a JSON object, got {_json_type(obj)}")
+    row_id = obj.get("id")
+    if "id" not in obj:
+        raise LineError("missing id")
+    if isinstance(row_id, bool) or not isinstance(row_id, (str, int)):
+        raise LineError(f"id must be a string or an integer, got {json.dumps(row_id)}")
+    unknown = [k for k in obj if k not in KNOWN_FIELDS]
+    if unknown:
+        names = ", ".join(repr(k) for k in unknown)
+        raise LineError(
+            f"unknown field{'s' if len(unknown) > 1 else ''} {names} "
+            f"(known: {', '.join(KNOWN_FIELDS)})", row_id,
+        )
+    if "prompt" not in obj:
+        raise LineError("missing prompt", row_id)
+    prompt = obj["prompt"]
+    if not isinstance(prompt, str):
+        raise LineError(f"prompt must be a string, got {_json_type(prompt)}", row_id)
+    overrides = {k: obj[k] for k in PARAM_FIELDS if k in obj}
+    if "seed" not in overrides and run_seed is not None:
+        overrides["seed"] = derive_seed(run_seed, row_id)
+    try:
+        params = replace(defaults, **overrides)
+        cap = _check_max_tokens(obj["max_tokens"]) if "max_tokens" in obj else max_tokens
+    except ValueError as err:
+        raise LineError(str(err), row_id) from None
+    return row_id, prompt, params, cap
+
+
+def read_jobs(
+    path: str | Path,
+    defaults: SamplingParams,
+    max_tokens: int,
+    run_seed: int | None = None,
+) -> tuple[list[JobRow], list[InvalidLine]]:
+    """Read and validate every line of a JSONL input file.
+
+    Blank lines are ignored. A line is invalid when it is not UTF-8 or not JSON, is not an
+    object, lacks an ``id`` (string or integer) or a string ``prompt``, repeats an earlier id,
+    has a field other than ``id``, ``prompt``, ``max_tokens`` and the fields of
+    :class:`SamplingParams`, or has a value that those reject.
+
+    Parameters
+    ----------
+    path : str or Path
+        The input file.
+    defaults, max_tokens, run_seed
+        As for :func:`parse_line`.
+
+    Returns
+    -------
+    (list of JobRow, list of InvalidLine)
+        The valid rows and the invalid lines, both in file order.
+    """
+    rows: list[JobRow] = []
+    invalid: list[InvalidLine] = []
+    first_line: dict[str, int] = {}
+    with open(path, "rb") as f:
+        for number, raw in enumerate(f, start=1):
+            if not raw.strip():
+                continue
+            try:
+                # Without its line ending, a line cut short fails at its last column, not
+                # at column 1 of a line 2 that the newline would open.
+                text = raw.decode("utf-8").rstrip("\r\n")
+            except UnicodeDecodeError as err:
+                invalid.append(InvalidLine(number, None, f"not valid UTF-8 ({err.reason})"))
+                continue
+            try:
+                obj = json.loads(text)
+            except json.JSONDecodeError as err:
+                invalid.append(InvalidLine(number, None, _json_error(text, err)))
+                continue
+            # Duplicates are found before other checks so that a repeated id is reported as
+            # such even when the repeat is otherwise broken too.
+            row_id = obj.get("id") if isinstance(obj, dict) else None
+            if isinstance(row_id, (str, int)) and not isinstance(row_id, bool):
+                key = id_key(row_id)
+                if key in first_line:
+                    invalid.append(InvalidLine(
+                        number, row_id,
+                        f"duplicate id {key} (first on line {first_line[key]})",
+                    ))
+                    continue
+                first_line[key] = number
+            try:
+                row_id, prompt, params, cap = parse_line(obj, defaults, max_tokens, run_seed)
+            except LineError as err:
+                invalid.append(InvalidLine(number, err.row_id, str(err)))
+                continue
+            rows.append(JobRow(row_id, number, prompt, params, cap))
+    return rows, invalid
+
+
+def encode_prompts(adapter, rows: Sequence[JobRow]) -> list[list[int]]:
+    """Each row's prompt ids (``[BOT]`` + ids of ``" " + prompt``), batched when possible."""
+    tokenizer = adapter.tokenizer
+    if type(adapter) is TokenizerAdapter and hasattr(tokenizer, "encode_batch"):
+        # Same ids as adapter.encode_prompt (tokenizers' encode and encode_batch share their
+        # defaults), computed in parallel: it matters for inputs of millions of rows.
+        encoded = tokenizer.encode_batch([" " + r.prompt for r in rows])
+        return [[adapter.bos_id, *e.ids] for e in encoded]
+    return [adapter.encode_prompt(r.prompt) for r in rows]
+
+
+def positions_needed(prompt_len: int, max_tokens: int) -> int:
+    """Positions a row occupies in the KV cache (the last sampled token is never fed back)."""
+    return prompt_len + max(max_tokens - 1, 0)
+
+
+def plan_batches(
+    rows: Sequence[JobRow],
+    prompt_ids: Sequence[Sequence[int]],
+    batch_size: int,
+    limit: int | None = None,
+) -> list[list[int]]:
+    """Group row indices into batches of similar prompt length.
+
+    Rows are sorted by prompt length (then line) so that a batch pads little. A batch's
+    cache is sized by its longest prompt plus its largest ``max_tokens``, so with a position
+    ``limit`` a batch is also closed before that sum would exceed it.
+
+    Returns
+    -------
+    list of list of int
+        Indices into ``rows``.
+    """
+    order = sorted(range(len(rows)), key=lambda i: (len(prompt_ids[i]), rows[i].line))
+    batches: list[list[int]] = []
+    current: list[int] = []
+    longest = cap = 0
+    for i in order:
+        n, m = len(prompt_ids[i]), rows[i].max_tokens
+        fits = limit is None or positions_needed(max(longest, n), max(cap, m)) <= limit
+        if current and (len(current) >= batch_size or not fits):
+            batches.append(current)
+            current, longest, cap = [], 0, 0
+        current.append(i)
+        longest, cap = max(longest, n), max(cap, m)
+    if current:
+        batches.append(current)
+    return batches

@@ -1,0 +1,221 @@
+"""One decode step of a :class:`~lmgen_fast.models.LlamaForPretraining` through the fused
+Triton decode kernels (:mod:`lmgen_fast.models.fused_ops`) and cuBLAS matmuls.
+
+Per layer: the q/k/v product (one matmul on the concatenated weights), rotary + cache write,
+attention (one launch, or two with a sequence split), ``o_proj``, residual add + RMSNorm,
+the gate/up product (one matmul), SwiGLU, ``down_proj``, residual add + the next norm: nine
+or ten kernels instead of eager's dozens. Nothing reads a tensor's values on the host, so a
+step can be captured in a CUDA graph (``kv_len`` is a host int: one graph per value).
+
+Models laid out like the article's and transformers ``LlamaForCausalLM`` reach
+:class:`~lmgen_fast.models.decoder.CachedLlamaDecoder` as a LlamaForPretraining sharing their
+tensors (``decoder.share_weights``), so they take this path too.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+
+import torch
+import torch.nn.functional as F
+
+from lmgen_fast.models import fused_ops as fo
+from lmgen_fast.models.cache import KVCache
+from lmgen_fast.models.llama import LlamaForPretraining, RMSNorm
+
+
+def _triton_runs_on(device: torch.device) -> bool:
+    """Whether the Triton kernels can run on ``device``'s tensors in this process."""
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    interpret = os.environ.get("TRITON_INTERPRET") == "1"
+    # The interpreter takes CPU tensors only; compiled kernels take CUDA tensors only.
+    return (device.type == "cuda") != interpret and device.type in ("cuda", "cpu")
+
+
+def supported(model: object) -> bool:
+    """Whether :class:`FusedLlamaStep` can run ``model`` (else the eager step is used).
+
+    Needs a :class:`LlamaForPretraining` with our RMSNorm modules, head size a power of two
+    ``>= 16`` (the kernels' tiles), every weight of one float dtype (float32, bfloat16 or
+    float16) on one device where Triton runs (CUDA, or the CPU under ``TRITON_INTERPRET=1``),
+    rotary tables in float32 or that dtype. Biases are allowed (added by the matmuls).
+    """
+    if not isinstance(model, LlamaForPretraining):
+        return False
+    c = model.config
+    d = c.head_dim
+    if d < 16 or d & (d - 1):
+        return False
+    weight = model.lm_head.weight
+    if weight.dtype not in fo.FLOAT_DTYPES or not _triton_runs_on(weight.device):
+        return False
+    base = model.base_model
+    norms = [base.norm] + [n for layer in base.layers
+                           for n in (layer.input_layernorm, layer.post_attention_layernorm)]
+    if not all(isinstance(n, RMSNorm) for n in norms):
+        return False
+    if any(p.dtype != weight.dtype or p.device != weight.device for p in model.parameters()):
+        return False
+    cos, sin = base.rotary_emb.cos, base.rotary_emb.sin
+    return (cos.dtype in (torch.float32, weight.dtype) and sin.dtype == cos.dtype
+            and cos.device == weight.device and cos.shape[-1] == d)
+
+
+def _cat_or_none(parts: list[torch.Tensor | None]) -> torch.Tensor | None:
+    return None if parts[0] is None else torch.cat(parts)
+
+
+class FusedLlamaStep:
+    """The fused decode step of one model, built once from its weights.
+
+    Memory: per layer a copy of ``cat([q_proj, k_proj, v_proj])`` (``(H + 2 KV) * D x
+    hidden``) and of ``cat([gate_proj, up_proj])`` (``2 I x hidden``) in the model dtype,
+    i.e. the attention-input and MLP-input weights a second time: about 2/3 of the layers'
+    weights (for the article's configuration, 12 x (1152 + 6144) x 768 values: 67 M, 134 MB
+    in bfloat16). :meth:`release` frees them; :meth:`refresh` rewrites them in place after
+    the model's weights were written in place (same storage: captured CUDA graphs stay
+    valid).
+
+    Parameters
+    ----------
+    model : LlamaForPretraining
+        A model :func:`supported` accepts.
+
+    Raises
+    ------
+    ValueError
+        If :func:`supported` rejects the model.
+    """
+
+    def __init__(self, model: LlamaForPretraining):
+        if not supported(model):
+            raise ValueError("this model cannot run the fused decode step (see "
+                             "lmgen_fast.models.fused_step.supported)")
+        self.model = model
+        c = model.config
+        self.n_heads = c.num_attention_heads
+        self.n_layers = c.num_hidden_layers
+        self.w_qkv: list[torch.Tensor] = []
+        self.b_qkv: list[torch.Tensor | None] = []
+        self.w_gu: list[torch.Tensor] = []
+        self.b_gu: list[torch.Tensor | None] = []
+        self.broken: str | None = None  # why the kernels failed here (the caller falls back)
+        self.ok = False  # whether a step has run (failures after that are not fallbacks)
+        with torch.no_grad():
+            for parts in self._sources():
+                self.w_qkv.append(torch.cat(parts[0]))
+                self.b_qkv.append(_cat_or_none(parts[1]))
+                self.w_gu.append(torch.cat(parts[2]))
+                self.b_gu.append(_cat_or_none(parts[3]))
+        self.versions = self._versions()
+
+    def _sources(self) -> list[tuple[list, list, list, list]]:
+        """Per layer the q/k/v weights, their biases, the gate/up weights, their biases."""
+        out = []
+        for layer in self.model.base_model.layers:
+            att, mlp = layer.self_attn, layer.mlp
+            qkv = [att.q_proj, att.k_proj, att.v_proj]
+            gu = [mlp.gate_proj, mlp.up_proj]
+            out.append(([m.weight for m in qkv], [m.bias for m in qkv],
+                        [m.weight for m in gu], [m.bias for m in gu]))
+        return out
+
+    def _versions(self) -> tuple[int, ...]:
+        # Tensor version counters move with every in-place write (load_state_dict copies
+        # into the parameters, optimiser steps), which fingerprint() does not see.
+        return tuple(t._version for parts in self._sources() for group in parts
+                     for t in group if t is not None)
+
+    def refresh(self) -> None:
+        """Rewrite the concatenated copies if a source weight was written in place."""
+        versions = self._versions()
+        if versions == self.versions:
+            return
+        with torch.no_grad():
+            for i, parts in enumerate(self._sources()):
+                torch.cat(parts[0], out=self.w_qkv[i])
+                torch.cat(parts[2], out=self.w_gu[i])
+                if self.b_qkv[i] is not None:
+                    torch.cat(parts[1], out=self.b_qkv[i])
+                if self.b_gu[i] is not None:
+                    torch.cat(parts[3], out=self.b_gu[i])
+        self.versions = versions
+
+    def release(self) -> None:
+        """Free the concatenated weights; the object is unusable afterwards."""
+        self.w_qkv, self.b_qkv, self.w_gu, self.b_gu = [], [], [], []
+
+    def extra_bytes(self) -> int:
+        """Bytes held by the concatenated copies."""
+        ts = [*self.w_qkv, *self.w_gu, *self.b_qkv, *self.b_gu]
+        return sum(t.numel() * t.element_size() for t in ts if t is not None)
+
+    def _layer(self, i: int, h: torch.Tensor, residual: torch.Tensor, positions: torch.Tensor,
+               cache: KVCache, kv_len: int, next_norm: RMSNorm) -> torch.Tensor:
+        """Layer ``i`` on the normed input ``h`` ``[B, hidden]``; ``residual`` ``[B, hidden]``
+        is updated in place; returns ``next_norm`` of the layer's output."""
+        layer = self.model.base_model.layers[i]
+        att, mlp = layer.self_attn, layer.mlp
+        rot = self.model.base_model.rotary_emb
+        q = fo.rope_cache(F.linear(h, self.w_qkv[i], self.b_qkv[i]), positions, rot.cos,
+                          rot.sin, cache.k[i], cache.v[i], self.n_heads)
+        a = fo.decode_attention(q, cache.k[i], cache.v[i], positions, kv_len)
+        norm = layer.post_attention_layernorm
+        h = fo.add_rmsnorm(F.linear(a, att.o_proj.weight, att.o_proj.bias), norm.weight,
+                           norm.eps, residual)
+        act = fo.swiglu(F.linear(h, self.w_gu[i], self.b_gu[i]))
+        return fo.add_rmsnorm(F.linear(act, mlp.down_proj.weight, mlp.down_proj.bias),
+                              next_norm.weight, next_norm.eps, residual)
+
+    def __call__(self, tokens: torch.Tensor, positions: torch.Tensor, cache: KVCache,
+                 kv_len: int) -> torch.Tensor:
+        """One token per row through the model, writing the cache; no host synchronisation.
+
+        Parameters
+        ----------
+        tokens : LongTensor
+            ``[B]`` int64 token ids.
+        positions : LongTensor
+            ``[B]`` int64, each row's position (its slot in the cache), ``< kv_len``.
+        cache : KVCache
+            The model's static cache with ``B`` rows (``model.new_cache``).
+        kv_len : int
+            Static bound on the slots read, as in ``forward_cached``.
+
+        Returns
+        -------
+        Tensor
+            ``[B, V]`` logits in the model dtype, as ``lm_head(forward_cached(...)[:, 0])``.
+        """
+        base = self.model.base_model
+        layers = base.layers
+        with torch.no_grad():
+            # The embedding output is a fresh tensor: it becomes the residual stream, updated
+            # in place by each add_rmsnorm (no copy).
+            residual = F.embedding(tokens, base.embed_tokens.weight)
+            first = layers[0].input_layernorm
+            h = fo.add_rmsnorm(residual, first.weight, first.eps)
+            for i in range(self.n_layers):
+                nxt = layers[i + 1].input_layernorm if i + 1 < self.n_layers else base.norm
+                h = self._layer(i, h, residual, positions, cache, kv_len, nxt)
+            return F.linear(h, self.model.lm_head.weight, self.model.lm_head.bias)
+
+    def guarded(self, tokens: torch.Tensor, positions: torch.Tensor, cache: KVCache,
+                kv_len: int) -> torch.Tensor | None:
+        """:meth:`__call__`, or None (with one warning) if the kernels fail on the first
+        step: the caller then runs the eager step, which rewrites the same cache slots."""
+        if self.ok:
+            return self(tokens, positions, cache, kv_len)
+        try:
+            out = self(tokens, positions, cache, kv_len)
+        except Exception as exc:  # compile or launch failure of the Triton kernels
+            self.broken = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+            warnings.warn(f"the fused decode kernels failed ({self.broken}); this decoder "
+                          "runs the eager decode step instead", RuntimeWarning, stacklevel=3)
+            return None
+        self.ok = True
+        return out
