@@ -261,7 +261,7 @@ def count_step(model: LlamaForPretraining, batch: int, backend: str, *, prompt_l
     layers = model.config.num_hidden_layers
     out = {
         "backend": backend, "batch": batch, "fused": bool(getattr(dec, "fused", False)),
-        "steps": counter.steps, "kv_len": dec._round(dec.kv_len),
+        "steps": counter.steps, "kv_len": dec.round_len(dec.kv_len),
         "per_layer": per["model.layers"] / layers, "model_other": per["model.other"],
         "model": per["model.layers"] + per["model.other"], "sampler": per["sampler"],
         "bookkeeping": per["bookkeeping"], "total": sum(per.values()),

@@ -34,6 +34,7 @@ import torch
 
 from lmgen_fast.core.params import PackedParams, SamplingParams
 from lmgen_fast.engine import bookkeeping as bk
+from lmgen_fast.runtime.launch import KernelCall
 from lmgen_fast.sampling import kernel as kernel_sampler
 
 # Vocabularies that cover the planner's regimes: the embedded model (one chunk), GPT-2 (a
@@ -94,7 +95,7 @@ def _arg_type(value) -> tuple[str, object | None]:
     raise TypeError(f"no Triton type for {type(value).__name__}")
 
 
-def _variant(fn, call: kernel_sampler.KernelCall) -> Variant:
+def _variant(fn, call: KernelCall) -> Variant:
     names = fn.arg_names
     sig, consts, div = [], dict(call.constexprs), []
     for i, (name, value) in enumerate(zip(names, call.args, strict=False)):

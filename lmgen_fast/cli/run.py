@@ -38,6 +38,7 @@ from lmgen_fast.cli.options import (
 )
 from lmgen_fast.core.params import SamplingParams
 from lmgen_fast.core.progress import Progress
+from lmgen_fast.core.rows import positions_needed
 from lmgen_fast.engine.loop import supports_slots
 from lmgen_fast.jobs.inputs import (  # noqa: F401  (re-exported: the names users import from here)
     KNOWN_FIELDS,
@@ -52,7 +53,6 @@ from lmgen_fast.jobs.inputs import (  # noqa: F401  (re-exported: the names user
     encode_prompts,
     parse_line,
     plan_batches,
-    positions_needed,
     read_jobs,
     shard_of,
 )
@@ -188,6 +188,89 @@ def _device(name: str, env: DistEnv):
     return device
 
 
+def _prepare_output(args: argparse.Namespace, env: DistEnv, output: Path) -> None:
+    """Check (or, with --overwrite, back up) the output against this run's manifest.
+
+    Before the model is loaded: a run that may not resume fails in seconds, and nothing is
+    written to the output until its manifest matches this run.
+    """
+    manifest = build_manifest(args, model_identity(args.model, args.tokenizer))
+    if env.rank == 0:
+        print_note(prepare_output(output, manifest, overwrite=args.overwrite))
+    if env.distributed:
+        # Rank 0 has backed up (--overwrite) and written the manifest; the others check it.
+        barrier(env, last=False)
+        if env.rank != 0:
+            prepare_output(output, manifest, overwrite=False)
+
+
+def _drop_too_long(args: argparse.Namespace, rows: list[JobRow], prompt_ids: list[list[int]],
+                   invalid: list[InvalidLine], limit: int
+                   ) -> tuple[list[JobRow], list[list[int]]]:
+    """The rows (and their prompt ids) that fit in ``limit`` positions; the others go to
+    ``invalid`` (sorted by line), or stop the job without --skip-invalid."""
+    keep = []
+    for i, row in enumerate(rows):
+        need = positions_needed(len(prompt_ids[i]), row.max_tokens)
+        if need > limit:
+            invalid.append(InvalidLine(
+                row.line, row.id,
+                f"prompt of {len(prompt_ids[i])} tokens plus max_tokens={row.max_tokens} "
+                f"needs {need} positions, beyond the model's max_position_embeddings="
+                f"{limit}",
+            ))
+        else:
+            keep.append(i)
+    if len(keep) < len(rows):
+        invalid.sort(key=lambda bad: bad.line)
+        if not args.skip_invalid:
+            raise JobError(_first_error(args.input, invalid))
+        rows = [rows[i] for i in keep]
+        prompt_ids = [prompt_ids[i] for i in keep]
+    return rows, prompt_ids
+
+
+def _report(args: argparse.Namespace, env: DistEnv, stats: RunStats, *, prefix: str,
+            device: torch.device, target: Path, invalid: Sequence[InvalidLine],
+            errors_path: str | None, static: bool, spec: SpeculativeRun | None,
+            wall: float) -> None:
+    """Print what the run did on stderr, and write it to --summary as JSON."""
+    rate = stats.tokens / stats.seconds if stats.seconds > 0 else 0.0
+    skipped = (f", {len(invalid)} invalid line{'s' * (len(invalid) != 1)} skipped "
+               f"(see {errors_path})") if invalid else ""
+    batching = "static" if static else "continuous"
+    # Speculative rounds count no decode steps: no utilization to report for them.
+    slot_note = (f"{batching} batching, {stats.steps} steps, slot utilization "
+                 f"{stats.slot_utilization:.1f}%; ") if stats.slot_steps else ""
+    print(f"{prefix}{stats.rows} rows, {stats.tokens} tokens in {stats.seconds:.2f} s "
+          f"({rate:.1f} tokens/s) on {device}; {stats.already_done} already done{skipped}; "
+          f"{slot_note}{time.perf_counter() - wall:.1f} s in all; results in {target}",
+          file=sys.stderr)
+    if spec is not None:
+        print(prefix + speculative_summary(stats.tokens, *spec.totals), file=sys.stderr)
+    if args.summary is not None:
+        summary = {"rows": stats.rows, "tokens": stats.tokens, "seconds": stats.seconds,
+                   "tokens_per_s": rate, "already_done": stats.already_done,
+                   "steps": stats.steps, "slot_steps": stats.slot_steps,
+                   "slot_utilization": stats.slot_utilization, "batching": batching,
+                   "batch_size": args.batch_size, "device": str(device), "rank": env.rank}
+        # Under torchrun each rank writes its own summary beside the others.
+        path = f"{args.summary}.rank{env.rank}" if env.distributed else args.summary
+        write_atomic(path, [(json.dumps(summary) + "\n").encode()])
+
+
+def _merge_ranks(env: DistEnv, output: Path, rows: Sequence[JobRow]) -> None:
+    """Under torchrun, once every rank is done: rank 0 merges the part files into the
+    output, in input order."""
+    barrier(env)
+    if env.rank == 0:
+        parts, added = merge_parts(output)
+        reorder(output, [row.key for row in rows])
+        total = len(scan_results(output, repair=False).keys)
+        print(f"merged {parts} part files ({added} rows) into {output}: {total} rows",
+              file=sys.stderr)
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     """Run ``lmgen-fast run``: generate every row of the input into the output."""
     wall = time.perf_counter()
@@ -201,16 +284,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         raise JobError(_first_error(args.input, invalid))
 
     output = Path(args.output)
-    # Before the model is loaded: a run that may not resume fails in seconds, and nothing is
-    # written to the output until its manifest matches this run.
-    manifest = build_manifest(args, model_identity(args.model, args.tokenizer))
-    if env.rank == 0:
-        print_note(prepare_output(output, manifest, overwrite=args.overwrite))
-    if env.distributed:
-        # Rank 0 has backed up (--overwrite) and written the manifest; the others check it.
-        barrier(env, last=False)
-        if env.rank != 0:
-            prepare_output(output, manifest, overwrite=False)
+    _prepare_output(args, env, output)
 
     device = _device(args.device, env)
     model, tokenizer = load_model_and_tokenizer(args.model, args.tokenizer, device)
@@ -220,24 +294,7 @@ def cmd_run(args: argparse.Namespace) -> int:
              if isinstance(decoder, CachedLlamaDecoder) else None)
     prompt_ids = encode_prompts(adapter, rows)
     if limit is not None:
-        keep = []
-        for i, row in enumerate(rows):
-            need = positions_needed(len(prompt_ids[i]), row.max_tokens)
-            if need > limit:
-                invalid.append(InvalidLine(
-                    row.line, row.id,
-                    f"prompt of {len(prompt_ids[i])} tokens plus max_tokens={row.max_tokens} "
-                    f"needs {need} positions, beyond the model's max_position_embeddings="
-                    f"{limit}",
-                ))
-            else:
-                keep.append(i)
-        if len(keep) < len(rows):
-            invalid.sort(key=lambda bad: bad.line)
-            if not args.skip_invalid:
-                raise JobError(_first_error(args.input, invalid))
-            rows = [rows[i] for i in keep]
-            prompt_ids = [prompt_ids[i] for i in keep]
+        rows, prompt_ids = _drop_too_long(args, rows, prompt_ids, invalid, limit)
     if errors_path is not None and env.rank == 0:
         write_atomic(errors_path, [encode_record(bad.record()) for bad in invalid])
 
@@ -275,37 +332,9 @@ def cmd_run(args: argparse.Namespace) -> int:
               "command again to resume", file=sys.stderr)
         return EXIT_INTERRUPTED
     stats.already_done = len(mine) - len(todo)
-
-    rate = stats.tokens / stats.seconds if stats.seconds > 0 else 0.0
-    skipped = (f", {len(invalid)} invalid line{'s' * (len(invalid) != 1)} skipped "
-               f"(see {errors_path})") if invalid else ""
-    static = args.static_batches or spec is not None or not supports_slots(decoder)
-    batching = "static" if static else "continuous"
-    # Speculative rounds count no decode steps: no utilization to report for them.
-    slot_note = (f"{batching} batching, {stats.steps} steps, slot utilization "
-                 f"{stats.slot_utilization:.1f}%; ") if stats.slot_steps else ""
-    print(f"{prefix}{stats.rows} rows, {stats.tokens} tokens in {stats.seconds:.2f} s "
-          f"({rate:.1f} tokens/s) on {device}; {stats.already_done} already done{skipped}; "
-          f"{slot_note}{time.perf_counter() - wall:.1f} s in all; results in {target}",
-          file=sys.stderr)
-    if spec is not None:
-        print(prefix + speculative_summary(stats.tokens, *spec.totals), file=sys.stderr)
-    if args.summary is not None:
-        summary = {"rows": stats.rows, "tokens": stats.tokens, "seconds": stats.seconds,
-                   "tokens_per_s": rate, "already_done": stats.already_done,
-                   "steps": stats.steps, "slot_steps": stats.slot_steps,
-                   "slot_utilization": stats.slot_utilization, "batching": batching,
-                   "batch_size": args.batch_size, "device": str(device), "rank": env.rank}
-        # Under torchrun each rank writes its own summary beside the others.
-        path = f"{args.summary}.rank{env.rank}" if env.distributed else args.summary
-        write_atomic(path, [(json.dumps(summary) + "\n").encode()])
+    _report(args, env, stats, prefix=prefix, device=device, target=target, invalid=invalid,
+            errors_path=errors_path, spec=spec, wall=wall,
+            static=args.static_batches or spec is not None or not supports_slots(decoder))
     if env.distributed:
-        barrier(env)
-        if env.rank == 0:
-            parts, added = merge_parts(output)
-            reorder(output, [row.key for row in rows])
-            total = len(scan_results(output, repair=False).keys)
-            print(f"merged {parts} part files ({added} rows) into {output}: {total} rows",
-                  file=sys.stderr)
+        _merge_ranks(env, output, rows)
     return 0
-

@@ -19,7 +19,50 @@ TTY_REFRESH = 0.5
 LOG_EVERY = 30.0
 
 
-class Progress:
+class Tally:
+    """The numbers a :class:`Progress` shows: items done out of a total, what is counted
+    for the rate (tokens by default), a note, and the rate since the start.
+
+    Parameters
+    ----------
+    total, initial, label, unit, rate_unit, clock
+        As for :class:`Progress`.
+    """
+
+    def __init__(self, total: int, initial: int, label: str, unit: str, rate_unit: str,
+                 clock: Callable[[], float]):
+        self.total, self.done, self.tokens = total, initial, 0
+        self.note = ""
+        self._unit, self._rate_unit, self._label = unit, rate_unit, label
+        self._clock = clock
+        self.start = clock()
+
+    def rate(self) -> float:
+        """What :meth:`Progress.count` counted, per second since the start.
+
+        Returns
+        -------
+        float
+            0 before any time has passed.
+        """
+        elapsed = self._clock() - self.start
+        return self.tokens / elapsed if elapsed > 0 else 0.0
+
+    def postfix(self) -> str:
+        """What the terminal bar shows after its counts: the note, then the rate."""
+        rate = f"{self.rate():.1f} {self._rate_unit}/s"
+        return f"{self.note}, {rate}" if self.note else rate
+
+    def line(self) -> str:
+        """The plain progress line: label, items done, tokens counted, the rate, the note."""
+        percent = 100 * self.done / max(self.total, 1)
+        text = (f"{self._label}{' ' if self._label else ''}{self._unit}s {self.done}/"
+                f"{self.total} ({percent:.0f}%), {self.tokens} {self._rate_unit}, "
+                f"{self.rate():.1f} {self._rate_unit}/s")
+        return f"{text}, {self.note}" if self.note else text
+
+
+class Progress(Tally):
     """Items done out of a total, and a rate (tokens per second by default).
 
     Parameters
@@ -44,26 +87,12 @@ class Progress:
         Returns seconds; tests pass a fake one.
     """
 
-    def __init__(
-        self,
-        total: int,
-        initial: int = 0,
-        enabled: bool = True,
-        label: str = "",
-        *,
-        unit: str = "row",
-        rate_unit: str = "tok",
-        stream: TextIO | None = None,
-        log_every: float = LOG_EVERY,
-        clock: Callable[[], float] = time.perf_counter,
-    ):
-        self.total, self.done, self.tokens = total, initial, 0
+    def __init__(self, total: int, initial: int = 0, enabled: bool = True, label: str = "", *,
+                 unit: str = "row", rate_unit: str = "tok", stream: TextIO | None = None,
+                 log_every: float = LOG_EVERY, clock: Callable[[], float] = time.perf_counter):
+        super().__init__(total, initial, label, unit, rate_unit, clock)
         self.enabled = enabled and total > initial
-        self.note = ""
-        self._unit, self._rate_unit, self._label = unit, rate_unit, label
         self._stream = stream if stream is not None else sys.stderr
-        self._clock = clock
-        self.start = clock()
         self._last = self.start
         self._tty = bool(getattr(self._stream, "isatty", lambda: False)())
         self._every = TTY_REFRESH if self._tty else log_every
@@ -72,17 +101,6 @@ class Progress:
         if self.enabled and self._tty:
             self._bar = tqdm(total=total, initial=initial, unit=unit, desc=label or None,
                              file=self._stream, dynamic_ncols=True, mininterval=TTY_REFRESH)
-
-    def rate(self) -> float:
-        """What :meth:`count` counted, per second since the start.
-
-        Returns
-        -------
-        float
-            0 before any time has passed.
-        """
-        elapsed = self._clock() - self.start
-        return self.tokens / elapsed if elapsed > 0 else 0.0
 
     def count(self, n: int = 1) -> None:
         """Count ``n`` tokens (the rate's numerator)."""
@@ -105,17 +123,13 @@ class Progress:
         if note is not None:
             self.note = note
         if self._bar is not None:
-            self._bar.set_postfix_str(self._postfix(), refresh=False)
+            self._bar.set_postfix_str(self.postfix(), refresh=False)
             self._bar.update(n)
         self._maybe_show()
 
     def add_rows(self, n: int) -> None:
         """Count ``n`` finished rows (:meth:`advance` without a note)."""
         self.advance(n)
-
-    def _postfix(self) -> str:
-        rate = f"{self.rate():.1f} {self._rate_unit}/s"
-        return f"{self.note}, {rate}" if self.note else rate
 
     def _maybe_show(self) -> None:
         # Called for every token: the clock is read, nothing more, until a line is due.
@@ -126,17 +140,9 @@ class Progress:
             self._last = now
             self._show()
 
-    def line(self) -> str:
-        """The plain progress line: label, items done, tokens counted, the rate, the note."""
-        percent = 100 * self.done / max(self.total, 1)
-        text = (f"{self._label}{' ' if self._label else ''}{self._unit}s {self.done}/"
-                f"{self.total} ({percent:.0f}%), {self.tokens} {self._rate_unit}, "
-                f"{self.rate():.1f} {self._rate_unit}/s")
-        return f"{text}, {self.note}" if self.note else text
-
     def _show(self) -> None:
         if self._bar is not None:
-            self._bar.set_postfix_str(self._postfix(), refresh=True)
+            self._bar.set_postfix_str(self.postfix(), refresh=True)
             return
         self._stream.write(self.line() + "\n")
         self._stream.flush()
@@ -147,7 +153,7 @@ class Progress:
             return
         self._closed = True
         if self._bar is not None:
-            self._bar.set_postfix_str(self._postfix(), refresh=False)
+            self._bar.set_postfix_str(self.postfix(), refresh=False)
             self._bar.close()
         else:
             self._show()

@@ -17,6 +17,7 @@ from pathlib import Path
 from lmgen_fast.api.tokenization import TokenizerAdapter
 from lmgen_fast.core.errors import CLIError
 from lmgen_fast.core.params import SamplingParams
+from lmgen_fast.core.rows import positions_needed
 from lmgen_fast.jobs.jsonl import id_key
 
 PARAM_FIELDS = tuple(f.name for f in fields(SamplingParams))
@@ -260,11 +261,6 @@ def encode_prompts(adapter, rows: Sequence[JobRow]) -> list[list[int]]:
         encoded = tokenizer.encode_batch([" " + r.prompt for r in rows])
         return [[adapter.bos_id, *e.ids] for e in encoded]
     return [adapter.encode_prompt(r.prompt) for r in rows]
-
-
-def positions_needed(prompt_len: int, max_tokens: int) -> int:
-    """Positions a row occupies in the KV cache (the last sampled token is never fed back)."""
-    return prompt_len + max(max_tokens - 1, 0)
 
 
 def plan_batches(

@@ -38,6 +38,32 @@ class RunStats:
 SYNC_SECONDS = 1.0
 
 
+def _batches(rows: Sequence[JobRow], prompt_ids: Sequence[Sequence[int]], batch_size: int,
+             limit: int | None, slots: bool) -> list[list[int]]:
+    """The row indices of each call of the generator: with slots, one pass for the rows
+    that ask for log-probabilities and one for the others; else :func:`plan_batches`."""
+    if slots:
+        # Log-probabilities cost work on every step: only for the pass of rows that ask.
+        asking = [i for i, r in enumerate(rows) if r.params.logprobs > 0]
+        others = [i for i, r in enumerate(rows) if r.params.logprobs <= 0]
+        return [b for b in (others, asking) if b]
+    return plan_batches(rows, prompt_ids, batch_size, limit)
+
+
+def _record(row: JobRow, text: str, token_ids: list[int], reason: str, lp) -> dict:
+    """The result line of one row; ``lp`` (its log-probabilities) only for a row that asked
+    for them, else None."""
+    record = {
+        "id": row.id, "text": text, "token_ids": token_ids,
+        "finish_reason": reason, "num_tokens": len(token_ids),
+    }
+    if lp is not None:
+        record["logprobs"] = lp.logprobs
+        record["top_logprobs"] = lp.top_logprobs
+        record["logprobs_mode"] = row.params.logprobs_mode
+    return record
+
+
 def run_rows(
     decoder,
     adapter,
@@ -94,14 +120,7 @@ def run_rows(
     callback = progress.on_token if progress is not None else None
     written: set[int] = set()
     slots = not static and supports_slots(decoder)
-    if slots:
-        # Log-probabilities cost work on every step: only for the pass of rows that ask.
-        asking = [i for i, r in enumerate(rows) if r.params.logprobs > 0]
-        others = [i for i, r in enumerate(rows) if r.params.logprobs <= 0]
-        batches = [b for b in (others, asking) if b]
-    else:
-        batches = plan_batches(rows, prompt_ids, batch_size, limit)
-    for batch in batches:
+    for batch in _batches(rows, prompt_ids, batch_size, limit, slots):
         want = [rows[i].params.logprobs > 0 for i in batch]
         extra: dict = {"return_logprobs": True} if any(want) else {}
         extra.update({"max_batch_size": batch_size} if slots else {})
@@ -110,15 +129,8 @@ def run_rows(
             nonlocal last_sync
             token_ids, reason = pair
             i = batch[j]
-            record = {
-                "id": rows[i].id, "text": adapter.decode(token_ids), "token_ids": token_ids,
-                "finish_reason": reason, "num_tokens": len(token_ids),
-            }
-            if want[j]:
-                record["logprobs"] = lp.logprobs
-                record["top_logprobs"] = lp.top_logprobs
-                record["logprobs_mode"] = rows[i].params.logprobs_mode
-            writer.write(record)
+            writer.write(_record(rows[i], adapter.decode(token_ids), token_ids, reason,
+                                 lp if want[j] else None))
             written.add(i)
             stats.tokens, stats.rows = stats.tokens + len(token_ids), stats.rows + 1
             if progress is not None:

@@ -1,8 +1,14 @@
-"""A static key/value cache: preallocated per layer, written in place at per-row positions."""
+"""A static key/value cache: preallocated per layer, written in place at per-row positions;
+and a decoder's cache of one batch (:class:`StaticCache`), kept between runs."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
+
+from lmgen_fast.core.intmath import round_up
+from lmgen_fast.core.rows import positions_needed
 
 
 class KVCache:
@@ -56,3 +62,105 @@ class RowsView:
         ck[at] = k.transpose(1, 2)
         cv[at] = v.transpose(1, 2)
         return ck[self.rows, :, :kv_len], cv[self.rows, :, :kv_len]
+
+
+def checked_positions(prompt_len: int, max_new_tokens: int, limit: int) -> int:
+    """Positions a row takes (:func:`~lmgen_fast.core.rows.positions_needed`).
+
+    Raises
+    ------
+    ValueError
+        Beyond ``limit``, the model's ``max_position_embeddings``.
+    """
+    need = positions_needed(prompt_len, max_new_tokens)
+    if need > limit:
+        raise ValueError(
+            f"prompt of {prompt_len} tokens plus max_tokens={max_new_tokens} needs {need} "
+            f"positions, beyond max_position_embeddings={limit}"
+        )
+    return need
+
+
+class StaticCache:
+    """The static KV cache of one batch and each row's next position (``positions``, int64
+    ``[B]``): the cache part of :class:`~lmgen_fast.models.decoder.CachedLlamaDecoder`.
+    ``model``: a :class:`~lmgen_fast.models.LlamaForPretraining` (``new_cache``).
+
+    The cache and the position buffer are kept and reused by the next run of the same batch
+    size when they are large enough, so that graphs captured on them stay valid
+    (``cache_version`` changes whenever they are replaced). Cache lengths are multiples of
+    ``kv_block`` (:meth:`round_len`).
+    """
+
+    def __init__(self, model: torch.nn.Module):
+        self.model = model
+        self.device = model.lm_head.weight.device
+        self.kv_block = 128 if self.device.type == "cuda" else 1
+        self.cache = None
+        self.cache_version = 0
+        # (cache, positions, version) that compact() shrank from: restored by the next run
+        # of its batch size, so that the graphs captured on it replay again.
+        self._spare: tuple | None = None
+
+    def round_len(self, n: int) -> int:
+        """``n`` slots rounded up to a multiple of ``kv_block``: the ``kv_len`` a step over
+        ``n`` slots uses (a handful of fixed shapes, one CUDA graph each)."""
+        return round_up(n, self.kv_block)
+
+    def ensure_cache(self, batch: int, max_len: int) -> None:
+        """A cache of ``batch`` rows of at least ``max_len`` slots, in the model's dtype and
+        device: the one set aside by :meth:`compact`, the current one, or a new one."""
+        if self._spare is not None:
+            spare, self._spare = self._spare, None
+            if self._fits(spare[0], batch, max_len):
+                self.cache, self.positions, self.cache_version = spare
+                return
+        if self._fits(self.cache, batch, max_len):
+            return
+        self.cache = self.positions = None  # free the old one before allocating
+        self.cache = self.model.new_cache(batch, max_len)
+        self.positions = torch.zeros(batch, dtype=torch.int64, device=self.device)
+        self.cache_version += 1
+
+    def _fits(self, c, batch: int, max_len: int) -> bool:
+        weight = self.model.lm_head.weight
+        return (c is not None and c.k[0].shape[0] == batch and c.max_len >= max_len
+                and c.k[0].dtype == weight.dtype and c.k[0].device == weight.device)
+
+    def reserve(self, batch: int, prompt_len: int, max_new_tokens: int) -> None:
+        """A cache of ``batch`` rows, each as long as the row of ``prompt_len`` tokens and
+        ``max_new_tokens`` needs (the longest of a run); every row at position 0."""
+        self.ensure_cache(batch, self.round_len(checked_positions(
+            prompt_len, max_new_tokens, self.model.config.max_position_embeddings)))
+        self.positions.zero_()
+        self.kv_len = 0
+
+    def park(self, slots: Sequence[int]) -> None:
+        """Send rows without work back to position 0, so that they stay inside the cache."""
+        where = torch.as_tensor(list(slots), dtype=torch.int64, device=self.device)
+        self.positions.index_fill_(0, where, 0)
+
+    def compact(self, keep: Sequence[int]) -> None:
+        """Keep only cache rows ``keep`` (row ``j`` of the new, smaller cache is row
+        ``keep[j]``), with their positions: a batch whose other rows have nothing to do. The
+        cache of the run's full batch is kept aside for the next run (not the ones between)."""
+        index = torch.as_tensor(list(keep), dtype=torch.int64, device=self.device)
+        old, positions = self.cache, self.positions.index_select(0, index)
+        if self._spare is None:
+            self._spare = (old, self.positions, self.cache_version)
+        self.cache = self.positions = None
+        self.cache = self.model.new_cache(len(keep), old.max_len)
+        for new, kept in zip(self.cache.k + self.cache.v, old.k + old.v, strict=True):
+            new.copy_(kept.index_select(0, index))
+        self.positions = positions
+        self.cache_version += 1
+
+    def release_cache(self) -> None:
+        """Drop the cache, its positions and the one set aside (the next run allocates)."""
+        self.cache = self.positions = self._spare = None
+        self.cache_version += 1
+
+    def advance(self) -> int:
+        """Account for one more decode step on the host; return the ``kv_len`` it uses."""
+        self.kv_len += 1
+        return self.round_len(self.kv_len)

@@ -27,7 +27,7 @@ from torch import nn
 
 # get_path and set_path are imported from here by the transformers adapter.
 from lmgen_fast.models.article import get_path, infer_article_config, set_path, share_weights  # noqa: F401
-from lmgen_fast.models.cache import RowsView
+from lmgen_fast.models.cache import RowsView, StaticCache, checked_positions
 from lmgen_fast.models.fused_step import FusedLlamaStep
 from lmgen_fast.models.fused_step import supported as fused_supported
 from lmgen_fast.models.llama import LlamaForPretraining
@@ -55,28 +55,13 @@ class Decoder:
         raise NotImplementedError
 
 
-class CachedLlamaDecoder(Decoder):
-    """Our Llama with a static KV cache; rows keep their own positions (right padding).
+class FusedSteps:
+    """Whether decode steps run the fused Triton step, and that step, built from the model's
+    weights on first use: the fused part of :class:`CachedLlamaDecoder` (``self.model``)."""
 
-    Decode steps attend over the first ``kv_len`` cache slots, rounded up to a multiple of
-    ``kv_block``: on the GPU that gives a handful of fixed shapes, one CUDA graph each (the
-    extra slots are masked). The cache and the position buffer are kept and reused by the
-    next :meth:`prefill` of the same batch size when they are large enough, so that graphs
-    captured on them stay valid (``cache_version`` changes whenever they are replaced).
-    """
+    model: LlamaForPretraining
 
-    cached = True
-    graphable = True
-
-    def __init__(self, model: LlamaForPretraining):
-        self.model = model
-        self.device = model.lm_head.weight.device
-        self.kv_block = 128 if self.device.type == "cuda" else 1
-        self.cache = None
-        self.cache_version = 0
-        # (cache, positions, version) that compact() shrank from: restored by the next run
-        # of its batch size, so that the graphs captured on it replay again.
-        self._spare: tuple | None = None
+    def __init__(self):
         self._fused = False
         # False: the engine never picks the fused step (eager model steps with the Triton
         # sampler; no concatenated weight copies). A benchmark's "before", or to save memory.
@@ -124,60 +109,47 @@ class CachedLlamaDecoder(Decoder):
             kept[1].refresh()
         return kept[1]
 
-    def _round(self, n: int) -> int:
-        return -(-n // self.kv_block) * self.kv_block
+    def release_fused_step(self) -> None:
+        """Free the fused step's weight copies (rebuilt when next used)."""
+        if self._fused_step is not None:
+            self._fused_step[1].release()
+            self._fused_step = None
+
+
+class CachedLlamaDecoder(StaticCache, FusedSteps, Decoder):
+    """Our Llama with a static KV cache; rows keep their own positions (right padding).
+
+    Decode steps attend over the first ``kv_len`` cache slots, rounded up to a multiple of
+    ``kv_block`` (:meth:`round_len`): on the GPU that gives a handful of fixed shapes, one
+    CUDA graph each (the extra slots are masked). The cache and the position buffer are kept
+    and reused by the next :meth:`prefill` of the same batch size when they are large
+    enough, so that graphs captured on them stay valid (``cache_version`` changes whenever
+    they are replaced): see :class:`StaticCache`; the fused step: :class:`FusedSteps`.
+    """
+
+    cached = True
+    graphable = True
+
+    def __init__(self, model: LlamaForPretraining):
+        StaticCache.__init__(self, model)
+        FusedSteps.__init__(self)
 
     def prefill(self, prompts: Sequence[Sequence[int]], max_new_tokens: int) -> torch.Tensor:
         lengths = [len(p) for p in prompts]
         if min(lengths) == 0:
             raise ValueError(f"prompt {lengths.index(0)} has no tokens")
         longest = max(lengths)
-        need = self._need(longest, max_new_tokens)
+        need = checked_positions(longest, max_new_tokens,
+                                 self.model.config.max_position_embeddings)
         batch = len(prompts)
         ids = _right_padded(prompts, self.device)
-        self._ensure_cache(batch, self._round(max(need, longest)))
+        self.ensure_cache(batch, self.round_len(max(need, longest)))
         positions = torch.arange(longest, device=self.device).expand(batch, longest)
         hidden = self.model.forward_cached(ids, positions, self.cache, kv_len=longest)
         last = torch.as_tensor(lengths, device=self.device) - 1
         self.positions.copy_(last + 1)  # where each row's next token goes
         self.kv_len = longest  # host-side bound on the slots in use, to avoid a device sync
         return self.model.lm_head(hidden[torch.arange(batch, device=self.device), last])
-
-    def _ensure_cache(self, batch: int, max_len: int) -> None:
-        if self._spare is not None:
-            spare, self._spare = self._spare, None
-            if self._fits(spare[0], batch, max_len):
-                self.cache, self.positions, self.cache_version = spare
-                return
-        if self._fits(self.cache, batch, max_len):
-            return
-        self.cache = self.positions = None  # free the old one before allocating
-        self.cache = self.model.new_cache(batch, max_len)
-        self.positions = torch.zeros(batch, dtype=torch.int64, device=self.device)
-        self.cache_version += 1
-
-    def _fits(self, c, batch: int, max_len: int) -> bool:
-        weight = self.model.lm_head.weight
-        return (c is not None and c.k[0].shape[0] == batch and c.max_len >= max_len
-                and c.k[0].dtype == weight.dtype and c.k[0].device == weight.device)
-
-    def _need(self, prompt_len: int, max_new_tokens: int) -> int:
-        """Positions a row takes (the last sampled token is never fed back, hence the - 1)."""
-        limit = self.model.config.max_position_embeddings
-        need = prompt_len + max(max_new_tokens - 1, 0)
-        if need > limit:
-            raise ValueError(
-                f"prompt of {prompt_len} tokens plus max_tokens={max_new_tokens} needs {need} "
-                f"positions, beyond max_position_embeddings={limit}"
-            )
-        return need
-
-    def reserve(self, batch: int, prompt_len: int, max_new_tokens: int) -> None:
-        """A cache of ``batch`` rows, each as long as the row of ``prompt_len`` tokens and
-        ``max_new_tokens`` needs (the longest of a run); every row at position 0."""
-        self._ensure_cache(batch, self._round(self._need(prompt_len, max_new_tokens)))
-        self.positions.zero_()
-        self.kv_len = 0
 
     def refill(self, slots: Sequence[int], prompts: Sequence[Sequence[int]],
                kv_len: int) -> None:
@@ -201,38 +173,10 @@ class CachedLlamaDecoder(Decoder):
             self.model.forward_cached(ids, torch.arange(ids.shape[1], device=dev).expand_as(ids),
                                       RowsView(self.cache, rows), kv_len=ids.shape[1])
 
-    def park(self, slots: Sequence[int]) -> None:
-        """Send rows without work back to position 0, so that they stay inside the cache."""
-        where = torch.as_tensor(list(slots), dtype=torch.int64, device=self.device)
-        self.positions.index_fill_(0, where, 0)
-
-    def compact(self, keep: Sequence[int]) -> None:
-        """Keep only cache rows ``keep`` (row ``j`` of the new, smaller cache is row
-        ``keep[j]``), with their positions: a batch whose other rows have nothing to do. The
-        cache of the run's full batch is kept aside for the next run (not the ones between)."""
-        index = torch.as_tensor(list(keep), dtype=torch.int64, device=self.device)
-        old, positions = self.cache, self.positions.index_select(0, index)
-        if self._spare is None:
-            self._spare = (old, self.positions, self.cache_version)
-        self.cache = self.positions = None
-        self.cache = self.model.new_cache(len(keep), old.max_len)
-        for new, kept in zip(self.cache.k + self.cache.v, old.k + old.v, strict=True):
-            new.copy_(kept.index_select(0, index))
-        self.positions = positions
-        self.cache_version += 1
-
     def release(self) -> None:
         """Free the cache and the fused step's weight copies (rebuilt when next used)."""
-        self.cache = self.positions = self._spare = None
-        self.cache_version += 1
-        if self._fused_step is not None:
-            self._fused_step[1].release()
-            self._fused_step = None
-
-    def advance(self) -> int:
-        """Account for one more decode step on the host; return the ``kv_len`` it uses."""
-        self.kv_len += 1
-        return self._round(self.kv_len)
+        self.release_cache()
+        self.release_fused_step()
 
     def step(self, tokens: torch.Tensor, kv_len: int) -> torch.Tensor:
         """One decode step at the rows' current positions, without touching host state.

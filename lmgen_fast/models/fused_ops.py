@@ -1,7 +1,7 @@
 """Launchers of the fused decode-step kernels (:mod:`lmgen_fast.kernels.decode`).
 
 Each op has a ``*_call`` function that checks shapes, allocates its outputs and plans the
-launch as :class:`~lmgen_fast.sampling.kernel.KernelCall` records, using only fixed-shape
+launch as :class:`~lmgen_fast.runtime.launch.KernelCall` records, using only fixed-shape
 torch ops and host integers, so it runs on the ``meta`` device (the ahead-of-time compile
 takes its variants from :func:`compile_calls`) and inside CUDA-graph capture: nothing here
 reads a tensor's values. The plain function runs the calls.
@@ -14,7 +14,8 @@ from typing import NamedTuple
 
 import torch
 
-from lmgen_fast.sampling.kernel import KernelCall
+from lmgen_fast.core.intmath import cdiv, next_pow2
+from lmgen_fast.runtime.launch import KernelCall, run_calls
 
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # Programs to aim for when splitting the sequence: two per SM of an H100/H200 (132 SMs).
@@ -32,19 +33,8 @@ def _kernels():
 
 
 def run(calls: list[KernelCall]) -> None:
-    """Launch ``calls`` in order."""
-    kd = _kernels()
-    for call in calls:
-        getattr(kd, call.name)[call.grid](*call.args, **call.constexprs, **call.options)
-
-
-def _cdiv(a: int, b: int) -> int:
-    return -(-a // b)
-
-
-def next_pow2(n: int) -> int:
-    """The smallest power of two ``>= n``."""
-    return 1 << max(0, (n - 1).bit_length())
+    """Launch ``calls`` in order (every op launches through here: tests replace it)."""
+    run_calls(_kernels(), calls)
 
 
 def _check_float(name: str, t: torch.Tensor) -> None:
@@ -231,11 +221,11 @@ def plan_attention(
     dot = group > 1
     block_g = max(16, next_pow2(group)) if dot else 1
     if split_len is None:
-        splits = min(_cdiv(target_programs, batch * n_kv_heads), MAX_SPLITS,
+        splits = min(cdiv(target_programs, batch * n_kv_heads), MAX_SPLITS,
                      max(1, kv_len // (2 * block_n)))
-        split_len = _cdiv(kv_len, max(1, splits))
-    split_len = _cdiv(split_len, block_n) * block_n
-    n_splits = _cdiv(kv_len, split_len)
+        split_len = cdiv(kv_len, max(1, splits))
+    split_len = cdiv(split_len, block_n) * block_n
+    n_splits = cdiv(kv_len, split_len)
     if n_splits > MAX_SPLITS:
         raise ValueError(f"{n_splits} splits exceed {MAX_SPLITS}: choose a longer split_len")
     return AttentionPlan(block_n, block_g, dot, split_len, n_splits, 4)
@@ -344,7 +334,7 @@ def swiglu_call(gu: torch.Tensor, out: torch.Tensor | None = None
     if out is None:
         out = torch.empty(*gu.shape[:-1], inter, dtype=gu.dtype, device=gu.device)
     call = KernelCall(
-        "swiglu_kernel", (rows, _cdiv(inter, SWIGLU_BLOCK)), (gu, out, inter),
+        "swiglu_kernel", (rows, cdiv(inter, SWIGLU_BLOCK)), (gu, out, inter),
         dict(BLOCK=SWIGLU_BLOCK), dict(num_warps=4, enable_fp_fusion=False),
     )
     return call, out

@@ -69,42 +69,25 @@ def _cat_or_none(parts: list[torch.Tensor | None]) -> torch.Tensor | None:
     return None if parts[0] is None else torch.cat(parts)
 
 
-class FusedLlamaStep:
-    """The fused decode step of one model, built once from its weights.
+class FusedWeights:
+    """Per layer a copy of ``cat([q_proj, k_proj, v_proj])`` (``w_qkv``, ``(H + 2 KV) * D x
+    hidden``) and of ``cat([gate_proj, up_proj])`` (``w_gu``, ``2 I x hidden``) in the model
+    dtype, with their biases (``b_qkv``, ``b_gu``; None without): the weights of one matmul
+    each in :class:`FusedLlamaStep`.
 
-    Memory: per layer a copy of ``cat([q_proj, k_proj, v_proj])`` (``(H + 2 KV) * D x
-    hidden``) and of ``cat([gate_proj, up_proj])`` (``2 I x hidden``) in the model dtype,
-    i.e. the attention-input and MLP-input weights a second time: about 2/3 of the layers'
-    weights (for the article's configuration, 12 x (1152 + 6144) x 768 values: 67 M, 134 MB
-    in bfloat16). :meth:`release` frees them; :meth:`refresh` rewrites them in place after
-    the model's weights were written in place (same storage: captured CUDA graphs stay
-    valid).
-
-    Parameters
-    ----------
-    model : LlamaForPretraining
-        A model :func:`supported` accepts.
-
-    Raises
-    ------
-    ValueError
-        If :func:`supported` rejects the model.
+    That is the attention-input and MLP-input weights a second time: about 2/3 of the
+    layers' weights (for the article's configuration, 12 x (1152 + 6144) x 768 values: 67 M,
+    134 MB in bfloat16). :meth:`release` frees them; :meth:`refresh` rewrites them in place
+    after the model's weights were written in place (same storage: captured CUDA graphs
+    stay valid).
     """
 
     def __init__(self, model: LlamaForPretraining):
-        if not supported(model):
-            raise ValueError("this model cannot run the fused decode step (see "
-                             "lmgen_fast.models.fused_step.supported)")
         self.model = model
-        c = model.config
-        self.n_heads = c.num_attention_heads
-        self.n_layers = c.num_hidden_layers
         self.w_qkv: list[torch.Tensor] = []
         self.b_qkv: list[torch.Tensor | None] = []
         self.w_gu: list[torch.Tensor] = []
         self.b_gu: list[torch.Tensor | None] = []
-        self.broken: str | None = None  # why the kernels failed here (the caller falls back)
-        self.ok = False  # whether a step has run (failures after that are not fallbacks)
         with torch.no_grad():
             for parts in self._sources():
                 self.w_qkv.append(torch.cat(parts[0]))
@@ -153,6 +136,36 @@ class FusedLlamaStep:
         """Bytes held by the concatenated copies."""
         ts = [*self.w_qkv, *self.w_gu, *self.b_qkv, *self.b_gu]
         return sum(t.numel() * t.element_size() for t in ts if t is not None)
+
+
+class FusedLlamaStep(FusedWeights):
+    """The fused decode step of one model, built once from its weights.
+
+    Memory: the concatenated weight copies of :class:`FusedWeights` (about 2/3 of the
+    layers' weights a second time; :meth:`release` frees them, :meth:`refresh` rewrites them
+    in place after the model's weights were written in place).
+
+    Parameters
+    ----------
+    model : LlamaForPretraining
+        A model :func:`supported` accepts.
+
+    Raises
+    ------
+    ValueError
+        If :func:`supported` rejects the model.
+    """
+
+    def __init__(self, model: LlamaForPretraining):
+        if not supported(model):
+            raise ValueError("this model cannot run the fused decode step (see "
+                             "lmgen_fast.models.fused_step.supported)")
+        c = model.config
+        self.n_heads = c.num_attention_heads
+        self.n_layers = c.num_hidden_layers
+        self.broken: str | None = None  # why the kernels failed here (the caller falls back)
+        self.ok = False  # whether a step has run (failures after that are not fallbacks)
+        super().__init__(model)
 
     def _layer(self, i: int, h: torch.Tensor, residual: torch.Tensor, positions: torch.Tensor,
                cache: KVCache, kv_len: int, next_norm: RMSNorm) -> torch.Tensor:

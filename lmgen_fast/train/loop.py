@@ -182,6 +182,135 @@ def _batch(stream: torch.Tensor, batch: int, seq_len: int, gen: torch.Generator)
     return torch.stack([stream[s : s + seq_len + 1] for s in starts.tolist()])
 
 
+@dataclass
+class Corpus:
+    """What a run trains and scores on: the documents and their split, the tokenizer
+    trained on the training part, both parts' ids, every training id in one int64 stream,
+    and the unigram losses (:func:`unigram_losses`)."""
+
+    docs: list[str]
+    train_docs: list[str]
+    held_docs: list[str]
+    tokenizer: object
+    train_ids: list[list[int]]
+    held_ids: list[list[int]]
+    stream: torch.Tensor
+    unigram: dict[str, float]
+
+
+def build_corpus(settings: TrainSettings) -> Corpus:
+    """Build the documents, split them, train the tokenizer, encode both parts; print a
+    summary line on stderr."""
+    docs = build_documents()
+    train_docs, held_docs = split_documents(docs, settings.split_seed)
+    tokenizer = train_tokenizer(train_docs, settings.vocab_size)
+    train_ids = encode_documents(tokenizer, train_docs)
+    held_ids = encode_documents(tokenizer, held_docs)
+    vocab = tokenizer.get_vocab_size()
+    uni = unigram_losses(train_ids, held_ids, vocab)
+    stream = torch.tensor([t for seq in train_ids for t in seq], dtype=torch.long)
+    print(
+        f"corpus: {len(docs)} documents ({len(train_docs)} train, {len(held_docs)} held out), "
+        f"{len(stream)} training tokens, vocab {vocab}; unigram loss: train entropy "
+        f"{uni['train_entropy']:.3f}, held out {uni['held_out']:.3f}",
+        file=sys.stderr,
+    )
+    return Corpus(docs, train_docs, held_docs, tokenizer, train_ids, held_ids, stream, uni)
+
+
+def _new_model(settings: TrainSettings, vocab: int
+               ) -> tuple[LlamaConfig, LlamaForPretraining, torch.optim.Optimizer]:
+    config = LlamaConfig(
+        vocab_size=vocab,
+        max_position_embeddings=settings.max_position_embeddings,
+        hidden_size=settings.hidden_size,
+        intermediate_size=settings.intermediate_size,
+        num_hidden_layers=settings.num_hidden_layers,
+        num_attention_heads=settings.num_attention_heads,
+        num_key_value_heads=settings.num_key_value_heads,
+    )
+    model = LlamaForPretraining(config)
+    _init_weights(model, config.num_hidden_layers)
+    decay = [p for p in model.parameters() if p.dim() == 2]
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    opt = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": settings.weight_decay},
+         {"params": no_decay, "weight_decay": 0.0}],
+        lr=settings.lr, betas=(0.9, 0.95),
+    )
+    return config, model, opt
+
+
+def lr_at(settings: TrainSettings, step: int) -> float:
+    """The learning rate of ``step``: linear warm-up, then cosine decay to
+    ``min_lr_ratio * lr``."""
+    if step < settings.warmup:
+        return settings.lr * (step + 1) / settings.warmup
+    frac = (step - settings.warmup) / max(1, settings.steps - settings.warmup)
+    cos = 0.5 * (1 + math.cos(math.pi * min(frac, 1.0)))
+    return settings.lr * (settings.min_lr_ratio + (1 - settings.min_lr_ratio) * cos)
+
+
+@dataclass
+class Curves:
+    """The loss curves of a run: the smoothed training loss every 10 steps (and the last),
+    the held-out loss every ``eval_every`` steps; ``smooth``: the last smoothed loss."""
+
+    steps: list[int]
+    loss: list[float]
+    eval_steps: list[int]
+    eval_loss: list[float]
+    smooth: float | None = None
+
+
+def _fit(settings: TrainSettings, model: LlamaForPretraining, opt: torch.optim.Optimizer,
+         corpus: Corpus) -> Curves:
+    """Run the training steps on random windows of the corpus's stream."""
+    vocab = corpus.tokenizer.get_vocab_size()
+    gen = torch.Generator().manual_seed(settings.seed)
+    curves = Curves([], [], [], [])
+    progress = Progress(settings.steps, label="train", unit="step")
+    tokens_per_step = settings.batch_size * settings.seq_len
+    model.train()
+    for step in range(settings.steps):
+        for group in opt.param_groups:
+            group["lr"] = lr_at(settings, step)
+        batch = _batch(corpus.stream, settings.batch_size, settings.seq_len, gen)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=settings.bf16):
+            logits = model(batch[:, :-1])
+        loss = F.cross_entropy(logits.float().reshape(-1, vocab), batch[:, 1:].reshape(-1))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        value = loss.item()
+        smooth = value if curves.smooth is None else 0.95 * curves.smooth + 0.05 * value
+        curves.smooth = smooth
+        progress.advance(1, note=f"loss {smooth:.3f}", tokens=tokens_per_step)
+        if step % 10 == 0 or step == settings.steps - 1:
+            curves.steps.append(step + 1)
+            curves.loss.append(smooth)
+        if (step + 1) % settings.eval_every == 0 and step + 1 < settings.steps:
+            curves.eval_steps.append(step + 1)
+            curves.eval_loss.append(held_out_loss(model, corpus.held_ids, settings.seq_len))
+    progress.close()
+    return curves
+
+
+def _ship(model: LlamaForPretraining, config: LlamaConfig, out: Path) -> LlamaForPretraining:
+    """Write ``model.safetensors`` (float16) to ``out``; return those weights reloaded into
+    float32, so that what ships is what is scored."""
+    from safetensors.torch import save_file
+
+    out.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().to(torch.float16).contiguous() for k, v in model.state_dict().items()}
+    save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})
+    (out / "model.safetensors").chmod(0o644)  # safetensors writes it owner-only
+    shipped = LlamaForPretraining(config)
+    shipped.load_state_dict({k: v.float() for k, v in state.items()}, strict=True)
+    return shipped
+
+
 def train(settings: TrainSettings, out: Path, plot: Path | None) -> dict:
     """Build the corpus, train the tokenizer and the model, write the assets.
 
@@ -203,100 +332,28 @@ def train(settings: TrainSettings, out: Path, plot: Path | None) -> dict:
     t0 = time.monotonic()
     torch.set_num_threads(settings.threads)
     torch.manual_seed(settings.seed)
-    docs = build_documents()
-    train_docs, held_docs = split_documents(docs, settings.split_seed)
-    tokenizer = train_tokenizer(train_docs, settings.vocab_size)
-    train_ids = encode_documents(tokenizer, train_docs)
-    held_ids = encode_documents(tokenizer, held_docs)
-    vocab = tokenizer.get_vocab_size()
-    uni = unigram_losses(train_ids, held_ids, vocab)
-    stream = torch.tensor([t for seq in train_ids for t in seq], dtype=torch.long)
-    print(
-        f"corpus: {len(docs)} documents ({len(train_docs)} train, {len(held_docs)} held out), "
-        f"{len(stream)} training tokens, vocab {vocab}; unigram loss: train entropy "
-        f"{uni['train_entropy']:.3f}, held out {uni['held_out']:.3f}",
-        file=sys.stderr,
-    )
-
-    config = LlamaConfig(
-        vocab_size=vocab,
-        max_position_embeddings=settings.max_position_embeddings,
-        hidden_size=settings.hidden_size,
-        intermediate_size=settings.intermediate_size,
-        num_hidden_layers=settings.num_hidden_layers,
-        num_attention_heads=settings.num_attention_heads,
-        num_key_value_heads=settings.num_key_value_heads,
-    )
-    model = LlamaForPretraining(config)
-    _init_weights(model, config.num_hidden_layers)
-    decay = [p for p in model.parameters() if p.dim() == 2]
-    no_decay = [p for p in model.parameters() if p.dim() < 2]
-    opt = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": settings.weight_decay},
-         {"params": no_decay, "weight_decay": 0.0}],
-        lr=settings.lr, betas=(0.9, 0.95),
-    )
-
-    def lr_at(step: int) -> float:
-        if step < settings.warmup:
-            return settings.lr * (step + 1) / settings.warmup
-        frac = (step - settings.warmup) / max(1, settings.steps - settings.warmup)
-        cos = 0.5 * (1 + math.cos(math.pi * min(frac, 1.0)))
-        return settings.lr * (settings.min_lr_ratio + (1 - settings.min_lr_ratio) * cos)
-
-    gen = torch.Generator().manual_seed(settings.seed)
-    curve_steps, curve_loss, eval_steps, eval_loss = [], [], [], []
-    smooth = None
-    progress = Progress(settings.steps, label="train", unit="step")
-    tokens_per_step = settings.batch_size * settings.seq_len
-    model.train()
+    corpus = build_corpus(settings)
+    uni, held_ids = corpus.unigram, corpus.held_ids
+    config, model, opt = _new_model(settings, corpus.tokenizer.get_vocab_size())
     t_train = time.monotonic()
-    for step in range(settings.steps):
-        for group in opt.param_groups:
-            group["lr"] = lr_at(step)
-        batch = _batch(stream, settings.batch_size, settings.seq_len, gen)
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=settings.bf16):
-            logits = model(batch[:, :-1])
-        loss = F.cross_entropy(logits.float().reshape(-1, vocab), batch[:, 1:].reshape(-1))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        value = loss.item()
-        smooth = value if smooth is None else 0.95 * smooth + 0.05 * value
-        progress.advance(1, note=f"loss {smooth:.3f}", tokens=tokens_per_step)
-        if step % 10 == 0 or step == settings.steps - 1:
-            curve_steps.append(step + 1)
-            curve_loss.append(smooth)
-        if (step + 1) % settings.eval_every == 0 and step + 1 < settings.steps:
-            eval_steps.append(step + 1)
-            eval_loss.append(held_out_loss(model, held_ids, settings.seq_len))
-    progress.close()
+    curves = _fit(settings, model, opt, corpus)
     train_seconds = time.monotonic() - t_train
 
     # Ship float16 weights and score exactly what ships: reload them into float32.
-    from safetensors.torch import save_file
-
-    out.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().to(torch.float16).contiguous() for k, v in model.state_dict().items()}
-    save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})
-    (out / "model.safetensors").chmod(0o644)  # safetensors writes it owner-only
-    shipped = LlamaForPretraining(config)
-    shipped.load_state_dict({k: v.float() for k, v in state.items()}, strict=True)
-    final = held_out_loss(shipped, held_ids, settings.seq_len)
-    eval_steps.append(settings.steps)
-    eval_loss.append(final)
+    final = held_out_loss(_ship(model, config, out), held_ids, settings.seq_len)
+    curves.eval_steps.append(settings.steps)
+    curves.eval_loss.append(final)
     (out / "config.json").write_text(json.dumps(config.to_dict(), indent=2) + "\n")
-    tokenizer.save(str(out / "tokenizer.json"))
+    corpus.tokenizer.save(str(out / "tokenizer.json"))
 
     metrics = {
         "held_out_loss": round(final, 4),
         "unigram_loss_train_entropy": round(uni["train_entropy"], 4),
         "unigram_loss_held_out": round(uni["held_out"], 4),
-        "final_train_loss_smoothed": round(smooth, 4),
-        "documents": len(docs),
-        "held_out_documents": len(held_docs),
-        "train_tokens": len(stream),
+        "final_train_loss_smoothed": round(curves.smooth, 4),
+        "documents": len(corpus.docs),
+        "held_out_documents": len(corpus.held_docs),
+        "train_tokens": len(corpus.stream),
         "held_out_tokens": sum(len(s) - 1 for s in held_ids),
         "parameters": sum(p.numel() for p in model.parameters()),
         "train_seconds": round(train_seconds, 1),
@@ -304,11 +361,13 @@ def train(settings: TrainSettings, out: Path, plot: Path | None) -> dict:
         "python": platform.python_version(),
         "torch": torch.__version__,
         "settings": settings.__dict__,
-        "curve": {"eval_steps": eval_steps, "eval_loss": [round(v, 4) for v in eval_loss]},
+        "curve": {"eval_steps": curves.eval_steps,
+                  "eval_loss": [round(v, 4) for v in curves.eval_loss]},
     }
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     if plot is not None:
-        write_loss_png(plot, curve_steps, curve_loss, eval_steps, eval_loss, uni["held_out"])
+        write_loss_png(plot, curves.steps, curves.loss, curves.eval_steps, curves.eval_loss,
+                       uni["held_out"])
     return metrics
 
 

@@ -58,6 +58,9 @@ def write_loss_png(
     -----
     Uses matplotlib when it is installed, otherwise a small built-in rasteriser, so that
     the training script needs nothing beyond torch and tokenizers.
+
+    Length: one piece with the hand-written rasteriser it falls back on (axes, ticks,
+    curves, dots), which a later change replaces with matplotlib alone.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from lmgen_fast import load_default
-from lmgen_fast.api import generate
 from lmgen_fast.api.default_model import load_model
+from lmgen_fast.api.generate import generate
 from lmgen_fast.models import LlamaConfig, LlamaForPretraining
 from lmgen_fast.train import loop as T
 

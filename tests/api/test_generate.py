@@ -6,8 +6,7 @@ import pytest
 import torch
 
 from lmgen_fast import SamplingParams, generate_batch
-from lmgen_fast.api import generate
-from lmgen_fast.api.generate import GenerationError
+from lmgen_fast.api.generate import GenerationError, generate
 
 from conftest import make_tokenizer, random_model
 

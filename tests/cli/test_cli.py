@@ -12,7 +12,7 @@ from importlib import metadata
 import pytest
 
 from lmgen_fast import load_default
-from lmgen_fast.api import generate
+from lmgen_fast.api.generate import generate
 from lmgen_fast.cli.main import COMMANDS, main
 
 SETTINGS = [
@@ -141,7 +141,7 @@ def _generate_actions():
 
 def test_console_script_is_declared():
     scripts = metadata.entry_points(group="console_scripts")
-    assert any(ep.name == "lmgen-fast" and ep.value == "lmgen_fast.cli:main" for ep in scripts)
+    assert any(ep.name == "lmgen-fast" and ep.value == "lmgen_fast.cli.main:main" for ep in scripts)
 
 
 def test_bench_prints_a_table(capsys):

@@ -17,7 +17,7 @@ transformers = pytest.importorskip(
 )
 
 from lmgen_fast import generate_batch, wrap  # noqa: E402
-from lmgen_fast.api import generate  # noqa: E402
+from lmgen_fast.api.generate import generate  # noqa: E402
 from lmgen_fast.api.tokenization import adapt_tokenizer  # noqa: E402
 from lmgen_fast.models import LlamaConfig, LlamaForPretraining  # noqa: E402
 from lmgen_fast.models.decoder import CachedLlamaDecoder, RecomputeDecoder  # noqa: E402
