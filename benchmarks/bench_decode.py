@@ -49,7 +49,7 @@ from lmgen_fast.api.baseline import article_loop  # noqa: E402
 from lmgen_fast.engine.loop import generate_ids  # noqa: E402
 from lmgen_fast.models import LlamaConfig, LlamaForPretraining  # noqa: E402
 from lmgen_fast.models.decoder import decoder_for  # noqa: E402
-from lmgen_fast.sampling import kernel as kernel_sampler
+from lmgen_fast.sampling import kernel_launch  # noqa: E402
 
 from _common import (  # noqa: E402
     copy_bandwidth_gbs,
@@ -94,11 +94,11 @@ def sampler_us(model: LlamaForPretraining) -> float:
                          dtype=model.lm_head.weight.dtype)
 
     def sample() -> None:  # reads the state, writes only its own outputs
-        window = kernel_sampler.HistoryWindow(state.hist, state.hlen, state.ranges,
-                                              lay.width) if lay.width else None
-        kernel_sampler.launch(logits, state.packed, window, state.step,
-                              max_top_k=lay.max_top_k, draw_seeds=False,
-                              nucleus_candidates=lay.nucleus, pow_table=state.pow)
+        window = kernel_launch.HistoryWindow(state.hist, state.hlen, state.ranges,
+                                             lay.width) if lay.width else None
+        kernel_launch.launch(logits, state.packed, window, state.step,
+                             max_top_k=lay.max_top_k, draw_seeds=False,
+                             nucleus_candidates=lay.nucleus, pow_table=state.pow)
 
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())

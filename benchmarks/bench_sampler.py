@@ -13,7 +13,7 @@ Modes (each a grid of configurations, run in the order listed by ``--list``):
   tokens as the first one (the race is keyed on token ids, so the chunking must not
   change them).
 
-Per configuration: median microseconds of the fused Triton sampler (``kernel_sampler.launch``
+Per configuration: median microseconds of the fused Triton sampler (``kernel_launch.launch``
 replayed from a CUDA graph: no Python overhead), the achieved GB/s for one read of the
 logits and its share of the copy bandwidth measured in the same run; the same launch eager
 (Python overhead included); against the eager reference, ``torch.compile`` of it and a
@@ -208,8 +208,8 @@ def bench_config(cfg: Config, device: torch.device, clock: Clock, iters: int,
                  ) -> tuple[dict, torch.Tensor]:
     """Measure one configuration; returns its row and the tokens of its first launch."""
     from lmgen_fast import SamplingParams
-    from lmgen_fast.sampling import kernel as kernel_sampler
-    from lmgen_fast.sampling import reference
+    from lmgen_fast.core.errors import STATUS_SLOW
+    from lmgen_fast.sampling import kernel_launch, launch_plan, reference
 
     filt = FILTERS[cfg.filter]
     dtype = getattr(torch, cfg.dtype)
@@ -222,22 +222,22 @@ def bench_config(cfg: Config, device: torch.device, clock: Clock, iters: int,
     packed = reference.pack(params, cfg.B, device)
     steps = torch.zeros(cfg.B, dtype=torch.int64, device=device)
     # As kernel_sampler.sample sizes them: candidates whenever a row uses top-p or min-p.
-    nucleus = kernel_sampler.NUCLEUS_CANDIDATES if filt.nucleus else 0
+    nucleus = launch_plan.NUCLEUS_CANDIDATES if filt.nucleus else 0
     # Every row is seeded, so no seeds are drawn: the two sampler kernels alone, as the
     # engine launches them for such a batch.
     kw = dict(max_top_k=filt.top_k, nucleus_candidates=nucleus, draw_seeds=False,
               chunk=cfg.chunk, chunk_warps=cfg.chunk_warps)
-    plan = kernel_sampler.plan_launch(cfg.V, filt.top_k, cuda=clock.cuda, chunk=cfg.chunk,
-                                      nucleus_candidates=nucleus, chunk_warps=cfg.chunk_warps)
+    plan = launch_plan.plan_launch(cfg.V, filt.top_k, cuda=clock.cuda, chunk=cfg.chunk,
+                                   nucleus_candidates=nucleus, chunk_warps=cfg.chunk_warps)
 
     def launch() -> tuple[torch.Tensor, torch.Tensor]:
-        return kernel_sampler.launch(logits, packed, window, steps, **kw)
+        return kernel_launch.launch(logits, packed, window, steps, **kw)
 
     tokens, status = launch()  # compiles
-    extra: dict = {"slow_rows": int(((status & kernel_sampler.STATUS_SLOW) != 0).sum())}
+    extra: dict = {"slow_rows": int(((status & STATUS_SLOW) != 0).sum())}
     # Any other status bit means the row's token is not meaningful: the timing is then of
     # a wrong launch, which the table must say.
-    bad = int(((status & ~kernel_sampler.STATUS_SLOW) != 0).sum())
+    bad = int(((status & ~STATUS_SLOW) != 0).sum())
     if bad:
         extra["bad_rows"] = bad
     if reference_tokens is not None:
@@ -330,10 +330,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     path = Path(args.json) if args.json else default_json(mode_name, args.smoke)
     default_launch = None
     if mode_name == "tune":
-        from lmgen_fast.sampling import kernel as kernel_sampler
+        from lmgen_fast.sampling import launch_plan
 
-        lp = kernel_sampler.plan_launch(configs[0].V, FILTERS[configs[0].filter].top_k,
-                                        cuda=clock.cuda)
+        lp = launch_plan.plan_launch(configs[0].V, FILTERS[configs[0].filter].top_k,
+                                     cuda=clock.cuda)
         default_launch = {"chunk": lp.chunk, "chunk_warps": lp.chunk_warps}
     rows: list[dict] = []
     ran: list[Config] = []

@@ -5,8 +5,8 @@ would otherwise first show itself on a user's GPU. This module compiles every ke
 launchers can choose, as ``triton.compile`` would on an H100/H200 (``sm_90a``) or an A100
 (``sm_80``), without a GPU: Triton ships ``ptxas``, whose ``-v`` report gives registers and
 spills. The variants come from the launcher's own planning (:func:`~lmgen_fast.
-kernel_sampler.plan_launch` and :func:`~lmgen_fast.sampling.kernel.kernel_calls`, run on
-``meta`` tensors), so the compiled signatures are the ones a launch would build.
+sampling.launch_plan.plan_launch` and :func:`~lmgen_fast.sampling.kernel_launch.kernel_calls`,
+run on ``meta`` tensors), so the compiled signatures are the ones a launch would build.
 
 Run it as a script (the tests do, in a subprocess without ``TRITON_INTERPRET``, optionally
 with another Triton first on ``PYTHONPATH``)::
@@ -35,7 +35,7 @@ import torch
 from lmgen_fast.core.params import PackedParams, SamplingParams
 from lmgen_fast.engine import bookkeeping as bk
 from lmgen_fast.runtime.launch import KernelCall
-from lmgen_fast.sampling import kernel as kernel_sampler
+from lmgen_fast.sampling import kernel_launch, launch_plan
 
 # Vocabularies that cover the planner's regimes: the embedded model (one chunk), GPT-2 (a
 # chunk count not a power of two), Llama-2 and Llama-3. Every top-k bound is scanned.
@@ -117,23 +117,23 @@ def _variant(fn, call: KernelCall) -> Variant:
                    tuple(sorted(call.options.items())), (call.name, ptr_dtypes, branches))
 
 
-def launch_plans(vocab: int) -> dict[kernel_sampler.LaunchPlan, int]:
-    """Every plan :func:`~lmgen_fast.sampling.kernel.plan_launch` makes on CUDA for
+def launch_plans(vocab: int) -> dict[launch_plan.LaunchPlan, int]:
+    """Every plan :func:`~lmgen_fast.sampling.launch_plan.plan_launch` makes on CUDA for
     ``vocab``, over every batch top-k bound and top-p/min-p on or off, with the first bound
     that yields it."""
-    plans: dict[kernel_sampler.LaunchPlan, int] = {}
-    for nucleus in (0, kernel_sampler.NUCLEUS_CANDIDATES):
+    plans: dict[launch_plan.LaunchPlan, int] = {}
+    for nucleus in (0, launch_plan.NUCLEUS_CANDIDATES):
         for top_k in range(vocab):
-            lp = kernel_sampler.plan_launch(vocab, top_k, cuda=True, nucleus_candidates=nucleus)
+            lp = launch_plan.plan_launch(vocab, top_k, cuda=True, nucleus_candidates=nucleus)
             plans.setdefault(lp, top_k)
     return plans
 
 
 def sampler_variants() -> list[Variant]:
     """Every distinct specialisation of the sampler kernels that :func:`~lmgen_fast.
-    kernel_sampler.launch` can choose on CUDA: each plan of :func:`launch_plans` for
+    sampling.kernel_launch.launch` can choose on CUDA: each plan of :func:`launch_plans` for
     :data:`VOCABS`, each logits dtype of :data:`DTYPES`, log-probabilities on and off."""
-    kernel_calls = kernel_sampler.kernel_calls
+    kernel_calls = kernel_launch.kernel_calls
     seen: dict[tuple, Variant] = {}
     batch = 2
     for vocab in VOCABS:
@@ -152,12 +152,12 @@ def sampler_variants() -> list[Variant]:
                     # given one, short and wide enough for its largest tiles.
                     for width in (16, 4096):
                         hist = torch.empty(batch, width, dtype=torch.int64, device="meta")
-                        for win in (kernel_sampler.HistoryWindow(hist, steps, steps, width),
+                        for win in (kernel_launch.HistoryWindow(hist, steps, steps, width),
                                     hist):
                             calls += kernel_calls(logits, packed, win, steps, packed.seed, lp,
                                                   out, cuda=True)[0][:1]
                     for call in calls:
-                        v = _variant(kernel_sampler.kernel(call.name), call)
+                        v = _variant(kernel_launch.kernel(call.name), call)
                         seen.setdefault((v.kernel, v.signature, v.constexprs, v.options), v)
     return list(seen.values())
 
@@ -195,7 +195,7 @@ def _kernel_fn(name: str):
     for mod in (kb, kd):
         if hasattr(mod, name):
             return getattr(mod, name)
-    return kernel_sampler.kernel(name)
+    return kernel_launch.kernel(name)
 
 
 def all_variants() -> list[Variant]:

@@ -1,6 +1,6 @@
 """The errors every layer raises or reports, and the status bits a sampling step leaves
-per row (the Triton kernels write the same values: ``kernels/sampling.py`` repeats them as
-JIT constants, and ``tests/core/test_errors.py`` holds the two equal)."""
+per row (the Triton kernels write the same values: ``kernels/sampling_common.py`` repeats
+them as JIT constants, and ``tests/core/test_errors.py`` holds the two equal)."""
 
 from __future__ import annotations
 

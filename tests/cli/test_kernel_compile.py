@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from lmgen_fast.cli import kernel_compile
-from lmgen_fast.sampling import kernel as kernel_sampler
+from lmgen_fast.sampling import launch_plan
 
 pytest.importorskip("triton")
 
@@ -93,7 +93,7 @@ def test_variants_follow_the_launcher_plan():
                    for v in variants if v.kernel == "merge_kernel"}
     for vocab in kernel_compile.VOCABS:
         for top_k in (0, 1, 50, 300, vocab // 2, vocab - 1):
-            lp = kernel_sampler.plan_launch(vocab, top_k, cuda=True)
+            lp = launch_plan.plan_launch(vocab, top_k, cuda=True)
             assert lp.chunk in chunks
             assert (lp.tile, lp.merge_warps) in merge_tiles
     # Every code path (kernel, dtype, constexpr branches) has a representative.

@@ -20,11 +20,11 @@ from conftest import DEVICE, gpu, require_kernel_runtime
 require_kernel_runtime()
 
 from lmgen_fast import SamplingParams  # noqa: E402
+from lmgen_fast.core.errors import STATUS_EMPTY, EmptyRowError  # noqa: E402
 from lmgen_fast.sampling import kernel as K  # noqa: E402
 from lmgen_fast.sampling import reference  # noqa: E402
 from lmgen_fast.sampling.dispatch import resolve_backend  # noqa: E402
 from lmgen_fast.sampling.dispatch import sample as public_sample  # noqa: E402
-from lmgen_fast.sampling.reference import EmptyRowError  # noqa: E402
 
 TEMPS = [0.0, 0.5, 1.0, 1.7]
 PENALTIES = [1.0, 0.8, 1.3, 2.0]
@@ -165,7 +165,7 @@ def test_empty_row_is_reported():
     packed = reference.pack(params, 3, torch.device(DEVICE))
     steps = torch.zeros(3, dtype=torch.int64, device=DEVICE)
     tokens, status = K.launch(logits.to(DEVICE), packed, None, steps, max_top_k=5)
-    assert status.cpu().tolist() == [0, K.STATUS_EMPTY, K.STATUS_EMPTY]
+    assert status.cpu().tolist() == [0, STATUS_EMPTY, STATUS_EMPTY]
     assert ((tokens >= 0) & (tokens < 200)).all()
 
 

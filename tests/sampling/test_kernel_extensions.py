@@ -21,8 +21,10 @@ from conftest import DEVICE, assert_processed_close, gpu, require_kernel_runtime
 require_kernel_runtime()
 
 from lmgen_fast import SamplingParams  # noqa: E402
+from lmgen_fast.core.errors import STATUS_SLOW  # noqa: E402
 from lmgen_fast.sampling import kernel as K  # noqa: E402
 from lmgen_fast.sampling import reference  # noqa: E402
+from lmgen_fast.sampling.launch_plan import LOGPROB_COLUMNS, NUCLEUS_CANDIDATES  # noqa: E402
 
 TEMPS = [0.0, 0.6, 1.0, 1.5]
 TOP_PS = [1.0, 0.95, 0.8, 0.5, 0.2]
@@ -87,7 +89,7 @@ def slow_rows(logits, params, window=None, **kw) -> list[int]:
     _tok, status = K.launch(logits.to(DEVICE), packed,
                             None if window is None else window.to(DEVICE), steps,
                             max_top_k=max_k, **kw)
-    return ((status.cpu() & K.STATUS_SLOW) != 0).nonzero().flatten().tolist()
+    return ((status.cpu() & STATUS_SLOW) != 0).nonzero().flatten().tolist()
 
 
 # ---------------------------------------------------------------------------- exactness
@@ -494,15 +496,15 @@ def test_gpu_chi_square_logprobs_and_graph():
     # CUDA graph: launch() with top-p, min-p and log-probabilities.
     packed = reference.pack(params, GPU_B, torch.device("cuda"))
     step_t = torch.zeros(GPU_B, dtype=torch.int64, device="cuda")
-    out = torch.empty(GPU_B, K.LOGPROB_COLUMNS, device="cuda")
-    kw = dict(max_top_k=0, nucleus_candidates=K.NUCLEUS_CANDIDATES, logprob_out=out)
+    out = torch.empty(GPU_B, LOGPROB_COLUMNS, device="cuda")
+    kw = dict(max_top_k=0, nucleus_candidates=NUCLEUS_CANDIDATES, logprob_out=out)
     K.launch(logits, packed, None, step_t, **kw)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         tok_g, status = K.launch(logits, packed, None, step_t, **kw)
     step_t.fill_(3)
     graph.replay()
-    assert torch.equal(tok_g, tokens) and int((status & ~K.STATUS_SLOW).sum()) == 0
+    assert torch.equal(tok_g, tokens) and int((status & ~STATUS_SLOW).sum()) == 0
 
 
 @pytest.mark.gpu
@@ -524,8 +526,8 @@ def test_gpu_processed_logprobs_full_size():
     # The launch with processed rows is capturable, and replays the same values.
     packed = reference.pack(params, GPU_B, torch.device("cuda"))
     step_t = torch.ones(GPU_B, dtype=torch.int64, device="cuda")
-    out = torch.empty(GPU_B, K.LOGPROB_COLUMNS, device="cuda")
-    kw = dict(max_top_k=1024, nucleus_candidates=K.NUCLEUS_CANDIDATES, logprob_out=out,
+    out = torch.empty(GPU_B, LOGPROB_COLUMNS, device="cuda")
+    kw = dict(max_top_k=1024, nucleus_candidates=NUCLEUS_CANDIDATES, logprob_out=out,
               draw_seeds=False)
     K.launch(logits, packed, window, step_t, **kw)
     graph = torch.cuda.CUDAGraph()

@@ -1,6 +1,7 @@
 """The sampler's set-up launch (``kernels/window.py``): the penalty window grouped by chunk in
-one kernel, against the torch set-up it replaces (the engine's ``_window``, ``torch.sort``,
-``torch.searchsorted``), and the tokens a launch draws with it against the reference."""
+one kernel, against the torch set-up it replaces (``lmgen_fast.core.rows.history_window``,
+``torch.sort``, ``torch.searchsorted``), and the tokens a launch draws with it against the
+reference."""
 
 from __future__ import annotations
 
@@ -8,10 +9,10 @@ import pytest
 import torch
 
 from lmgen_fast import SamplingParams
+from lmgen_fast.core.errors import STATUS_SLOW
 from lmgen_fast.core.params import PackedParams
-from lmgen_fast.engine.loop import _window
-from lmgen_fast.sampling import kernel as kernel_sampler
-from lmgen_fast.sampling import reference
+from lmgen_fast.core.rows import history_window
+from lmgen_fast.sampling import kernel_launch, launch_plan, reference
 
 from conftest import DEVICE, require_kernel_runtime
 
@@ -19,10 +20,10 @@ require_kernel_runtime()
 
 
 def run_setup(window, batch: int, vocab: int, chunk: int):
-    lp = kernel_sampler.plan_launch(vocab, 0, cuda=DEVICE == "cuda", chunk=chunk)
+    lp = launch_plan.plan_launch(vocab, 0, cuda=DEVICE == "cuda", chunk=chunk)
     status = torch.full((batch,), 7, dtype=torch.int32, device=DEVICE)  # garbage to clear
-    call, win, wrange = kernel_sampler.setup_call(window, batch, lp, status)
-    kernel_sampler.kernel(call.name)[call.grid](*call.args, **call.constexprs, **call.options)
+    call, win, wrange = kernel_launch.setup_call(window, batch, lp, status)
+    kernel_launch.kernel(call.name)[call.grid](*call.args, **call.constexprs, **call.options)
     return lp, win, wrange, status
 
 
@@ -57,9 +58,9 @@ def test_window_from_history_grouped_as_sorting_groups_it(width, vocab, chunk):
     gen = torch.Generator().manual_seed(width * vocab)
     batch, cols = 5, 48
     hist, hlen, ranges = history(gen, batch, cols, vocab)
-    window = _window(hist, hlen, ranges, width)
+    window = history_window(hist, hlen, ranges, width)
     lp, win, wrange, status = run_setup(
-        kernel_sampler.HistoryWindow(hist, hlen, ranges, width), batch, vocab, chunk)
+        kernel_launch.HistoryWindow(hist, hlen, ranges, width), batch, vocab, chunk)
     assert (status == 0).all()
     check_grouping(window, lp, win, wrange, vocab)
     # A window given as a tensor goes through the same grouping.
@@ -99,15 +100,15 @@ def test_tokens_from_the_history_window_equal_the_reference(seed):
     packed = PackedParams.from_rows(ROWS, DEVICE)
     steps = torch.randint(0, 1000, (batch,), generator=gen).to(DEVICE)
     eager_width = int(hlen.max())
-    want = reference.sample(logits, packed, _window(hist, hlen, ranges, eager_width),
+    want = reference.sample(logits, packed, history_window(hist, hlen, ranges, eager_width),
                             step=steps)
     widest = cols
-    pow_table = kernel_sampler.penalty_powers(packed.penalty, widest)
-    got, status = kernel_sampler.launch(
-        logits, packed, kernel_sampler.HistoryWindow(hist, hlen, ranges, widest), steps,
-        max_top_k=20, draw_seeds=False, nucleus_candidates=kernel_sampler.NUCLEUS_CANDIDATES,
+    pow_table = kernel_launch.penalty_powers(packed.penalty, widest)
+    got, status = kernel_launch.launch(
+        logits, packed, kernel_launch.HistoryWindow(hist, hlen, ranges, widest), steps,
+        max_top_k=20, draw_seeds=False, nucleus_candidates=launch_plan.NUCLEUS_CANDIDATES,
         pow_table=pow_table)
-    assert (status & ~kernel_sampler.STATUS_SLOW == 0).all()
+    assert (status & ~STATUS_SLOW == 0).all()
     assert torch.equal(got, want)
     # The penalties mattered: without the window some token differs.
     plain = reference.sample(logits, packed, None, step=steps)
@@ -119,7 +120,7 @@ def test_bad_pow_table_is_refused():
     packed = PackedParams.from_rows([SamplingParams(seed=1)] * 2, DEVICE)
     window = torch.full((2, 4), -1, dtype=torch.int64, device=DEVICE)
     with pytest.raises(ValueError, match="pow_table"):
-        kernel_sampler.launch(logits, packed, window, torch.zeros(2, dtype=torch.int64,
+        kernel_launch.launch(logits, packed, window, torch.zeros(2, dtype=torch.int64,
                                                                   device=DEVICE),
                               max_top_k=0, draw_seeds=False,
                               pow_table=torch.ones(2, 3, device=DEVICE))

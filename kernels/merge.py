@@ -1,26 +1,7 @@
-"""Triton kernels of the fused sampler.
+"""The sampler's merge kernel: one program per row combines the row's chunks.
 
-Temperature, repetition, frequency and presence penalties, top-k, top-p, min-p, the Gumbel
-race and the raw log-softmax normaliser, in two launches, with no host synchronisation and
-every size on the device.
-
-``chunk_kernel`` (grid ``[B, C]``) reads one chunk of ``CHUNK`` logits of one row, once,
-and keeps it in registers. It forms ``z`` exactly as :mod:`lmgen_fast.reference` does and
-writes a few per-chunk aggregates: the maximum and its first index (greedy, ``+inf`` and
-empty rows); for rows without any filter (or chunks holding ``+inf``) the best race key;
-for filtered rows a bounded set of candidates, namely every finite value at or above a
-threshold ``t`` at most the chunk's own ``k_sel``-th largest value (``k_sel`` is top-k, or
-``CAP // 2`` for top-p/min-p rows without top-k). ``t`` is found by a bitwise search on
-order-preserving integer keys that stops as soon as at most ``CAP`` values remain. Should
-the exact ``k_sel``-th largest still leave more than ``CAP`` values (many equal values),
-the values equal to it are summarised as one tie group (its value, size, best race key and
-index) instead of being stored. Each chunk also leaves its threshold ``t`` and, for
-top-p rows and processed-log-probability rows without top-k, ``sum(exp(z - chunk max))``
-(the count of ``+inf`` values in a chunk holding some); with ``LOGPROBS`` the maximum and
-the sum of exponentials of the raw logits.
-
-``merge_kernel`` (grid ``[B]``) combines a row's chunks: greedy argmax, the ``+inf`` race,
-the race without filters, or, for filtered rows:
+``merge_kernel`` (grid ``[B]``) reads what :mod:`lmgen_fast.kernels.chunk` left per chunk:
+greedy argmax, the ``+inf`` race, the race without filters, or, for filtered rows:
 
 * top-k: the exact k-th largest key over the candidates (a 32-step bitwise search). Every
   value at or above it is a candidate, so the survivors of top-k are all in registers;
@@ -34,7 +15,7 @@ the race without filters, or, for filtered rows:
   row takes the slow path: a radix search re-reads the row ``32 / RB`` times (``RB`` bits
   of ``P`` per pass, masses accumulated per digit) and one more pass runs the race;
 * min-p: ``z - z_max >= t`` on the survivors, ``t`` the row's float32 threshold
-  (:func:`lmgen_fast.params.min_p_threshold`, exactly ``exp(z - z_max) >= min_p``);
+  (:func:`lmgen_fast.core.params.min_p_threshold`, exactly ``exp(z - z_max) >= min_p``);
 * the race over the survivors, whose noise is computed there.
 
 With ``LOGPROBS`` each row also leaves its token's log-probability, raw or processed
@@ -43,114 +24,23 @@ final survivors, summed where the race reads them: the candidates (and tie group
 filtered row, the slow path's last pass, or the chunk sums of a row without filters; its
 token's ``z`` is recomputed from one logit by the chunk kernel's own code.
 
-Noise: Triton's Philox keyed on (row seed, step, token id), exactly as
-:mod:`lmgen_fast.philox` defines it, so the CPU reference replays the GPU's picks.
-
-Rounding: on CUDA (``ACC``) every ``exp`` whose value decides a token (top-p masses and
-their normaliser, the log-softmax sums) is the device library's ``expf``, the function
-torch's CUDA kernels call, rather than ``tl.exp`` (``ex2.approx``), and every division is
-correctly rounded (``div_rn``; a plain ``/`` compiles to an approximate division). Min-p
-uses no ``exp`` at all, so it agrees with the reference bit for bit on every device. Top-p
-compares its float32 masses with the user's ``top_p`` loaded as float64 (never rounded).
-
 Compile time: the multi-pass path's loops are ``range``, not ``tl.static_range``: unrolled,
-they held 32 to 64 copies of ``_row_z`` and took 12 to 42 s to compile per variant.
+they held 32 to 64 copies of ``row_z`` and took 12 to 42 s to compile per variant.
 """
 
 from __future__ import annotations
 
 import triton
 import triton.language as tl
-
-try:  # triton >= 3.0: dispatches to the CUDA (or HIP) device library
-    from triton.language.extra import libdevice
-except ImportError:  # pragma: no cover - older layouts
-    from triton.language.extra.cuda import libdevice
-
-# Sentinel index larger than any token id; ties of race keys go to the lowest id.
-BIG_INDEX = 2**31 - 1
-# Bits of the per-row status word the kernels leave for the launcher.
-STATUS_EMPTY = 1  # nothing to sample: all NaN or -inf
-STATUS_OVERFLOW = 2  # top-k larger than the candidate capacity the launch was sized for
-STATUS_INTERNAL = 4  # an id outside [0, V) was about to be returned (a bug)
-STATUS_SLOW = 8  # informational: a top-p/min-p row took the multi-pass path
-
-
-@triton.jit
-def _gumbel(seed, step, idx):
-    """Gumbel noise ``-log(-log(u))`` of tokens ``idx`` (int32) for one row's seed and step."""
-    zero = (idx * 0).to(tl.uint32)
-    c0, _c1, _c2, _c3 = tl.philox(seed, idx.to(tl.uint32), zero + step.to(tl.uint32), zero, zero)
-    u = tl.random.uint_to_uniform_float(c0)
-    # Same floor as lmgen_fast.philox.UNIFORM_FLOOR: keeps every key finite.
-    u = tl.maximum(u, 2.3283064365386963e-10)
-    return -tl.log(-tl.log(u))
-
-
-@triton.jit
-def _to_key(z):
-    """Order-preserving map of float32 (no NaN, zeros canonical) to uint32."""
-    b = z.to(tl.uint32, bitcast=True)
-    return tl.where((b >> 31) == 1, ~b, b | 0x80000000)
-
-
-@triton.jit
-def _from_key(k):
-    b = tl.where((k >> 31) == 1, k ^ 0x80000000, ~k)
-    return b.to(tl.float32, bitcast=True)
-
-
-@triton.jit
-def _best(key, idx, valid):
-    """Largest key among ``valid`` lanes and the lowest index holding it (BIG if none)."""
-    key = tl.where(valid, key, float("-inf"))
-    best = tl.max(key, axis=0)
-    at = tl.min(tl.where(valid & (key == best), idx, 2147483647), axis=0)
-    return best, at
-
-
-@triton.jit
-def _combine(best, at, best2, at2):
-    """Merge two (key, index) race results; an exact tie goes to the lower index."""
-    new = tl.maximum(best, best2)
-    a = tl.where(best == new, at, 2147483647)
-    b = tl.where(best2 == new, at2, 2147483647)
-    return new, tl.minimum(a, b)
-
-
-@triton.jit
-def _row_z(logits_ptr, row64, stride_row, V, offs, temp, once, fpen, ppen,
-           win_ptr, W, w_lo, w_hi, pow_ptr, BLOCK: tl.constexpr):
-    """Raw float32 logits ``x`` and processed ``z`` of tokens ``offs`` of one row.
-
-    ``win_ptr[w_lo:w_hi]`` must hold every (sorted) window entry that can fall in ``offs``;
-    the chunk kernel and the merge's slow path share this code so that they agree bit for
-    bit on ``z``.
-    """
-    inb = offs < V
-    x = tl.load(logits_ptr + row64 * stride_row + offs, mask=inb, other=float("-inf"))
-    x = x.to(tl.float32)
-    t_eff = tl.where(temp == 0.0, 1.0, temp)
-    # IEEE division: the reference divides in float32 with correct rounding.
-    z = tl.math.div_rn(x, t_eff)
-    z = tl.where(z != z, float("-inf"), z)
-    if w_hi > w_lo:
-        count = tl.zeros([BLOCK], dtype=tl.int32)
-        for j in range(w_lo, w_hi):
-            tok = tl.load(win_ptr + row64 * W + j)
-            count += (offs == tok).to(tl.int32)
-        hit = count > 0
-        c_rep = tl.where(once, tl.minimum(count, 1), count)
-        factor = tl.load(pow_ptr + row64 * (W + 1) + c_rep, mask=hit, other=1.0)
-        pen = tl.where(z > 0.0, tl.math.div_rn(z, factor), z * factor)
-        z = tl.where(hit, pen, z)
-        # OpenAI-style penalties on the raw count, whatever penalty_mode says; two
-        # products then one add, as the reference rounds them (no FMA in these launches).
-        adj = fpen * count.to(tl.float32) + ppen * hit.to(tl.float32)
-        z = tl.where(hit, z - tl.math.div_rn(adj, t_eff), z)
-    # -0.0 and +0.0 are one value for top-k and argmax: give them one key.
-    z = tl.where(z == 0.0, 0.0, z)
-    return x, z
+from lmgen_fast.kernels.sampling_common import (
+    device_exp,
+    from_key,
+    gumbel,
+    race_best,
+    race_combine,
+    row_z,
+    to_key,
+)
 
 
 @triton.jit
@@ -166,150 +56,10 @@ def _slots(ncand_ptr, ckey_ptr, row, n_chunks, base, s0, n_slots, CAP: tl.conste
 
 
 @triton.jit
-def _exp(x, ACCURATE: tl.constexpr):
-    """``exp`` as torch computes it on the same device, where that matters (min-p's test).
-
-    On CUDA, ``tl.exp`` is ``ex2.approx`` (a few ulps off ``expf``); the device library's
-    ``expf`` is the one torch's CUDA kernels call. The interpreter has only NumPy's exp.
-    """
-    if ACCURATE:
-        return libdevice.exp(x)
-    else:
-        return tl.exp(x)
-
-
-@triton.jit
 def _unnorm(key, valid, row_max, ACCURATE: tl.constexpr):
     """``exp(z - z_max)`` of valid candidate keys, 0 elsewhere."""
-    z = tl.where(valid, _from_key(key), float("-inf"))
-    return _exp(z - row_max, ACCURATE)
-
-
-@triton.jit
-def chunk_kernel(
-    logits_ptr, stride_row, V,
-    temp_ptr, topk_ptr, once_ptr, seed_ptr, step_ptr,
-    top_p_ptr, mlog_ptr, fpen_ptr, ppen_ptr, proc_ptr,
-    win_ptr, W, wrange_ptr, pow_ptr,
-    cmax_ptr, cidx_ptr, rkey_ptr, ridx_ptr,
-    ncand_ptr, ckey_ptr, cidx_buf_ptr,
-    gkey_ptr, gcnt_ptr, gbest_ptr, gidx_ptr,
-    ctau_ptr, csum_ptr, rmax_ptr, rsum_ptr,
-    status_ptr,
-    CHUNK: tl.constexpr, CAP: tl.constexpr, LOGPROBS: tl.constexpr, ACC: tl.constexpr,
-):
-    row = tl.program_id(0)
-    chunk = tl.program_id(1)
-    n_chunks = tl.num_programs(1)
-    offs = chunk * CHUNK + tl.arange(0, CHUNK)
-    inb = offs < V
-    row64 = row.to(tl.int64)
-
-    temp = tl.load(temp_ptr + row)
-    # The window is sorted per row and wrange gives the slice of it that falls in this
-    # chunk, so a chunk only scans its own window entries.
-    w_lo = tl.load(wrange_ptr + row * (n_chunks + 1) + chunk)
-    w_hi = tl.load(wrange_ptr + row * (n_chunks + 1) + chunk + 1)
-    x, z = _row_z(logits_ptr, row64, stride_row, V, offs, temp,
-                  tl.load(once_ptr + row) != 0, tl.load(fpen_ptr + row),
-                  tl.load(ppen_ptr + row), win_ptr, W, w_lo, w_hi, pow_ptr, CHUNK)
-
-    cmax = tl.max(z, axis=0)
-    cidx = tl.min(tl.where(inb & (z == cmax), offs, 2147483647), axis=0)
-    out_at = row * n_chunks + chunk
-    tl.store(cmax_ptr + out_at, cmax)
-    tl.store(cidx_ptr + out_at, cidx)
-
-    if LOGPROBS:
-        # log_softmax of the raw logits with NaN as -inf; where +inf values exist they share
-        # all the mass (SPEC section 3), so such a chunk leaves their count instead.
-        xr = tl.where(x != x, float("-inf"), x)
-        rmax = tl.max(xr, axis=0)
-        rsum = tl.sum(tl.where(xr > float("-inf"), _exp(xr - rmax, ACC), 0.0), axis=0)
-        n_inf = tl.sum((xr == float("inf")).to(tl.float32), axis=0)
-        tl.store(rmax_ptr + out_at, rmax)
-        tl.store(rsum_ptr + out_at, tl.where(rmax == float("inf"), n_inf, rsum))
-
-    kk = tl.load(topk_ptr + row)
-    k_eff = tl.where((kk > 0) & (kk < V), kk, 0).to(tl.int32)
-    top_p = tl.load(top_p_ptr + row)
-    nucleus = (top_p < 1.0) | (tl.load(mlog_ptr + row) > float("-inf"))
-    # Top-p/min-p rows without top-k keep CAP // 2 candidates per chunk: usually the
-    # nucleus lies among them and the merge needs no second read of the row.
-    k_sel = tl.where(k_eff > 0, k_eff, tl.where(nucleus, CAP // 2, 0)).to(tl.int32)
-    seed = tl.load(seed_ptr + row)
-    step = tl.load(step_ptr + row)
-    has_inf = cmax == float("inf")
-    sampled = temp != 0.0
-
-    rkey = tl.full([], float("-inf"), tl.float32)
-    ridx = tl.full([], 2147483647, tl.int32)
-    if sampled & (has_inf | (k_sel == 0)):
-        g = _gumbel(seed, step, offs)
-        # A row with +inf races among its +inf tokens alone, each with z = 0.
-        race = tl.where(has_inf, tl.where(z == float("inf"), g, float("-inf")), z + g)
-        rkey, ridx = _best(race, offs, inb & (race > float("-inf")))
-    tl.store(rkey_ptr + out_at, rkey)
-    tl.store(ridx_ptr + out_at, ridx)
-
-    # Processed log-probabilities need the normaliser of rows without top-k (top-p needs it
-    # too) and the count of +inf values (their share) from the same read.
-    proc = tl.zeros([], dtype=tl.int1)
-    if LOGPROBS:
-        proc = tl.load(proc_ptr + row) != 0
-    csum = tl.zeros([], dtype=tl.float32)
-    if sampled & (((k_eff == 0) & ((top_p < 1.0) | proc)) | (has_inf & proc)):
-        n_pinf = tl.sum((z == float("inf")).to(tl.float32), axis=0)
-        esum = tl.sum(tl.where(z > float("-inf"), _exp(z - cmax, ACC), 0.0), axis=0)
-        csum = tl.where(has_inf, n_pinf, esum)
-    tl.store(csum_ptr + out_at, csum)
-
-    n_emit = tl.zeros([], dtype=tl.int32)
-    prefix = tl.zeros([], dtype=tl.uint32)
-    gkey = tl.zeros([], dtype=tl.uint32)
-    gcnt = tl.zeros([], dtype=tl.int32)
-    gbest = tl.full([], float("-inf"), tl.float32)
-    gidx = tl.full([], 2147483647, tl.int32)
-    if sampled & (k_sel > 0) & (cmax != float("inf")):
-        key = tl.where(inb, _to_key(z), 0)
-        finite = inb & (z > float("-inf"))
-        # Largest prefix t with count(key >= t) >= k_sel, refined bit by bit until at
-        # most CAP keys remain at or above it (those keys hold the chunk's top k_sel).
-        bit = tl.full([], 0x80000000, dtype=tl.uint32)
-        cnt = tl.sum(inb.to(tl.int32), axis=0)
-        while (cnt > CAP) & (bit != 0):
-            trial = prefix | bit
-            c = tl.sum((key >= trial).to(tl.int32), axis=0)
-            take = c >= k_sel
-            prefix = tl.where(take, trial, prefix)
-            cnt = tl.where(take, c, cnt)
-            bit = bit >> 1
-        # Still too many: prefix is the exact k-th largest key and ties fill the buffer.
-        ties = cnt > CAP
-        emit = finite & tl.where(ties, key > prefix, key >= prefix)
-        emit_i = emit.to(tl.int32)
-        pos = tl.cumsum(emit_i, axis=0) - 1
-        n_emit = tl.sum(emit_i, axis=0)
-        slot = row64 * n_chunks * CAP + chunk * CAP + pos
-        ok = emit & (pos < CAP)
-        tl.store(ckey_ptr + slot, key.to(tl.int32, bitcast=True), mask=ok)
-        tl.store(cidx_buf_ptr + slot, offs, mask=ok)
-        if n_emit > CAP:
-            # Only a row whose k exceeds the capacity the launcher sized CAP for.
-            tl.atomic_or(status_ptr + row, 2)
-        if ties:
-            eq = finite & (key == prefix)
-            gkey = prefix
-            gcnt = tl.sum(eq.to(tl.int32), axis=0)
-            g = _gumbel(seed, step, offs)
-            gbest, gidx = _best(z + g, offs, eq)
-    tl.store(ncand_ptr + out_at, tl.minimum(n_emit, CAP))
-    # Every token of this chunk with key >= ctau is a candidate or in the tie group.
-    tl.store(ctau_ptr + out_at, prefix.to(tl.int32, bitcast=True))
-    tl.store(gkey_ptr + out_at, gkey.to(tl.int32, bitcast=True))
-    tl.store(gcnt_ptr + out_at, gcnt)
-    tl.store(gbest_ptr + out_at, gbest)
-    tl.store(gidx_ptr + out_at, gidx)
+    z = tl.where(valid, from_key(key), float("-inf"))
+    return device_exp(z - row_max, ACCURATE)
 
 
 @triton.jit
@@ -341,6 +91,13 @@ def merge_kernel(
     CHUNK: tl.constexpr, SUB: tl.constexpr, RB: tl.constexpr, NBINS: tl.constexpr,
     LOGPROBS: tl.constexpr, ACC: tl.constexpr,
 ):
+    """One row (grid ``[B]``): its token, status bits and log-probabilities from the chunk
+    kernel's aggregates and candidates, as the module docstring lists them.
+
+    Length: one launch per step after the chunk kernel. Its branches (greedy, ``+inf``,
+    top-k, top-p, min-p, the slow path, log-probabilities) share the row's loaded state;
+    split into kernels they would add launches and reload it.
+    """
     row = tl.program_id(0)
     row64 = row.to(tl.int64)
     ch = tl.arange(0, CP)
@@ -375,7 +132,7 @@ def merge_kernel(
         # (A vector comparison: the interpreter mis-broadcasts scalar booleans.)
         row_max_v = tl.zeros([CP], dtype=tl.float32) + row_max
         use = cm & ((cmax == float("inf")) | (row_max_v != float("inf")))
-        _b, out = _best(rkey, ridx, use & (rkey > float("-inf")))
+        _b, out = race_best(rkey, ridx, use & (rkey > float("-inf")))
     if sampled & no_inf & ((k_eff > 0) | nucleus):
         seed = tl.load(seed_ptr + row)
         step = tl.load(step_ptr + row)
@@ -395,7 +152,7 @@ def merge_kernel(
         # Normaliser of softmax over the survivors of top-k (all of the row without it).
         csum = tl.load(csum_ptr + at, mask=cm, other=0.0)
         s_row = tl.sum(tl.where(cm & (cmax > float("-inf")),
-                                csum * _exp(cmax - row_max, ACC), 0.0), axis=0)
+                                csum * device_exp(cmax - row_max, ACC), 0.0), axis=0)
         prefix = tl.zeros([], dtype=tl.uint32)
         f_lo = tl.zeros([], dtype=tl.float32)
         if ONE_TILE:
@@ -425,12 +182,12 @@ def merge_kernel(
                 prefix = _top_p_search(key, q, gkey, qg, top_p)
             cut, slow = _cut(k_eff, tau, lo, prefix, f_lo, top_p, top_p_on, mlog, row_max, ACC)
             tok = tl.load(cidx_buf_ptr + base + tl.arange(0, TILE), mask=valid, other=0)
-            race = _from_key(key) + _gumbel(seed, step, tok)
+            race = from_key(key) + gumbel(seed, step, tok)
             fin = surv & (key >= cut) & _min_p_ok(key, row_max, mlog)
-            best, best_at = _best(race, tok, fin)
+            best, best_at = race_best(race, tok, fin)
             if LOGPROBS:
                 p_sum = tl.sum(tl.where(fin, e, 0.0), axis=0)
-                p_cut = tl.min(tl.where(fin, _from_key(key), float("inf")), axis=0)
+                p_cut = tl.min(tl.where(fin, from_key(key), float("inf")), axis=0)
         else:
             if k_eff > 0:
                 bit = tl.full([], 0x80000000, dtype=tl.uint32)
@@ -479,22 +236,22 @@ def merge_kernel(
                     ncand_ptr, ckey_ptr, row, n_chunks, base, s0, n_slots, CAP, TILE
                 )
                 tok = tl.load(cidx_buf_ptr + base + s0 + tl.arange(0, TILE), mask=valid, other=0)
-                race = _from_key(key) + _gumbel(seed, step, tok)
+                race = from_key(key) + gumbel(seed, step, tok)
                 fin = valid & (key >= tau) & (key >= cut) & _min_p_ok(key, row_max, mlog)
-                b2, a2 = _best(race, tok, fin)
-                best, best_at = _combine(best, best_at, b2, a2)
+                b2, a2 = race_best(race, tok, fin)
+                best, best_at = race_combine(best, best_at, b2, a2)
                 if LOGPROBS:
                     p_sum += tl.sum(tl.where(fin, _unnorm(key, fin, row_max, ACC), 0.0), axis=0)
                     p_cut = tl.minimum(
-                        p_cut, tl.min(tl.where(fin, _from_key(key), float("inf")), axis=0))
+                        p_cut, tl.min(tl.where(fin, from_key(key), float("inf")), axis=0))
         gbest = tl.load(gbest_ptr + at, mask=cm, other=float("-inf"))
         gidx = tl.load(gidx_ptr + at, mask=cm, other=2147483647)
         g_ok = grp & (gkey >= cut) & _min_p_ok(gkey, row_max, mlog)
-        b2, a2 = _best(gbest, gidx, g_ok)
-        best, out = _combine(best, best_at, b2, a2)
+        b2, a2 = race_best(gbest, gidx, g_ok)
+        best, out = race_combine(best, best_at, b2, a2)
         if LOGPROBS:
             p_sum += tl.sum(tl.where(g_ok, eg, 0.0), axis=0)
-            p_cut = tl.minimum(p_cut, tl.min(tl.where(g_ok, _from_key(gkey), float("inf")),
+            p_cut = tl.minimum(p_cut, tl.min(tl.where(g_ok, from_key(gkey), float("inf")),
                                              axis=0))
         if slow:
             out, p_sum, p_cut = _slow_path(
@@ -521,7 +278,7 @@ def merge_kernel(
         rmax = tl.load(rmax_ptr + at, mask=cm, other=float("-inf"))
         rsum = tl.load(rsum_ptr + at, mask=cm, other=0.0)
         big = tl.max(rmax, axis=0)
-        total = tl.sum(tl.where(rmax > float("-inf"), rsum * _exp(rmax - big, ACC), 0.0),
+        total = tl.sum(tl.where(rmax > float("-inf"), rsum * device_exp(rmax - big, ACC), 0.0),
                        axis=0)
         n_inf = tl.sum(tl.where(rmax == float("inf"), rsum, 0.0), axis=0)
         share = -tl.log(tl.maximum(n_inf, 1.0))  # only read where n_inf >= 1
@@ -536,7 +293,7 @@ def merge_kernel(
             csum = tl.load(csum_ptr + at, mask=cm, other=0.0)
             # Rows without a filter: every finite z survives, the chunks summed them.
             s_all = tl.sum(tl.where(cm & (cmax > float("-inf")) & (cmax < float("inf")),
-                                    csum * _exp(cmax - row_max, ACC), 0.0), axis=0)
+                                    csum * device_exp(cmax - row_max, ACC), 0.0), axis=0)
             filtered = (k_eff > 0) | nucleus
             p_sum = tl.where(filtered, p_sum, s_all)
             p_cut = tl.where(filtered, p_cut, float("-inf"))
@@ -571,7 +328,7 @@ def _cut(k_eff, tau, lo, prefix, f_lo, top_p, top_p_on, mlog, row_max, ACC: tl.c
     # Keys at or below 0x007FFFFF are -inf (and NaN patterns); 0x00800000 is -FLT_MAX.
     all_cand = lo <= 0x007FFFFF
     fast_p = top_p_on & (f_lo >= top_p)
-    z_lo = _from_key(tl.where(all_cand, tl.full([], 0x00800000, tl.uint32), lo))
+    z_lo = from_key(tl.where(all_cand, tl.full([], 0x00800000, tl.uint32), lo))
     fast_m = (mlog > float("-inf")) & (z_lo - row_max < mlog)
     topk_cut = tl.maximum(tau, prefix)
     free_cut = tl.where(fast_p, prefix, tl.where(all_cand, lo * 0, lo))
@@ -607,13 +364,13 @@ def _slow_path(
                 w_hi = tl.load(wrange_ptr + row * (n_chunks + 1) + c + 1)
                 for s in range(0, CHUNK, SUB):
                     offs = c * CHUNK + s + tl.arange(0, SUB)
-                    _x, z = _row_z(logits_ptr, row64, stride_row, V, offs, temp, once, fpen,
+                    _x, z = row_z(logits_ptr, row64, stride_row, V, offs, temp, once, fpen,
                                    ppen, win_ptr, W, w_lo, w_hi, pow_ptr, SUB)
-                    key = _to_key(z)
+                    key = to_key(z)
                     live = (offs < V) & (z > float("-inf"))
                     if p > 0:
                         live = live & ((key >> (shift + RB)) == (prefix >> (shift + RB)))
-                    q = tl.where(live, tl.math.div_rn(_exp(z - row_max, ACC), s_row), 0.0)
+                    q = tl.where(live, tl.math.div_rn(device_exp(z - row_max, ACC), s_row), 0.0)
                     d = ((key >> shift) & (R - 1)).to(tl.int32)
                     hit = d[:, None] == digits[None, :]
                     hist += tl.sum(tl.where(hit, q[:, None], 0.0), axis=0)
@@ -633,15 +390,15 @@ def _slow_path(
         w_hi = tl.load(wrange_ptr + row * (n_chunks + 1) + c + 1)
         for s in range(0, CHUNK, SUB):
             offs = c * CHUNK + s + tl.arange(0, SUB)
-            _x, z = _row_z(logits_ptr, row64, stride_row, V, offs, temp, once, fpen, ppen,
+            _x, z = row_z(logits_ptr, row64, stride_row, V, offs, temp, once, fpen, ppen,
                            win_ptr, W, w_lo, w_hi, pow_ptr, SUB)
-            ok = (offs < V) & (z > float("-inf")) & (_to_key(z) >= prefix)
+            ok = (offs < V) & (z > float("-inf")) & (to_key(z) >= prefix)
             ok = ok & (z - row_max >= mlog)
-            race = z + _gumbel(seed, step, offs)
-            b2, a2 = _best(race, offs, ok)
-            best, best_at = _combine(best, best_at, b2, a2)
+            race = z + gumbel(seed, step, offs)
+            b2, a2 = race_best(race, offs, ok)
+            best, best_at = race_combine(best, best_at, b2, a2)
             if LOGPROBS:
-                p_sum += tl.sum(tl.where(ok, _exp(z - row_max, ACC), 0.0), axis=0)
+                p_sum += tl.sum(tl.where(ok, device_exp(z - row_max, ACC), 0.0), axis=0)
                 p_cut = tl.minimum(p_cut, tl.min(tl.where(ok, z, float("inf")), axis=0))
     return best_at, p_sum, p_cut
 
@@ -650,7 +407,7 @@ def _slow_path(
 def _min_p_ok(key, row_max, mlog):
     """Min-p's test on candidate keys: ``z - z_max >= mlog``, ``mlog`` the float32 threshold
     of :func:`lmgen_fast.params.min_p_threshold` (exactly ``exp(z - z_max) >= min_p``)."""
-    return _from_key(key) - row_max >= mlog
+    return from_key(key) - row_max >= mlog
 
 
 @triton.jit
@@ -662,6 +419,6 @@ def _token_z(logits_ptr, row64, stride_row, V, n_chunks, row, tok, temp, once, f
     w_lo = tl.load(wrange_ptr + row * (n_chunks + 1) + c)
     w_hi = tl.load(wrange_ptr + row * (n_chunks + 1) + c + 1)
     offs = tok + tl.arange(0, 16)
-    _x, z = _row_z(logits_ptr, row64, stride_row, V, offs, temp, once, fpen, ppen,
+    _x, z = row_z(logits_ptr, row64, stride_row, V, offs, temp, once, fpen, ppen,
                    win_ptr, W, w_lo, w_hi, pow_ptr, 16)
     return tl.max(tl.where(offs == tok, z, float("-inf")), axis=0)

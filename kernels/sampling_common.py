@@ -1,0 +1,128 @@
+"""Shared ``@triton.jit`` helpers of the fused sampler's kernels (:mod:`lmgen_fast.kernels.
+chunk` and :mod:`lmgen_fast.kernels.merge`): the noise, the order-preserving keys, the race
+and the processed logits ``z`` of a block of tokens, which both kernels form with this very
+code so that they agree bit for bit.
+
+Noise: Triton's Philox keyed on (row seed, step, token id), exactly as
+:mod:`lmgen_fast.core.philox` defines it, so the CPU reference replays the GPU's picks.
+
+Rounding: on CUDA (``ACC``) every ``exp`` whose value decides a token (top-p masses and
+their normaliser, the log-softmax sums) is the device library's ``expf``, the function
+torch's CUDA kernels call, rather than ``tl.exp`` (``ex2.approx``), and every division is
+correctly rounded (``div_rn``; a plain ``/`` compiles to an approximate division). Min-p
+uses no ``exp`` at all, so it agrees with the reference bit for bit on every device. Top-p
+compares its float32 masses with the user's ``top_p`` loaded as float64 (never rounded).
+
+The status bits below are those of :mod:`lmgen_fast.core.errors` (``tests/core/
+test_errors.py`` holds them equal); the kernels write them as literals, since JIT code reads
+no global of another module.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+try:  # triton >= 3.0: dispatches to the CUDA (or HIP) device library
+    from triton.language.extra import libdevice
+except ImportError:  # pragma: no cover - older layouts
+    from triton.language.extra.cuda import libdevice
+
+# Sentinel index larger than any token id; ties of race keys go to the lowest id.
+BIG_INDEX = 2**31 - 1
+# Bits of the per-row status word the kernels leave for the launcher.
+STATUS_EMPTY = 1  # nothing to sample: all NaN or -inf
+STATUS_OVERFLOW = 2  # top-k larger than the candidate capacity the launch was sized for
+STATUS_INTERNAL = 4  # an id outside [0, V) was about to be returned (a bug)
+STATUS_SLOW = 8  # informational: a top-p/min-p row took the multi-pass path
+
+
+@triton.jit
+def gumbel(seed, step, idx):
+    """Gumbel noise ``-log(-log(u))`` of tokens ``idx`` (int32) for one row's seed and step."""
+    zero = (idx * 0).to(tl.uint32)
+    c0, _c1, _c2, _c3 = tl.philox(seed, idx.to(tl.uint32), zero + step.to(tl.uint32), zero, zero)
+    u = tl.random.uint_to_uniform_float(c0)
+    # Same floor as lmgen_fast.philox.UNIFORM_FLOOR: keeps every key finite.
+    u = tl.maximum(u, 2.3283064365386963e-10)
+    return -tl.log(-tl.log(u))
+
+
+@triton.jit
+def to_key(z):
+    """Order-preserving map of float32 (no NaN, zeros canonical) to uint32."""
+    b = z.to(tl.uint32, bitcast=True)
+    return tl.where((b >> 31) == 1, ~b, b | 0x80000000)
+
+
+@triton.jit
+def from_key(k):
+    """The float32 of a key of :func:`to_key` (its inverse)."""
+    b = tl.where((k >> 31) == 1, k ^ 0x80000000, ~k)
+    return b.to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def race_best(key, idx, valid):
+    """Largest key among ``valid`` lanes and the lowest index holding it (BIG if none)."""
+    key = tl.where(valid, key, float("-inf"))
+    best = tl.max(key, axis=0)
+    at = tl.min(tl.where(valid & (key == best), idx, 2147483647), axis=0)
+    return best, at
+
+
+@triton.jit
+def race_combine(best, at, best2, at2):
+    """Merge two (key, index) race results; an exact tie goes to the lower index."""
+    new = tl.maximum(best, best2)
+    a = tl.where(best == new, at, 2147483647)
+    b = tl.where(best2 == new, at2, 2147483647)
+    return new, tl.minimum(a, b)
+
+
+@triton.jit
+def row_z(logits_ptr, row64, stride_row, V, offs, temp, once, fpen, ppen,
+           win_ptr, W, w_lo, w_hi, pow_ptr, BLOCK: tl.constexpr):
+    """Raw float32 logits ``x`` and processed ``z`` of tokens ``offs`` of one row.
+
+    ``win_ptr[w_lo:w_hi]`` must hold every (sorted) window entry that can fall in ``offs``;
+    the chunk kernel and the merge's slow path share this code so that they agree bit for
+    bit on ``z``.
+    """
+    inb = offs < V
+    x = tl.load(logits_ptr + row64 * stride_row + offs, mask=inb, other=float("-inf"))
+    x = x.to(tl.float32)
+    t_eff = tl.where(temp == 0.0, 1.0, temp)
+    # IEEE division: the reference divides in float32 with correct rounding.
+    z = tl.math.div_rn(x, t_eff)
+    z = tl.where(z != z, float("-inf"), z)
+    if w_hi > w_lo:
+        count = tl.zeros([BLOCK], dtype=tl.int32)
+        for j in range(w_lo, w_hi):
+            tok = tl.load(win_ptr + row64 * W + j)
+            count += (offs == tok).to(tl.int32)
+        hit = count > 0
+        c_rep = tl.where(once, tl.minimum(count, 1), count)
+        factor = tl.load(pow_ptr + row64 * (W + 1) + c_rep, mask=hit, other=1.0)
+        pen = tl.where(z > 0.0, tl.math.div_rn(z, factor), z * factor)
+        z = tl.where(hit, pen, z)
+        # OpenAI-style penalties on the raw count, whatever penalty_mode says; two
+        # products then one add, as the reference rounds them (no FMA in these launches).
+        adj = fpen * count.to(tl.float32) + ppen * hit.to(tl.float32)
+        z = tl.where(hit, z - tl.math.div_rn(adj, t_eff), z)
+    # -0.0 and +0.0 are one value for top-k and argmax: give them one key.
+    z = tl.where(z == 0.0, 0.0, z)
+    return x, z
+
+
+@triton.jit
+def device_exp(x, ACCURATE: tl.constexpr):
+    """``exp`` as torch computes it on the same device, where that matters (min-p's test).
+
+    On CUDA, ``tl.exp`` is ``ex2.approx`` (a few ulps off ``expf``); the device library's
+    ``expf`` is the one torch's CUDA kernels call. The interpreter has only NumPy's exp.
+    """
+    if ACCURATE:
+        return libdevice.exp(x)
+    else:
+        return tl.exp(x)
