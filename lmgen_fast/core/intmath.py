@@ -13,4 +13,4 @@ def round_up(n: int, m: int) -> int:
 
 def next_pow2(n: int) -> int:
     """The smallest power of two ``>= n`` (1 for ``n <= 1``)."""
-    return 1 << max(0, (n - 1).bit_length())
+    return 1 << max(n - 1, 0).bit_length()

@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -43,6 +42,13 @@ from typing import NamedTuple
 import torch
 
 from lmgen_fast.core.params import PackedParams, SamplingParams, as_row_params
+from lmgen_fast.runtime.failure import (  # noqa: F401  (one record in runtime; re-exported)
+    KernelUnavailable,
+    guarded,
+    kernel_failure,
+    note_failure,
+    reset_failure,
+)
 from lmgen_fast.sampling import reference
 from lmgen_fast.sampling.reference import EmptyRowError, ParamsLike, SampleLogprobs
 
@@ -447,55 +453,6 @@ def raise_for_status(status: torch.Tensor) -> None:
     raise RuntimeError(f"internal error of the Triton sampler on rows {bad}")
 
 
-class KernelUnavailable(RuntimeError):
-    """The Triton kernels failed to compile or launch on this machine (the cause is chained)."""
-
-
-# Why the kernels are not used in this process (None: they are). Set by the first failure,
-# so that later calls neither retry a compilation that failed nor warn again.
-_failure: str | None = None
-
-
-def kernel_failure() -> str | None:
-    """Why this process samples with the reference instead of the kernels, or None."""
-    return _failure
-
-
-def note_failure(exc: BaseException) -> None:
-    """Record that the kernels failed (``exc``) and warn, once per process, that the
-    reference sampler takes over on the same device."""
-    global _failure
-    if _failure is None:
-        cause = exc.__cause__ if exc.__cause__ is not None else exc
-        _failure = f"{type(cause).__name__}: {str(cause).splitlines()[0] if str(cause) else ''}"
-        warnings.warn(
-            f"the Triton sampler failed on this machine ({_failure}); sampling continues with "
-            "the reference sampler on the same device (same tokens for seeded rows, slower)",
-            RuntimeWarning, stacklevel=3)
-
-
-def reset_failure() -> None:
-    """Forget a recorded failure: the next call tries the kernels again."""
-    global _failure
-    _failure = None
-
-
-def guarded(fn, *args, **kwargs):
-    """``fn(*args, **kwargs)`` (a launch of Triton kernels), with a failure of Triton itself
-    (compilation, a missing driver feature, a launch error) raised as
-    :class:`KernelUnavailable`.
-
-    Bad arguments (``ValueError``) and out-of-memory errors pass through unchanged: the
-    reference would meet them too.
-    """
-    try:
-        return fn(*args, **kwargs)
-    except (ValueError, torch.OutOfMemoryError):
-        raise
-    except Exception as exc:
-        raise KernelUnavailable(f"the Triton sampler failed: {exc}") from exc
-
-
 def guarded_launch(*args, **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`launch` under :func:`guarded`."""
     return guarded(launch, *args, **kwargs)
@@ -579,7 +536,7 @@ def sample(
     """
     steps = reference.check_inputs(logits, window, step)
     check_device(logits)
-    if _failure is not None:
+    if kernel_failure() is not None:
         return reference.sample(logits, params, window, step=step,
                                 return_logprobs=return_logprobs)
     batch, vocab = logits.shape

@@ -9,7 +9,7 @@ import torch
 
 from lmgen_fast import SamplingParams
 from lmgen_fast.core.params import PackedParams
-from lmgen_fast.engine.loop import _window
+from lmgen_fast.core.rows import history_window as _window
 from lmgen_fast.sampling import kernel as kernel_sampler
 from lmgen_fast.sampling import reference
 
