@@ -46,7 +46,7 @@ import torch
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
 from lmgen_fast import SamplingParams  # noqa: E402
 from lmgen_fast.api.baseline import article_loop  # noqa: E402
-from lmgen_fast.engine.loop import generate_ids  # noqa: E402
+from lmgen_fast.engine import generate_ids  # noqa: E402
 from lmgen_fast.models import LlamaConfig, LlamaForPretraining  # noqa: E402
 from lmgen_fast.models.decoder import decoder_for  # noqa: E402
 from lmgen_fast.sampling import kernel_launch  # noqa: E402

@@ -3,7 +3,7 @@
     python benchmarks/bench_launches.py [--device cuda] [--backends reference triton]
                                         [--batches 1] [--tiny] [--out PATH]
 
-Counts what one engine decode step (``_Run.advance``: what a CUDA graph captures) launches,
+Counts what one engine decode step (``Stepper.advance``: what a CUDA graph captures) launches,
 for the article's configuration by default (hidden 768, 12 layers, 12 heads, 3 key/value
 heads, vocabulary 50000; random weights, bfloat16 on CUDA, float32 on the CPU), split into
 the model's layers (reported per layer), the rest of the model (embedding, final norm,
@@ -50,7 +50,8 @@ from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
 from lmgen_fast.core.params import SamplingParams  # noqa: E402
-from lmgen_fast.engine import loop as engine  # noqa: E402
+from lmgen_fast.engine import generate as engine  # noqa: E402
+from lmgen_fast.engine.stepper import Stepper  # noqa: E402
 from lmgen_fast.models import LlamaConfig, LlamaForPretraining  # noqa: E402
 from lmgen_fast.models.decoder import CachedLlamaDecoder, wrap  # noqa: E402
 from lmgen_fast.models.fused_step import FusedLlamaStep  # noqa: E402
@@ -181,7 +182,7 @@ def counting(counter: LaunchCounter, model: LlamaForPretraining) -> Iterator[Non
                         and not name.startswith("_"):
                     proxy = _proxy_class(obj)
                     _wrap_with(stack, mod, name, lambda fn, p=proxy: p(fn, counter))
-        _wrap_with(stack, engine._Run, "advance", labelled("bookkeeping", on=True))
+        _wrap_with(stack, Stepper, "advance", labelled("bookkeeping", on=True))
         _wrap_with(stack, CachedLlamaDecoder, "step", labelled("model.other"))
         _wrap_with(stack, FusedLlamaStep, "_layer", labelled("model.layers"))
         for owner, name in ((kernel_sampler, "guarded_launch"), (reference, "sample"),

@@ -30,7 +30,7 @@ sys.path.insert(0, __file__.rsplit("/", 1)[0])
 import lmgen_fast  # noqa: E402
 from lmgen_fast.api.tokenization import adapt_tokenizer  # noqa: E402
 from lmgen_fast.core.params import SamplingParams  # noqa: E402
-from lmgen_fast.engine.loop import generate_ids  # noqa: E402
+from lmgen_fast.engine import generate_ids  # noqa: E402
 from lmgen_fast.models import LlamaForPretraining  # noqa: E402
 from lmgen_fast.models.decoder import decoder_for  # noqa: E402
 from lmgen_fast.speculative.rounds import ModelDrafter  # noqa: E402

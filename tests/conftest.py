@@ -32,11 +32,11 @@ def require_kernel_runtime() -> None:
 
 
 class StandInGraph:
-    """Base of the CPU stand-ins for :class:`lmgen_fast.engine._CudaGraph`: the engine hands
-    it the state, warms a step up by running it, then captures and replays; subclasses say
-    what capture and replay do."""
+    """Base of the CPU stand-ins for :class:`lmgen_fast.runtime.graphs.CudaGraph`: the
+    caller hands it a :class:`~lmgen_fast.runtime.graphs.GraphPool`, warms a step up by
+    running it, then captures and replays; subclasses say what capture and replay do."""
 
-    def __init__(self, state):
+    def __init__(self, pool):
         pass
 
     @staticmethod

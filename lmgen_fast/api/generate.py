@@ -10,7 +10,7 @@ from dataclasses import dataclass, field, replace
 
 from lmgen_fast.api.tokenization import adapt_tokenizer
 from lmgen_fast.core.params import SamplingParams, check_int
-from lmgen_fast.engine.loop import (  # noqa: F401  (re-exported: jobs and users import them from here)
+from lmgen_fast.engine import (  # noqa: F401  (re-exported: jobs and users import them from here)
     DecodeOutOfMemory,
     GenerationError,
     RowLogprobs,

@@ -39,7 +39,7 @@ from lmgen_fast.cli.options import (
 from lmgen_fast.core.params import SamplingParams
 from lmgen_fast.core.progress import Progress
 from lmgen_fast.core.rows import positions_needed
-from lmgen_fast.engine.loop import supports_slots
+from lmgen_fast.engine import supports_slots
 from lmgen_fast.jobs.inputs import (  # noqa: F401  (re-exported: the names users import from here)
     KNOWN_FIELDS,
     PARAM_FIELDS,

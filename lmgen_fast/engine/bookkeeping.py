@@ -14,7 +14,8 @@ from typing import NamedTuple
 
 import torch
 
-from lmgen_fast.sampling.kernel import STATUS_SLOW, KernelCall
+from lmgen_fast.core.errors import STATUS_SLOW
+from lmgen_fast.runtime.launch import KernelCall
 
 
 def _kernels():

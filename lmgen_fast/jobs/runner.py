@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 from lmgen_fast.api.generate import GenerationError, generate_ids
 from lmgen_fast.core.progress import Progress
-from lmgen_fast.engine.loop import DecodeStats, supports_slots
+from lmgen_fast.engine import DecodeStats, supports_slots
 from lmgen_fast.jobs.inputs import JobFailed, JobRow, plan_batches
 from lmgen_fast.jobs.jsonl import ResultWriter
 

@@ -34,9 +34,11 @@ from typing import NamedTuple, Protocol
 import torch
 
 from lmgen_fast.core.params import PackedParams, SamplingParams, check_int
-from lmgen_fast.engine import loop as engine
-from lmgen_fast.engine.loop import GenerationError, RowLogprobs, TokenCallback, _window
+from lmgen_fast.core.rows import history_window, prompt_base
+from lmgen_fast.engine import GenerationError, RowLogprobs, TokenCallback
 from lmgen_fast.models.decoder import CachedLlamaDecoder, Decoder, wrap
+from lmgen_fast.runtime import graphs
+from lmgen_fast.runtime.graphs import GraphPool
 from lmgen_fast.sampling import reference
 from lmgen_fast.sampling.reference import EmptyRowError
 
@@ -81,8 +83,8 @@ def _sample_positions(logits: torch.Tensor, flat: PackedParams, hist: torch.Tens
             hist = torch.cat([hist, hist.new_full((batch, used), -1)], dim=1)
             hist.scatter_(1, cols, drafts[:, :used])
         hlens = (hlen.unsqueeze(1) + offset + ahead).flatten()
-        window = _window(hist.repeat_interleave(t, dim=0), hlens, ranges.repeat_interleave(t),
-                         width)
+        window = history_window(hist.repeat_interleave(t, dim=0), hlens,
+                                ranges.repeat_interleave(t), width)
     flat_logits = logits.reshape(batch * t, vocab)
     if not fixed:
         return reference.sample(flat_logits, flat, window, step=steps,
@@ -131,7 +133,7 @@ class _Rows:
         self.penalized = any(r.penalized for r in rows)
         self.range_list = [r.repetition_penalty_range for r in rows]
         self.ranges = torch.tensor(self.range_list, device=device)
-        base = engine.prompt_base(prompts, rows)
+        base = prompt_base(prompts, rows)
         self.hlen = list(base)
         self.hist = None
         if self.penalized:
@@ -394,7 +396,7 @@ class ModelDrafter:
 
 def _graph_backend(device: torch.device):
     """The engine's CUDA-graph class for ``device``, or None where there are no graphs."""
-    return engine._graph_backend(device)
+    return graphs.graph_backend(device)
 
 
 class _Verify:
@@ -428,7 +430,7 @@ class _Verify:
                 self.token_lp.copy_(got.logprobs.token_logprob)
 
         self.fn = fn
-        self.graph = owner.graph_cls(owner)
+        self.graph = owner.graph_cls(owner.pool)
 
     def result(self) -> reference.SampleResult:
         lp = None
@@ -446,7 +448,7 @@ class _VerifyGraphs:
     def __init__(self, graph_cls, decoder: CachedLlamaDecoder, state: _Rows, logprobs: bool):
         self.graph_cls, self.decoder, self.state = graph_cls, decoder, state
         self.logprobs = logprobs
-        self.pool = self.stream = None  # the graph class shares these across graphs
+        self.pool = GraphPool()  # its graphs share its memory pool and stream
         self.steps: dict[tuple[int, int], _Verify] = {}
         self.broken = False
 

@@ -10,9 +10,9 @@ import torch
 
 from lmgen_fast import SamplingParams
 from lmgen_fast.engine import bookkeeping as bk
-from lmgen_fast.engine.loop import generate_ids
+from lmgen_fast.engine import generate_ids
 from lmgen_fast.models.decoder import wrap
-from lmgen_fast.sampling import kernel as kernel_sampler
+from lmgen_fast.runtime import reset_failure
 from lmgen_fast.sampling.kernel import STATUS_EMPTY, STATUS_INTERNAL, STATUS_SLOW
 
 from conftest import DEVICE, random_model, require_kernel_runtime
@@ -132,11 +132,11 @@ def test_a_failing_bookkeeping_kernel_falls_back_like_the_sampler(monkeypatch):
     model = random_model(64, seed=3, scale=4.0)
     rows = [SamplingParams(temperature=0.8, seed=i) for i in range(2)]
     want = generate_ids(wrap(model), [[1, 2], [3]], rows, [5, 5], 2, backend="reference")
-    kernel_sampler.reset_failure()
+    reset_failure()
     monkeypatch.setattr(bk, "_kernels", lambda: type("M", (), {"bookkeeping_kernel": Broken()}))
     try:
         with pytest.warns(RuntimeWarning, match="no bookkeeping on this target"):
             got = generate_ids(wrap(model), [[1, 2], [3]], rows, [5, 5], 2, backend="triton")
     finally:
-        kernel_sampler.reset_failure()
+        reset_failure()
     assert got == want

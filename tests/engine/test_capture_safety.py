@@ -21,9 +21,13 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from lmgen_fast import SamplingParams
 from lmgen_fast.core.params import PackedParams
-from lmgen_fast.engine import loop as engine
+from lmgen_fast.engine.plan import RunOptions
+from lmgen_fast.engine.slots import open_slots
+from lmgen_fast.engine.state import DeviceState
+from lmgen_fast.engine.static import StaticRun
 from lmgen_fast.models import fused_step
 from lmgen_fast.models.decoder import wrap
+from lmgen_fast.runtime import graphs, reset_failure
 from lmgen_fast.sampling import kernel as kernel_sampler
 from lmgen_fast.sampling import reference
 
@@ -126,9 +130,9 @@ LAYOUTS = {
 
 @pytest.fixture
 def meta_engine(monkeypatch):
-    monkeypatch.setattr(engine, "_graph_backend", lambda device: CheckedCapture)
+    monkeypatch.setattr(graphs, "graph_backend", lambda device: CheckedCapture)
     CheckedCapture.found, CheckedCapture.captures = [], 0
-    kernel_sampler.reset_failure()
+    reset_failure()
     return CheckedCapture
 
 
@@ -161,11 +165,11 @@ def test_the_captured_step_never_waits_for_the_device(meta_engine, monkeypatch, 
     decoder.kv_block = 4  # a new KV bucket, hence a capture, every few steps
     rows = LAYOUTS[layout]
     prompts = [[1, 2, 3], [4, 5]][: len(rows)]
-    run = engine._Run(decoder, prompts, rows, [12] * len(rows), 2, backend, None,
-                      logprobs, True, None)
+    run = StaticRun(decoder, prompts, rows, [12] * len(rows),
+                    RunOptions(2, backend, return_logprobs=logprobs))
     assert run.state.layout.kernel == (backend == "triton")
     assert getattr(decoder, "fused", False) == (backend == "triton")  # the fused step, checked
-    assert run.graph_cls is CheckedCapture
+    assert run.stepper.graph_cls is CheckedCapture
     run.state.sample(run.first_logits, run.width(0))
     for step in range(1, 10):
         run.advance(step)
@@ -185,25 +189,26 @@ def test_steps_between_slot_refills_never_wait_for_the_device(meta_engine, monke
     decoder.kv_block = 4
     rows = LAYOUTS[sorted(LAYOUTS)[-1]] * 3
     prompts = [[1, 2, 3], [4, 5], [6], [7, 8, 9, 10]] * 2
-    run = engine._SlotRun(decoder, prompts[: len(rows)], rows, [12] * len(rows), 2, backend,
-                          None, False, True, None, 2, None)
-    assert run.graph_cls is CheckedCapture
-    run.refill([0, 1], 0)  # a check's admission (host side, not captured)
+    run = open_slots(decoder, prompts[: len(rows)], rows, [12] * len(rows),
+                     RunOptions(2, backend), 2)
+    seat = run.seating
+    assert run.stepper.graph_cls is CheckedCapture
+    seat.refill(run.state, [0, 1], 0)  # a check's admission (host side, not captured)
     for step in range(0, 5):
         run.advance(step)
-    run.occupant[1] = None  # as a harvest leaves it (reading its tokens needs data)
-    run.refill([1], 5)
+    seat.occupant[1] = None  # as a harvest leaves it (reading its tokens needs data)
+    seat.refill(run.state, [1], 5)
     for step in range(5, 10):
         run.advance(step)
     captures = meta_engine.captures
     assert captures >= 2
     # The tail: no prompt waits and one row lives, so the batch compacts to it; the steps
     # of the smaller layout, captured anew, stay sync-free too.
-    run.queue.clear()
-    run.occupant[1] = None
-    run.compact()
+    seat.queue.clear()
+    seat.occupant[1] = None
+    run.state = seat.compact(run.state)
     assert run.state.layout.batch == 1 and run.state is not decoder.engine_state
-    run.refill([], 10)
+    seat.refill(run.state, [], 10)
     for step in range(10, 13):
         run.advance(step)
     assert meta_engine.captures > captures
@@ -212,18 +217,18 @@ def test_steps_between_slot_refills_never_wait_for_the_device(meta_engine, monke
 
 def test_the_check_finds_a_host_sync(meta_engine, monkeypatch):
     """The mode is not blind: a step that reads a value on the host is caught."""
-    original = engine._State.sample
+    original = DeviceState.sample
 
     def syncing(self, logits, width):
         original(self, logits, width)
         if bool(self.done.any()):  # a host decision inside the step
             pass
 
-    monkeypatch.setattr(engine._State, "sample", syncing)
+    monkeypatch.setattr(DeviceState, "sample", syncing)
     model = random_model(64, seed=1).to("meta")
     decoder = wrap(model)
-    run = engine._Run(decoder, [[1, 2]], [SamplingParams(seed=1)], [6], 2, "reference", None,
-                      False, True, None)
+    run = StaticRun(decoder, [[1, 2]], [SamplingParams(seed=1)], [6],
+                    RunOptions(2, "reference"))
     with pytest.raises(RuntimeError, match="meta"):  # no values to read, even warming up
         run.advance(1)
     mode = HostWaits()

@@ -17,9 +17,9 @@ import pytest
 import torch
 
 from lmgen_fast import SamplingParams, generate_batch
-from lmgen_fast.engine import loop as engine
-from lmgen_fast.engine.loop import DecodeOutOfMemory, GenerationError, generate_ids
+from lmgen_fast.engine import DecodeOutOfMemory, GenerationError, generate_ids
 from lmgen_fast.models.decoder import Decoder, decoder_for, release, wrap
+from lmgen_fast.runtime import graphs
 
 from conftest import (
     DEVICE,
@@ -52,7 +52,7 @@ class ClosureGraph(StandInGraph):
 
 @pytest.fixture
 def closure_graphs(monkeypatch):
-    monkeypatch.setattr(engine, "_graph_backend", lambda device: ClosureGraph)
+    monkeypatch.setattr(graphs, "graph_backend", lambda device: ClosureGraph)
     ClosureGraph.captured = ClosureGraph.replays = 0
     return ClosureGraph
 

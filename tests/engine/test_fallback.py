@@ -15,9 +15,10 @@ import pytest
 import torch
 
 from lmgen_fast import SamplingParams
-from lmgen_fast.engine import loop as engine
-from lmgen_fast.engine.loop import generate_ids
+from lmgen_fast.engine import generate_ids
+from lmgen_fast.engine.memory import kv_bytes_per_position, one_row_message
 from lmgen_fast.models.decoder import wrap
+from lmgen_fast.runtime import graphs, kernel_failure, reset_failure
 from lmgen_fast.sampling import kernel as kernel_sampler
 from lmgen_fast.sampling import reference
 
@@ -37,10 +38,10 @@ def broken_kernels(monkeypatch):
         calls.append(1)
         raise FakeCompilationError("at 12:4: unsupported op on this target")
 
-    kernel_sampler.reset_failure()
+    reset_failure()
     monkeypatch.setattr(kernel_sampler, "launch", fail)
     yield calls
-    kernel_sampler.reset_failure()
+    reset_failure()
 
 
 def fresh_logits(seed: int, batch: int = 6, vocab: int = 300) -> torch.Tensor:
@@ -62,7 +63,7 @@ def test_sample_falls_back_to_the_reference_with_one_warning(broken_kernels):
     with pytest.warns(RuntimeWarning, match="FakeCompilationError.*reference sampler"):
         got = kernel_sampler.sample(logits, params, window, step=3)
     assert torch.equal(got, want)
-    assert "unsupported op" in kernel_sampler.kernel_failure()
+    assert "unsupported op" in kernel_failure()
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # no second warning, no second compilation attempt
         got = kernel_sampler.sample(logits, params, window, step=3, return_logprobs=True)
@@ -72,7 +73,7 @@ def test_sample_falls_back_to_the_reference_with_one_warning(broken_kernels):
 
 def test_bad_arguments_are_not_mistaken_for_a_kernel_failure(monkeypatch):
     require_kernel_runtime()
-    kernel_sampler.reset_failure()
+    reset_failure()
 
     def bad(*args, **kwargs):
         raise ValueError("logprob_out must be a contiguous float32 [B, 3] tensor")
@@ -80,7 +81,7 @@ def test_bad_arguments_are_not_mistaken_for_a_kernel_failure(monkeypatch):
     monkeypatch.setattr(kernel_sampler, "launch", bad)
     with pytest.raises(ValueError, match="logprob_out"):
         kernel_sampler.sample(fresh_logits(3), SamplingParams(seed=1))
-    assert kernel_sampler.kernel_failure() is None
+    assert kernel_failure() is None
 
 
 @pytest.fixture(scope="module")
@@ -135,8 +136,8 @@ class FailingCapture(StandInGraph):
 
 def test_a_failed_capture_runs_the_decoder_eagerly(small_model, monkeypatch):
     require_kernel_runtime()
-    kernel_sampler.reset_failure()
-    monkeypatch.setattr(engine, "_graph_backend", lambda device: FailingCapture)
+    reset_failure()
+    monkeypatch.setattr(graphs, "graph_backend", lambda device: FailingCapture)
     FailingCapture.captures = 0
     prompts, caps = prompts_for(8), [15, 6, 11]
     want = generate_ids(wrap(small_model), prompts, ENGINE_ROWS, caps, 2, backend="triton",
@@ -160,9 +161,9 @@ def test_one_row_oom_message_for_a_transformers_model(monkeypatch):
     cfg = transformers.GPT2Config(n_layer=3, n_head=4, n_embd=64, vocab_size=100, n_positions=64)
     model = transformers.GPT2LMHeadModel(cfg)
     # 2 (K and V) x 3 layers x 4 heads x 16 dims x 4 bytes
-    assert engine._kv_bytes_per_position(model) == 2 * 3 * 4 * 16 * 4
+    assert kv_bytes_per_position(model) == 2 * 3 * 4 * 16 * 4
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (3 * 2**20, 2**31))
     decoder = types.SimpleNamespace(model=model, device=torch.device("cuda:0"))
-    msg = engine._one_row_message(decoder, [1, 2, 3], 10, RuntimeError("CUDA out of memory"))
+    msg = one_row_message(decoder, [1, 2, 3], 10, RuntimeError("CUDA out of memory"))
     assert "3 MiB are free" in msg and "1.5 KiB per position" in msg
     assert f"{3 * 2**20 // 1536} positions fit" in msg

@@ -13,14 +13,20 @@ from dataclasses import replace
 
 import pytest
 import torch
-from test_engine import ClosureGraph
 
 from lmgen_fast import SamplingParams, generate_batch
-from lmgen_fast.engine import loop as engine
-from lmgen_fast.engine.loop import DecodeStats, default_slots, generate_ids
+from lmgen_fast.engine import (
+    DEFAULT_SLOTS,
+    DecodeStats,
+    GenerationError,
+    default_slots,
+    generate_ids,
+)
 from lmgen_fast.models.decoder import CachedLlamaDecoder, RecomputeDecoder, wrap
+from lmgen_fast.runtime import graphs
 
 from conftest import assert_frequencies_match, random_model, require_kernel_runtime
+from test_engine import ClosureGraph
 
 VOCAB, EOS = 48, 2
 
@@ -142,7 +148,7 @@ def test_the_tail_compacts_past_what_fixed_slots_can_reach(flat_model, one_threa
 
 def test_slots_keep_the_step_shape_and_replay_its_graphs(flat_model, monkeypatch, one_thread):
     require_kernel_runtime()
-    monkeypatch.setattr(engine, "_graph_backend", lambda device: ClosureGraph)
+    monkeypatch.setattr(graphs, "graph_backend", lambda device: ClosureGraph)
     ClosureGraph.captured = ClosureGraph.replays = 0
     prompts, rows, caps = mixed_job(9, seed=40)
     caps = [min(c, 12) for c in caps]
@@ -249,9 +255,9 @@ def test_generate_batch_slots_and_their_default(flat_model, tokenizer, one_threa
     with pytest.raises(ValueError, match="max_batch_size must be a positive int, got 0"):
         generate_batch(model, tokenizer, prompts, max_batch_size=0)
     decoder = wrap(model)
-    few, many = [[1]] * engine.DEFAULT_SLOTS, [[1]] * (engine.DEFAULT_SLOTS + 1)
+    few, many = [[1]] * DEFAULT_SLOTS, [[1]] * (DEFAULT_SLOTS + 1)
     assert default_slots(decoder, few, [4] * len(few)) == len(few)  # one batch, as before
-    assert default_slots(decoder, many, [4] * len(many)) == engine.DEFAULT_SLOTS
+    assert default_slots(decoder, many, [4] * len(many)) == DEFAULT_SLOTS
 
 
 def test_a_bad_row_in_a_slot_names_its_input_row(flat_model, one_thread):
@@ -275,7 +281,7 @@ def test_a_bad_row_in_a_slot_names_its_input_row(flat_model, one_thread):
 
     decoder = Poisoned(flat_model)
     decoder.watch = None
-    with pytest.raises(engine.GenerationError, match=rf"logits row\(s\) \[{bad}\]") as info:
+    with pytest.raises(GenerationError, match=rf"logits row\(s\) \[{bad}\]") as info:
         generate_ids(decoder, prompts, rows, caps, -1, max_batch_size=2)
     assert info.value.partial[bad] == [] and len(info.value.partial) == 6
 

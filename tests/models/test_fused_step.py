@@ -18,7 +18,7 @@ from conftest import DEVICE, random_model, require_kernel_runtime
 require_kernel_runtime()
 
 from lmgen_fast import SamplingParams, load_default  # noqa: E402
-from lmgen_fast.engine.loop import generate_ids  # noqa: E402
+from lmgen_fast.engine import generate_ids  # noqa: E402
 from lmgen_fast.models.decoder import CachedLlamaDecoder, decoder_for, wrap  # noqa: E402
 from lmgen_fast.models.fused_step import FusedLlamaStep, supported  # noqa: E402
 
