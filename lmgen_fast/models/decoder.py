@@ -124,7 +124,9 @@ class CachedLlamaDecoder(Decoder):
             kept[1].refresh()
         return kept[1]
 
-    def _round(self, n: int) -> int:
+    def round_len(self, n: int) -> int:
+        """``n`` positions rounded up to whole ``kv_block`` blocks: the attention length a
+        step over ``n`` positions runs at (few lengths, so few kernel shapes and graphs)."""
         return -(-n // self.kv_block) * self.kv_block
 
     def prefill(self, prompts: Sequence[Sequence[int]], max_new_tokens: int) -> torch.Tensor:
@@ -135,7 +137,7 @@ class CachedLlamaDecoder(Decoder):
         need = self._need(longest, max_new_tokens)
         batch = len(prompts)
         ids = _right_padded(prompts, self.device)
-        self._ensure_cache(batch, self._round(max(need, longest)))
+        self._ensure_cache(batch, self.round_len(max(need, longest)))
         positions = torch.arange(longest, device=self.device).expand(batch, longest)
         hidden = self.model.forward_cached(ids, positions, self.cache, kv_len=longest)
         last = torch.as_tensor(lengths, device=self.device) - 1
@@ -175,7 +177,7 @@ class CachedLlamaDecoder(Decoder):
     def reserve(self, batch: int, prompt_len: int, max_new_tokens: int) -> None:
         """A cache of ``batch`` rows, each as long as the row of ``prompt_len`` tokens and
         ``max_new_tokens`` needs (the longest of a run); every row at position 0."""
-        self._ensure_cache(batch, self._round(self._need(prompt_len, max_new_tokens)))
+        self._ensure_cache(batch, self.round_len(self._need(prompt_len, max_new_tokens)))
         self.positions.zero_()
         self.kv_len = 0
 
@@ -232,7 +234,7 @@ class CachedLlamaDecoder(Decoder):
     def advance(self) -> int:
         """Account for one more decode step on the host; return the ``kv_len`` it uses."""
         self.kv_len += 1
-        return self._round(self.kv_len)
+        return self.round_len(self.kv_len)
 
     def step(self, tokens: torch.Tensor, kv_len: int) -> torch.Tensor:
         """One decode step at the rows' current positions, without touching host state.
