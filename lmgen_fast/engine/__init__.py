@@ -6,10 +6,11 @@ from lmgen_fast.engine.loop import (
     DecodeStats,
     GenerationError,
     RowLogprobs,
+    TokenCallback,
     default_slots,
     generate_ids,
     supports_slots,
 )
 
 __all__ = ["DecodeOutOfMemory", "DecodeStats", "GenerationError", "RowLogprobs",
-           "default_slots", "generate_ids", "supports_slots"]
+           "TokenCallback", "default_slots", "generate_ids", "supports_slots"]

@@ -125,8 +125,7 @@ class CachedLlamaDecoder(Decoder):
         return kept[1]
 
     def round_len(self, n: int) -> int:
-        """``n`` positions rounded up to whole ``kv_block`` blocks: the attention length a
-        step over ``n`` positions runs at (few lengths, so few kernel shapes and graphs)."""
+        """``n`` rounded up to whole ``kv_block`` blocks: the attention length for ``n``."""
         return -(-n // self.kv_block) * self.kv_block
 
     def prefill(self, prompts: Sequence[Sequence[int]], max_new_tokens: int) -> torch.Tensor:

@@ -22,8 +22,10 @@ from lmgen_fast import SamplingParams, generate_batch
 from lmgen_fast.api import generate
 from lmgen_fast.models import LlamaConfig, LlamaForPretraining
 from lmgen_fast.models.decoder import decoder_for, wrap
-from lmgen_fast.speculative import rounds as speculative
-from lmgen_fast.speculative.rounds import NgramDrafter
+from lmgen_fast.runtime import graphs
+from lmgen_fast.speculative import drafters, verify
+from lmgen_fast.speculative import rows as speculative_rows
+from lmgen_fast.speculative.drafters import NgramDrafter
 
 from conftest import StandInGraph, random_model
 
@@ -259,7 +261,7 @@ def test_fixed_shape_sampler_path_gives_the_same_tokens(tokenizer, model, monkey
     rows = [SamplingParams(temperature=t, top_k=10, top_p=0.9, repetition_penalty=1.2,
                            seed=i) for i, t in enumerate([0.0, 0.8, 1.3])]
     plain = generate_batch(model, tokenizer, prompts, 16, params=rows)
-    monkeypatch.setattr(speculative, "_fixed_shapes", lambda device: True)
+    monkeypatch.setattr(speculative_rows, "fixed_shapes", lambda device: True)
     assert generate_batch(model, tokenizer, prompts, 16, params=rows, speculative=model,
                           num_speculative_tokens=3) == plain
 
@@ -274,7 +276,7 @@ def test_processed_logprobs_are_plain_decodings(tokenizer, model, monkeypatch, f
             for i, (t, k) in enumerate([(0.0, 10), (0.8, 0), (1.3, 6)])]
     plain = generate_batch(model, tokenizer, prompts, 12, params=rows, return_details=True)
     if fixed:
-        monkeypatch.setattr(speculative, "_fixed_shapes", lambda device: True)
+        monkeypatch.setattr(speculative_rows, "fixed_shapes", lambda device: True)
     spec = generate_batch(model, tokenizer, prompts, 12, params=rows, return_details=True,
                           speculative=model, num_speculative_tokens=3)
     for p, s in zip(plain, spec, strict=True):
@@ -313,8 +315,8 @@ def test_captured_verify_steps_give_the_same_tokens(tokenizer, model, monkeypatc
                            presence_penalty=0.1 * i, penalty_scope=("all", "generated")[i % 2],
                            seed=i) for i, t in enumerate([0.0, 0.8, 1.3, 1.0])]
     plain = generate_batch(model, tokenizer, prompts, 24, params=rows, return_details=True)
-    monkeypatch.setattr(speculative, "_fixed_shapes", lambda device: True)
-    monkeypatch.setattr(speculative, "_graph_backend", lambda device: graph)
+    monkeypatch.setattr(speculative_rows, "fixed_shapes", lambda device: True)
+    monkeypatch.setattr(graphs, "graph_backend", lambda device: graph)
     # Attention lengths in blocks, as on CUDA, so that rounds replay captured steps.
     monkeypatch.setattr(decoder_for(model), "kv_block", 32)
     Replayed.captures = Replayed.replays = 0
@@ -446,7 +448,7 @@ def test_draft_model_proposes_its_own_greedy_continuation(tokenizer, model, one_
     # The draft model's cache is re-synced every round (its last two kept tokens): its
     # drafts must be what a full recompute of the draft model picks.
     draft = random_model(tokenizer.get_vocab_size(), seed=9, scale=8.0)
-    inner = speculative.ModelDrafter(draft)
+    inner = drafters.ModelDrafter(draft)
     seen = []
 
     class Recording:
@@ -491,8 +493,8 @@ def test_the_captured_verify_step_never_waits_for_the_device(penalized):
                            frequency_penalty=0.2 if penalized else 0.0)]
     decoder.prefill(prompts, 16)
     meta = torch.device("meta")
-    state = speculative._Rows(prompts, rows, [12, 12], meta, 24)
-    graphs = speculative._VerifyGraphs(CheckedCapture, decoder, state, logprobs=True)
+    state = speculative_rows.Rows(prompts, rows, [12, 12], meta, 24)
+    graphs = verify.VerifyGraphs(CheckedCapture, decoder, state, logprobs=True)
     for length, t in [(4, 3), (5, 3), (9, 5), (9, 1)]:
         positions = (torch.tensor([[length - 1], [length - 2]]) + torch.arange(t)).to(meta)
         ids = torch.zeros(2, t, dtype=torch.int64, device=meta)
