@@ -18,8 +18,7 @@ import torch
 from scipy import stats
 
 import lmgen_fast
-from lmgen_fast import SamplingParams, generate_batch
-from lmgen_fast.api import generate
+from lmgen_fast import SamplingParams, generate, generate_batch
 from lmgen_fast.models import LlamaConfig, LlamaForPretraining
 from lmgen_fast.models.decoder import decoder_for, wrap
 from lmgen_fast.runtime import graphs
