@@ -83,3 +83,26 @@ def listed_alternatives(ids: Sequence[int], values: Sequence[float],
     """A token's top ``k`` alternatives as ``(id, logprob)`` pairs: a processed row lists
     its surviving tokens only, and the sampler pads the rest with id ``-1``."""
     return [(t, x) for t, x in zip(ids[:k], values[:k], strict=True) if t >= 0]
+
+
+def book_stop(done: bool | torch.Tensor, bad: bool | torch.Tensor, eot: bool | torch.Tensor,
+              count: int | torch.Tensor, max_tokens: int | torch.Tensor
+              ) -> tuple[bool | torch.Tensor, int | torch.Tensor, bool | torch.Tensor]:
+    """Whether a row keeps the token it just drew, its count of kept tokens after it, and
+    whether it stops: the rule of the engine's bookkeeping (``book`` and ``book_eager``).
+
+    A running row (not ``done``) whose draw is not ``bad`` keeps it unless it is its end
+    token (``eot``); it stops on a bad draw, on its end token, or once it kept
+    ``max_tokens``. Elementwise: the arguments are bool or int64 tensors ``[B]``, or
+    Python bools and ints for one row (written with ``== 0`` rather than ``~``, which
+    would be the bitwise not of an int).
+
+    Returns
+    -------
+    (kept, count, done)
+        bool, int64 and bool ``[B]`` tensors, or a bool, an int and a bool.
+    """
+    running = (done == 0) & (bad == 0)
+    kept = running & (eot == 0)
+    count = count + kept
+    return kept, count, (running == 0) | eot | (count >= max_tokens)

@@ -18,12 +18,13 @@ import torch
 from scipy import stats
 
 import lmgen_fast
-from lmgen_fast import SamplingParams, generate_batch
-from lmgen_fast.api import generate
+from lmgen_fast import SamplingParams, generate, generate_batch
 from lmgen_fast.models import LlamaConfig, LlamaForPretraining
 from lmgen_fast.models.decoder import decoder_for, wrap
-from lmgen_fast.speculative import rounds as speculative
-from lmgen_fast.speculative.rounds import NgramDrafter
+from lmgen_fast.runtime import graphs
+from lmgen_fast.speculative import drafters, verify
+from lmgen_fast.speculative import rows as speculative_rows
+from lmgen_fast.speculative.drafters import NgramDrafter
 
 from conftest import StandInGraph, random_model
 
@@ -259,7 +260,7 @@ def test_fixed_shape_sampler_path_gives_the_same_tokens(tokenizer, model, monkey
     rows = [SamplingParams(temperature=t, top_k=10, top_p=0.9, repetition_penalty=1.2,
                            seed=i) for i, t in enumerate([0.0, 0.8, 1.3])]
     plain = generate_batch(model, tokenizer, prompts, 16, params=rows)
-    monkeypatch.setattr(speculative, "_fixed_shapes", lambda device: True)
+    monkeypatch.setattr(speculative_rows, "fixed_shapes", lambda device: True)
     assert generate_batch(model, tokenizer, prompts, 16, params=rows, speculative=model,
                           num_speculative_tokens=3) == plain
 
@@ -274,7 +275,7 @@ def test_processed_logprobs_are_plain_decodings(tokenizer, model, monkeypatch, f
             for i, (t, k) in enumerate([(0.0, 10), (0.8, 0), (1.3, 6)])]
     plain = generate_batch(model, tokenizer, prompts, 12, params=rows, return_details=True)
     if fixed:
-        monkeypatch.setattr(speculative, "_fixed_shapes", lambda device: True)
+        monkeypatch.setattr(speculative_rows, "fixed_shapes", lambda device: True)
     spec = generate_batch(model, tokenizer, prompts, 12, params=rows, return_details=True,
                           speculative=model, num_speculative_tokens=3)
     for p, s in zip(plain, spec, strict=True):
@@ -313,8 +314,8 @@ def test_captured_verify_steps_give_the_same_tokens(tokenizer, model, monkeypatc
                            presence_penalty=0.1 * i, penalty_scope=("all", "generated")[i % 2],
                            seed=i) for i, t in enumerate([0.0, 0.8, 1.3, 1.0])]
     plain = generate_batch(model, tokenizer, prompts, 24, params=rows, return_details=True)
-    monkeypatch.setattr(speculative, "_fixed_shapes", lambda device: True)
-    monkeypatch.setattr(speculative, "_graph_backend", lambda device: graph)
+    monkeypatch.setattr(speculative_rows, "fixed_shapes", lambda device: True)
+    monkeypatch.setattr(graphs, "graph_backend", lambda device: graph)
     # Attention lengths in blocks, as on CUDA, so that rounds replay captured steps.
     monkeypatch.setattr(decoder_for(model), "kv_block", 32)
     Replayed.captures = Replayed.replays = 0
@@ -446,7 +447,7 @@ def test_draft_model_proposes_its_own_greedy_continuation(tokenizer, model, one_
     # The draft model's cache is re-synced every round (its last two kept tokens): its
     # drafts must be what a full recompute of the draft model picks.
     draft = random_model(tokenizer.get_vocab_size(), seed=9, scale=8.0)
-    inner = speculative.ModelDrafter(draft)
+    inner = drafters.ModelDrafter(draft)
     seen = []
 
     class Recording:
@@ -491,8 +492,8 @@ def test_the_captured_verify_step_never_waits_for_the_device(penalized):
                            frequency_penalty=0.2 if penalized else 0.0)]
     decoder.prefill(prompts, 16)
     meta = torch.device("meta")
-    state = speculative._Rows(prompts, rows, [12, 12], meta, 24)
-    graphs = speculative._VerifyGraphs(CheckedCapture, decoder, state, logprobs=True)
+    state = speculative_rows.Rows(prompts, rows, [12, 12], meta, 24)
+    graphs = verify.VerifyGraphs(CheckedCapture, decoder, state, logprobs=True)
     for length, t in [(4, 3), (5, 3), (9, 5), (9, 1)]:
         positions = (torch.tensor([[length - 1], [length - 2]]) + torch.arange(t)).to(meta)
         ids = torch.zeros(2, t, dtype=torch.int64, device=meta)
@@ -501,3 +502,88 @@ def test_the_captured_verify_step_never_waits_for_the_device(penalized):
         assert got.tokens.shape == (2 * t,) and got.tokens.device.type == "meta"
     assert not graphs.broken and CheckedCapture.captures == 4
     assert CheckedCapture.found == []
+
+
+def _random_ledger(gen: torch.Generator, batch: int, cols: int, done: torch.Tensor,
+                   count: torch.Tensor, max_tokens: torch.Tensor, steps: int = 1):
+    """A ledger with room for ``steps`` more steps of every row."""
+    from lmgen_fast.engine.bookkeeping import Ledger
+
+    i64 = dict(dtype=torch.int64)
+    return Ledger(out=torch.zeros(batch, cols, **i64), token_lp=None, top_ids=None,
+                  top_lp=None, hist=torch.zeros(batch, cols, **i64),
+                  hlen=torch.zeros(batch, **i64), tokens=torch.zeros(batch, **i64),
+                  step=torch.randint(0, cols - steps + 1, (batch,), generator=gen),
+                  count=count.clone(), max_tokens=max_tokens, done=done.clone(),
+                  bad_step=torch.full((batch,), -1, **i64),
+                  bad_bits=torch.zeros(batch, dtype=torch.int32))
+
+
+def test_the_stop_rule_is_the_engines_bookkeeping():
+    # Rounds decide, per row and position, keep and stop with core.rows.book_stop; the
+    # engine's book_eager (tested against the bookkeeping kernel) must decide alike.
+    from lmgen_fast.core.errors import STATUS_SLOW
+    from lmgen_fast.core.rows import book_stop
+    from lmgen_fast.engine.bookkeeping import book_eager
+
+    gen = torch.Generator().manual_seed(0)
+    batch, eos = 64, 3
+    for _ in range(50):
+        done = torch.rand(batch, generator=gen) < 0.3
+        count = torch.randint(0, 6, (batch,), generator=gen)
+        max_tokens = torch.randint(1, 7, (batch,), generator=gen)
+        tokens = torch.randint(0, 6, (batch,), generator=gen)
+        flags = torch.randint(0, 16, (batch,), generator=gen, dtype=torch.int32)
+        status = torch.where(torch.rand(batch, generator=gen) < 0.3, flags, 0).int()
+        led = _random_ledger(gen, batch, 8, done, count, max_tokens)
+        book_eager(led, tokens, status, eos)
+        bad = (status & ~STATUS_SLOW) != 0
+        kept, after, stop = book_stop(done, bad, tokens == eos, count, max_tokens)
+        assert torch.equal(after, led.count) and torch.equal(stop, led.done)
+        assert torch.equal(kept.long(), led.count - count)
+        for r in range(batch):  # one row at a time, as a round books it
+            one = book_stop(bool(done[r]), bool(bad[r]), int(tokens[r]) == eos,
+                            int(count[r]), int(max_tokens[r]))
+            assert one == (bool(kept[r]), int(after[r]), bool(stop[r]))
+
+
+def test_a_round_keeps_and_stops_as_the_engine_would():
+    # A whole round booked by accept.book_round against book_eager run position by
+    # position, each row leaving the round at its first rejected draft.
+    from lmgen_fast.engine.bookkeeping import book_eager
+    from lmgen_fast.sampling.reference import SampleResult
+    from lmgen_fast.speculative.accept import book_round
+
+    gen = torch.Generator().manual_seed(1)
+    batch, eos, t = 32, 3, 5
+    for _ in range(20):
+        max_tokens = torch.randint(1, 9, (batch,), generator=gen)
+        count = (torch.rand(batch, generator=gen) * max_tokens).long()
+        done = torch.rand(batch, generator=gen) < 0.2
+        state = speculative_rows.Rows([[1, 2]] * batch, [SamplingParams(seed=0)] * batch,
+                                      max_tokens.tolist(), torch.device("cpu"), 32)
+        for r in range(batch):
+            state.out[r] = [7] * int(count[r])
+            state.seqs[r] += state.out[r]
+            state.done[r] = bool(done[r])
+        tokens = torch.randint(0, 8, (batch, t), generator=gen)
+        drafts = torch.where(torch.rand(batch, t - 1, generator=gen) < 0.7, tokens[:, :-1],
+                             torch.randint(0, 8, (batch, t - 1), generator=gen))
+        book_round(state, SampleResult(tokens.flatten(), torch.zeros(batch * t,
+                                                                     dtype=torch.int32), None),
+                   drafts.tolist(), t, eos, None)
+        led = _random_ledger(gen, batch, 2 * t, done, count, max_tokens, steps=t)
+        final_count, final_done, in_round = count.clone(), done.clone(), ~done
+        for j in range(t):
+            book_eager(led, tokens[:, j], None, eos)
+            hit = drafts[:, j] == tokens[:, j] if j < t - 1 else torch.zeros_like(done)
+            leave = in_round & (led.done | ~hit)
+            final_count = torch.where(leave, led.count, final_count)
+            final_done = torch.where(leave, led.done, final_done)
+            led.done.logical_or_(leave)  # a row out of the round books nothing more
+            in_round &= ~leave
+        assert [len(o) for o in state.out] == final_count.tolist()
+        assert state.done == final_done.tolist()
+        for r in range(batch):
+            assert state.out[r][int(count[r]):] == tokens[r, : int(final_count[r] - count[r])] \
+                .tolist()

@@ -1,0 +1,183 @@
+"""The state of one speculative batch (:class:`Rows`: each row's tokens, step, penalty
+history and counts) and the one sampler call that draws every position of every row."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import fields, replace
+
+import torch
+
+from lmgen_fast.core.params import PackedParams, SamplingParams
+from lmgen_fast.core.rows import (
+    fill_unseeded,
+    history_window,
+    prompt_base,
+    prompt_history,
+    window_width,
+)
+from lmgen_fast.sampling import reference
+
+
+def fixed_shapes(device: torch.device) -> bool:
+    """Whether rounds on ``device`` sample with the reference's fixed-shape path (no host
+    waits inside the sampler), as the engine does off the CPU.
+
+    Callers look it up on this module, so that a test can patch it.
+    """
+    return device.type != "cpu"
+
+
+def sample_positions(logits: torch.Tensor, flat: PackedParams, hist: torch.Tensor | None,
+                     hlen: torch.Tensor, ranges: torch.Tensor, steps: torch.Tensor,
+                     drafts: torch.Tensor, offset: int, width: int, fixed: bool,
+                     return_logprobs: bool) -> reference.SampleResult:
+    """One sampler call for ``T`` positions of every row (see :func:`sample_rows`).
+
+    Reads device tensors only: ``logits`` ``[B, T, V]``, ``flat`` the rows' parameters
+    repeated ``T`` times each, ``hist`` ``[B, H]`` int64 (None: no penalties), ``hlen``,
+    ``ranges`` and ``steps`` ``[B]`` int64, ``drafts`` ``[B, D]`` int64; with ``fixed``,
+    through the reference's fixed-shape path, so a CUDA graph can capture it. ``width`` is
+    the penalty window's. Returns ``tokens`` and ``status`` ``[B * T]`` (row-major).
+    """
+    batch, t, vocab = logits.shape
+    dev = logits.device
+    ahead = torch.arange(t, device=dev)
+    steps = (steps.unsqueeze(1) + offset + ahead).flatten()
+    window = None
+    if hist is not None:
+        used = offset + t - 1  # drafts that some position's window reads
+        if used > 0:
+            cols = hlen.unsqueeze(1) + torch.arange(used, device=dev)
+            hist = torch.cat([hist, hist.new_full((batch, used), -1)], dim=1)
+            hist.scatter_(1, cols, drafts[:, :used])
+        hlens = (hlen.unsqueeze(1) + offset + ahead).flatten()
+        window = history_window(hist.repeat_interleave(t, dim=0), hlens,
+                                ranges.repeat_interleave(t), width)
+    flat_logits = logits.reshape(batch * t, vocab)
+    if not fixed:
+        return reference.sample(flat_logits, flat, window, step=steps,
+                                return_logprobs=return_logprobs, check=False, on_device=False)
+    # Seeds are drawn already (every row races): no input checks, no host waits.
+    if return_logprobs:
+        # Each row's log-probabilities in its logprobs_mode, alternatives included.
+        return reference.SampleResult(*reference.sample_on_device_logprobs(
+            flat_logits, flat, window, steps, flat.logprobs, draw_seeds=False))
+    tokens, status, _ = reference.sample_on_device(flat_logits, flat, window, steps,
+                                                   draw_seeds=False)
+    return reference.SampleResult(tokens, status, None)
+
+
+class Rows:
+    """The host and device state of one speculative batch, read by the drafters.
+
+    ``seqs[r]`` is row ``r``'s prompt and kept tokens; ``steps[r]`` the next step (tokens
+    sampled, EOT included): it keys the noise of the row's next token, as in the engine.
+    ``hist`` (int64 ``[B, H]`` on the device, None without penalties) holds the first
+    ``hlen[r]`` tokens of each row's penalty history.
+    """
+
+    def __init__(self, prompts: Sequence[Sequence[int]], rows: Sequence[SamplingParams],
+                 max_tokens: Sequence[int], device: torch.device, hist_len: int):
+        batch = len(prompts)
+        self.device = device
+        self.seqs = [list(p) for p in prompts]
+        self.out: list[list[int]] = [[] for _ in prompts]
+        self.max_tokens = list(max_tokens)
+        self.done = [m == 0 for m in max_tokens]
+        self.steps = [0] * batch
+        self.forwards = [0] * batch
+        self.accepted = [0] * batch
+        self.proposed = [0] * batch
+        # Rows whose last round hit a position with nothing to sample: they take a plain
+        # one-token round before that counts as an error (see accept.book_round).
+        self.retry = [False] * batch
+        self.top_n = [r.logprobs for r in rows]
+        self.token_lp: list[list[float]] = [[] for _ in prompts]
+        self.top: list[list[list[tuple[int, float]]]] = [[] for _ in prompts]
+        packed = PackedParams.from_rows(rows, device)
+        # Unseeded rows draw their seed once (as the engine does on the GPU): each row then
+        # races, so a draft can be checked against the target's own draw.
+        if any(r.seed is None for r in rows):
+            packed = replace(packed, seed=fill_unseeded(packed.seed, packed.seeded))
+        self.packed = replace(packed, seeded=torch.ones_like(packed.seeded))
+        self.penalized = any(r.penalized for r in rows)
+        self.range_list = [r.repetition_penalty_range for r in rows]
+        self.ranges = torch.tensor(self.range_list, device=device)
+        base = prompt_base(prompts, rows)
+        self.hlen = list(base)
+        self.hist = None
+        if self.penalized:
+            hist = torch.full((batch, hist_len), -1, dtype=torch.int64)
+            start = prompt_history(prompts, base)
+            hist[:, : start.shape[1]] = start
+            self.hist = hist.to(device)
+
+    @property
+    def batch(self) -> int:
+        return len(self.seqs)
+
+    def active(self) -> list[int]:
+        return [r for r, d in enumerate(self.done) if not d]
+
+    def sample(self, logits: torch.Tensor, drafts: torch.Tensor, offset: int = 0,
+               return_logprobs: bool = False) -> reference.SampleResult:
+        """Sample every position of every row in one sampler call (:func:`sample_rows`)."""
+        return sample_rows(self, logits, drafts, offset, return_logprobs)
+
+    def flat_params(self, t: int) -> PackedParams:
+        """The rows' parameters repeated for ``t`` positions each (row-major)."""
+        return replace(self.packed, **{f.name: getattr(self.packed, f.name).repeat_interleave(t)
+                                       for f in fields(PackedParams)
+                                       if isinstance(getattr(self.packed, f.name), torch.Tensor)})
+
+    def usable(self, drafts: torch.Tensor, eos_id: int) -> torch.Tensor:
+        """``drafts`` ``[B, k]`` with ``-1`` where a row could not use them: past its
+        ``max_tokens``, after a drafted EOT, and for finished rows."""
+        dev = drafts.device
+        left = torch.tensor([0 if d else m - len(o) - 1 for d, m, o in
+                             zip(self.done, self.max_tokens, self.out, strict=True)],
+                            device=dev)
+        eos = (drafts == eos_id).to(torch.int64)
+        after_eos = (eos.cumsum(dim=1) - eos) > 0
+        room = torch.arange(drafts.shape[1], device=dev) < left.unsqueeze(1)
+        return torch.where(room & ~after_eos, drafts, -1)
+
+    def partial(self) -> list[list[int]]:
+        return [list(o) for o in self.out]
+
+
+def sample_rows(rows: Rows, logits: torch.Tensor, drafts: torch.Tensor, offset: int = 0,
+                return_logprobs: bool = False) -> reference.SampleResult:
+    """Sample every position of every row in one sampler call.
+
+    Parameters
+    ----------
+    rows : Rows
+        The batch: each row samples at its own step, with its own penalty history.
+    logits : Tensor
+        ``[B, T, V]`` float: position ``t`` is the model's prediction after the row's
+        kept tokens and ``drafts[:, :offset + t]``.
+    drafts : LongTensor
+        ``[B, D]`` int64, ``D >= offset + T - 1``, ``-1`` for no draft.
+    offset : int
+        Drafts already before position 0.
+    return_logprobs : bool
+        Also the raw log-probabilities (with the rows' top alternatives).
+
+    Returns
+    -------
+    SampleResult
+        ``tokens`` and ``status`` ``[B * T]`` (row-major), never raising for a row with
+        nothing to sample: only positions a row keeps are checked, by the caller.
+    """
+    t = logits.shape[1]
+    dev = logits.device
+    width = 0
+    if rows.penalized:
+        # As wide as the widest window any position reads.
+        width = window_width(rows.range_list, [h + offset + t - 1 for h in rows.hlen])
+    return sample_positions(
+        logits, rows.flat_params(t), rows.hist, torch.tensor(rows.hlen, device=dev),
+        rows.ranges, torch.tensor(rows.steps, device=dev), drafts, offset, max(width, 1),
+        fixed_shapes(dev), return_logprobs)
