@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import math
 import os
+from fnmatch import fnmatchcase
+from pathlib import Path
 
 import pytest
 import torch
@@ -21,7 +23,120 @@ if not torch.cuda.is_available():
 CUDA = torch.cuda.is_available()
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 DEVICE = "cuda" if CUDA else "cpu"
-gpu = pytest.mark.skipif(not CUDA or INTERPRETED, reason="needs a CUDA device")
+# The `gpu` marker; the collection hook below skips its tests unless CUDA runs them.
+gpu = pytest.mark.gpu
+
+# time_limit: with LMGEN_UNMARKED_LIMIT set (CI), an unmarked test over the limit fails the
+# run; pytester: tests/test_markers.py runs that plugin on generated test files.
+pytest_plugins = ["time_limit", "pytester"]
+
+TESTS = Path(__file__).resolve().parent
+
+# Every speed marker of the suite, in one place: (test file under tests/, test name, markers),
+# both fnmatch patterns; a test name includes its parameters ("test_x[triton]"). `make quick`
+# leaves out slow, interpreter, statistical, subprocess and aot; gpu tests skip without CUDA.
+# slow: over ~1.5 s on the 2-core CPU machine (CI fails an unmarked test over 3 s, so the
+# margin absorbs a loaded machine); interpreter: runs Triton kernels under TRITON_INTERPRET;
+# statistical: frequency (chi-square, binomial) tests over many draws; subprocess: starts
+# python processes (each imports torch again); aot: the ahead-of-time kernel compile.
+MARKS: list[tuple[str, str, tuple[str, ...]]] = [
+    # Whole files whose every test launches Triton kernels in the interpreter.
+    ("sampling/test_kernel.py", "*", ("interpreter",)),
+    ("sampling/test_kernel_extensions.py", "*", ("interpreter",)),
+    ("models/test_decode_kernels.py", "*", ("interpreter",)),
+    ("models/test_fused_step.py", "*", ("interpreter",)),
+    ("engine/test_bookkeeping.py", "*", ("interpreter",)),
+    ("sampling/test_sampler_setup.py", "*", ("interpreter",)),
+    ("benchmarks/test_bench_launches.py", "*", ("interpreter",)),
+    ("cli/test_kernel_compile.py", "*", ("aot",)),
+    ("cli/test_kernel_compile.py", "test_every_code_path_compiles_for_each_arch", ("subprocess",)),
+    ("cli/test_kernel_compile.py", "test_spills_within_budget*", ("subprocess",)),
+    ("cli/test_kernel_compile.py", "test_compile_time_per_variant", ("subprocess",)),
+    ("*", "test_gpu_*", ("gpu",)),
+    # The Triton backend of engine-level tests (test_capture_safety stubs the kernels out).
+    ("engine/test_engine.py", "*[[]triton[]]", ("interpreter",)),
+    ("engine/test_slots.py", "*[[]triton[]]", ("interpreter",)),
+    ("sampling/test_sampling_extensions.py", "*[[]triton[]]", ("interpreter",)),
+    ("engine/test_engine.py", "test_replayed_steps_give_the_eager_*", ("interpreter", "slow")),
+    ("engine/test_engine.py", "test_graphs_of_*_are_never_replayed", ("interpreter", "slow")),
+    ("engine/test_fallback.py", "test_a_failed_capture_runs_the_decoder_eagerly",
+     ("interpreter", "slow")),
+    ("engine/test_fallback.py", "test_engine_runs_the_reference_when_the_kernels_fail",
+     ("interpreter",)),
+    ("engine/test_fallback.py", "test_sample_falls_back_to_the_reference_with_one_warning",
+     ("interpreter",)),
+    ("engine/test_fallback.py", "test_bad_arguments_are_not_mistaken_for_a_kernel_failure",
+     ("interpreter",)),
+    ("engine/test_slots.py", "test_slots_keep_the_step_shape_and_replay_its_graphs",
+     ("interpreter", "slow")),
+    # Frequency tests.
+    ("*", "*chi_square*", ("statistical",)),
+    ("*", "test_unseeded_rows*_draw*_the_exact_distribution*", ("statistical",)),
+    ("engine/test_engine.py", "test_unseeded_rows_draw_from_the_exact_distribution",
+     ("interpreter", "slow")),
+    ("sampling/test_reference.py", "test_pos_inf_share_probability_equally", ("statistical",)),
+    # Child processes.
+    ("core/test_philox.py", "test_matches_triton_philox_under_interpreter",
+     ("subprocess", "interpreter")),
+    ("sampling/test_kernel.py", "test_cpu_without_interpreter_says_how_to_enable",
+     ("subprocess",)),
+    ("models/test_hf.py", "test_cli_generates_from_a_transformers_checkpoint", ("subprocess",)),
+    ("models/test_hf.py", "test_import_does_not_import_transformers", ("subprocess",)),
+    ("jobs/test_jobs.py", "test_killed_run_resumes_to_the_uninterrupted_result", ("subprocess",)),
+    ("jobs/test_jobs.py", "test_two_ranks_under_torchrun_match_one_process", ("subprocess",)),
+    ("cli/test_cli.py", "test_command_line_gives_the_python_call_text", ("subprocess",)),
+    ("cli/test_cli.py", "test_process_error_is_one_line_without_traceback", ("subprocess",)),
+    ("cli/test_cli.py", "test_prompt_that_is_not_utf8_is_a_usage_error", ("subprocess",)),
+    ("benchmarks/test_bench_decode.py", "*", ("subprocess",)),
+    ("benchmarks/test_bench_jobs.py", "*", ("subprocess",)),
+    ("test_imports.py", "test_plain_import_leaves_the_optional_extras_alone", ("subprocess",)),
+    # Slow in-process tests (baseline call times on the 2-core machine).
+    ("benchmarks/test_results_render.py", "test_renders_what_the_scripts_write_on_the_cpu",
+     ("slow",)),
+    ("models/test_models.py", "test_cached_prefill_and_decode_equal_full_recompute", ("slow",)),
+    ("models/test_models.py", "test_loads_article_state_dict_strictly_and_matches_its_forward",
+     ("slow",)),
+    ("api/test_default_model.py", "test_held_out_loss_is_far_below_the_unigram_loss", ("slow",)),
+    ("speculative/test_speculative.py", "test_draft_model_matches_plain_decoding*", ("slow",)),
+    ("speculative/test_speculative.py", "test_ngram_matches_plain_decoding", ("slow",)),
+    ("speculative/test_speculative.py", "test_cli_generate_and_run_take_speculative_options",
+     ("slow",)),
+    ("speculative/test_speculative.py", "test_the_captured_verify_step_never_waits_*",
+     ("slow",)),
+    ("sampling/test_sampling_extensions.py", "test_generate_batch_details_carry_logprobs",
+     ("slow",)),
+    ("sampling/test_sampling_extensions.py", "test_command_line_options_reach_the_sampler",
+     ("slow",)),
+    ("sampling/test_sampling_extensions.py", "test_generate_batch_processed_logprobs*",
+     ("slow",)),
+    ("sampling/test_reference_device.py", "test_unseeded_batch_of_one_on_the_device_path_races",
+     ("slow",)),
+    ("jobs/test_jobs.py", "test_run_few_dozen", ("slow",)),
+    ("jobs/test_jobs.py", "test_seeded_rows_do_not_depend_on_batch_size", ("slow",)),
+    ("engine/test_slots.py", "test_slots_utilization_beats_static_batches_on_mixed_lengths",
+     ("slow",)),
+    ("core/test_philox.py", "test_uniform_range_and_mean", ("slow",)),
+]
+
+
+def marks_of(relpath: str, name: str) -> set[str]:
+    """The markers :data:`MARKS` gives the test ``name`` of ``relpath`` (under tests/)."""
+    return {m for file, pattern, marks in MARKS
+            if fnmatchcase(relpath, file) and fnmatchcase(name, pattern) for m in marks}
+
+
+@pytest.hookimpl(tryfirst=True)  # before `-m` deselects by these markers
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    skip_gpu = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        try:
+            rel = item.path.relative_to(TESTS).as_posix()
+        except ValueError:  # a test outside tests/ (pytester's)
+            continue
+        for name in sorted(marks_of(rel, item.name)):
+            item.add_marker(name)
+        if item.get_closest_marker("gpu") and (not CUDA or INTERPRETED):
+            item.add_marker(skip_gpu)
 
 
 def require_kernel_runtime() -> None:
