@@ -19,10 +19,60 @@ from lmgen_fast.models import LlamaConfig, LlamaForPretraining
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+
+def skip_nested_interpreter_patching() -> bool:
+    """Make Triton's interpreter patch ``triton.language`` once per launch, not again at
+    every call of a ``@triton.jit`` helper inside the kernel; returns whether it did.
+
+    Each launch patches the language's builtins for its run and restores them after; each
+    helper call patches them again (``inspect.getmembers`` over the language, about 2 ms),
+    finds them already patched, and keeps no scope to restore, so it changes nothing: about
+    half of an interpreted launch's time here (7.6 of 15.3 s in one kernel test). A helper
+    whose module sees a language module not patched yet (``tl.sum`` sees ``tl.core``) is
+    patched as before, once; Triton never restores a helper's patches either.
+    ``LMGEN_PLAIN_INTERPRETER=1`` turns this off.
+    """
+    if os.environ.get("TRITON_INTERPRET") != "1" or os.environ.get("LMGEN_PLAIN_INTERPRETER"):
+        return False
+    try:
+        from triton.runtime import interpreter as ti
+    except ImportError:
+        return False
+    real, scope_cls = getattr(ti, "_patch_lang", None), getattr(ti, "_LangPatchScope", None)
+    if real is None or scope_cls is None or getattr(real, "lmgen_wrapped", False):
+        return False
+    launch: list[set[int]] = []  # the language modules the running launch patched
+
+    def langs(fn) -> set[int]:
+        return {id(v) for v in fn.__globals__.values() if v is ti.tl or v is ti.tl.core}
+
+    def patch_lang(fn):
+        if launch and langs(fn) <= launch[0]:
+            return scope_cls()  # a helper call inside the launch: already patched
+        scope = real(fn)
+        if launch:  # a helper that sees more (tl.sum sees tl.core): patched now, for good
+            launch[0] |= langs(fn)
+        else:  # the launch itself (GridExecutor): forget it when it restores
+            launch.append(langs(fn))
+            restore = scope.restore
+
+            def restore_and_forget() -> None:
+                launch.clear()
+                restore()
+
+            scope.restore = restore_and_forget
+        return scope
+
+    patch_lang.lmgen_wrapped = True
+    ti._patch_lang = patch_lang
+    return True
+
+
 # Where the kernel tests run: CUDA, or the interpreter on CPU tensors.
 CUDA = torch.cuda.is_available()
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 DEVICE = "cuda" if CUDA else "cpu"
+FAST_INTERPRETER = skip_nested_interpreter_patching()
 # The `gpu` marker; the collection hook below skips its tests unless CUDA runs them.
 gpu = pytest.mark.gpu
 
@@ -92,7 +142,7 @@ MARKS: list[tuple[str, str, tuple[str, ...]]] = [
     ("test_imports.py", "test_plain_import_leaves_the_optional_extras_alone", ("subprocess",)),
     # Slow in-process tests (baseline call times on the 2-core machine).
     ("benchmarks/test_results_render.py", "test_renders_what_the_scripts_write_on_the_cpu",
-     ("slow",)),
+     ("slow", "interpreter")),  # bench_sampler's smoke runs launch the sampler kernels
     ("models/test_models.py", "test_cached_prefill_and_decode_equal_full_recompute", ("slow",)),
     ("models/test_models.py", "test_loads_article_state_dict_strictly_and_matches_its_forward",
      ("slow",)),
@@ -182,13 +232,24 @@ def make_tokenizer(specials=("[UNK]", "[BOT]", "[EOT]", "[PAD]"), vocab_size=400
     return tok
 
 
-@pytest.fixture(scope="module")
-def one_thread():
-    """Run a module's tests on one torch thread.
+@pytest.fixture(scope="session", autouse=True)
+def one_torch_thread_for_the_session():
+    """Every test runs on one torch thread.
 
     Tiny models decode fastest on one thread, and on a machine whose cores are busy, two
-    threads mostly wait for each other (seen here: 10 to 40 times slower).
+    threads mostly wait for each other (seen here: 10 to 40 times slower; the cached-decode
+    test of tests/models/test_models.py took 7.0 s on two threads, 4.1 s on one).
     """
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Run a module's tests on one torch thread (the session fixture above already does;
+    kept for the modules that ask for it by name)."""
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
