@@ -7,7 +7,10 @@ TORCH ?= torch==2.13.0
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.lmgen-fast-installed
 
-.PHONY: demo test bench lint clean
+# The inner loop: what runs in about a minute (tests/conftest.py marks the rest).
+QUICK := not slow and not interpreter and not statistical and not subprocess and not aot
+
+.PHONY: demo test quick bench lint clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -21,6 +24,9 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q
+
+quick: $(STAMP)
+	$(PY) -m pytest -q -m "$(QUICK)"
 
 bench: $(STAMP)
 	$(PY) benchmarks/bench_generate.py

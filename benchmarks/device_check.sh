@@ -90,7 +90,7 @@ if compgen -G "$RESULTS/*.json" >/dev/null; then
 fi
 
 # Every test file with gpu-marked tests (the compile check has its own phase below).
-mapfile -t gpu_tests < <(grep -rl --include="test_*.py" "mark.gpu" tests | grep -v test_kernel_compile.py)
+mapfile -t gpu_tests < <(grep -rlE --include="test_*.py" "^@gpu|mark.gpu" tests | grep -v test_kernel_compile.py)
 phase gpu-tests 55 "$PY" -m pytest -m gpu "${gpu_tests[@]}" -v -rs -p no:cacheprovider
 tail -n 3 "$LOGS/gpu-tests.log"
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import math
 import os
+from fnmatch import fnmatchcase
+from pathlib import Path
 
 import pytest
 import torch
@@ -17,11 +19,174 @@ from lmgen_fast.models import LlamaConfig, LlamaForPretraining
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+
+def skip_nested_interpreter_patching() -> bool:
+    """Make Triton's interpreter patch ``triton.language`` once per launch, not again at
+    every call of a ``@triton.jit`` helper inside the kernel; returns whether it did.
+
+    Each launch patches the language's builtins for its run and restores them after; each
+    helper call patches them again (``inspect.getmembers`` over the language, about 2 ms),
+    finds them already patched, and keeps no scope to restore, so it changes nothing: about
+    half of an interpreted launch's time here (7.6 of 15.3 s in one kernel test). A helper
+    whose module sees a language module not patched yet (``tl.sum`` sees ``tl.core``) is
+    patched as before, once; Triton never restores a helper's patches either.
+    ``LMGEN_PLAIN_INTERPRETER=1`` turns this off.
+    """
+    if os.environ.get("TRITON_INTERPRET") != "1" or os.environ.get("LMGEN_PLAIN_INTERPRETER"):
+        return False
+    try:
+        from triton.runtime import interpreter as ti
+    except ImportError:
+        return False
+    real, scope_cls = getattr(ti, "_patch_lang", None), getattr(ti, "_LangPatchScope", None)
+    if real is None or scope_cls is None or getattr(real, "lmgen_wrapped", False):
+        return False
+    launch: list[set[int]] = []  # the language modules the running launch patched
+
+    def langs(fn) -> set[int]:
+        return {id(v) for v in fn.__globals__.values() if v is ti.tl or v is ti.tl.core}
+
+    def patch_lang(fn):
+        if launch and langs(fn) <= launch[0]:
+            return scope_cls()  # a helper call inside the launch: already patched
+        scope = real(fn)
+        if launch:  # a helper that sees more (tl.sum sees tl.core): patched now, for good
+            launch[0] |= langs(fn)
+        else:  # the launch itself (GridExecutor): forget it when it restores
+            launch.append(langs(fn))
+            restore = scope.restore
+
+            def restore_and_forget() -> None:
+                launch.clear()
+                restore()
+
+            scope.restore = restore_and_forget
+        return scope
+
+    patch_lang.lmgen_wrapped = True
+    ti._patch_lang = patch_lang
+    return True
+
+
 # Where the kernel tests run: CUDA, or the interpreter on CPU tensors.
 CUDA = torch.cuda.is_available()
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 DEVICE = "cuda" if CUDA else "cpu"
-gpu = pytest.mark.skipif(not CUDA or INTERPRETED, reason="needs a CUDA device")
+FAST_INTERPRETER = skip_nested_interpreter_patching()
+# The `gpu` marker; the collection hook below skips its tests unless CUDA runs them.
+gpu = pytest.mark.gpu
+
+# time_limit: with LMGEN_UNMARKED_LIMIT set (CI), an unmarked test over the limit fails the
+# run; pytester: tests/test_markers.py runs that plugin on generated test files.
+pytest_plugins = ["time_limit", "pytester"]
+
+TESTS = Path(__file__).resolve().parent
+
+# Every speed marker of the suite, in one place: (test file under tests/, test name, markers),
+# both fnmatch patterns; a test name includes its parameters ("test_x[triton]"). `make quick`
+# leaves out slow, interpreter, statistical, subprocess and aot; gpu tests skip without CUDA.
+# slow: over ~1.5 s on the 2-core CPU machine (CI fails an unmarked test over 3 s, so the
+# margin absorbs a loaded machine); interpreter: runs Triton kernels under TRITON_INTERPRET;
+# statistical: frequency (chi-square, binomial) tests over many draws; subprocess: starts
+# python processes (each imports torch again); aot: the ahead-of-time kernel compile.
+MARKS: list[tuple[str, str, tuple[str, ...]]] = [
+    # Whole files whose every test launches Triton kernels in the interpreter.
+    ("sampling/test_kernel.py", "*", ("interpreter",)),
+    ("sampling/test_kernel_extensions.py", "*", ("interpreter",)),
+    ("models/test_decode_kernels.py", "*", ("interpreter",)),
+    ("models/test_fused_step.py", "*", ("interpreter",)),
+    ("engine/test_bookkeeping.py", "*", ("interpreter",)),
+    ("sampling/test_sampler_setup.py", "*", ("interpreter",)),
+    ("benchmarks/test_bench_launches.py", "*", ("interpreter",)),
+    ("cli/test_kernel_compile.py", "*", ("aot",)),
+    ("cli/test_kernel_compile.py", "test_every_code_path_compiles_for_each_arch", ("subprocess",)),
+    ("cli/test_kernel_compile.py", "test_spills_within_budget*", ("subprocess",)),
+    ("cli/test_kernel_compile.py", "test_compile_time_per_variant", ("subprocess",)),
+    ("*", "test_gpu_*", ("gpu",)),
+    # The Triton backend of engine-level tests (test_capture_safety stubs the kernels out).
+    ("engine/test_engine.py", "*[[]triton[]]", ("interpreter",)),
+    ("engine/test_slots.py", "*[[]triton[]]", ("interpreter",)),
+    ("sampling/test_sampling_extensions.py", "*[[]triton[]]", ("interpreter",)),
+    ("engine/test_engine.py", "test_replayed_steps_give_the_eager_*", ("interpreter", "slow")),
+    ("engine/test_engine.py", "test_graphs_of_*_are_never_replayed", ("interpreter", "slow")),
+    ("engine/test_fallback.py", "test_a_failed_capture_runs_the_decoder_eagerly",
+     ("interpreter", "slow")),
+    ("engine/test_fallback.py", "test_engine_runs_the_reference_when_the_kernels_fail",
+     ("interpreter",)),
+    ("engine/test_fallback.py", "test_sample_falls_back_to_the_reference_with_one_warning",
+     ("interpreter",)),
+    ("engine/test_fallback.py", "test_bad_arguments_are_not_mistaken_for_a_kernel_failure",
+     ("interpreter",)),
+    ("engine/test_slots.py", "test_slots_keep_the_step_shape_and_replay_its_graphs",
+     ("interpreter", "slow")),
+    # Frequency tests.
+    ("*", "*chi_square*", ("statistical",)),
+    ("*", "test_unseeded_rows*_draw*_the_exact_distribution*", ("statistical",)),
+    ("engine/test_engine.py", "test_unseeded_rows_draw_from_the_exact_distribution",
+     ("interpreter", "slow")),
+    ("sampling/test_reference.py", "test_pos_inf_share_probability_equally", ("statistical",)),
+    # Child processes.
+    ("core/test_philox.py", "test_matches_triton_philox_under_interpreter",
+     ("subprocess", "interpreter")),
+    ("sampling/test_kernel.py", "test_cpu_without_interpreter_says_how_to_enable",
+     ("subprocess",)),
+    ("models/test_hf.py", "test_cli_generates_from_a_transformers_checkpoint", ("subprocess",)),
+    ("models/test_hf.py", "test_import_does_not_import_transformers", ("subprocess",)),
+    ("jobs/test_jobs.py", "test_killed_run_resumes_to_the_uninterrupted_result", ("subprocess",)),
+    ("jobs/test_jobs.py", "test_two_ranks_under_torchrun_match_one_process", ("subprocess",)),
+    ("cli/test_cli.py", "test_command_line_gives_the_python_call_text", ("subprocess",)),
+    ("cli/test_cli.py", "test_process_error_is_one_line_without_traceback", ("subprocess",)),
+    ("cli/test_cli.py", "test_prompt_that_is_not_utf8_is_a_usage_error", ("subprocess",)),
+    ("benchmarks/test_bench_decode.py", "*", ("subprocess",)),
+    ("benchmarks/test_bench_jobs.py", "*", ("subprocess",)),
+    ("test_imports.py", "test_plain_import_leaves_the_optional_extras_alone", ("subprocess",)),
+    # Slow in-process tests (baseline call times on the 2-core machine).
+    ("benchmarks/test_results_render.py", "test_renders_what_the_scripts_write_on_the_cpu",
+     ("slow", "interpreter")),  # bench_sampler's smoke runs launch the sampler kernels
+    ("models/test_models.py", "test_cached_prefill_and_decode_equal_full_recompute", ("slow",)),
+    ("models/test_models.py", "test_loads_article_state_dict_strictly_and_matches_its_forward",
+     ("slow",)),
+    ("api/test_default_model.py", "test_held_out_loss_is_far_below_the_unigram_loss", ("slow",)),
+    ("speculative/test_speculative.py", "test_draft_model_matches_plain_decoding*", ("slow",)),
+    ("speculative/test_speculative.py", "test_ngram_matches_plain_decoding", ("slow",)),
+    ("speculative/test_speculative.py", "test_cli_generate_and_run_take_speculative_options",
+     ("slow",)),
+    ("speculative/test_speculative.py", "test_the_captured_verify_step_never_waits_*",
+     ("slow",)),
+    ("sampling/test_sampling_extensions.py", "test_generate_batch_details_carry_logprobs",
+     ("slow",)),
+    ("sampling/test_sampling_extensions.py", "test_command_line_options_reach_the_sampler",
+     ("slow",)),
+    ("sampling/test_sampling_extensions.py", "test_generate_batch_processed_logprobs*",
+     ("slow",)),
+    ("sampling/test_reference_device.py", "test_unseeded_batch_of_one_on_the_device_path_races",
+     ("slow",)),
+    ("jobs/test_jobs.py", "test_run_few_dozen", ("slow",)),
+    ("jobs/test_jobs.py", "test_seeded_rows_do_not_depend_on_batch_size", ("slow",)),
+    ("engine/test_slots.py", "test_slots_utilization_beats_static_batches_on_mixed_lengths",
+     ("slow",)),
+    ("core/test_philox.py", "test_uniform_range_and_mean", ("slow",)),
+]
+
+
+def marks_of(relpath: str, name: str) -> set[str]:
+    """The markers :data:`MARKS` gives the test ``name`` of ``relpath`` (under tests/)."""
+    return {m for file, pattern, marks in MARKS
+            if fnmatchcase(relpath, file) and fnmatchcase(name, pattern) for m in marks}
+
+
+@pytest.hookimpl(tryfirst=True)  # before `-m` deselects by these markers
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    skip_gpu = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        try:
+            rel = item.path.relative_to(TESTS).as_posix()
+        except ValueError:  # a test outside tests/ (pytester's)
+            continue
+        for name in sorted(marks_of(rel, item.name)):
+            item.add_marker(name)
+        if item.get_closest_marker("gpu") and (not CUDA or INTERPRETED):
+            item.add_marker(skip_gpu)
 
 
 def require_kernel_runtime() -> None:
@@ -67,13 +232,24 @@ def make_tokenizer(specials=("[UNK]", "[BOT]", "[EOT]", "[PAD]"), vocab_size=400
     return tok
 
 
-@pytest.fixture(scope="module")
-def one_thread():
-    """Run a module's tests on one torch thread.
+@pytest.fixture(scope="session", autouse=True)
+def one_torch_thread_for_the_session():
+    """Every test runs on one torch thread.
 
     Tiny models decode fastest on one thread, and on a machine whose cores are busy, two
-    threads mostly wait for each other (seen here: 10 to 40 times slower).
+    threads mostly wait for each other (seen here: 10 to 40 times slower; the cached-decode
+    test of tests/models/test_models.py took 7.0 s on two threads, 4.1 s on one).
     """
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Run a module's tests on one torch thread (the session fixture above already does;
+    kept for the modules that ask for it by name)."""
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     yield

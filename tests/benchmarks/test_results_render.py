@@ -12,8 +12,6 @@ import json
 import sys
 from pathlib import Path
 
-import pytest
-
 from lmgen_fast.models import LlamaConfig
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -193,7 +191,6 @@ def test_files_written_before_kinds_are_recognised(tmp_path):
     assert "| 1 | 1.0 |" in md and "(file date)" in md
 
 
-@pytest.mark.slow
 def test_renders_what_the_scripts_write_on_the_cpu(tmp_path, monkeypatch, capsys):
     quick, tune, decode = (tmp_path / n for n in ("quick.json", "tune.json", "decode.json"))
     assert bench_sampler.main(["--quick", "--smoke", "--iters", "1", "--limit", "2",

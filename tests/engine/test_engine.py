@@ -380,7 +380,6 @@ def gpu_rows(batch: int, seed: int) -> list[SamplingParams]:
     return [replace(kinds[i % len(kinds)], seed=seed + i) for i in range(batch)]
 
 
-@pytest.mark.gpu
 @gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_gpu_graph_replay_gives_the_eager_tokens(dtype, tokenizer):
@@ -398,7 +397,6 @@ def test_gpu_graph_replay_gives_the_eager_tokens(dtype, tokenizer):
     assert again == eager
 
 
-@pytest.mark.gpu
 @gpu
 def test_gpu_graphs_for_article_and_transformers_modules():
     transformers = pytest.importorskip("transformers")
@@ -416,7 +414,6 @@ def test_gpu_graphs_for_article_and_transformers_modules():
         assert decoder.engine_state.graphs
 
 
-@pytest.mark.gpu
 @gpu
 def test_gpu_batch_of_256_with_streaming(tokenizer):
     vocab = tokenizer.get_vocab_size()

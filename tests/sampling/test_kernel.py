@@ -303,7 +303,6 @@ def test_cpu_without_interpreter_says_how_to_enable():
 GPU_V, GPU_B = 128256, 256
 
 
-@pytest.mark.gpu
 @gpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_gpu_matches_reference_full_size(dtype):
@@ -320,7 +319,6 @@ def test_gpu_matches_reference_full_size(dtype):
     assert (got != cpu).sum() <= 1
 
 
-@pytest.mark.gpu
 @gpu
 def test_gpu_chi_square_batch_invariance_and_graph():
     stats = pytest.importorskip("scipy.stats")

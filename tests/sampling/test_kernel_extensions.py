@@ -448,7 +448,6 @@ def test_min_p_edges_same_survivors_as_the_exact_rule():
 GPU_V, GPU_B = 128256, 256
 
 
-@pytest.mark.gpu
 @gpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_gpu_matches_reference_full_size(dtype):
@@ -466,7 +465,6 @@ def test_gpu_matches_reference_full_size(dtype):
     assert (got.cpu() != cpu).sum() <= 2
 
 
-@pytest.mark.gpu
 @gpu
 def test_gpu_chi_square_logprobs_and_graph():
     stats = pytest.importorskip("scipy.stats")
@@ -507,7 +505,6 @@ def test_gpu_chi_square_logprobs_and_graph():
     assert torch.equal(tok_g, tokens) and int((status & ~STATUS_SLOW).sum()) == 0
 
 
-@pytest.mark.gpu
 @gpu
 def test_gpu_processed_logprobs_full_size():
     gen = torch.Generator().manual_seed(23)
