@@ -253,10 +253,41 @@ def kernel_design(sims: int = 200000) -> None:
                    sims, minimum=minimum)
 
 
+def gpu_design(sims: int = 200000) -> None:
+    """test_kernel_extensions' GPU chi-square: 256 rows x 30 steps over V=128256 (logits
+    x6, seed 5; top_p 0.9, min_p 0.001), simulated on its cells plus one cell for the mass
+    the wrong law puts outside the support."""
+    import torch
+
+    from lmgen_fast import SamplingParams
+    from lmgen_fast.sampling import reference
+
+    row = torch.randn(1, 128256, generator=torch.Generator().manual_seed(5)) * 6
+    n = 256 * 30
+
+    def law(temp: float) -> np.ndarray:
+        params = SamplingParams(temperature=temp, top_k=0, top_p=0.9, min_p=0.001)
+        return torch.softmax(reference.filtered_logits(row, params, None).double()[0],
+                             dim=0).numpy()
+
+    p0 = law(1.0)
+    cells = pooled(p0, n, 5.0)
+
+    def on_cells(p: np.ndarray) -> np.ndarray:
+        return np.append(cell_probs(p, cells), p[cells < 0].sum())
+
+    q0 = on_cells(p0)
+    outside = np.append(np.arange(len(q0) - 1), -1)
+    report("test_kernel_extensions GPU", q0, {"T*1.2": on_cells(law(1.2)),
+                                             "T*0.8": on_cells(law(0.8))},
+           n, 1e-3, 20000, sims, cells=outside)
+
+
 def main() -> None:
     slots_design()
     speculative_design()
     kernel_design()
+    gpu_design()
 
 
 if __name__ == "__main__":
