@@ -12,7 +12,8 @@ from pathlib import Path
 
 import torch
 
-from lmgen_fast.cli import main as cli
+# The module, not the package: lmgen_fast.cli's `main` is the command's function.
+from lmgen_fast.cli import options as cli
 
 RESULTS = Path(__file__).parent / "results"
 
