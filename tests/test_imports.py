@@ -36,11 +36,13 @@ TRAIN_IMPORTS = {"core", "models", "train"}
 LAZY = {
     ("lmgen_fast.sampling.dispatch", "lmgen_fast.sampling.kernel"):
         "the Triton launcher is loaded only when the triton backend is chosen",
-    ("lmgen_fast.sampling.kernel", "lmgen_fast.kernels.sampling"):
+    ("lmgen_fast.sampling.kernel_launch", "lmgen_fast.kernels.chunk"):
         "imports triton (slow, and absent off Linux) only when a kernel first runs",
+    ("lmgen_fast.sampling.kernel_launch", "lmgen_fast.kernels.merge"):
+        "as above, for the sampler's merge kernel",
     ("lmgen_fast.models.fused_ops", "lmgen_fast.kernels.decode"):
         "imports triton only when a fused decode kernel first runs",
-    ("lmgen_fast.sampling.kernel", "lmgen_fast.kernels.window"):
+    ("lmgen_fast.sampling.kernel_launch", "lmgen_fast.kernels.window"):
         "as above, for the sampler's set-up kernel",
     ("lmgen_fast.engine.bookkeeping", "lmgen_fast.kernels.bookkeeping"):
         "imports triton only when the bookkeeping kernel first runs",

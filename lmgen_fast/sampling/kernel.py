@@ -40,25 +40,14 @@ from __future__ import annotations
 
 import torch
 
-from lmgen_fast.core.errors import (
-    STATUS_EMPTY,  # noqa: F401  (re-exported during the move)
-    STATUS_INTERNAL,  # noqa: F401  (re-exported during the move)
-    STATUS_OVERFLOW,  # noqa: F401  (re-exported during the move)
-    STATUS_SLOW,  # noqa: F401  (re-exported during the move)
-    EmptyRowError,  # noqa: F401  (re-exported during the move)
-)
 from lmgen_fast.core.params import PackedParams
 from lmgen_fast.runtime.failure import (
     KernelUnavailable,
     guarded,
     kernel_failure,
     note_failure,
-    reset_failure,  # noqa: F401  (re-exported during the move)
 )
-from lmgen_fast.runtime.launch import (
-    KernelCall,  # noqa: F401  (re-exported during the move)
-    on_device,
-)
+from lmgen_fast.runtime.launch import on_device
 from lmgen_fast.sampling import reference
 from lmgen_fast.sampling.kernel_launch import (
     HistoryWindow,

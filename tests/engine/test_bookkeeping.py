@@ -9,11 +9,11 @@ import pytest
 import torch
 
 from lmgen_fast import SamplingParams
+from lmgen_fast.core.errors import STATUS_EMPTY, STATUS_INTERNAL, STATUS_SLOW
 from lmgen_fast.engine import bookkeeping as bk
 from lmgen_fast.engine import generate_ids
 from lmgen_fast.models.decoder import wrap
 from lmgen_fast.runtime import reset_failure
-from lmgen_fast.sampling.kernel import STATUS_EMPTY, STATUS_INTERNAL, STATUS_SLOW
 
 from conftest import DEVICE, random_model, require_kernel_runtime
 
