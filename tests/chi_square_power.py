@@ -183,35 +183,22 @@ def slots_design(sims: int = 200000) -> None:
               f"{rate:.5f}")
 
 
-def joint_law(model, prompt: list[int], top_k: int, depth: int, eot: int,
-              temperature: float) -> dict:
-    """test_speculative's exact joint law of the first ``depth`` tokens (EOT ends a row)."""
-    import torch
-
-    out, done = {(): 1.0}, {}
-    for _ in range(depth):
-        nxt = {}
-        for prefix, p in out.items():
-            with torch.no_grad():
-                logits = model(torch.tensor([prompt + list(prefix)]))[0, -1].double()
-            vals, ids = logits.topk(top_k)
-            for i, q in zip(ids.tolist(), torch.softmax(vals / temperature, 0).tolist(),
-                            strict=True):
-                (done if i == eot else nxt)[prefix + (i,)] = p * q
-        out = nxt
-    return {**out, **done}
-
-
 def speculative_design(sims: int = 1000000) -> None:
     """tests/speculative/test_speculative.py: 3000 rows, top-3 joint law of 3 tokens, the
     model's logits at scale 1 (current) and 5."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent / "speculative"))
+    from test_speculative import exact_joint
+
     from conftest import make_tokenizer, random_model
 
     tok = make_tokenizer()
     prompt = [tok.token_to_id("[BOT]")] + tok.encode(" The quick").ids
     for scale in (1.0, 5.0):
         model = random_model(tok.get_vocab_size(), seed=3, scale=scale)
-        laws = {t: joint_law(model, prompt, 3, 3, tok.token_to_id("[EOT]"), t)
+        laws = {t: exact_joint(model, prompt, 3, 3, tok.token_to_id("[EOT]"), t)
                 for t in (1.0, 1.2, 0.8)}
         keys = sorted(laws[1.0])
         p = {t: np.array([law.get(k, 0.0) for k in keys]) for t, law in laws.items()}

@@ -256,6 +256,22 @@ def one_thread():
     torch.set_num_threads(before)
 
 
+
+def write_checkpoint(directory):
+    """Save a tiny random model and its tokenizer in the layout ``--model DIR`` reads;
+    return ``(model, tokenizer)``."""
+    import json
+
+    from safetensors.torch import save_file
+
+    tokenizer = make_tokenizer()
+    tokenizer.save(str(directory / "tokenizer.json"))
+    model = random_model(tokenizer.get_vocab_size(), seed=0, scale=8.0)
+    (directory / "config.json").write_text(json.dumps(model.config.to_dict()))
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()},
+              str(directory / "model.safetensors"))
+    return model, tokenizer
+
 @pytest.fixture(scope="session")
 def tokenizer() -> Tokenizer:
     return make_tokenizer()

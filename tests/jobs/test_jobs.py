@@ -22,7 +22,7 @@ from lmgen_fast.jobs import runner as job_runner
 from lmgen_fast.jobs.jsonl import id_key, merge_parts, part_path, scan_results
 from lmgen_fast.jobs.manifest import manifest_path
 
-from conftest import make_tokenizer, random_model
+from conftest import write_checkpoint
 
 ROOT = Path(__file__).resolve().parents[2]
 WORDS = "the quick brown fox jumps over a lazy dog once upon time model token".split()
@@ -34,15 +34,8 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
     """A tiny random model in the layout ``--model DIR`` reads, with its tokenizer."""
-    from safetensors.torch import save_file
-
     directory = tmp_path_factory.mktemp("ckpt")
-    tokenizer = make_tokenizer()
-    tokenizer.save(str(directory / "tokenizer.json"))
-    model = random_model(tokenizer.get_vocab_size(), seed=0, scale=8.0)
-    (directory / "config.json").write_text(json.dumps(model.config.to_dict()))
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()},
-              str(directory / "model.safetensors"))
+    model, tokenizer = write_checkpoint(directory)
     return directory, model, tokenizer
 
 

@@ -35,7 +35,7 @@ from lmgen_fast.jobs.manifest import (
     write_manifest,
 )
 
-from conftest import make_tokenizer, random_model
+from conftest import write_checkpoint
 
 SAMPLING_FIELDS = [f.name for f in dataclasses.fields(SamplingParams)]
 # SamplingParams field -> the `run` option's argparse dest, where the two names differ.
@@ -302,15 +302,8 @@ def test_the_manifest_holds_every_compared_setting(job, embedded):
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
-    from safetensors.torch import save_file
-
     directory = tmp_path_factory.mktemp("ckpt")
-    tokenizer = make_tokenizer()
-    tokenizer.save(str(directory / "tokenizer.json"))
-    model = random_model(tokenizer.get_vocab_size(), seed=0, scale=8.0)
-    (directory / "config.json").write_text(json.dumps(model.config.to_dict()))
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()},
-              str(directory / "model.safetensors"))
+    write_checkpoint(directory)
     return directory
 
 

@@ -136,7 +136,7 @@ def test_draft_model_matches_plain_decoding(default, plain, draft):
         assert rate < 0.2, rate
 
 
-def _exact_joint(model, prompt: list[int], top_k: int, depth: int, eot: int,
+def exact_joint(model, prompt: list[int], top_k: int, depth: int, eot: int,
                  temperature: float = 1.0) -> dict:
     """P(first ``depth`` tokens, a row ending at EOT) under ``temperature`` and top-k, from
     float64 softmaxes of full forwards."""
@@ -168,7 +168,7 @@ def test_unseeded_rows_draw_the_exact_distribution(tokenizer, one_thread, draft)
     bot = tokenizer.token_to_id("[BOT]")
     prompt_ids = [bot] + tokenizer.encode(" The quick").ids
     eot = tokenizer.token_to_id("[EOT]")
-    exact = _exact_joint(model, prompt_ids, top_k=3, depth=3, eot=eot)
+    exact = exact_joint(model, prompt_ids, top_k=3, depth=3, eot=eot)
     n = 3000
     torch.manual_seed(0)
     got = generate_batch(model, tokenizer, ["The quick"] * n, 3, temperature=1.0, top_k=3,
@@ -190,7 +190,7 @@ def test_unseeded_rows_draw_the_exact_distribution(tokenizer, one_thread, draft)
     from chi_square_power import noncentral_power
 
     for t in (0.8, 1.2):
-        off = _exact_joint(model, prompt_ids, top_k=3, depth=3, eot=eot, temperature=t)
+        off = exact_joint(model, prompt_ids, top_k=3, depth=3, eot=eot, temperature=t)
         power = noncentral_power([exact[k] for k in keys], [off.get(k, 0.0) for k in keys],
                                  n, 7e-4, minimum=0.0)
         assert power >= 0.99, (t, power)
