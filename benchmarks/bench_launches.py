@@ -178,8 +178,10 @@ def counting(counter: LaunchCounter, model: LlamaForPretraining) -> Iterator[Non
     with contextlib.ExitStack() as stack:
         for mod in kernel_modules():
             for name, obj in list(vars(mod).items()):
+                # Launched kernels end in _kernel; the @triton.jit helpers they call
+                # (sampling_common's) must stay plain functions inside a kernel.
                 if type(obj).__name__ in ("JITFunction", "InterpretedFunction") \
-                        and not name.startswith("_"):
+                        and name.endswith("_kernel"):
                     proxy = _proxy_class(obj)
                     _wrap_with(stack, mod, name, lambda fn, p=proxy: p(fn, counter))
         _wrap_with(stack, Stepper, "advance", labelled("bookkeeping", on=True))
