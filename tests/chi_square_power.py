@@ -16,7 +16,7 @@ drawing from ``p1`` fails it. Two estimates:
 Draws of the tests are independent given the law (unseeded rows draw fresh noise, seeded
 rows have distinct seeds or steps), so the multinomial model is the test's exact law.
 
-    python tests/chi_square_power.py            # the designs of PATCHES.md
+    python tests/chi_square_power.py            # every design the statistical tests use
 """
 
 from __future__ import annotations

@@ -283,7 +283,7 @@ def test_chi_square_against_exact_distribution(name, extra, wrong):
     miss = float((1 - other[probs == 0].sum()) ** n)
     assert miss < 1e-3, miss
     # And a temperature 20% off is rejected (support check and chi-square together) with
-    # probability 0.99 or more (tests/chi_square_power.py; simulated in PATCHES.md).
+    # probability 0.99 or more (simulated by tests/chi_square_power.py).
     for factor in (0.8, 1.2):
         off = exact_probs(row, SamplingParams(**{**vars(base), "temperature": 0.9 * factor}),
                           window)
