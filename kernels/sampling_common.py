@@ -28,8 +28,6 @@ try:  # triton >= 3.0: dispatches to the CUDA (or HIP) device library
 except ImportError:  # pragma: no cover - older layouts
     from triton.language.extra.cuda import libdevice
 
-# Sentinel index larger than any token id; ties of race keys go to the lowest id.
-BIG_INDEX = 2**31 - 1
 # Bits of the per-row status word the kernels leave for the launcher.
 STATUS_EMPTY = 1  # nothing to sample: all NaN or -inf
 STATUS_OVERFLOW = 2  # top-k larger than the candidate capacity the launch was sized for

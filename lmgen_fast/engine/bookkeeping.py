@@ -15,6 +15,7 @@ from typing import NamedTuple
 import torch
 
 from lmgen_fast.core.errors import STATUS_SLOW
+from lmgen_fast.core.intmath import next_pow2
 from lmgen_fast.runtime.launch import KernelCall
 
 
@@ -90,7 +91,7 @@ def book_call(led: Ledger, tokens: torch.Tensor, status: torch.Tensor | None, eo
          led.hist, led.hist.shape[1], led.hlen, led.tokens, led.step,
          led.count, led.max_tokens, led.done, led.bad_step, led.bad_bits,
          int(eos), ignore),
-        dict(LOGPROBS=logprobs, TOP_N=n, NB=max(1, 1 << max(n - 1, 0).bit_length())),
+        dict(LOGPROBS=logprobs, TOP_N=n, NB=next_pow2(n)),
         dict(num_warps=1),
     )
 
