@@ -76,6 +76,19 @@ FAST_INTERPRETER = skip_nested_interpreter_patching()
 # The `gpu` marker; the collection hook below skips its tests unless CUDA runs them.
 gpu = pytest.mark.gpu
 
+
+@pytest.fixture(params=[pytest.param("cpu", id="interpreter", marks=pytest.mark.interpreter),
+                        pytest.param("cuda", id="gpu", marks=pytest.mark.gpu)])
+def kernel_device(request: pytest.FixtureRequest) -> str:
+    """Where a kernel test runs: each such test is a pair, ``[gpu]`` (compiled kernels on
+    CUDA, what ``benchmarks/device_check.sh`` runs with ``-m gpu``) and its twin
+    ``[interpreter]`` (the same body on CPU tensors under ``TRITON_INTERPRET=1``, what CI
+    runs). A process has one or the other: Triton picks the interpreter when a kernel is
+    defined, so the twin skips where the kernels are compiled."""
+    if request.param == "cpu" and not INTERPRETED:
+        pytest.skip("the interpreter twin runs where TRITON_INTERPRET=1 (the CPU machines)")
+    return request.param
+
 # time_limit: with LMGEN_UNMARKED_LIMIT set (CI), an unmarked test over the limit fails the
 # run; pytester: tests/test_markers.py runs that plugin on generated test files.
 pytest_plugins = ["time_limit", "pytester"]
