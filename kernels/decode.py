@@ -26,24 +26,7 @@ from __future__ import annotations
 
 import triton
 import triton.language as tl
-
-
-@triton.jit
-def _round(x, dt: tl.constexpr):
-    """Float32 ``x`` rounded to ``dt``, to nearest even.
-
-    For bfloat16 the rounding is done on the bits: Triton's interpreter truncates a float32
-    to bfloat16 (the GPU rounds to nearest), and the tests compare against eager bits.
-    A few integer ops per element in bandwidth-bound kernels; a NaN whose payload lies only
-    in the 16 dropped bits would become an infinity.
-    """
-    if dt == tl.bfloat16:
-        bits = x.to(tl.uint32, bitcast=True)
-        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
-        y = bits.to(tl.float32, bitcast=True).to(dt)
-    else:
-        y = x.to(dt)
-    return y
+from lmgen_fast.kernels.rounding import round_to
 
 
 @triton.jit
@@ -57,17 +40,17 @@ def add_rmsnorm_kernel(x_ptr, res_ptr, w_ptr, out_ptr, n, eps,
     if HAS_RES:
         r = tl.load(res_ptr + row * n + offs, mask=mask, other=0.0)
         # Rounded before normalising: eager adds in the model dtype, then norms that.
-        h = _round(x.to(tl.float32) + r.to(tl.float32), dt)
+        h = round_to(x.to(tl.float32) + r.to(tl.float32), dt)
         tl.store(res_ptr + row * n + offs, h, mask=mask)
     else:
         h = x
     hf = h.to(tl.float32)
     mean_sq = tl.sum(hf * hf, axis=0) / n
     # Correctly rounded sqrt and division rather than rsqrt.approx: closer to the CPU bits.
-    normed = _round(hf / tl.sqrt_rn(mean_sq + eps), dt)
+    normed = round_to(hf / tl.sqrt_rn(mean_sq + eps), dt)
     w = tl.load(w_ptr + offs, mask=mask, other=0.0)
     y = w.to(tl.float32) * normed.to(tl.float32)
-    tl.store(out_ptr + row * n + offs, _round(y, out_ptr.dtype.element_ty), mask=mask)
+    tl.store(out_ptr + row * n + offs, round_to(y, out_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -86,13 +69,13 @@ def rope_cache_kernel(qkv_ptr, q_out_ptr, k_cache_ptr, v_cache_ptr, pos_ptr, cos
     partner = tl.load(src + (d + HALF) % HEAD_DIM).to(tl.float32)
     # Eager casts the tables (float32, or the model dtype after model.to(dtype)) to the
     # model dtype before multiplying.
-    cos = _round(tl.load(cos_ptr + pos * HEAD_DIM + d).to(tl.float32), dt).to(tl.float32)
-    sin = _round(tl.load(sin_ptr + pos * HEAD_DIM + d).to(tl.float32), dt).to(tl.float32)
+    cos = round_to(tl.load(cos_ptr + pos * HEAD_DIM + d).to(tl.float32), dt).to(tl.float32)
+    sin = round_to(tl.load(sin_ptr + pos * HEAD_DIM + d).to(tl.float32), dt).to(tl.float32)
     sin = tl.where(d < HALF, -sin, sin)
     # Products of two bf16/fp16 values are exact in float32, so rounding each one to the
     # model dtype reproduces eager's per-op rounding bit for bit.
-    y = _round(_round(x.to(tl.float32) * cos, dt).to(tl.float32)
-               + _round(partner * sin, dt).to(tl.float32), dt)
+    y = round_to(round_to(x.to(tl.float32) * cos, dt).to(tl.float32)
+               + round_to(partner * sin, dt).to(tl.float32), dt)
     if head < n_heads:
         tl.store(q_out_ptr + (b * n_heads + head) * HEAD_DIM + d, y)
     else:
@@ -146,7 +129,7 @@ def attn_partial_kernel(q_ptr, k_cache_ptr, v_cache_ptr, pos_ptr, out_ptr, m_ptr
         l_i = l_i * alpha + tl.sum(p, axis=1)
         v = tl.load(v_cache_ptr + offs, mask=smask[:, None], other=0.0)
         if DOT:
-            pv = tl.dot(_round(p, v.dtype).to(op_dt), v.to(op_dt), input_precision="ieee")
+            pv = tl.dot(round_to(p, v.dtype).to(op_dt), v.to(op_dt), input_precision="ieee")
         else:
             pv = tl.sum(p[:, :, None] * v.to(tl.float32)[None, :, :], axis=1)
         acc = acc * alpha[:, None] + pv
@@ -154,7 +137,7 @@ def attn_partial_kernel(q_ptr, k_cache_ptr, v_cache_ptr, pos_ptr, out_ptr, m_ptr
     if ONE_SPLIT:
         o = acc / l_i[:, None]
         tl.store(out_ptr + rows[:, None] * HEAD_DIM + d[None, :],
-                 _round(o, out_ptr.dtype.element_ty), mask=gmask[:, None])
+                 round_to(o, out_ptr.dtype.element_ty), mask=gmask[:, None])
     else:
         # An empty split (past the row's length) leaves max -inf, sum 0, output 0.
         part = rows * n_splits + split
@@ -189,7 +172,7 @@ def attn_combine_kernel(out_ptr, m_ptr, l_ptr, acc_ptr, n_splits,
                     other=0.0)
         o += tl.sum(w[:, None] * a, axis=0)
     o = o / tl.sum(l_sum, axis=0)
-    tl.store(out_ptr + row * HEAD_DIM + d, _round(o, out_ptr.dtype.element_ty))
+    tl.store(out_ptr + row * HEAD_DIM + d, round_to(o, out_ptr.dtype.element_ty))
 
 
 @triton.jit
@@ -203,5 +186,5 @@ def swiglu_kernel(gu_ptr, out_ptr, inter, BLOCK: tl.constexpr):
     up = tl.load(src + inter, mask=mask, other=0.0).to(tl.float32)
     gf = gate.to(tl.float32)
     # Eager rounds silu's result to the model dtype before the product.
-    act = _round(gf / (1.0 + tl.exp(-gf)), dt).to(tl.float32)
-    tl.store(out_ptr + row * inter + col, _round(act * up, out_ptr.dtype.element_ty), mask=mask)
+    act = round_to(gf / (1.0 + tl.exp(-gf)), dt).to(tl.float32)
+    tl.store(out_ptr + row * inter + col, round_to(act * up, out_ptr.dtype.element_ty), mask=mask)
