@@ -180,6 +180,8 @@ MARKS: list[tuple[str, str, tuple[str, ...]]] = [
     ("engine/test_slots.py", "test_slots_utilization_beats_static_batches_on_mixed_lengths",
      ("slow",)),
     ("core/test_philox.py", "test_uniform_range_and_mean", ("slow",)),
+    ("cli/test_plots.py", "test_bench_plot_end_to_end", ("slow",)),
+    ("benchmarks/test_render_plot.py", "test_plot_draws_each_file_with_its_roofline", ("slow",)),
 ]
 
 
