@@ -405,7 +405,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     paths = args.files or sorted(RESULTS.glob("*.json"))
     print(render_files(paths, args.command), end="")
     if args.plot is not None:
-        print(f"wrote {plot_decode(paths, args.plot, args.bandwidth)}", file=sys.stderr)
+        try:
+            print(f"wrote {plot_decode(paths, args.plot, args.bandwidth)}", file=sys.stderr)
+        except (ValueError, ImportError) as err:  # no decode results; no plot extra
+            print(f"render_results.py: error: {err}", file=sys.stderr)
+            return 1
     return 0 if paths else 1
 
 

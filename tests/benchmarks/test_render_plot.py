@@ -88,8 +88,11 @@ def test_bandwidth_option_draws_the_cpu_roofline(tmp_path):
     assert why == "" and roofline.source == "--bandwidth" and roofline.bandwidth == 1e11
 
 
-def test_plot_without_decode_results_says_so(tmp_path):
+def test_plot_without_decode_results_says_so(tmp_path, capsys):
     other = tmp_path / "other.json"
     other.write_text(json.dumps({"kind": "bench_launches", "results": []}))
     with pytest.raises(ValueError, match="no bench_decode result"):
         render_results.plot_decode([other], tmp_path / "x.png")
+    assert render_results.main([str(other), "--plot", str(tmp_path / "x.png")]) == 1
+    assert "error: --plot: no bench_decode result" in capsys.readouterr().err
+    assert not (tmp_path / "x.png").exists()
