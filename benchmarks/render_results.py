@@ -1,6 +1,6 @@
 """Markdown for benchmarks/RESULTS.md from the benchmarks' JSON results.
 
-    python benchmarks/render_results.py [FILE.json ...] [--command TEXT]
+    python benchmarks/render_results.py [FILE.json ...] [--command TEXT] [--plot FILE.png]
 
 Without files: every ``benchmarks/results/*.json``. Known kinds (the ``kind`` field, or the
 shape of files written before the scripts named it): ``bench_sampler`` and ``sampler_tune``
@@ -8,7 +8,9 @@ shape of files written before the scripts named it): ``bench_sampler`` and ``sam
 (bench_launches.py). Files of another kind, or not
 readable, are skipped with a note at the end, so that a new script's results never stop
 the others' tables. Each section is headed with the device, torch and triton versions, the
-date and the command of its run. Needs neither torch nor a GPU.
+date and the command of its run. Needs neither torch nor a GPU. ``--plot`` also draws the
+bench_decode results (tokens/s against batch size, under the memory roofline): that needs
+torch, lmgen-fast and its plot extra.
 """
 
 from __future__ import annotations
@@ -322,15 +324,92 @@ def render_files(paths: Sequence[Path], command: str | None = None) -> str:
     return "\n".join(lines).rstrip() + "\n"
 
 
+# --------------------------------------------------------------------------- --plot
+
+# bench_decode.py's prompts are 8 to 40 tokens, uniformly drawn: 24 on average.
+DECODE_PROMPT_MEAN = 24
+
+
+def decode_series(payload: dict) -> dict[str, tuple[list[int], list[float]]]:
+    """A bench_decode file's tokens/s by batch size, one series per side it measured
+    (lmgen-fast's variants, transformers' generate, the article loop), in the order the file
+    first names them."""
+    results = payload.get("results", [])
+    names = dict.fromkeys(n for r in results for n in r.get("tok_s", {}))
+    return {n: ([r["batch"] for r in results if n in r.get("tok_s", {})],
+                [r["tok_s"][n] for r in results if n in r.get("tok_s", {})]) for n in names}
+
+
+def decode_roofline_of(payload: dict, bandwidth: float | None = None):
+    """``(Roofline or None, why not)`` of a bench_decode file: its model (built on the meta
+    device from the file's configuration and dtype, so no memory and no weights), its
+    device's datasheet bandwidth or ``bandwidth``, at the mean context of its calls."""
+    import torch
+
+    from lmgen_fast.cli.bench_plot import decode_roofline
+    from lmgen_fast.models import LlamaConfig, LlamaForPretraining
+
+    dtype = getattr(torch, str(payload.get("dtype", "torch.float32")).split(".")[-1])
+    with torch.device("meta"):
+        model = LlamaForPretraining(LlamaConfig.from_dict(payload["config"])).to(dtype)
+    context = DECODE_PROMPT_MEAN + (int(payload.get("tokens", 1)) - 1) / 2
+    return decode_roofline(model, str(payload.get("device", "?")), context, bandwidth)
+
+
+def plot_decode(paths: Sequence[Path], out: Path, bandwidth: float | None = None) -> Path:
+    """One panel per bench_decode file among ``paths``: tokens/s against batch size of
+    every side it measured, under its device's memory roofline; written to ``out``.
+
+    Needs torch and lmgen-fast (the models, for the roofline's bytes) and matplotlib (the
+    plot extra). Raises ValueError when no file is a bench_decode result.
+    """
+    from lmgen_fast.core.plot import pyplot, save_png, throughput_figure
+
+    decode = []
+    for path in paths:
+        try:
+            payload = json.loads(Path(path).read_text())
+        except (OSError, ValueError):
+            continue
+        if kind_of(payload) == "bench_decode" and payload.get("results"):
+            decode.append((Path(path), payload))
+    if not decode:
+        raise ValueError("--plot: no bench_decode result among the files "
+                         "(python benchmarks/bench_decode.py writes one)")
+    fig, axes = pyplot().subplots(len(decode), 1, figsize=(8, 5.5 * len(decode)),
+                                  squeeze=False)
+    for ax, (path, payload) in zip(axes[:, 0], decode, strict=True):
+        roofline, why_not = decode_roofline_of(payload, bandwidth)
+        title = (f"{payload.get('device', '?')}: {_model_line(payload.get('config') or {})}, "
+                 f"{payload.get('dtype', '?')}, {payload.get('tokens', '?')} new tokens per row")
+        caption = f"{payload.get('command') or '?'}  (JSON: {path.name})"
+        throughput_figure(decode_series(payload), title, caption, roofline, why_not, ax=ax)
+    fig.subplots_adjust(hspace=0.45)
+    return save_png(fig, out)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("files", nargs="*", type=Path,
                     help="result files (default: benchmarks/results/*.json)")
     ap.add_argument("--command", default=None, help="the command that recorded them, for the "
                     "heading (device_check.sh passes itself)")
+    ap.add_argument("--plot", type=Path, default=None, metavar="FILE.png",
+                    help="also draw tokens/s against batch size of the bench_decode results, "
+                         "under the memory roofline, to FILE.png (needs lmgen-fast's plot "
+                         "extra, matplotlib)")
+    ap.add_argument("--bandwidth", type=float, default=None, metavar="BYTES_PER_S",
+                    help="memory bandwidth for --plot's roofline (default: the datasheet "
+                         "figure of an H100 or H200; none, so no roofline, elsewhere)")
     args = ap.parse_args(argv)
     paths = args.files or sorted(RESULTS.glob("*.json"))
     print(render_files(paths, args.command), end="")
+    if args.plot is not None:
+        try:
+            print(f"wrote {plot_decode(paths, args.plot, args.bandwidth)}", file=sys.stderr)
+        except (ValueError, ImportError) as err:  # no decode results; no plot extra
+            print(f"render_results.py: error: {err}", file=sys.stderr)
+            return 1
     return 0 if paths else 1
 
 

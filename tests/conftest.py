@@ -153,6 +153,7 @@ MARKS: list[tuple[str, str, tuple[str, ...]]] = [
     ("benchmarks/test_bench_decode.py", "*", ("subprocess",)),
     ("benchmarks/test_bench_jobs.py", "*", ("subprocess",)),
     ("test_imports.py", "test_plain_import_leaves_the_optional_extras_alone", ("subprocess",)),
+    ("test_imports.py", "test_no_command_imports_matplotlib_until_it_draws", ("subprocess",)),
     # Slow in-process tests (baseline call times on the 2-core machine).
     ("benchmarks/test_results_render.py", "test_renders_what_the_scripts_write_on_the_cpu",
      ("slow", "interpreter")),  # bench_sampler's smoke runs launch the sampler kernels
@@ -179,6 +180,8 @@ MARKS: list[tuple[str, str, tuple[str, ...]]] = [
     ("engine/test_slots.py", "test_slots_utilization_beats_static_batches_on_mixed_lengths",
      ("slow",)),
     ("core/test_philox.py", "test_uniform_range_and_mean", ("slow",)),
+    ("cli/test_plots.py", "test_bench_plot_end_to_end", ("slow",)),
+    ("benchmarks/test_render_plot.py", "test_plot_draws_each_file_with_its_roofline", ("slow",)),
 ]
 
 

@@ -52,7 +52,12 @@ LAZY = {
         "as above, for the decode-step kernels",
     ("lmgen_fast.cli.kernel_compile", "lmgen_fast.models.fused_ops"):
         "as above: the launch shapes of the decode-step kernels",
+    ("lmgen_fast.core.plot", "matplotlib"):
+        "the plot extra: imported when a figure is first made, so lmgen-fast runs without it",
 }
+# Third-party packages of an optional extra: every import of one sits inside a function and
+# is listed in LAZY as (importer, package), like the lazy imports between our modules.
+OPTIONAL = {"matplotlib"}
 
 # The most lines a module, and a function or class (its docstring not counted), may take.
 MODULE_MAX_LINES = 450
@@ -142,6 +147,29 @@ def _scan(name: str, path: Path):
 SCANS = {name: _scan(name, path) for name, path in MODULES.items()}
 
 
+def _optional_imports(name: str, path: Path) -> list[tuple[str, str, bool, int]]:
+    """``(importer, package, inside_a_function, line)`` for each import of an
+    :data:`OPTIONAL` package in one module."""
+    found = []
+
+    def visit(node, lazy):
+        for child in ast.iter_child_nodes(node):
+            inner = lazy or isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef,
+                                               ast.Lambda))
+            names = [a.name for a in child.names] if isinstance(child, ast.Import) else \
+                [child.module or ""] if isinstance(child, ast.ImportFrom) and not child.level \
+                else []
+            found.extend((name, n.split(".")[0], lazy, child.lineno) for n in names
+                         if n.split(".")[0] in OPTIONAL)
+            visit(child, inner)
+
+    visit(ast.parse(path.read_text(encoding="utf-8")), False)
+    return found
+
+
+OPTIONAL_IMPORTS = [i for name, path in MODULES.items() for i in _optional_imports(name, path)]
+
+
 def _edges() -> list[tuple[str, str, bool, int]]:
     """``(importer, imported, inside_a_function, line)`` for every lmgen_fast import."""
     return [(name, *edge) for name, (edges, _) in SCANS.items() for edge in edges]
@@ -228,8 +256,28 @@ def test_function_level_imports_are_the_justified_ones():
     unexplained = {f"{a} -> {b} (line {line})" for (a, b), line in lazy.items()
                    if (a, b) not in LAZY}
     assert not unexplained, f"justify these in LAZY or import at module level: {unexplained}"
-    stale = set(LAZY) - set(lazy)
+    stale = set(LAZY) - set(lazy) - {(a, b) for a, b, *_ in OPTIONAL_IMPORTS}
     assert not stale, f"no longer lazy, drop from LAZY: {stale}"
+
+
+def test_optional_extras_are_imported_inside_functions_and_justified(tmp_path):
+    probe = tmp_path / "probe.py"
+    probe.write_text("import matplotlib.pyplot\ndef f():\n    from matplotlib import ticker\n")
+    assert _optional_imports("p", probe) == [("p", "matplotlib", False, 1),
+                                             ("p", "matplotlib", True, 3)]
+    eager = [f"{a}:{line} imports {b}" for a, b, lazy, line in OPTIONAL_IMPORTS if not lazy]
+    assert not eager, f"import these inside the functions that need them: {eager}"
+    unexplained = {(a, b) for a, b, *_ in OPTIONAL_IMPORTS} - set(LAZY)
+    assert not unexplained, f"justify these in LAZY: {unexplained}"
+
+
+def test_no_command_imports_matplotlib_until_it_draws():
+    code = ("import sys, lmgen_fast.cli.main, lmgen_fast.train.loop, lmgen_fast.core.plot; "
+            "print('matplotlib' in sys.modules)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          cwd=ROOT, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "False"
 
 
 def test_the_checks_catch_what_they_forbid(tmp_path):

@@ -17,6 +17,7 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -24,6 +25,7 @@ from lmgen_fast.api.baseline import article_generate_ids as article_generate
 from lmgen_fast.api.default_model import load_default
 from lmgen_fast.api.generate import generate, generate_batch
 from lmgen_fast.cli import run as jobs
+from lmgen_fast.cli.bench_plot import bench_plot, check_plot_arguments
 from lmgen_fast.cli.options import (  # noqa: F401  (re-exported: benchmarks and users import them from here)
     EXIT_FAILURE,
     EXIT_INTERRUPTED,
@@ -42,6 +44,7 @@ from lmgen_fast.cli.options import (  # noqa: F401  (re-exported: benchmarks and
     speculative_summary,
 )
 from lmgen_fast.core.params import SamplingParams
+from lmgen_fast.core.plot import PLOT_EXTRA
 from lmgen_fast.core.version import __version__
 from lmgen_fast.jobs.jsonl import ResultFileError
 from lmgen_fast.sampling.dispatch import BACKENDS, resolve_backend
@@ -211,6 +214,29 @@ def _add_bench_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prompt", default="The list type", help="prompt for both loops")
     p.add_argument("--calls", type=int, default=50, metavar="N",
                    help="timed calls per sampler measurement (default: 50)")
+    p.add_argument("--plot", type=Path, default=None, metavar="FILE.png",
+                   help="also time lmgen-fast and transformers' generate at each --batches "
+                        "size and draw tokens/s against batch size, under the device's "
+                        "memory roofline, to FILE.png (needs the plot extra: "
+                        f"{PLOT_EXTRA})")
+    p.add_argument("--batches", type=int, nargs="+", default=[1, 4, 16, 64], metavar="B",
+                   help="batch sizes of --plot (default: 1 4 16 64)")
+    p.add_argument("--bandwidth", type=float, default=None, metavar="BYTES_PER_S",
+                   help="memory bandwidth for --plot's roofline (default: the datasheet "
+                        "figure of an H100 or H200; none, so no roofline, elsewhere)")
+
+
+def _bench_command(args: argparse.Namespace) -> str:
+    """The command line of a bench run, from its arguments (heads its table and figure)."""
+    command = (f"{PROG} bench --device {args.device} --max-tokens {args.max_tokens} "
+               f"--calls {args.calls}")
+    if args.prompt != "The list type":
+        command += f" --prompt {json.dumps(args.prompt)}"
+    if args.plot is not None:
+        command += f" --batches {' '.join(map(str, args.batches))} --plot {args.plot}"
+    if args.bandwidth is not None:
+        command += f" --bandwidth {args.bandwidth:g}"
+    return command
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
@@ -224,10 +250,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
     params = sum(p.numel() for p in model.parameters())
     # The command line, device and model head the table, so that a figure copied from it
     # says where it comes from.
-    command = (f"{PROG} bench --device {args.device} --max-tokens {args.max_tokens} "
-               f"--calls {args.calls}")
-    if args.prompt != "The list type":
-        command += f" --prompt {json.dumps(args.prompt)}"
+    if args.plot is not None:
+        check_plot_arguments(args)  # before the timings: a missing extra costs no benchmark
+    command = _bench_command(args)
     print(f"command: {command}")
     print(f"device: {device_name(device)} ({device}, torch {torch.__version__}, "
           f"{torch.get_num_threads()} CPU threads)")
@@ -291,6 +316,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
             except Exception as err:  # a backend that does not run on this device
                 cell = f"  n/a ({type(err).__name__})"
             print(f"{'sample, backend ' + backend:<42}{shape:>14}{cell}")
+    if args.plot is not None:
+        print()
+        bench_plot(args, model, tokenizer, device, n_article / t_article, command)
     return 0
 
 

@@ -11,7 +11,8 @@ Run::
     python -m lmgen_fast.train --out lmgen_fast/assets --seed 0
 
 It writes ``model.safetensors`` (float16), ``config.json``, ``tokenizer.json`` and
-``metrics.json`` to ``--out`` and a loss-curve PNG to ``--plot``.
+``metrics.json`` to ``--out`` and a loss-curve PNG to ``--plot`` (matplotlib, the ``plot``
+extra; ``--no-plot`` skips it).
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from lmgen_fast.core.plot import PlotExtraMissing, loss_figure, pyplot, save_png
 from lmgen_fast.core.progress import Progress
 from lmgen_fast.models import LlamaConfig, LlamaForPretraining
 from lmgen_fast.train.data import (  # noqa: F401  (re-exported: the names users import from here)
@@ -41,7 +43,6 @@ from lmgen_fast.train.data import (  # noqa: F401  (re-exported: the names users
     stdlib_docstrings,
     train_tokenizer,
 )
-from lmgen_fast.train.plot import write_loss_png
 
 # --------------------------------------------------------------------------- losses
 
@@ -322,13 +323,16 @@ def train(settings: TrainSettings, out: Path, plot: Path | None) -> dict:
         Receives ``model.safetensors`` (float16), ``config.json``, ``tokenizer.json`` and
         ``metrics.json``.
     plot : Path, optional
-        Where to write the loss-curve PNG.
+        Where to write the loss-curve PNG (needs matplotlib, the ``plot`` extra; checked
+        before training starts, so that a missing extra costs no training run).
 
     Returns
     -------
     dict
         The metrics written to ``metrics.json`` (held-out and unigram losses, sizes, times).
     """
+    if plot is not None:
+        pyplot()  # raises PlotExtraMissing, naming the extra, before any work
     t0 = time.monotonic()
     torch.set_num_threads(settings.threads)
     torch.manual_seed(settings.seed)
@@ -366,8 +370,8 @@ def train(settings: TrainSettings, out: Path, plot: Path | None) -> dict:
     }
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     if plot is not None:
-        write_loss_png(plot, curves.steps, curves.loss, curves.eval_steps, curves.eval_loss,
-                       uni["held_out"])
+        save_png(loss_figure(curves.steps, curves.loss, curves.eval_steps, curves.eval_loss,
+                             uni["held_out"]), plot)
     return metrics
 
 
@@ -388,14 +392,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("--out", type=Path, required=True, help="directory for the assets")
     parser.add_argument("--plot", type=Path, default=Path("benchmarks/results/train_loss.png"),
-                        help="loss-curve PNG path (default: %(default)s)")
+                        help="loss-curve PNG path; needs matplotlib, the plot extra "
+                             "(default: %(default)s)")
+    parser.add_argument("--no-plot", action="store_true",
+                        help="write no loss-curve PNG (training then needs no matplotlib)")
     for name, value in defaults.__dict__.items():
         kind = _parse_bool if isinstance(value, bool) else type(value)
         parser.add_argument(f"--{name.replace('_', '-')}", type=kind, default=value,
                             help=f"(default: {value})")
     args = parser.parse_args(argv)
     settings = TrainSettings(**{k: getattr(args, k) for k in defaults.__dict__})
-    metrics = train(settings, args.out, args.plot)
+    try:
+        metrics = train(settings, args.out, None if args.no_plot else args.plot)
+    except PlotExtraMissing as err:
+        parser.error(f"{err}; or pass --no-plot")
     print(json.dumps({k: metrics[k] for k in ("held_out_loss", "unigram_loss_train_entropy",
                                               "unigram_loss_held_out", "train_seconds")}))
     return 0
