@@ -166,6 +166,7 @@ MARKS: list[tuple[str, str, tuple[str, ...]]] = [
      ("slow",)),
     ("speculative/test_speculative.py", "test_the_captured_verify_step_never_waits_*",
      ("slow",)),
+    ("speculative/test_speculative_kernels.py", "*[[]interpreter[]]", ("interpreter", "slow")),
     ("sampling/test_sampling_extensions.py", "test_generate_batch_details_carry_logprobs",
      ("slow",)),
     ("sampling/test_sampling_extensions.py", "test_command_line_options_reach_the_sampler",

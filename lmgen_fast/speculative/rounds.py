@@ -17,7 +17,11 @@ where they have nothing (such a position is never accepted). Cache slots past a 
 accepted prefix hold rejected drafts; they are overwritten by the next round, which starts
 at the row's last kept token.
 
-On CUDA the verify step of a round (the forward and the sampler) replays as a CUDA graph
+The sampler is the engine's: the Triton kernels where the backend picks them (CUDA, or
+the interpreter on the CPU), on the flattened positions with each its own step and penalty
+window (:func:`~lmgen_fast.speculative.rows.sample_positions`), else the reference; a kernel
+failure falls back to the reference with one warning, as in plain decoding. On CUDA the
+verify step of a round (the forward and the sampler) replays as a CUDA graph
 (:mod:`~lmgen_fast.speculative.verify`); drafting and bookkeeping stay on the host, one wait
 per round.
 
@@ -36,13 +40,14 @@ import torch
 from lmgen_fast.core.params import SamplingParams, check_int
 from lmgen_fast.core.rows import finish_reason
 from lmgen_fast.engine import RowLogprobs, TokenCallback
+from lmgen_fast.engine.prepare import read_facts
 from lmgen_fast.models.decoder import CachedLlamaDecoder, Decoder
 from lmgen_fast.runtime import graphs
 from lmgen_fast.speculative import cache
 from lmgen_fast.speculative import rows as spec_rows
 from lmgen_fast.speculative.accept import book_round
 from lmgen_fast.speculative.drafters import Drafter, make_drafter
-from lmgen_fast.speculative.rows import Rows
+from lmgen_fast.speculative.rows import Rows, kernel_plan
 from lmgen_fast.speculative.verify import VerifyGraphs
 
 
@@ -114,7 +119,8 @@ class _Rounds:
 
 def _decode(decoder: CachedLlamaDecoder, drafter: Drafter, prompts: Sequence[Sequence[int]],
             rows: Sequence[SamplingParams], max_tokens: Sequence[int], eos_id: int, k: int,
-            callback: TokenCallback | None, return_logprobs: bool, cuda_graph: bool) -> Rows:
+            callback: TokenCallback | None, return_logprobs: bool, cuda_graph: bool,
+            backend: str) -> Rows:
     """Prefill, book the prefill's tokens, then run rounds until every row is done."""
     total = max(max_tokens)
     limit = decoder.model.config.max_position_embeddings
@@ -125,6 +131,13 @@ def _decode(decoder: CachedLlamaDecoder, drafter: Drafter, prompts: Sequence[Seq
     logits = decoder.prefill(prompts, max_new)
     dev = logits.device
     state = Rows(prompts, rows, max_tokens, dev, longest + total + k + 1)
+    # The engine's choices: the Triton sampler where the backend picks it, and with it the
+    # decoder's fused path.
+    facts = read_facts(decoder, backend, dev, capture_failed=False)
+    if facts.fused is not None:
+        decoder.fused = facts.fused
+    if facts.kernel:
+        state.kernel = kernel_plan(rows)
     drafter.start(state, prompts, max_new)
     none = torch.empty(state.batch, 0, dtype=torch.int64, device=dev)
     book_round(state, state.sample(logits.unsqueeze(1), none, return_logprobs=return_logprobs),
@@ -153,6 +166,7 @@ def generate_ids(
     callback: TokenCallback | None = None,
     return_logprobs: bool = False,
     cuda_graph: bool = True,
+    backend: str = "auto",
 ) -> tuple[list[tuple[list[int], str]], list[RowLogprobs], list[RowStats]]:
     """:func:`lmgen_fast.engine.generate_ids` by speculative rounds: the same tokens.
 
@@ -176,6 +190,9 @@ def generate_ids(
         positions and the sampler) as a CUDA graph, captured per number of positions and
         attention length and kept for the call. Not with top alternatives
         (``logprobs > 0``), which need the host. Same tokens either way.
+    backend : str
+        The sampler of every round, as for :func:`lmgen_fast.engine.generate_ids`: "auto"
+        (the Triton kernels on CUDA), "reference" or "triton". Same tokens on each.
 
     Returns
     -------
@@ -186,8 +203,8 @@ def generate_ids(
     Raises
     ------
     ValueError
-        Bad ``speculative`` or ``num_speculative_tokens``, a decoder without a usable
-        cache, a draft model with another vocabulary.
+        Bad ``speculative``, ``num_speculative_tokens`` or ``backend``, a decoder without
+        a usable cache, a draft model with another vocabulary.
     GenerationError
         A row had nothing to sample at a token it would keep.
     """
@@ -214,7 +231,7 @@ def generate_ids(
     decoder.busy = True
     try:
         state = _decode(decoder, drafter, prompts, rows, max_tokens, eos_id, k, callback,
-                        return_logprobs, cuda_graph)
+                        return_logprobs, cuda_graph, backend)
     finally:
         decoder.busy = False
     pairs = [(o, finish_reason(len(o), m)) for o, m in zip(state.out, max_tokens, strict=True)]
@@ -241,12 +258,12 @@ class SpeculativeRun:
         self.totals = RowStats(0, 0, 0)
 
     def __call__(self, decoder, prompts, rows, max_tokens, eos_id, *, callback=None,
-                 return_logprobs: bool = False, cuda_graph: bool = True, **engine_options):
-        # The other engine_options (backend, sync_every) do not apply: the rounds sample
-        # with the reference, and the host looks at every round.
+                 return_logprobs: bool = False, cuda_graph: bool = True,
+                 backend: str = "auto", **engine_options):
+        # The other engine_options (sync_every) do not apply: the host looks at every round.
         pairs, lps, stats = generate_ids(
             decoder, prompts, rows, max_tokens, eos_id, speculative=self.drafter,
             num_speculative_tokens=self.k, callback=callback, return_logprobs=return_logprobs,
-            cuda_graph=cuda_graph)
+            cuda_graph=cuda_graph, backend=backend)
         self.totals = RowStats(*(sum(col) for col in zip(self.totals, *stats, strict=True)))
         return (pairs, lps) if return_logprobs else pairs

@@ -1,13 +1,16 @@
 """The state of one speculative batch (:class:`Rows`: each row's tokens, step, penalty
-history and counts) and the one sampler call that draws every position of every row."""
+history and counts) and the one sampler call that draws every position of every row: by
+the Triton kernels where they apply (:class:`KernelPlan`), else by the reference."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import fields, replace
+from typing import NamedTuple
 
 import torch
 
+from lmgen_fast.core.errors import STATUS_SLOW
 from lmgen_fast.core.params import PackedParams, SamplingParams
 from lmgen_fast.core.rows import (
     fill_unseeded,
@@ -16,6 +19,8 @@ from lmgen_fast.core.rows import (
     prompt_history,
     window_width,
 )
+from lmgen_fast.runtime import KernelUnavailable, kernel_failure, note_failure, on_device
+from lmgen_fast.sampling import kernel as kernel_sampler
 from lmgen_fast.sampling import reference
 
 
@@ -28,23 +33,45 @@ def fixed_shapes(device: torch.device) -> bool:
     return device.type != "cpu"
 
 
+class KernelPlan(NamedTuple):
+    """The static bounds of the rounds' Triton launches, from the batch's rows: the largest
+    ``top_k`` and the nucleus candidates per chunk (0: no row uses top-p or min-p)."""
+
+    max_top_k: int
+    nucleus: int
+
+
+def kernel_plan(rows: Sequence[SamplingParams]) -> KernelPlan:
+    """The :class:`KernelPlan` of ``rows``, as the engine sizes its launches."""
+    max_top_k, _, nucleus = kernel_sampler.host_hints(rows, None, len(rows))
+    return KernelPlan(max_top_k, kernel_sampler.NUCLEUS_CANDIDATES if nucleus else 0)
+
+
 def sample_positions(logits: torch.Tensor, flat: PackedParams, hist: torch.Tensor | None,
                      hlen: torch.Tensor, ranges: torch.Tensor, steps: torch.Tensor,
                      drafts: torch.Tensor, offset: int, width: int, fixed: bool,
-                     return_logprobs: bool) -> reference.SampleResult:
+                     return_logprobs: bool,
+                     kernel: KernelPlan | None = None) -> reference.SampleResult:
     """One sampler call for ``T`` positions of every row (see :func:`sample_rows`).
 
     Reads device tensors only: ``logits`` ``[B, T, V]``, ``flat`` the rows' parameters
     repeated ``T`` times each, ``hist`` ``[B, H]`` int64 (None: no penalties), ``hlen``,
-    ``ranges`` and ``steps`` ``[B]`` int64, ``drafts`` ``[B, D]`` int64; with ``fixed``,
-    through the reference's fixed-shape path, so a CUDA graph can capture it. ``width`` is
-    the penalty window's. Returns ``tokens`` and ``status`` ``[B * T]`` (row-major).
+    ``ranges`` and ``steps`` ``[B]`` int64, ``drafts`` ``[B, D]`` int64. Row ``(b, j)`` of
+    the flattened batch samples at step ``steps[b] + offset + j`` with the penalty window of
+    ``hist[b, :hlen[b]]`` followed by ``drafts[b, :offset + j]``: its last ``ranges[b]``
+    entries (0: all), in ``width`` slots. With ``kernel`` (and no recorded kernel failure),
+    by the Triton kernels, the windows read straight from the flattened histories; a kernel
+    failure is recorded (one warning for the process) and the reference samples instead.
+    Otherwise by the reference, with ``fixed`` through its fixed-shape path. Either way
+    nothing waits for the host (but the reference's CPU path), so a CUDA graph can capture
+    it. Returns ``tokens`` and ``status`` ``[B * T]`` (row-major); the status of a row that
+    drew a token is 0.
     """
     batch, t, vocab = logits.shape
     dev = logits.device
     ahead = torch.arange(t, device=dev)
     steps = (steps.unsqueeze(1) + offset + ahead).flatten()
-    window = None
+    history = None
     if hist is not None:
         used = offset + t - 1  # drafts that some position's window reads
         if used > 0:
@@ -52,9 +79,15 @@ def sample_positions(logits: torch.Tensor, flat: PackedParams, hist: torch.Tenso
             hist = torch.cat([hist, hist.new_full((batch, used), -1)], dim=1)
             hist.scatter_(1, cols, drafts[:, :used])
         hlens = (hlen.unsqueeze(1) + offset + ahead).flatten()
-        window = history_window(hist.repeat_interleave(t, dim=0), hlens,
-                                ranges.repeat_interleave(t), width)
+        history = kernel_sampler.HistoryWindow(hist.repeat_interleave(t, dim=0), hlens,
+                                               ranges.repeat_interleave(t), width)
     flat_logits = logits.reshape(batch * t, vocab)
+    if kernel is not None and kernel_failure() is None:
+        try:
+            return _kernel_sample(flat_logits, flat, history, steps, kernel, return_logprobs)
+        except KernelUnavailable as exc:
+            note_failure(exc)  # warns once; the reference draws the same tokens
+    window = None if history is None else history_window(*history)
     if not fixed:
         return reference.sample(flat_logits, flat, window, step=steps,
                                 return_logprobs=return_logprobs, check=False, on_device=False)
@@ -68,13 +101,39 @@ def sample_positions(logits: torch.Tensor, flat: PackedParams, hist: torch.Tenso
     return reference.SampleResult(tokens, status, None)
 
 
+def _kernel_sample(logits: torch.Tensor, flat: PackedParams,
+                   history: kernel_sampler.HistoryWindow | None, steps: torch.Tensor,
+                   kernel: KernelPlan, return_logprobs: bool) -> reference.SampleResult:
+    """The Triton launches of :func:`sample_positions` on the flattened ``[N, V]`` logits
+    (``N = B * T``), with the top alternatives of ``flat.logprobs`` when asked (ranking them
+    waits for the host: never inside a graph)."""
+    lp = None
+    if return_logprobs:
+        lp = torch.empty(logits.shape[0], kernel_sampler.LOGPROB_COLUMNS,
+                         dtype=torch.float32, device=logits.device)
+    with on_device(logits.device):
+        tokens, status = kernel_sampler.guarded_launch(
+            logits, flat, history, steps, max_top_k=kernel.max_top_k, draw_seeds=False,
+            nucleus_candidates=kernel.nucleus, logprob_out=lp)
+    # STATUS_SLOW only says that a row took the multi-pass path: its token is exact.
+    status = status & ~STATUS_SLOW
+    if lp is None:
+        return reference.SampleResult(tokens, status, None)
+    n = flat.logprobs
+    # Processed rows rank their alternatives by z, which needs the window as a tensor.
+    window = history_window(*history) if n and history is not None else None
+    return reference.SampleResult(tokens, status, kernel_sampler.logprobs_from_launch(
+        logits, lp, n, flat, window, tokens))
+
+
 class Rows:
     """The host and device state of one speculative batch, read by the drafters.
 
     ``seqs[r]`` is row ``r``'s prompt and kept tokens; ``steps[r]`` the next step (tokens
     sampled, EOT included): it keys the noise of the row's next token, as in the engine.
     ``hist`` (int64 ``[B, H]`` on the device, None without penalties) holds the first
-    ``hlen[r]`` tokens of each row's penalty history.
+    ``hlen[r]`` tokens of each row's penalty history. ``kernel``: the Triton sampler's
+    :class:`KernelPlan` where it samples the batch (None: the reference).
     """
 
     def __init__(self, prompts: Sequence[Sequence[int]], rows: Sequence[SamplingParams],
@@ -106,6 +165,8 @@ class Rows:
         self.ranges = torch.tensor(self.range_list, device=device)
         base = prompt_base(prompts, rows)
         self.hlen = list(base)
+        # Set by the caller where the Triton sampler applies (None: the reference samples).
+        self.kernel: KernelPlan | None = None
         self.hist = None
         if self.penalized:
             hist = torch.full((batch, hist_len), -1, dtype=torch.int64)
@@ -180,4 +241,4 @@ def sample_rows(rows: Rows, logits: torch.Tensor, drafts: torch.Tensor, offset: 
     return sample_positions(
         logits, rows.flat_params(t), rows.hist, torch.tensor(rows.hlen, device=dev),
         rows.ranges, torch.tensor(rows.steps, device=dev), drafts, offset, max(width, 1),
-        fixed_shapes(dev), return_logprobs)
+        fixed_shapes(dev), return_logprobs, rows.kernel)

@@ -43,7 +43,7 @@ class _Verify:
                                                   kv_len=kv_len)
             got = sample_positions(decoder.model.lm_head(hidden), flat, state.hist, self.hlen,
                                    state.ranges, self.steps, self.drafts, 0, width, True,
-                                   logprobs)
+                                   logprobs, state.kernel)
             self.tokens.copy_(got.tokens)
             self.status.copy_(got.status)
             if logprobs:
