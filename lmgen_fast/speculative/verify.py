@@ -39,9 +39,8 @@ class _Verify:
         width = (state.hist.shape[1] + t - 1) if state.hist is not None else 1
 
         def fn() -> None:
-            hidden = decoder.model.forward_cached(self.ids, self.positions, decoder.cache,
-                                                  kv_len=kv_len)
-            got = sample_positions(decoder.model.lm_head(hidden), flat, state.hist, self.hlen,
+            logits = decoder.forward_positions(self.ids, self.positions, kv_len)
+            got = sample_positions(logits, flat, state.hist, self.hlen,
                                    state.ranges, self.steps, self.drafts, 0, width, True,
                                    logprobs, state.kernel)
             self.tokens.copy_(got.tokens)

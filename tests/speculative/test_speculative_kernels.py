@@ -17,7 +17,7 @@ import torch
 
 from lmgen_fast import SamplingParams
 from lmgen_fast.engine import generate_ids as plain_ids
-from lmgen_fast.models.decoder import wrap
+from lmgen_fast.models.decoder import CachedLlamaDecoder, wrap
 from lmgen_fast.runtime import graphs, kernel_failure, reset_failure
 from lmgen_fast.sampling import kernel as kernel_sampler
 from lmgen_fast.speculative import generate_ids as speculative_ids
@@ -168,3 +168,31 @@ def test_a_kernel_failure_falls_back_to_the_reference_with_one_warning(monkeypat
         assert again == want and len(calls) == 1
     finally:
         reset_failure()
+
+
+def test_verify_runs_the_targets_forward_positions(monkeypatch):
+    # The target's forward over k + 1 positions goes through forward_positions (fused where
+    # the decoder has it), with the decoder's positions left alone.
+    model = random_model(VOCAB, seed=2, scale=3.0)
+    prompts, rows, caps = fresh_rows(11)
+    plain = plain_ids(wrap(model), prompts, rows, caps, EOS, backend="reference")
+    real, seen = CachedLlamaDecoder.forward_positions, []
+
+    def spy(self, ids, positions, kv_len):
+        kept = self.positions.clone()
+        logits = real(self, ids, positions, kv_len)
+        assert torch.equal(self.positions, kept)
+        assert logits.shape == (*ids.shape, VOCAB)
+        seen.append((self, ids.shape[1]))
+        return logits
+
+    monkeypatch.setattr(CachedLlamaDecoder, "forward_positions", spy)
+    target = wrap(model)
+    got, _, stats = speculative_ids(target, prompts, rows, caps, EOS, speculative="ngram",
+                                    num_speculative_tokens=3, backend="reference")
+    assert got == plain
+    verify = [t for dec, t in seen if dec is target]
+    # One target forward per round; the longest row took part in every round and the
+    # prefill, which is not one.
+    assert len(verify) == max(s.target_forwards for s in stats) - 1
+    assert max(verify) == 4
