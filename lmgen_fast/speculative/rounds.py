@@ -39,8 +39,10 @@ import torch
 
 from lmgen_fast.core.params import SamplingParams, check_int
 from lmgen_fast.core.rows import finish_reason
-from lmgen_fast.engine import RowLogprobs, TokenCallback
+from lmgen_fast.engine import RowCallback, RowLogprobs, TokenCallback
+from lmgen_fast.engine.delivery import Handover
 from lmgen_fast.engine.prepare import read_facts
+from lmgen_fast.engine.results import empty_logprobs
 from lmgen_fast.models.decoder import CachedLlamaDecoder, Decoder
 from lmgen_fast.runtime import graphs
 from lmgen_fast.speculative import cache
@@ -117,11 +119,25 @@ class _Rounds:
         book_round(st, got, drafts.tolist(), t, self.eos_id, self.callback)
 
 
+def row_logprobs(state: Rows, r: int) -> RowLogprobs:
+    """Row ``r``'s log-probabilities so far (its top alternatives where it asked for them)."""
+    return RowLogprobs(state.token_lp[r], state.top[r] if state.top_n[r] > 0 else None)
+
+
+def _hand_over(state: Rows, handover: Handover, told: set[int]) -> None:
+    """Hand every row that finished since the last call to ``handover`` (its ``on_row``)."""
+    for r in range(state.batch):
+        if state.done[r] and r not in told:
+            told.add(r)
+            handover.finish(r, list(state.out[r]), row_logprobs(state, r))
+
+
 def _decode(decoder: CachedLlamaDecoder, drafter: Drafter, prompts: Sequence[Sequence[int]],
             rows: Sequence[SamplingParams], max_tokens: Sequence[int], eos_id: int, k: int,
             callback: TokenCallback | None, return_logprobs: bool, cuda_graph: bool,
-            backend: str) -> Rows:
-    """Prefill, book the prefill's tokens, then run rounds until every row is done."""
+            backend: str, handover: Handover) -> Rows:
+    """Prefill, book the prefill's tokens, then run rounds until every row is done, each
+    row handed over as it finishes."""
     total = max(max_tokens)
     limit = decoder.model.config.max_position_embeddings
     longest = max(len(p) for p in prompts)
@@ -148,8 +164,11 @@ def _decode(decoder: CachedLlamaDecoder, drafter: Drafter, prompts: Sequence[Seq
     if graph_cls is not None and not any(r.logprobs for r in rows):
         verify = VerifyGraphs(graph_cls, decoder, state, return_logprobs)
     rounds = _Rounds(decoder, drafter, state, k, eos_id, callback, return_logprobs, verify)
+    told: set[int] = set()
+    _hand_over(state, handover, told)
     while not all(state.done):
         rounds.round()
+        _hand_over(state, handover, told)
     return state
 
 
@@ -167,6 +186,7 @@ def generate_ids(
     return_logprobs: bool = False,
     cuda_graph: bool = True,
     backend: str = "auto",
+    on_row: RowCallback | None = None,
 ) -> tuple[list[tuple[list[int], str]], list[RowLogprobs], list[RowStats]]:
     """:func:`lmgen_fast.engine.generate_ids` by speculative rounds: the same tokens.
 
@@ -193,6 +213,9 @@ def generate_ids(
     backend : str
         The sampler of every round, as for :func:`lmgen_fast.engine.generate_ids`: "auto"
         (the Triton kernels on CUDA), "reference" or "triton". Same tokens on each.
+    on_row : callable, optional
+        ``on_row(row, (token_ids, finish_reason), row_logprobs)`` once per row, after the
+        round it finished in (``row_logprobs`` None without ``return_logprobs``).
 
     Returns
     -------
@@ -217,10 +240,12 @@ def generate_ids(
             f"{type(decoder).__name__}")
     batch = len(prompts)
     total = max(max_tokens, default=0)
+    handover = Handover(rows, max_tokens, on_row, return_logprobs)
     if total == 0:
+        for r, row in enumerate(rows):
+            handover.finish(r, [], empty_logprobs(row.logprobs))
         return ([([], finish_reason(0, m)) for m in max_tokens],
-                [RowLogprobs([], [] if r.logprobs > 0 else None) for r in rows],
-                [RowStats(0, 0, 0)] * batch)
+                [empty_logprobs(r.logprobs) for r in rows], [RowStats(0, 0, 0)] * batch)
     if decoder.busy:
         raise RuntimeError("this decoder is already generating; use another one (wrap(model)) "
                            "for a nested call")
@@ -231,12 +256,11 @@ def generate_ids(
     decoder.busy = True
     try:
         state = _decode(decoder, drafter, prompts, rows, max_tokens, eos_id, k, callback,
-                        return_logprobs, cuda_graph, backend)
+                        return_logprobs, cuda_graph, backend, handover)
     finally:
         decoder.busy = False
     pairs = [(o, finish_reason(len(o), m)) for o, m in zip(state.out, max_tokens, strict=True)]
-    lps = [RowLogprobs(state.token_lp[r], state.top[r] if row.logprobs > 0 else None)
-           for r, row in enumerate(rows)]
+    lps = [row_logprobs(state, r) for r in range(batch)]
     stats = [RowStats(*s) for s in zip(state.forwards, state.accepted, state.proposed,
                                        strict=True)]
     return pairs, lps, stats
@@ -259,11 +283,13 @@ class SpeculativeRun:
 
     def __call__(self, decoder, prompts, rows, max_tokens, eos_id, *, callback=None,
                  return_logprobs: bool = False, cuda_graph: bool = True,
-                 backend: str = "auto", **engine_options):
-        # The other engine_options (sync_every) do not apply: the host looks at every round.
+                 backend: str = "auto", on_row: RowCallback | None = None,
+                 **engine_options):
+        # The other engine_options (sync_every, stats) do not apply: the host looks at
+        # every round, and rounds are not decode steps.
         pairs, lps, stats = generate_ids(
             decoder, prompts, rows, max_tokens, eos_id, speculative=self.drafter,
             num_speculative_tokens=self.k, callback=callback, return_logprobs=return_logprobs,
-            cuda_graph=cuda_graph, backend=backend)
+            cuda_graph=cuda_graph, backend=backend, on_row=on_row)
         self.totals = RowStats(*(sum(col) for col in zip(self.totals, *stats, strict=True)))
         return (pairs, lps) if return_logprobs else pairs

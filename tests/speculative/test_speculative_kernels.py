@@ -196,3 +196,28 @@ def test_verify_runs_the_targets_forward_positions(monkeypatch):
     # prefill, which is not one.
     assert len(verify) == max(s.target_forwards for s in stats) - 1
     assert max(verify) == 4
+
+
+def test_rows_are_handed_to_on_row_as_they_finish():
+    # As the engine does: each row once, after its last token and before rows that run on
+    # have finished, with what the call returns (what lets a job write rows as they end).
+    model = random_model(VOCAB, seed=2, scale=3.0)
+    prompts, rows, caps = fresh_rows(12)
+    caps = [2, 9, 0, 5]
+    events: list[tuple] = []
+    got, lps, _ = speculative_ids(
+        wrap(model), prompts, rows, caps, EOS, speculative="ngram", num_speculative_tokens=2,
+        backend="reference", return_logprobs=True,
+        callback=lambda r, t: events.append(("token", r)),
+        on_row=lambda r, pair, lp: events.append(("row", r, pair, lp)))
+    assert got == plain_ids(wrap(model), prompts, rows, caps, EOS, backend="reference")
+    handed = [e for e in events if e[0] == "row"]
+    assert sorted(e[1] for e in handed) == [0, 1, 2, 3]
+    for _, r, pair, lp in handed:
+        assert pair == got[r] and lp.logprobs == lps[r].logprobs
+        at = events.index(handed[[e[1] for e in handed].index(r)])
+        assert ("token", r) not in events[at:]
+    order = [e[1] for e in handed]
+    assert order.index(0) < order.index(1) and order[0] == 2  # the empty row at once
+    last_long = max(i for i, e in enumerate(events) if e == ("token", 1))
+    assert events.index(handed[order.index(0)]) < last_long
