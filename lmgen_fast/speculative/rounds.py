@@ -68,7 +68,7 @@ def check_num_speculative_tokens(k: object) -> int:
     return check_int("num_speculative_tokens", k, 1)
 
 
-class _Rounds:
+class Rounds:
     """One call's rounds after the target's prefill: each drafts, verifies (one target
     forward and one sampler call, or one graph replay) and books what every row keeps."""
 
@@ -119,6 +119,43 @@ class _Rounds:
         book_round(st, got, drafts.tolist(), t, self.eos_id, self.callback)
 
 
+def fast_path(decoder: CachedLlamaDecoder, state: Rows, rows: Sequence[SamplingParams],
+              backend: str, cuda_graph: bool, return_logprobs: bool) -> VerifyGraphs | None:
+    """Set ``state`` and ``decoder`` up as the engine would for ``rows`` (every row the call
+    will run): the Triton sampler where the backend picks it (``state.kernel``), with it the
+    decoder's fused path; returns the verify graphs where rounds replay them (None: eager
+    verify steps)."""
+    dev = state.device
+    facts = read_facts(decoder, backend, dev, capture_failed=False)
+    if facts.fused is not None:
+        decoder.fused = facts.fused
+    if facts.kernel:
+        state.kernel = kernel_plan(rows)
+    graph_cls = (graphs.graph_backend(dev) if cuda_graph and spec_rows.fixed_shapes(dev)
+                 else None)
+    if graph_cls is None or any(r.logprobs for r in rows):
+        return None
+    return VerifyGraphs(graph_cls, decoder, state, return_logprobs)
+
+
+def check_target(decoder: Decoder, drafter: Drafter) -> CachedLlamaDecoder:
+    """``decoder``, checked: a cached Llama that is not generating, with the drafter's
+    vocabulary (ValueError, RuntimeError otherwise)."""
+    if not isinstance(decoder, CachedLlamaDecoder):
+        raise ValueError(
+            f"speculative= needs a model lmgen-fast runs with its own KV cache (our Llama, a "
+            f"module laid out like the article's, a transformers Llama); this model runs on "
+            f"{type(decoder).__name__}")
+    if decoder.busy:
+        raise RuntimeError("this decoder is already generating; use another one (wrap(model)) "
+                           "for a nested call")
+    vocab = decoder.model.config.vocab_size
+    if getattr(drafter, "vocab", vocab) != vocab:
+        raise ValueError(f"speculative= draft model has {drafter.vocab} tokens, the model "
+                         f"{vocab}: they must share the tokenizer")
+    return decoder
+
+
 def row_logprobs(state: Rows, r: int) -> RowLogprobs:
     """Row ``r``'s log-probabilities so far (its top alternatives where it asked for them)."""
     return RowLogprobs(state.token_lp[r], state.top[r] if state.top_n[r] > 0 else None)
@@ -147,23 +184,12 @@ def _decode(decoder: CachedLlamaDecoder, drafter: Drafter, prompts: Sequence[Seq
     logits = decoder.prefill(prompts, max_new)
     dev = logits.device
     state = Rows(prompts, rows, max_tokens, dev, longest + total + k + 1)
-    # The engine's choices: the Triton sampler where the backend picks it, and with it the
-    # decoder's fused path.
-    facts = read_facts(decoder, backend, dev, capture_failed=False)
-    if facts.fused is not None:
-        decoder.fused = facts.fused
-    if facts.kernel:
-        state.kernel = kernel_plan(rows)
+    verify = fast_path(decoder, state, rows, backend, cuda_graph, return_logprobs)
     drafter.start(state, prompts, max_new)
     none = torch.empty(state.batch, 0, dtype=torch.int64, device=dev)
     book_round(state, state.sample(logits.unsqueeze(1), none, return_logprobs=return_logprobs),
                [[]] * state.batch, 1, eos_id, callback)
-    graph_cls = (graphs.graph_backend(dev) if cuda_graph and spec_rows.fixed_shapes(dev)
-                 else None)
-    verify = None
-    if graph_cls is not None and not any(r.logprobs for r in rows):
-        verify = VerifyGraphs(graph_cls, decoder, state, return_logprobs)
-    rounds = _Rounds(decoder, drafter, state, k, eos_id, callback, return_logprobs, verify)
+    rounds = Rounds(decoder, drafter, state, k, eos_id, callback, return_logprobs, verify)
     told: set[int] = set()
     _hand_over(state, handover, told)
     while not all(state.done):
@@ -233,11 +259,7 @@ def generate_ids(
     """
     k = check_num_speculative_tokens(num_speculative_tokens)
     drafter = make_drafter(speculative)
-    if not isinstance(decoder, CachedLlamaDecoder):
-        raise ValueError(
-            f"speculative= needs a model lmgen-fast runs with its own KV cache (our Llama, a "
-            f"module laid out like the article's, a transformers Llama); this model runs on "
-            f"{type(decoder).__name__}")
+    decoder = check_target(decoder, drafter)
     batch = len(prompts)
     total = max(max_tokens, default=0)
     handover = Handover(rows, max_tokens, on_row, return_logprobs)
@@ -246,13 +268,6 @@ def generate_ids(
             handover.finish(r, [], empty_logprobs(row.logprobs))
         return ([([], finish_reason(0, m)) for m in max_tokens],
                 [empty_logprobs(r.logprobs) for r in rows], [RowStats(0, 0, 0)] * batch)
-    if decoder.busy:
-        raise RuntimeError("this decoder is already generating; use another one (wrap(model)) "
-                           "for a nested call")
-    vocab = decoder.model.config.vocab_size
-    if getattr(drafter, "vocab", vocab) != vocab:
-        raise ValueError(f"speculative= draft model has {drafter.vocab} tokens, the model "
-                         f"{vocab}: they must share the tokenizer")
     decoder.busy = True
     try:
         state = _decode(decoder, drafter, prompts, rows, max_tokens, eos_id, k, callback,
@@ -264,32 +279,3 @@ def generate_ids(
     stats = [RowStats(*s) for s in zip(state.forwards, state.accepted, state.proposed,
                                        strict=True)]
     return pairs, lps, stats
-
-
-class SpeculativeRun:
-    """Stands in for :func:`lmgen_fast.engine.generate_ids` (same call, same results) in
-    batch jobs, decoding speculatively and adding up every row's :class:`RowStats`.
-
-    Parameters
-    ----------
-    speculative, num_speculative_tokens
-        As for :func:`generate_ids`.
-    """
-
-    def __init__(self, speculative, num_speculative_tokens: int = 4):
-        self.drafter = make_drafter(speculative)
-        self.k = check_num_speculative_tokens(num_speculative_tokens)
-        self.totals = RowStats(0, 0, 0)
-
-    def __call__(self, decoder, prompts, rows, max_tokens, eos_id, *, callback=None,
-                 return_logprobs: bool = False, cuda_graph: bool = True,
-                 backend: str = "auto", on_row: RowCallback | None = None,
-                 **engine_options):
-        # The other engine_options (sync_every, stats) do not apply: the host looks at
-        # every round, and rounds are not decode steps.
-        pairs, lps, stats = generate_ids(
-            decoder, prompts, rows, max_tokens, eos_id, speculative=self.drafter,
-            num_speculative_tokens=self.k, callback=callback, return_logprobs=return_logprobs,
-            cuda_graph=cuda_graph, backend=backend, on_row=on_row)
-        self.totals = RowStats(*(sum(col) for col in zip(self.totals, *stats, strict=True)))
-        return (pairs, lps) if return_logprobs else pairs

@@ -134,16 +134,20 @@ class Rows:
     ``hist`` (int64 ``[B, H]`` on the device, None without penalties) holds the first
     ``hlen[r]`` tokens of each row's penalty history. ``kernel``: the Triton sampler's
     :class:`KernelPlan` where it samples the batch (None: the reference).
+
+    Length: every per-row field is reset by :meth:`seat`, next to where it is made, so that
+    a field added to one is not missed by the other.
     """
 
     def __init__(self, prompts: Sequence[Sequence[int]], rows: Sequence[SamplingParams],
-                 max_tokens: Sequence[int], device: torch.device, hist_len: int):
+                 max_tokens: Sequence[int], device: torch.device, hist_len: int, *,
+                 penalized: bool | None = None):
         batch = len(prompts)
         self.device = device
-        self.seqs = [list(p) for p in prompts]
+        self.seqs: list[list[int]] = [[] for _ in prompts]
         self.out: list[list[int]] = [[] for _ in prompts]
-        self.max_tokens = list(max_tokens)
-        self.done = [m == 0 for m in max_tokens]
+        self.max_tokens = [0] * batch
+        self.done = [True] * batch
         self.steps = [0] * batch
         self.forwards = [0] * batch
         self.accepted = [0] * batch
@@ -151,28 +155,57 @@ class Rows:
         # Rows whose last round hit a position with nothing to sample: they take a plain
         # one-token round before that counts as an error (see accept.book_round).
         self.retry = [False] * batch
-        self.top_n = [r.logprobs for r in rows]
+        self.top_n = [0] * batch
         self.token_lp: list[list[float]] = [[] for _ in prompts]
         self.top: list[list[list[tuple[int, float]]]] = [[] for _ in prompts]
+        self.range_list = [0] * batch
+        self.hlen = [0] * batch
+        # The caller's row that each row is (continuous batching seats others in turn).
+        self.names = list(range(batch))
         packed = PackedParams.from_rows(rows, device)
+        self.packed = replace(packed, seeded=torch.ones_like(packed.seeded))
+        self.ranges = torch.zeros(batch, dtype=torch.int64, device=device)
+        # Set by the caller where the Triton sampler applies (None: the reference samples).
+        self.kernel: KernelPlan | None = None
+        # Rows seated later are covered by ``penalized`` (default: from ``rows``).
+        self.penalized = any(r.penalized for r in rows) if penalized is None else penalized
+        self.hist = None
+        if self.penalized:
+            self.hist = torch.full((batch, hist_len), -1, dtype=torch.int64, device=device)
+        self.seat(range(batch), prompts, rows, max_tokens)
+
+    def seat(self, slots: Sequence[int], prompts: Sequence[Sequence[int]],
+             rows: Sequence[SamplingParams], max_tokens: Sequence[int]) -> None:
+        """Rows ``slots`` start over with new prompts (parameters, penalty histories,
+        steps, tokens and counts), the others untouched: a batch's start, and continuous
+        batching's admissions. Device tensors are written in place (graphs read them)."""
+        dev = self.device
+        index = torch.tensor(list(slots), dtype=torch.int64, device=dev)
+        packed = PackedParams.from_rows(rows, dev)
         # Unseeded rows draw their seed once (as the engine does on the GPU): each row then
         # races, so a draft can be checked against the target's own draw.
         if any(r.seed is None for r in rows):
             packed = replace(packed, seed=fill_unseeded(packed.seed, packed.seeded))
-        self.packed = replace(packed, seeded=torch.ones_like(packed.seeded))
-        self.penalized = any(r.penalized for r in rows)
-        self.range_list = [r.repetition_penalty_range for r in rows]
-        self.ranges = torch.tensor(self.range_list, device=device)
+        for f in fields(PackedParams):
+            value = getattr(packed, f.name)
+            if isinstance(value, torch.Tensor) and f.name != "seeded":
+                getattr(self.packed, f.name).index_copy_(0, index, value)
+        self.packed = replace(self.packed, logprobs=max(self.packed.logprobs, packed.logprobs))
         base = prompt_base(prompts, rows)
-        self.hlen = list(base)
-        # Set by the caller where the Triton sampler applies (None: the reference samples).
-        self.kernel: KernelPlan | None = None
-        self.hist = None
-        if self.penalized:
-            hist = torch.full((batch, hist_len), -1, dtype=torch.int64)
+        ranges = [r.repetition_penalty_range for r in rows]
+        self.ranges.index_copy_(0, index, torch.tensor(ranges, dtype=torch.int64, device=dev))
+        if self.hist is not None:
+            hist = torch.full((len(prompts), self.hist.shape[1]), -1, dtype=torch.int64)
             start = prompt_history(prompts, base)
             hist[:, : start.shape[1]] = start
-            self.hist = hist.to(device)
+            self.hist.index_copy_(0, index, hist.to(dev))
+        for s, p, row, m, b, rg in zip(slots, prompts, rows, max_tokens, base, ranges,
+                                       strict=True):
+            self.seqs[s], self.out[s], self.max_tokens[s], self.done[s] = list(p), [], m, m == 0
+            self.steps[s] = self.forwards[s] = self.accepted[s] = self.proposed[s] = 0
+            self.retry[s], self.top_n[s], self.token_lp[s], self.top[s] = (
+                False, row.logprobs, [], [])
+            self.range_list[s], self.hlen[s] = rg, b
 
     @property
     def batch(self) -> int:
