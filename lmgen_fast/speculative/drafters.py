@@ -17,7 +17,9 @@ NGRAM_MAX = 3  # the ngram drafter matches the row's last 3, then 2, then 1 toke
 
 
 class Drafter(Protocol):
-    """Proposes tokens for every row of a speculative batch."""
+    """Proposes tokens for every row of a speculative batch. A drafter that also has
+    ``open(slots, prompt_len, max_new)`` and ``seat(slots, prompts)`` (as both drafters
+    here) runs through slots too (:mod:`lmgen_fast.speculative.slots`)."""
 
     def start(self, rows: Rows, prompts: Sequence[Sequence[int]], max_new: int) -> None:
         """Called once after the target's prefill, before the first round."""
