@@ -75,7 +75,7 @@ from lmgen_fast.jobs.manifest import (
 from lmgen_fast.jobs.ranks import DistEnv, barrier, dist_env
 from lmgen_fast.jobs.runner import RunStats, run_rows  # noqa: F401  (re-exported)
 from lmgen_fast.models.decoder import CachedLlamaDecoder, wrap
-from lmgen_fast.speculative.rounds import SpeculativeRun
+from lmgen_fast.speculative.slots import SpeculativeRun
 
 DEFAULT_BATCH_SIZE = 16
 
@@ -318,7 +318,7 @@ def cmd_run(args: argparse.Namespace) -> int:
                 writer, batch_size=args.batch_size, backend=args.backend, limit=limit,
                 cuda_graph=not args.no_cuda_graph, sync_every=args.sync_every,
                 progress=progress, generate=spec,
-                static=args.static_batches or spec is not None,
+                static=args.static_batches,
             )
         except KeyboardInterrupt:
             interrupted = True
@@ -334,7 +334,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     stats.already_done = len(mine) - len(todo)
     _report(args, env, stats, prefix=prefix, device=device, target=target, invalid=invalid,
             errors_path=errors_path, spec=spec, wall=wall,
-            static=args.static_batches or spec is not None or not supports_slots(decoder))
+            static=args.static_batches or not supports_slots(decoder))
     if env.distributed:
         _merge_ranks(env, output, rows)
     return 0

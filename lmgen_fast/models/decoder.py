@@ -125,6 +125,8 @@ class CachedLlamaDecoder(StaticCache, FusedSteps, Decoder):
     and reused by the next :meth:`prefill` of the same batch size when they are large
     enough, so that graphs captured on them stay valid (``cache_version`` changes whenever
     they are replaced): see :class:`StaticCache`; the fused step: :class:`FusedSteps`.
+
+    Length: prefill, refill, step and the verify forward share the cache's layout rules.
     """
 
     cached = True
@@ -202,6 +204,14 @@ class CachedLlamaDecoder(StaticCache, FusedSteps, Decoder):
 
     def decode(self, tokens: torch.Tensor) -> torch.Tensor:
         return self.step(tokens, self.advance())
+
+    def forward_positions(self, ids: torch.Tensor, positions: torch.Tensor,
+                          kv_len: int) -> torch.Tensor:
+        """Logits ``[B, T, V]`` of int64 ``ids`` ``[B, T]`` at cache positions ``positions``
+        (int64 ``[B, T]``), attending over the first ``kv_len`` slots: writes the cache
+        there, leaves the decoder's positions alone (speculative verify steps)."""
+        return self.model.lm_head(self.model.forward_cached(ids, positions, self.cache,
+                                                            kv_len=kv_len))
 
 
 def _right_padded(prompts: Sequence[Sequence[int]], device) -> torch.Tensor:

@@ -88,7 +88,7 @@ def _accept_row(rows: Rows, r: int, tokens: list[int], status: list[int],
                 # decoding would.
                 rows.retry[r] = True
                 return
-            exc = EmptyRowError([r])
+            exc = EmptyRowError([rows.names[r]])
             raise GenerationError(f"at step {rows.steps[r]}: {exc}", rows.partial())
         rows.steps[r] += 1
         written.append((r, rows.hlen[r], tok))

@@ -16,7 +16,9 @@ def attention_len(decoder: CachedLlamaDecoder, top: int) -> int:
 
 def forward(decoder: CachedLlamaDecoder, ids: torch.Tensor, positions: torch.Tensor,
             top: int) -> torch.Tensor:
-    """Logits of ``ids`` at ``positions``, writing the decoder's cache there.
+    """Logits of ``ids`` at ``positions``, writing the decoder's cache there: the
+    decoder's :meth:`~lmgen_fast.models.decoder.CachedLlamaDecoder.forward_positions`
+    (fused where it has the kernels) at the attention length of ``top``.
 
     Parameters
     ----------
@@ -32,9 +34,7 @@ def forward(decoder: CachedLlamaDecoder, ids: torch.Tensor, positions: torch.Ten
     Tensor
         ``[B, T, V]`` logits in the model's dtype.
     """
-    hidden = decoder.model.forward_cached(ids, positions, decoder.cache,
-                                          kv_len=attention_len(decoder, top))
-    return decoder.model.lm_head(hidden)
+    return decoder.forward_positions(ids, positions, attention_len(decoder, top))
 
 
 def clear_slots(decoder: CachedLlamaDecoder, row: int, start: int) -> None:

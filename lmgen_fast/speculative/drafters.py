@@ -17,7 +17,9 @@ NGRAM_MAX = 3  # the ngram drafter matches the row's last 3, then 2, then 1 toke
 
 
 class Drafter(Protocol):
-    """Proposes tokens for every row of a speculative batch."""
+    """Proposes tokens for every row of a speculative batch. A drafter that also has
+    ``open(slots, prompt_len, max_new)`` and ``seat(slots, prompts)`` (as both drafters
+    here) runs through slots too (:mod:`lmgen_fast.speculative.slots`)."""
 
     def start(self, rows: Rows, prompts: Sequence[Sequence[int]], max_new: int) -> None:
         """Called once after the target's prefill, before the first round."""
@@ -41,8 +43,17 @@ class NgramDrafter:
         self.max_n = max_n
 
     def start(self, rows: Rows, prompts: Sequence[Sequence[int]], max_new: int) -> None:
-        self.index: list[dict[tuple[int, ...], int]] = [{} for _ in prompts]
-        self.seen = [0] * len(prompts)
+        self.open(len(prompts), max(len(p) for p in prompts), max_new)
+
+    def open(self, slots: int, prompt_len: int, max_new: int) -> None:
+        """Room for ``slots`` rows, seated later (continuous batching)."""
+        self.index: list[dict[tuple[int, ...], int]] = [{} for _ in range(slots)]
+        self.seen = [0] * slots
+
+    def seat(self, slots: Sequence[int], prompts: Sequence[Sequence[int]]) -> None:
+        """Rows ``slots`` take new prompts: what they indexed is forgotten."""
+        for s in slots:
+            self.index[s], self.seen[s] = {}, 0
 
     def _catch_up(self, r: int, seq: list[int]) -> None:
         index = self.index[r]
@@ -98,9 +109,22 @@ class ModelDrafter:
         self.vocab = decoder.model.config.vocab_size
 
     def start(self, rows: Rows, prompts: Sequence[Sequence[int]], max_new: int) -> None:
+        self.decoder.prefill(prompts, self._room(max(len(p) for p in prompts), max_new))
+
+    def _room(self, prompt_len: int, max_new: int) -> int:
+        """New positions the draft model's cache gives a row of ``prompt_len`` tokens."""
         limit = self.decoder.model.config.max_position_embeddings
-        longest = max(len(p) for p in prompts)
-        self.decoder.prefill(prompts, max(1, min(max_new, limit - longest + 1)))
+        return max(1, min(max_new, limit - prompt_len + 1))
+
+    def open(self, slots: int, prompt_len: int, max_new: int) -> None:
+        """A cache of ``slots`` rows as long as the longest row needs, rows seated later
+        (continuous batching)."""
+        self.decoder.reserve(slots, prompt_len, self._room(prompt_len, max_new))
+
+    def seat(self, slots: Sequence[int], prompts: Sequence[Sequence[int]]) -> None:
+        """Prefill rows ``slots`` of the draft model's cache with ``prompts`` (all but the
+        last token, which the next round's re-read writes)."""
+        self.decoder.refill(slots, prompts, max(len(p) for p in prompts))
 
     def capacity(self) -> int:
         return cache.capacity(self.decoder)

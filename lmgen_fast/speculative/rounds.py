@@ -17,7 +17,11 @@ where they have nothing (such a position is never accepted). Cache slots past a 
 accepted prefix hold rejected drafts; they are overwritten by the next round, which starts
 at the row's last kept token.
 
-On CUDA the verify step of a round (the forward and the sampler) replays as a CUDA graph
+The sampler is the engine's: the Triton kernels where the backend picks them (CUDA, or
+the interpreter on the CPU), on the flattened positions with each its own step and penalty
+window (:func:`~lmgen_fast.speculative.rows.sample_positions`), else the reference; a kernel
+failure falls back to the reference with one warning, as in plain decoding. On CUDA the
+verify step of a round (the forward and the sampler) replays as a CUDA graph
 (:mod:`~lmgen_fast.speculative.verify`); drafting and bookkeeping stay on the host, one wait
 per round.
 
@@ -35,14 +39,17 @@ import torch
 
 from lmgen_fast.core.params import SamplingParams, check_int
 from lmgen_fast.core.rows import finish_reason
-from lmgen_fast.engine import RowLogprobs, TokenCallback
+from lmgen_fast.engine import RowCallback, RowLogprobs, TokenCallback
+from lmgen_fast.engine.delivery import Handover
+from lmgen_fast.engine.prepare import read_facts
+from lmgen_fast.engine.results import empty_logprobs
 from lmgen_fast.models.decoder import CachedLlamaDecoder, Decoder
 from lmgen_fast.runtime import graphs
 from lmgen_fast.speculative import cache
 from lmgen_fast.speculative import rows as spec_rows
 from lmgen_fast.speculative.accept import book_round
 from lmgen_fast.speculative.drafters import Drafter, make_drafter
-from lmgen_fast.speculative.rows import Rows
+from lmgen_fast.speculative.rows import Rows, kernel_plan
 from lmgen_fast.speculative.verify import VerifyGraphs
 
 
@@ -61,7 +68,7 @@ def check_num_speculative_tokens(k: object) -> int:
     return check_int("num_speculative_tokens", k, 1)
 
 
-class _Rounds:
+class Rounds:
     """One call's rounds after the target's prefill: each drafts, verifies (one target
     forward and one sampler call, or one graph replay) and books what every row keeps."""
 
@@ -112,10 +119,62 @@ class _Rounds:
         book_round(st, got, drafts.tolist(), t, self.eos_id, self.callback)
 
 
+def fast_path(decoder: CachedLlamaDecoder, state: Rows, rows: Sequence[SamplingParams],
+              backend: str, cuda_graph: bool, return_logprobs: bool) -> VerifyGraphs | None:
+    """Set ``state`` and ``decoder`` up as the engine would for ``rows`` (every row the call
+    will run): the Triton sampler where the backend picks it (``state.kernel``), with it the
+    decoder's fused path; returns the verify graphs where rounds replay them (None: eager
+    verify steps)."""
+    dev = state.device
+    facts = read_facts(decoder, backend, dev, capture_failed=False)
+    if facts.fused is not None:
+        decoder.fused = facts.fused
+    if facts.kernel:
+        state.kernel = kernel_plan(rows)
+    graph_cls = (graphs.graph_backend(dev) if cuda_graph and spec_rows.fixed_shapes(dev)
+                 else None)
+    if graph_cls is None or any(r.logprobs for r in rows):
+        return None
+    return VerifyGraphs(graph_cls, decoder, state, return_logprobs)
+
+
+def check_target(decoder: Decoder, drafter: Drafter) -> CachedLlamaDecoder:
+    """``decoder``, checked: a cached Llama that is not generating, with the drafter's
+    vocabulary (ValueError, RuntimeError otherwise)."""
+    if not isinstance(decoder, CachedLlamaDecoder):
+        raise ValueError(
+            f"speculative= needs a model lmgen-fast runs with its own KV cache (our Llama, a "
+            f"module laid out like the article's, a transformers Llama); this model runs on "
+            f"{type(decoder).__name__}")
+    if decoder.busy:
+        raise RuntimeError("this decoder is already generating; use another one (wrap(model)) "
+                           "for a nested call")
+    vocab = decoder.model.config.vocab_size
+    if getattr(drafter, "vocab", vocab) != vocab:
+        raise ValueError(f"speculative= draft model has {drafter.vocab} tokens, the model "
+                         f"{vocab}: they must share the tokenizer")
+    return decoder
+
+
+def row_logprobs(state: Rows, r: int) -> RowLogprobs:
+    """Row ``r``'s log-probabilities so far (its top alternatives where it asked for them)."""
+    return RowLogprobs(state.token_lp[r], state.top[r] if state.top_n[r] > 0 else None)
+
+
+def _hand_over(state: Rows, handover: Handover, told: set[int]) -> None:
+    """Hand every row that finished since the last call to ``handover`` (its ``on_row``)."""
+    for r in range(state.batch):
+        if state.done[r] and r not in told:
+            told.add(r)
+            handover.finish(r, list(state.out[r]), row_logprobs(state, r))
+
+
 def _decode(decoder: CachedLlamaDecoder, drafter: Drafter, prompts: Sequence[Sequence[int]],
             rows: Sequence[SamplingParams], max_tokens: Sequence[int], eos_id: int, k: int,
-            callback: TokenCallback | None, return_logprobs: bool, cuda_graph: bool) -> Rows:
-    """Prefill, book the prefill's tokens, then run rounds until every row is done."""
+            callback: TokenCallback | None, return_logprobs: bool, cuda_graph: bool,
+            backend: str, handover: Handover) -> Rows:
+    """Prefill, book the prefill's tokens, then run rounds until every row is done, each
+    row handed over as it finishes."""
     total = max(max_tokens)
     limit = decoder.model.config.max_position_embeddings
     longest = max(len(p) for p in prompts)
@@ -125,18 +184,17 @@ def _decode(decoder: CachedLlamaDecoder, drafter: Drafter, prompts: Sequence[Seq
     logits = decoder.prefill(prompts, max_new)
     dev = logits.device
     state = Rows(prompts, rows, max_tokens, dev, longest + total + k + 1)
+    verify = fast_path(decoder, state, rows, backend, cuda_graph, return_logprobs)
     drafter.start(state, prompts, max_new)
     none = torch.empty(state.batch, 0, dtype=torch.int64, device=dev)
     book_round(state, state.sample(logits.unsqueeze(1), none, return_logprobs=return_logprobs),
                [[]] * state.batch, 1, eos_id, callback)
-    graph_cls = (graphs.graph_backend(dev) if cuda_graph and spec_rows.fixed_shapes(dev)
-                 else None)
-    verify = None
-    if graph_cls is not None and not any(r.logprobs for r in rows):
-        verify = VerifyGraphs(graph_cls, decoder, state, return_logprobs)
-    rounds = _Rounds(decoder, drafter, state, k, eos_id, callback, return_logprobs, verify)
+    rounds = Rounds(decoder, drafter, state, k, eos_id, callback, return_logprobs, verify)
+    told: set[int] = set()
+    _hand_over(state, handover, told)
     while not all(state.done):
         rounds.round()
+        _hand_over(state, handover, told)
     return state
 
 
@@ -153,6 +211,8 @@ def generate_ids(
     callback: TokenCallback | None = None,
     return_logprobs: bool = False,
     cuda_graph: bool = True,
+    backend: str = "auto",
+    on_row: RowCallback | None = None,
 ) -> tuple[list[tuple[list[int], str]], list[RowLogprobs], list[RowStats]]:
     """:func:`lmgen_fast.engine.generate_ids` by speculative rounds: the same tokens.
 
@@ -176,6 +236,12 @@ def generate_ids(
         positions and the sampler) as a CUDA graph, captured per number of positions and
         attention length and kept for the call. Not with top alternatives
         (``logprobs > 0``), which need the host. Same tokens either way.
+    backend : str
+        The sampler of every round, as for :func:`lmgen_fast.engine.generate_ids`: "auto"
+        (the Triton kernels on CUDA), "reference" or "triton". Same tokens on each.
+    on_row : callable, optional
+        ``on_row(row, (token_ids, finish_reason), row_logprobs)`` once per row, after the
+        round it finished in (``row_logprobs`` None without ``return_logprobs``).
 
     Returns
     -------
@@ -186,67 +252,30 @@ def generate_ids(
     Raises
     ------
     ValueError
-        Bad ``speculative`` or ``num_speculative_tokens``, a decoder without a usable
-        cache, a draft model with another vocabulary.
+        Bad ``speculative``, ``num_speculative_tokens`` or ``backend``, a decoder without
+        a usable cache, a draft model with another vocabulary.
     GenerationError
         A row had nothing to sample at a token it would keep.
     """
     k = check_num_speculative_tokens(num_speculative_tokens)
     drafter = make_drafter(speculative)
-    if not isinstance(decoder, CachedLlamaDecoder):
-        raise ValueError(
-            f"speculative= needs a model lmgen-fast runs with its own KV cache (our Llama, a "
-            f"module laid out like the article's, a transformers Llama); this model runs on "
-            f"{type(decoder).__name__}")
+    decoder = check_target(decoder, drafter)
     batch = len(prompts)
     total = max(max_tokens, default=0)
+    handover = Handover(rows, max_tokens, on_row, return_logprobs)
     if total == 0:
+        for r, row in enumerate(rows):
+            handover.finish(r, [], empty_logprobs(row.logprobs))
         return ([([], finish_reason(0, m)) for m in max_tokens],
-                [RowLogprobs([], [] if r.logprobs > 0 else None) for r in rows],
-                [RowStats(0, 0, 0)] * batch)
-    if decoder.busy:
-        raise RuntimeError("this decoder is already generating; use another one (wrap(model)) "
-                           "for a nested call")
-    vocab = decoder.model.config.vocab_size
-    if getattr(drafter, "vocab", vocab) != vocab:
-        raise ValueError(f"speculative= draft model has {drafter.vocab} tokens, the model "
-                         f"{vocab}: they must share the tokenizer")
+                [empty_logprobs(r.logprobs) for r in rows], [RowStats(0, 0, 0)] * batch)
     decoder.busy = True
     try:
         state = _decode(decoder, drafter, prompts, rows, max_tokens, eos_id, k, callback,
-                        return_logprobs, cuda_graph)
+                        return_logprobs, cuda_graph, backend, handover)
     finally:
         decoder.busy = False
     pairs = [(o, finish_reason(len(o), m)) for o, m in zip(state.out, max_tokens, strict=True)]
-    lps = [RowLogprobs(state.token_lp[r], state.top[r] if row.logprobs > 0 else None)
-           for r, row in enumerate(rows)]
+    lps = [row_logprobs(state, r) for r in range(batch)]
     stats = [RowStats(*s) for s in zip(state.forwards, state.accepted, state.proposed,
                                        strict=True)]
     return pairs, lps, stats
-
-
-class SpeculativeRun:
-    """Stands in for :func:`lmgen_fast.engine.generate_ids` (same call, same results) in
-    batch jobs, decoding speculatively and adding up every row's :class:`RowStats`.
-
-    Parameters
-    ----------
-    speculative, num_speculative_tokens
-        As for :func:`generate_ids`.
-    """
-
-    def __init__(self, speculative, num_speculative_tokens: int = 4):
-        self.drafter = make_drafter(speculative)
-        self.k = check_num_speculative_tokens(num_speculative_tokens)
-        self.totals = RowStats(0, 0, 0)
-
-    def __call__(self, decoder, prompts, rows, max_tokens, eos_id, *, callback=None,
-                 return_logprobs: bool = False, cuda_graph: bool = True, **engine_options):
-        # The other engine_options (backend, sync_every) do not apply: the rounds sample
-        # with the reference, and the host looks at every round.
-        pairs, lps, stats = generate_ids(
-            decoder, prompts, rows, max_tokens, eos_id, speculative=self.drafter,
-            num_speculative_tokens=self.k, callback=callback, return_logprobs=return_logprobs,
-            cuda_graph=cuda_graph)
-        self.totals = RowStats(*(sum(col) for col in zip(self.totals, *stats, strict=True)))
-        return (pairs, lps) if return_logprobs else pairs

@@ -1,13 +1,16 @@
 """The state of one speculative batch (:class:`Rows`: each row's tokens, step, penalty
-history and counts) and the one sampler call that draws every position of every row."""
+history and counts) and the one sampler call that draws every position of every row: by
+the Triton kernels where they apply (:class:`KernelPlan`), else by the reference."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import fields, replace
+from typing import NamedTuple
 
 import torch
 
+from lmgen_fast.core.errors import STATUS_SLOW
 from lmgen_fast.core.params import PackedParams, SamplingParams
 from lmgen_fast.core.rows import (
     fill_unseeded,
@@ -16,6 +19,8 @@ from lmgen_fast.core.rows import (
     prompt_history,
     window_width,
 )
+from lmgen_fast.runtime import KernelUnavailable, kernel_failure, note_failure, on_device
+from lmgen_fast.sampling import kernel as kernel_sampler
 from lmgen_fast.sampling import reference
 
 
@@ -28,23 +33,45 @@ def fixed_shapes(device: torch.device) -> bool:
     return device.type != "cpu"
 
 
+class KernelPlan(NamedTuple):
+    """The static bounds of the rounds' Triton launches, from the batch's rows: the largest
+    ``top_k`` and the nucleus candidates per chunk (0: no row uses top-p or min-p)."""
+
+    max_top_k: int
+    nucleus: int
+
+
+def kernel_plan(rows: Sequence[SamplingParams]) -> KernelPlan:
+    """The :class:`KernelPlan` of ``rows``, as the engine sizes its launches."""
+    max_top_k, _, nucleus = kernel_sampler.host_hints(rows, None, len(rows))
+    return KernelPlan(max_top_k, kernel_sampler.NUCLEUS_CANDIDATES if nucleus else 0)
+
+
 def sample_positions(logits: torch.Tensor, flat: PackedParams, hist: torch.Tensor | None,
                      hlen: torch.Tensor, ranges: torch.Tensor, steps: torch.Tensor,
                      drafts: torch.Tensor, offset: int, width: int, fixed: bool,
-                     return_logprobs: bool) -> reference.SampleResult:
+                     return_logprobs: bool,
+                     kernel: KernelPlan | None = None) -> reference.SampleResult:
     """One sampler call for ``T`` positions of every row (see :func:`sample_rows`).
 
     Reads device tensors only: ``logits`` ``[B, T, V]``, ``flat`` the rows' parameters
     repeated ``T`` times each, ``hist`` ``[B, H]`` int64 (None: no penalties), ``hlen``,
-    ``ranges`` and ``steps`` ``[B]`` int64, ``drafts`` ``[B, D]`` int64; with ``fixed``,
-    through the reference's fixed-shape path, so a CUDA graph can capture it. ``width`` is
-    the penalty window's. Returns ``tokens`` and ``status`` ``[B * T]`` (row-major).
+    ``ranges`` and ``steps`` ``[B]`` int64, ``drafts`` ``[B, D]`` int64. Row ``(b, j)`` of
+    the flattened batch samples at step ``steps[b] + offset + j`` with the penalty window of
+    ``hist[b, :hlen[b]]`` followed by ``drafts[b, :offset + j]``: its last ``ranges[b]``
+    entries (0: all), in ``width`` slots. With ``kernel`` (and no recorded kernel failure),
+    by the Triton kernels, the windows read straight from the flattened histories; a kernel
+    failure is recorded (one warning for the process) and the reference samples instead.
+    Otherwise by the reference, with ``fixed`` through its fixed-shape path. Either way
+    nothing waits for the host (but the reference's CPU path), so a CUDA graph can capture
+    it. Returns ``tokens`` and ``status`` ``[B * T]`` (row-major); the status of a row that
+    drew a token is 0.
     """
     batch, t, vocab = logits.shape
     dev = logits.device
     ahead = torch.arange(t, device=dev)
     steps = (steps.unsqueeze(1) + offset + ahead).flatten()
-    window = None
+    history = None
     if hist is not None:
         used = offset + t - 1  # drafts that some position's window reads
         if used > 0:
@@ -52,9 +79,15 @@ def sample_positions(logits: torch.Tensor, flat: PackedParams, hist: torch.Tenso
             hist = torch.cat([hist, hist.new_full((batch, used), -1)], dim=1)
             hist.scatter_(1, cols, drafts[:, :used])
         hlens = (hlen.unsqueeze(1) + offset + ahead).flatten()
-        window = history_window(hist.repeat_interleave(t, dim=0), hlens,
-                                ranges.repeat_interleave(t), width)
+        history = kernel_sampler.HistoryWindow(hist.repeat_interleave(t, dim=0), hlens,
+                                               ranges.repeat_interleave(t), width)
     flat_logits = logits.reshape(batch * t, vocab)
+    if kernel is not None and kernel_failure() is None:
+        try:
+            return _kernel_sample(flat_logits, flat, history, steps, kernel, return_logprobs)
+        except KernelUnavailable as exc:
+            note_failure(exc)  # warns once; the reference draws the same tokens
+    window = None if history is None else history_window(*history)
     if not fixed:
         return reference.sample(flat_logits, flat, window, step=steps,
                                 return_logprobs=return_logprobs, check=False, on_device=False)
@@ -68,23 +101,53 @@ def sample_positions(logits: torch.Tensor, flat: PackedParams, hist: torch.Tenso
     return reference.SampleResult(tokens, status, None)
 
 
+def _kernel_sample(logits: torch.Tensor, flat: PackedParams,
+                   history: kernel_sampler.HistoryWindow | None, steps: torch.Tensor,
+                   kernel: KernelPlan, return_logprobs: bool) -> reference.SampleResult:
+    """The Triton launches of :func:`sample_positions` on the flattened ``[N, V]`` logits
+    (``N = B * T``), with the top alternatives of ``flat.logprobs`` when asked (ranking them
+    waits for the host: never inside a graph)."""
+    lp = None
+    if return_logprobs:
+        lp = torch.empty(logits.shape[0], kernel_sampler.LOGPROB_COLUMNS,
+                         dtype=torch.float32, device=logits.device)
+    with on_device(logits.device):
+        tokens, status = kernel_sampler.guarded_launch(
+            logits, flat, history, steps, max_top_k=kernel.max_top_k, draw_seeds=False,
+            nucleus_candidates=kernel.nucleus, logprob_out=lp)
+    # STATUS_SLOW only says that a row took the multi-pass path: its token is exact.
+    status = status & ~STATUS_SLOW
+    if lp is None:
+        return reference.SampleResult(tokens, status, None)
+    n = flat.logprobs
+    # Processed rows rank their alternatives by z, which needs the window as a tensor.
+    window = history_window(*history) if n and history is not None else None
+    return reference.SampleResult(tokens, status, kernel_sampler.logprobs_from_launch(
+        logits, lp, n, flat, window, tokens))
+
+
 class Rows:
     """The host and device state of one speculative batch, read by the drafters.
 
     ``seqs[r]`` is row ``r``'s prompt and kept tokens; ``steps[r]`` the next step (tokens
     sampled, EOT included): it keys the noise of the row's next token, as in the engine.
     ``hist`` (int64 ``[B, H]`` on the device, None without penalties) holds the first
-    ``hlen[r]`` tokens of each row's penalty history.
+    ``hlen[r]`` tokens of each row's penalty history. ``kernel``: the Triton sampler's
+    :class:`KernelPlan` where it samples the batch (None: the reference).
+
+    Length: every per-row field is reset by :meth:`seat`, next to where it is made, so that
+    a field added to one is not missed by the other.
     """
 
     def __init__(self, prompts: Sequence[Sequence[int]], rows: Sequence[SamplingParams],
-                 max_tokens: Sequence[int], device: torch.device, hist_len: int):
+                 max_tokens: Sequence[int], device: torch.device, hist_len: int, *,
+                 penalized: bool | None = None):
         batch = len(prompts)
         self.device = device
-        self.seqs = [list(p) for p in prompts]
+        self.seqs: list[list[int]] = [[] for _ in prompts]
         self.out: list[list[int]] = [[] for _ in prompts]
-        self.max_tokens = list(max_tokens)
-        self.done = [m == 0 for m in max_tokens]
+        self.max_tokens = [0] * batch
+        self.done = [True] * batch
         self.steps = [0] * batch
         self.forwards = [0] * batch
         self.accepted = [0] * batch
@@ -92,26 +155,57 @@ class Rows:
         # Rows whose last round hit a position with nothing to sample: they take a plain
         # one-token round before that counts as an error (see accept.book_round).
         self.retry = [False] * batch
-        self.top_n = [r.logprobs for r in rows]
+        self.top_n = [0] * batch
         self.token_lp: list[list[float]] = [[] for _ in prompts]
         self.top: list[list[list[tuple[int, float]]]] = [[] for _ in prompts]
+        self.range_list = [0] * batch
+        self.hlen = [0] * batch
+        # The caller's row that each row is (continuous batching seats others in turn).
+        self.names = list(range(batch))
         packed = PackedParams.from_rows(rows, device)
+        self.packed = replace(packed, seeded=torch.ones_like(packed.seeded))
+        self.ranges = torch.zeros(batch, dtype=torch.int64, device=device)
+        # Set by the caller where the Triton sampler applies (None: the reference samples).
+        self.kernel: KernelPlan | None = None
+        # Rows seated later are covered by ``penalized`` (default: from ``rows``).
+        self.penalized = any(r.penalized for r in rows) if penalized is None else penalized
+        self.hist = None
+        if self.penalized:
+            self.hist = torch.full((batch, hist_len), -1, dtype=torch.int64, device=device)
+        self.seat(range(batch), prompts, rows, max_tokens)
+
+    def seat(self, slots: Sequence[int], prompts: Sequence[Sequence[int]],
+             rows: Sequence[SamplingParams], max_tokens: Sequence[int]) -> None:
+        """Rows ``slots`` start over with new prompts (parameters, penalty histories,
+        steps, tokens and counts), the others untouched: a batch's start, and continuous
+        batching's admissions. Device tensors are written in place (graphs read them)."""
+        dev = self.device
+        index = torch.tensor(list(slots), dtype=torch.int64, device=dev)
+        packed = PackedParams.from_rows(rows, dev)
         # Unseeded rows draw their seed once (as the engine does on the GPU): each row then
         # races, so a draft can be checked against the target's own draw.
         if any(r.seed is None for r in rows):
             packed = replace(packed, seed=fill_unseeded(packed.seed, packed.seeded))
-        self.packed = replace(packed, seeded=torch.ones_like(packed.seeded))
-        self.penalized = any(r.penalized for r in rows)
-        self.range_list = [r.repetition_penalty_range for r in rows]
-        self.ranges = torch.tensor(self.range_list, device=device)
+        for f in fields(PackedParams):
+            value = getattr(packed, f.name)
+            if isinstance(value, torch.Tensor) and f.name != "seeded":
+                getattr(self.packed, f.name).index_copy_(0, index, value)
+        self.packed = replace(self.packed, logprobs=max(self.packed.logprobs, packed.logprobs))
         base = prompt_base(prompts, rows)
-        self.hlen = list(base)
-        self.hist = None
-        if self.penalized:
-            hist = torch.full((batch, hist_len), -1, dtype=torch.int64)
+        ranges = [r.repetition_penalty_range for r in rows]
+        self.ranges.index_copy_(0, index, torch.tensor(ranges, dtype=torch.int64, device=dev))
+        if self.hist is not None:
+            hist = torch.full((len(prompts), self.hist.shape[1]), -1, dtype=torch.int64)
             start = prompt_history(prompts, base)
             hist[:, : start.shape[1]] = start
-            self.hist = hist.to(device)
+            self.hist.index_copy_(0, index, hist.to(dev))
+        for s, p, row, m, b, rg in zip(slots, prompts, rows, max_tokens, base, ranges,
+                                       strict=True):
+            self.seqs[s], self.out[s], self.max_tokens[s], self.done[s] = list(p), [], m, m == 0
+            self.steps[s] = self.forwards[s] = self.accepted[s] = self.proposed[s] = 0
+            self.retry[s], self.top_n[s], self.token_lp[s], self.top[s] = (
+                False, row.logprobs, [], [])
+            self.range_list[s], self.hlen[s] = rg, b
 
     @property
     def batch(self) -> int:
@@ -180,4 +274,4 @@ def sample_rows(rows: Rows, logits: torch.Tensor, drafts: torch.Tensor, offset: 
     return sample_positions(
         logits, rows.flat_params(t), rows.hist, torch.tensor(rows.hlen, device=dev),
         rows.ranges, torch.tensor(rows.steps, device=dev), drafts, offset, max(width, 1),
-        fixed_shapes(dev), return_logprobs)
+        fixed_shapes(dev), return_logprobs, rows.kernel)

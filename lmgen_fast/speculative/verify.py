@@ -34,16 +34,15 @@ class _Verify:
         self.token_lp = torch.zeros(b * t, dtype=torch.float32, device=dev)
         self.logprobs = logprobs
         self.graph = None  # set once captured
-        flat = state.flat_params(t)
         # Every window as wide as the history plus the drafts: -1 padded, same penalties.
         width = (state.hist.shape[1] + t - 1) if state.hist is not None else 1
 
         def fn() -> None:
-            hidden = decoder.model.forward_cached(self.ids, self.positions, decoder.cache,
-                                                  kv_len=kv_len)
-            got = sample_positions(decoder.model.lm_head(hidden), flat, state.hist, self.hlen,
+            logits = decoder.forward_positions(self.ids, self.positions, kv_len)
+            # The parameters are read at every replay: slots take new rows between rounds.
+            got = sample_positions(logits, state.flat_params(t), state.hist, self.hlen,
                                    state.ranges, self.steps, self.drafts, 0, width, True,
-                                   logprobs)
+                                   logprobs, state.kernel)
             self.tokens.copy_(got.tokens)
             self.status.copy_(got.status)
             if logprobs:
