@@ -33,7 +33,7 @@ from lmgen_fast.core.params import SamplingParams  # noqa: E402
 from lmgen_fast.engine import generate_ids  # noqa: E402
 from lmgen_fast.models import LlamaForPretraining  # noqa: E402
 from lmgen_fast.models.decoder import decoder_for  # noqa: E402
-from lmgen_fast.speculative.rounds import ModelDrafter  # noqa: E402
+from lmgen_fast.speculative.drafters import ModelDrafter  # noqa: E402
 from lmgen_fast.speculative.rounds import generate_ids as speculative_ids  # noqa: E402
 
 from _common import median_seconds, run_info, write_json  # noqa: E402

@@ -150,15 +150,17 @@ def generate_batch(
         logits' rounding); unseeded rows draw from the same distribution. "ngram" looks the
         row's last tokens up in its prompt and output; a model (with the same tokenizer)
         drafts by sampling with the row's own noise. Needs a model run with lmgen-fast's
-        own KV cache (a ValueError otherwise); the rounds sample with the reference (on
-        CUDA, each round's forward and sampler replay as one CUDA graph).
+        own KV cache (a ValueError otherwise); the rounds sample with ``backend``'s sampler
+        and verify through the fused decode kernels where the plain decode would (on CUDA,
+        each round's forward and sampler replay as one CUDA graph).
     num_speculative_tokens : int
         Drafts per row and round (``k >= 1``).
     max_batch_size : int, optional
         Rows decoded at once. With more prompts than that, continuous batching: a fixed set
         of ``max_batch_size`` slots, where a finished row's slot takes the next prompt at the
         next host check (our cached Llama; other models run batches of that size in turn;
-        speculative decoding runs every prompt in one batch).
+        here speculative decoding runs every prompt in one batch, ``lmgen-fast run
+        --speculative`` through slots).
         Default: up to 64 prompts in one batch, as ever; more go through 64 slots, fewer
         where the KV cache of 64 would not fit in half the device's free memory.
 
@@ -195,7 +197,7 @@ def generate_batch(
         results, lps, stats = speculative_ids(
             decoder, ids, rows, caps, tok.eos_id, speculative=speculative,
             num_speculative_tokens=num_speculative_tokens, callback=callback,
-            return_logprobs=return_details, cuda_graph=cuda_graph)
+            return_logprobs=return_details, cuda_graph=cuda_graph, backend=backend)
         if not return_details:
             return [tok.decode(o) for o, _ in results]
         return [Generation(tok.decode(o), o, r, lp.logprobs, lp.top_logprobs, *st)
