@@ -32,7 +32,7 @@ BLOCK_M = 16
 TARGET_PROGRAMS = 132
 BLOCK_NS = (64, 32, 16)  # widest first: fewer programs re-reading x, longer weight runs
 ROW_BYTES = 256  # a K tile row: 16 lanes of 16-byte loads
-ELEMENTWISE_TILE = 8192  # products per K step of the elementwise path (64 per thread)
+ELEMENTWISE_TILE = 8192  # products per K step of the elementwise path (32 per thread)
 # Rows up to which the fused op is the better choice (see use_fused_mlp).
 FUSED_MAX_ROWS = 32
 
@@ -58,9 +58,10 @@ def plan_gate_up(inter: int, k: int, dtype: torch.dtype, dot: bool = True) -> Ml
     makes each weight row of a tile :data:`ROW_BYTES` long (wide, coalesced loads), or
     covers a shorter ``k``. The elementwise path (``dot=False``, the interpreter's) holds a
     ``[16, block_n, block_k]`` product tile in registers, so it keeps that to
-    :data:`ELEMENTWISE_TILE` elements (4 warps). The tl.dot path takes 8 warps: each warp
-    holds the operands of a whole K step in registers, and at 4 the 16- and 64-column tiles
-    spilled 8 to 16 bytes (sm_80 and sm_90a respectively, Triton 3.9); at 8 none do.
+    :data:`ELEMENTWISE_TILE` elements. Both paths take 8 warps. At 4, each of tl.dot's
+    warps held a whole K step's operands and the 16- and 64-column tiles spilled 8 to 16
+    bytes (sm_80, sm_90a; Triton 3.9), and the elementwise tiles compiled twice as slowly
+    (or spilled on sm_80 when halved); at 8 no variant spills.
     """
     if inter < 1 or k < 1:
         raise ValueError(f"inter and k must be positive, got {inter} and {k}")
@@ -70,7 +71,7 @@ def plan_gate_up(inter: int, k: int, dtype: torch.dtype, dot: bool = True) -> Ml
     else:
         block_n = min(block_n, 32)
         block_k = ELEMENTWISE_TILE // (BLOCK_M * block_n)
-    return MlpPlan(BLOCK_M, block_n, block_k, dot, num_warps=8 if dot else 4, num_stages=3)
+    return MlpPlan(BLOCK_M, block_n, block_k, dot, num_warps=8, num_stages=3)
 
 
 def use_fused_mlp(m: int) -> bool:
