@@ -34,6 +34,7 @@ import torch
 
 from lmgen_fast.core.params import PackedParams, SamplingParams
 from lmgen_fast.engine import bookkeeping as bk
+from lmgen_fast.models import fused_mlp
 from lmgen_fast.runtime.launch import KernelCall
 from lmgen_fast.sampling import kernel_launch, launch_plan
 
@@ -195,6 +196,8 @@ def _kernel_fn(name: str):
     for mod in (kb, kd):
         if hasattr(mod, name):
             return getattr(mod, name)
+    if name in fused_mlp.KERNELS:
+        return fused_mlp.kernel(name)
     return kernel_launch.kernel(name)
 
 
@@ -205,18 +208,18 @@ def all_variants() -> list[Variant]:
 
 def decode_variants() -> list[Variant]:
     """Every distinct specialisation of the decode-step kernels (:mod:`lmgen_fast.
-    fused_ops`) for the shapes of :func:`~lmgen_fast.models.fused_ops.compile_calls`.
+    fused_ops`, :mod:`lmgen_fast.models.fused_mlp`) for the shapes of their
+    ``compile_calls``.
 
     Their path also holds the block shape (the non-branch constexprs and warps), as the
     per-thread work of each shape decides its registers and spills, and every pointer's
     type (the rotary tables may be float32 under bfloat16 activations, or not).
     """
-    from lmgen_fast.kernels import decode as kd
     from lmgen_fast.models import fused_ops
 
     seen: dict[tuple, Variant] = {}
-    for call in fused_ops.compile_calls():
-        v = _variant(getattr(kd, call.name), call)
+    for call in fused_ops.compile_calls() + fused_mlp.compile_calls():
+        v = _variant(_kernel_fn(call.name), call)
         shape = tuple((k, x) for k, x in call.constexprs.items() if not isinstance(x, bool))
         v = Variant(v.kernel, v.signature, v.constexprs, v.divisible, v.options,
                     v.path + (shape + (("num_warps", call.options["num_warps"]),),
