@@ -34,6 +34,8 @@ TRAIN_IMPORTS = {"core", "models", "train"}
 
 # (importer, imported) -> why the import waits until a function runs.
 LAZY = {
+    ("lmgen_fast.models.fused_mlp", "lmgen_fast.kernels.mlp"):
+        "imports triton only when the fused MLP kernel first runs",
     ("lmgen_fast.sampling.dispatch", "lmgen_fast.sampling.kernel"):
         "the Triton launcher is loaded only when the triton backend is chosen",
     ("lmgen_fast.sampling.kernel_launch", "lmgen_fast.kernels.chunk"):
