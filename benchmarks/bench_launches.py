@@ -73,7 +73,7 @@ ARTICLE = LlamaConfig()  # hidden 768, 12 layers, 12 heads, 3 key/value heads
 STRUCTURE = dict(vocab_size=512, hidden_size=64, intermediate_size=160, num_hidden_layers=2,
                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024)
 TINY = dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-            num_attention_heads=4, num_key_value_heads=1, max_position_embeddings=256)
+            num_attention_heads=4, num_key_value_heads=1, max_position_embeddings=512)
 # Ops that allocate or alias without launching anything on CUDA.
 _FREE = {"aten::empty", "aten::empty_strided", "aten::empty_like", "aten::new_empty",
          "aten::new_empty_strided", "aten::lift_fresh", "aten::set_", "aten::resize_"}
@@ -108,7 +108,11 @@ class LaunchCounter(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
         name = func._schema.name
-        if self.active and not self.paused and not func.is_view and name not in _FREE:
+        # An op whose schema may alias (aten::to, reshape, contiguous) launched a copy when
+        # its output is new memory: `.to(dtype)` reaches the mode as aten::to, a "view" by
+        # its schema, and the aten::_to_copy inside it is not dispatched to the mode again.
+        view = func.is_view and _aliases(out, (args, kwargs))
+        if self.active and not self.paused and not view and name not in _FREE:
             self.counts[self.label] += 1
             kind = "cublas" if name in CUBLAS else "aten"
             event = dict(component=self.label, kind=kind, name=name,
@@ -137,21 +141,28 @@ class LaunchCounter(TorchDispatchMode):
                                     bytes=_tensor_bytes(args)))
 
 
+def _tensors(tree) -> list[torch.Tensor]:
+    """The tensors in ``tree`` (nested tuples, lists, dicts)."""
+    if isinstance(tree, torch.Tensor):
+        return [tree]
+    if isinstance(tree, (tuple, list)):
+        return [t for x in tree for t in _tensors(x)]
+    if isinstance(tree, dict):
+        return [t for x in tree.values() for t in _tensors(x)]
+    return []
+
+
+def _aliases(out, inputs) -> bool:
+    """Whether every tensor ``out`` holds lives in the memory of a tensor of ``inputs``."""
+    ptrs = {t.untyped_storage().data_ptr() for t in _tensors(inputs)}
+    outs = _tensors(out)
+    return all(t.untyped_storage().data_ptr() in ptrs for t in outs)
+
+
 def _tensor_bytes(tree) -> int:
     """Bytes of the distinct tensors in ``tree`` (nested tuples, lists, dicts), each once."""
-    seen: dict[tuple, int] = {}
-
-    def walk(x) -> None:
-        if isinstance(x, torch.Tensor):
-            seen[(x.data_ptr(), x.dtype, tuple(x.shape))] = x.numel() * x.element_size()
-        elif isinstance(x, (tuple, list)):
-            for y in x:
-                walk(y)
-        elif isinstance(x, dict):
-            for y in x.values():
-                walk(y)
-
-    walk(tree)
+    seen = {(t.data_ptr(), t.dtype, tuple(t.shape)): t.numel() * t.element_size()
+            for t in _tensors(tree)}
     return sum(seen.values())
 
 

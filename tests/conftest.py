@@ -152,6 +152,7 @@ MARKS: list[tuple[str, str, tuple[str, ...]]] = [
     ("cli/test_cli.py", "test_prompt_that_is_not_utf8_is_a_usage_error", ("subprocess",)),
     ("benchmarks/test_bench_decode.py", "*", ("subprocess",)),
     ("benchmarks/test_bench_jobs.py", "*", ("subprocess",)),
+    ("benchmarks/test_device_check.py", "*", ("subprocess",)),  # bash with a stub python
     ("test_imports.py", "test_plain_import_leaves_the_optional_extras_alone", ("subprocess",)),
     # Slow in-process tests (baseline call times on the 2-core machine).
     ("benchmarks/test_results_render.py", "test_renders_what_the_scripts_write_on_the_cpu",
