@@ -132,6 +132,10 @@ MARKS: list[tuple[str, str, tuple[str, ...]]] = [
      ("interpreter",)),
     ("engine/test_slots.py", "test_slots_keep_the_step_shape_and_replay_its_graphs",
      ("interpreter", "slow")),
+    ("engine/test_engine.py", "test_graph_replay_gives_the_eager_tokens_across_kv_buckets*",
+     ("slow",)),
+    ("engine/test_engine.py", "test_graphs_for_article_and_transformers_modules*", ("slow",)),
+    ("engine/test_engine.py", "test_batch_with_streaming*", ("slow",)),
     # Frequency tests.
     ("*", "*chi_square*", ("statistical",)),
     ("*", "test_unseeded_rows*_draw*_the_exact_distribution*", ("statistical",)),
