@@ -157,6 +157,7 @@ MARKS: list[tuple[str, str, tuple[str, ...]]] = [
     ("benchmarks/test_bench_decode.py", "*", ("subprocess",)),
     ("benchmarks/test_bench_jobs.py", "*", ("subprocess",)),
     ("benchmarks/test_device_check.py", "*", ("subprocess",)),  # bash with a stub python
+    ("test_markers.py", "test_every_gpu_test_has_an_interpreter_twin", ("subprocess", "slow")),
     ("test_imports.py", "test_plain_import_leaves_the_optional_extras_alone", ("subprocess",)),
     # Slow in-process tests (baseline call times on the 2-core machine).
     ("benchmarks/test_results_render.py", "test_renders_what_the_scripts_write_on_the_cpu",
