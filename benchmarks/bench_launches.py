@@ -1,7 +1,8 @@
 """Kernels per decode step, by component (issue: "A decode step of at most 130 kernels").
 
     python benchmarks/bench_launches.py [--device cuda] [--backends reference triton]
-                                        [--batches 1] [--tiny] [--out PATH]
+                                        [--batches 1 64] [--contexts 16 512] [--tiny]
+                                        [--measure] [--predict h200] [--out PATH]
 
 Counts what one engine decode step (``Stepper.advance``: what a CUDA graph captures) launches,
 for the article's configuration by default (hidden 768, 12 layers, 12 heads, 3 key/value
@@ -9,15 +10,22 @@ heads, vocabulary 50000; random weights, bfloat16 on CUDA, float32 on the CPU), 
 the model's layers (reported per layer), the rest of the model (embedding, final norm,
 ``lm_head``, the position update), the sampler and the engine's bookkeeping. Backend
 "reference" is the eager path (``forward_cached`` and the reference sampler), "triton" the
-fused decode step and the Triton sampler.
+fused decode step and the Triton sampler. ``--contexts``: prompt lengths, the slots the
+attention reads (one split of the attention at 16, several at 512, each a launch more).
 
 Counted on any device, without running on a GPU: every aten op that is not a view or an
 allocation (each one kernel on CUDA), seen by a ``TorchDispatchMode``, plus every Triton
 launch (``kernel[grid](...)`` of every kernel in ``lmgen_fast.kernels``; the aten ops the
-interpreter runs inside a launch are not counted). On CUDA also the profiler's count of
-device kernels per step. On the CPU the Triton backend runs in the
-interpreter (``TRITON_INTERPRET=1`` is set here before triton is imported). Prints a table
-and writes JSON (kind ``bench_launches``) under ``benchmarks/results/``.
+interpreter runs inside a launch are not counted). An op whose schema may alias
+(``aten::to``, ``reshape``) counts when its output is new memory: a ``.to(dtype)`` copy.
+Each launch is recorded by kind: "cublas" (aten mm, addmm, bmm, linear...), "aten" (any
+other op), "triton" (by kernel name). On CUDA also the profiler's count of device kernels
+per step, and with ``--measure`` each kernel's time per step on replayed CUDA graphs.
+``--predict h200``: each kernel's predicted time at the real shapes of the article's model
+and Llama-3.2-1B (``launch_model.py`` says how; alone, it counts nothing else: about 10 s on
+the CPU). On the CPU the Triton backend runs in the interpreter (``TRITON_INTERPRET=1`` is
+set here before triton is imported). Prints tables and writes JSON (kind
+``bench_launches``) under ``benchmarks/results/``.
 """
 
 from __future__ import annotations

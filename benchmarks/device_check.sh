@@ -191,6 +191,11 @@ else
     summary+=("gpu tests: no test file uses kernel_device or gpu marks")
 fi
 (( gpu_ran )) || gpu_failed=1
+# Without a device every gpu test skips, which pytest calls a pass: not one here.
+if ! "$PY" -c "import torch, sys; sys.exit(not torch.cuda.is_available())" 2>/dev/null; then
+    summary+=("gpu tests: no CUDA device, they all skipped")
+    gpu_failed=1
+fi
 
 # The budgets (counted from the start of each process) start no configuration late, so
 # that the last one ends within the limit; bench_decode's skips the transformers
