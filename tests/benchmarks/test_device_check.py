@@ -18,6 +18,7 @@ echo "stub python $*"
 case "$*" in
     "-m pytest"*) exit "${STUB_PYTEST_RC:-0}" ;;
     *bench_decode.py*) [ -n "${STUB_SLOW_DECODE:-}" ] && sleep 20 ;;
+    *cuda.is_available*) [ -n "${STUB_NO_CUDA:-}" ] && exit 1 ;;
 esac
 exit 0
 """
@@ -60,3 +61,6 @@ def test_a_benchmark_out_of_time_keeps_exit_0_and_a_failed_gpu_test_gives_1(tmp_
     # pytest's 5 in every file: no GPU test ran at all, which is a failure too.
     none = run_stubbed(tmp_path, STUB_PYTEST_RC="5")
     assert none.returncode == 1, none.stdout
+    # Without a CUDA device every gpu test skips and pytest passes: still a failure here.
+    no_device = run_stubbed(tmp_path, STUB_NO_CUDA="1")
+    assert no_device.returncode == 1 and "no CUDA device" in no_device.stdout, no_device.stdout
