@@ -246,6 +246,8 @@ def render_decode(payload: dict) -> list[str]:
 
 def render_launches(payload: dict) -> list[str]:
     results = payload.get("results", [])
+    if not results:  # a --predict run alone
+        return render_predicted(payload) + _notes(payload)
     out = [f"Model: {_model_line(payload.get('config') or {}) or '?'}, random weights, "
            f"{payload.get('dtype', '?')}; prompts of {payload.get('prompt_len', '?')} "
            f"tokens. Kernels per decode step, counted: every aten op that is not a view or "
@@ -264,7 +266,75 @@ def render_launches(payload: dict) -> list[str]:
                            counted(r, "model", None), counted(r, "sampler", "sampler"),
                            counted(r, "bookkeeping", "bookkeeping"), counted(r, "total", None),
                            _num(r.get("profiler_kernels"))] for r in results))
-    return out + [""] + _notes(payload)
+    return out + [""] + render_launch_kinds(results) + render_predicted(payload) \
+        + _notes(payload)
+
+
+def render_launch_kinds(results: Sequence[dict]) -> list[str]:
+    """Launches per step by kind (cuBLAS matmuls, other aten ops, Triton kernels) and by
+    context, for the rows that recorded them."""
+    rows = [r for r in results if r.get("by_kind")]
+    if not rows:
+        return []
+    out = ["Launches per step by kind (cuBLAS: aten mm/addmm/bmm/linear; aten: every other "
+           "op, dtype copies included; Triton: our kernels), by context (the prompt length):",
+           ""]
+    out += table(["backend", "B", "context", "cuBLAS", "aten", "Triton", "total"],
+                 ([r.get("backend", "?"), r.get("batch", "?"), r.get("context", "?"),
+                   *(_num(r["by_kind"].get(k)) for k in ("cublas", "aten", "triton")),
+                   _num(r.get("total"))] for r in rows))
+    return out + [""]
+
+
+def _measured_for(payload: dict, p: dict) -> dict | None:
+    """The measured kernels of the triton row at the prediction's batch and context, when
+    the run's model has the prediction's shapes."""
+    cfg, shapes = payload.get("config") or {}, p.get("shapes") or {}
+    if (cfg.get("hidden_size"), cfg.get("num_hidden_layers"), cfg.get("vocab_size")) != (
+            shapes.get("hidden"), shapes.get("layers"), shapes.get("vocab")):
+        return None
+    for r in payload.get("results", []):
+        if r.get("measured") and r.get("backend") == "triton" and r.get("batch") == \
+                p.get("batch") and r.get("context") == p.get("context"):
+            return r["measured"]
+    return None
+
+
+def render_predicted(payload: dict) -> list[str]:
+    """The predicted per-kernel times of a decode step (``--predict``), with the measured
+    ones beside them where this run measured the same model, batch and context."""
+    predicted = payload.get("predicted") or []
+    if not predicted:
+        return []
+    out = ["Predicted, not measured on a GPU (`--predict`): per kernel max(bytes / HBM "
+           "bandwidth, floor); the roofline share is bytes / bandwidth over the predicted "
+           "step (benchmarks/launch_model.py).", ""]
+    out += table(["model", "B", "context", "splits", "launches", "MB", "predicted us",
+                  "roofline us", "roofline share", "measured us"],
+                 ([p["model"], p["batch"], p["context"], p["splits"], p["launches"],
+                   _num(p["bytes"] / 1e6), _num(p["predicted_us"]), _num(p["roofline_us"]),
+                   _pct(p["roofline_share"]),
+                   _num(sum(k["us"] for k in m.values())) if (m := _measured_for(payload, p))
+                   else "-"] for p in predicted))
+    for p in predicted:
+        measured = _measured_for(payload, p) or {}
+        out += ["", f"{p['model']}, B={p['batch']}, context {p['context']}: per kernel "
+                "(measured: on replayed CUDA graphs, per step; cuBLAS and aten kernels "
+                "only as a sum by kind)", ""]
+        rows = [[k["name"], k["kind"], k["launches"], _num(k["bytes"] / 1e6, "{:.3f}"),
+                 _num(k["predicted_us"]),
+                 _num(measured[k["name"]]["us"]) if k["name"] in measured else "-"]
+                for k in p["kernels"]]
+        for kind in ("cublas", "aten"):
+            mine = [k for k in p["kernels"] if k["kind"] == kind]
+            theirs = [m for m in measured.values() if m["kind"] == kind]
+            rows.append([f"all {kind}", kind, sum(k["launches"] for k in mine),
+                         _num(sum(k["bytes"] for k in mine) / 1e6, "{:.3f}"),
+                         _num(sum(k["predicted_us"] for k in mine)),
+                         _num(sum(m["us"] for m in theirs)) if theirs else "-"])
+        out += table(["kernel", "kind", "launches", "MB", "predicted us", "measured us"],
+                     rows)
+    return out + [""]
 
 
 TITLES = {

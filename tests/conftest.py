@@ -133,6 +133,10 @@ MARKS: list[tuple[str, str, tuple[str, ...]]] = [
      ("interpreter",)),
     ("engine/test_slots.py", "test_slots_keep_the_step_shape_and_replay_its_graphs",
      ("interpreter", "slow")),
+    ("engine/test_engine.py", "test_graph_replay_gives_the_eager_tokens_across_kv_buckets*",
+     ("slow",)),
+    ("engine/test_engine.py", "test_graphs_for_article_and_transformers_modules*", ("slow",)),
+    ("engine/test_engine.py", "test_batch_with_streaming*", ("slow",)),
     # Frequency tests.
     ("*", "*chi_square*", ("statistical",)),
     ("*", "test_unseeded_rows*_draw*_the_exact_distribution*", ("statistical",)),
@@ -153,6 +157,8 @@ MARKS: list[tuple[str, str, tuple[str, ...]]] = [
     ("cli/test_cli.py", "test_prompt_that_is_not_utf8_is_a_usage_error", ("subprocess",)),
     ("benchmarks/test_bench_decode.py", "*", ("subprocess",)),
     ("benchmarks/test_bench_jobs.py", "*", ("subprocess",)),
+    ("benchmarks/test_device_check.py", "*", ("subprocess",)),  # bash with a stub python
+    ("test_markers.py", "test_every_gpu_test_has_an_interpreter_twin", ("subprocess", "slow")),
     ("test_imports.py", "test_plain_import_leaves_the_optional_extras_alone", ("subprocess",)),
     ("test_imports.py", "test_no_command_imports_matplotlib_until_it_draws", ("subprocess",)),
     # Slow in-process tests (baseline call times on the 2-core machine).

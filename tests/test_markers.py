@@ -113,3 +113,63 @@ def test_make_quick_leaves_out_every_slow_marker_and_all_are_registered(pytestco
     assert re.search(r"^quick: .*\n\t.*pytest -q -m \"\$\(QUICK\)\"", makefile, re.M)
     ci = (ROOT / ".ci" / "run").read_text(encoding="utf-8")
     assert f"{time_limit.ENV}=3 make test" in ci
+
+
+# GPU tests still without an interpreter twin: the sampling kernels' full-size tests, which
+# the sampling tests' own conversion to conftest's kernel_device pairs up. Nothing may join.
+UNPAIRED_GPU_TESTS = {
+    ("sampling/test_kernel.py", "test_gpu_matches_reference_full_size"),
+    ("sampling/test_kernel.py", "test_gpu_chi_square_batch_invariance_and_graph"),
+    ("sampling/test_kernel_extensions.py", "test_gpu_matches_reference_full_size"),
+    ("sampling/test_kernel_extensions.py", "test_gpu_chi_square_logprobs_and_graph"),
+    ("sampling/test_kernel_extensions.py", "test_gpu_processed_logprobs_full_size"),
+}
+
+MARKERS_PLUGIN = """
+import os
+
+
+def pytest_collection_finish(session):
+    with open(os.environ["LMGEN_MARKERS_OUT"], "w") as f:
+        for item in session.items:
+            marks = ",".join(sorted({m.name for m in item.iter_markers()}))
+            f.write(f"{item.nodeid}\\t{marks}\\n")
+"""
+
+
+def collected_markers(tmp_path: Path) -> dict[str, set[str]]:
+    """Every test of the suite (node id) with its markers, as a collection gives them."""
+    import os
+    import subprocess
+    import sys
+
+    (tmp_path / "lmgen_markers_plugin.py").write_text(MARKERS_PLUGIN)
+    out = tmp_path / "markers.tsv"
+    env = dict(os.environ, LMGEN_MARKERS_OUT=str(out),
+               PYTHONPATH=os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")]))
+    proc = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q",
+                           "-p", "no:cacheprovider", "-p", "lmgen_markers_plugin", "tests"],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rows = [line.split("\t") for line in out.read_text().splitlines()]
+    return {node: set(filter(None, marks.split(","))) for node, marks in rows}
+
+
+def test_every_gpu_test_has_an_interpreter_twin(tmp_path):
+    """`pytest -m gpu` (what benchmarks/device_check.sh runs) selects each GPU test, and each
+    has a twin of the same name in the same file that runs under the interpreter on the
+    CPU (conftest's kernel_device pairs: test_x[gpu] and test_x[interpreter])."""
+    items = collected_markers(tmp_path)
+    base = {node: node.split("[")[0] for node in items}
+    twins = {base[n] for n, marks in items.items() if "interpreter" in marks and "gpu" not in marks}
+    gpu = {base[n] for n, marks in items.items() if "gpu" in marks}
+    assert any("[gpu" in n for n in items) and twins, "no kernel_device pair was collected"
+    unpaired = {(b.split("::")[0].removeprefix("tests/"), b.split("::")[-1])
+                for b in gpu - twins}
+    assert unpaired <= UNPAIRED_GPU_TESTS, sorted(unpaired - UNPAIRED_GPU_TESTS)
+    # Each pair's [gpu] half carries the marker, its [interpreter] half does not.
+    for node, marks in items.items():
+        if "[gpu" in node or "-gpu" in node:
+            assert "gpu" in marks, node
+        if "[interpreter" in node or "-interpreter" in node:
+            assert "gpu" not in marks, node

@@ -1,7 +1,8 @@
 """The decode engine: graph steps equal eager steps, per-row stop, host checks every N steps,
 callbacks, errors found late, and batches split when memory runs out.
 
-CUDA graphs need a GPU (the ``gpu`` tests at the end). On the CPU a stand-in graph that
+CUDA graphs need a GPU (the ``[gpu]`` tests at the end, each with its ``[interpreter]``
+twin). On the CPU a stand-in graph that
 re-runs the captured step closure checks what matters for replay: a captured step reads
 nothing the host loop changes between steps, so replaying it gives the eager tokens.
 """
@@ -22,10 +23,8 @@ from lmgen_fast.models.decoder import Decoder, decoder_for, release, wrap
 from lmgen_fast.runtime import graphs
 
 from conftest import (
-    DEVICE,
     StandInGraph,
     assert_frequencies_match,
-    gpu,
     random_model,
     require_kernel_runtime,
 )
@@ -373,7 +372,21 @@ def test_bad_sync_every_is_rejected_before_any_work(model, tokenizer):
             generate_batch(model, tokenizer, ["The"], max_tokens=3, sync_every=bad)
 
 
-# --------------------------------------------------------------------------- GPU
+# ------------------------------------------------------------------- GPU, and their twins
+# Each test runs as a pair (conftest's kernel_device): [gpu] at full size with real CUDA
+# graphs, bfloat16 where the GPU runs it, and its [interpreter] twin on the CPU, the same
+# body at small sizes with the closure stand-in for the graphs and the Triton kernels in
+# the interpreter (float32: what the interpreter runs).
+
+
+@pytest.fixture
+def step_graphs(kernel_device, monkeypatch) -> str:
+    """The device of a GPU/interpreter pair, with real CUDA graphs on the GPU and the
+    closure stand-in on the CPU (where there are no graphs)."""
+    if kernel_device == "cpu":
+        monkeypatch.setattr(graphs, "graph_backend", lambda device: ClosureGraph)
+        ClosureGraph.captured = ClosureGraph.replays = 0
+    return kernel_device
 
 
 def gpu_rows(batch: int, seed: int) -> list[SamplingParams]:
@@ -381,51 +394,73 @@ def gpu_rows(batch: int, seed: int) -> list[SamplingParams]:
     return [replace(kinds[i % len(kinds)], seed=seed + i) for i in range(batch)]
 
 
-@gpu
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-def test_gpu_graph_replay_gives_the_eager_tokens(dtype, tokenizer):
+def step_dtype(device: str) -> torch.dtype:
+    return torch.bfloat16 if device == "cuda" else torch.float32
+
+
+@pytest.mark.parametrize("dtype", ["model", "float32"])
+def test_graph_replay_gives_the_eager_tokens_across_kv_buckets(dtype, tokenizer, step_graphs):
+    """65 rows of mixed lengths over 150 steps (two KV buckets of 128) on the GPU; 5 rows
+    over up to 11 steps in buckets of 8 on the CPU. ``dtype`` "model": bfloat16 on the GPU."""
+    device = step_graphs
+    cuda = device == "cuda"
+    if not cuda and dtype == "float32":
+        pytest.skip("on the CPU the model's dtype is float32: the other parameter runs it")
     vocab = tokenizer.get_vocab_size()
-    model = random_model(vocab, seed=1, scale=4.0).to(DEVICE, dtype)
-    prompts = random_prompts(7, vocab) * 13  # 65 rows of mixed lengths
+    torch_dtype = step_dtype(device) if dtype == "model" else torch.float32
+    model = random_model(vocab, seed=1, scale=4.0).to(device, torch_dtype)
+    prompts = random_prompts(7, vocab) * (13 if cuda else 1)
     rows = gpu_rows(len(prompts), 100)
-    caps = [(17 * i) % 150 + 1 for i in range(len(prompts))]
-    eager = generate_ids(wrap(model), prompts, rows, caps, 2, cuda_graph=False)
-    decoder = wrap(model)
-    graphed = generate_ids(decoder, prompts, rows, caps, 2, cuda_graph=True)
-    assert graphed == eager
-    assert len(decoder.engine_state.graphs) >= 2  # 150 steps span two KV buckets of 128
-    again = generate_ids(decoder, prompts, rows, caps, 2, cuda_graph=True)
+    caps = [(17 * i) % (150 if cuda else 12) + 1 for i in range(len(prompts))]
+
+    def decoder():
+        return wrap(model) if cuda else blocked_decoder(model, block=8)
+
+    eager = generate_ids(decoder(), prompts, rows, caps, 2, backend="triton", cuda_graph=False)
+    graphed = decoder()
+    assert generate_ids(graphed, prompts, rows, caps, 2, backend="triton",
+                        cuda_graph=True) == eager
+    assert len(graphed.engine_state.graphs) >= 2  # the steps span two KV buckets or more
+    again = generate_ids(graphed, prompts, rows, caps, 2, backend="triton", cuda_graph=True)
     assert again == eager
 
 
-@gpu
-def test_gpu_graphs_for_article_and_transformers_modules():
+def test_graphs_for_article_and_transformers_modules(step_graphs):
+    device = step_graphs
+    cuda = device == "cuda"
     transformers = pytest.importorskip("transformers")
-    hf = random_model(300, seed=2, scale=4.0).to_hf().to(DEVICE, torch.bfloat16)
+    dtype = step_dtype(device)
+    hf = random_model(300, seed=2, scale=4.0).to_hf().to(device, dtype)
     assert isinstance(hf, transformers.LlamaForCausalLM)
-    article = article_model(seed=2).to(DEVICE, torch.bfloat16)
-    prompts = random_prompts(8, 300) * 4
+    article = article_model(seed=2).to(device, dtype)
+    prompts = random_prompts(8, 300) * 4 if cuda else random_prompts(8, 300)[:3]
     rows = gpu_rows(len(prompts), 5)
-    caps = [40] * len(prompts)
+    caps = [40 if cuda else 5] * len(prompts)
     for module in (hf, article):
         decoder = wrap(module)
         assert decoder.graphable
-        eager = generate_ids(wrap(module), prompts, rows, caps, 2, cuda_graph=False)
-        assert generate_ids(decoder, prompts, rows, caps, 2) == eager
+        eager = generate_ids(wrap(module), prompts, rows, caps, 2, backend="triton",
+                             cuda_graph=False)
+        assert generate_ids(decoder, prompts, rows, caps, 2, backend="triton") == eager
         assert decoder.engine_state.graphs
 
 
-@gpu
-def test_gpu_batch_of_256_with_streaming(tokenizer):
+def test_batch_with_streaming(tokenizer, step_graphs):
+    """256 rows of 64 tokens on the GPU, 4 rows of 5 on the CPU: the callback sees every
+    token of every row, in order, and the text equals the eager loop's."""
+    device = step_graphs
+    cuda = device == "cuda"
+    batch, tokens = (256, 64) if cuda else (4, 5)
     vocab = tokenizer.get_vocab_size()
-    model = random_model(vocab, seed=3, scale=4.0).to(DEVICE, torch.bfloat16)
-    prompts = [f"row {i} " + "x" * (i % 37) for i in range(256)]
+    model = random_model(vocab, seed=3, scale=4.0).to(device, step_dtype(device))
+    prompts = [f"row {i} " + "x" * (i % 37) for i in range(batch)]
     seen = []
-    out = generate_batch(model, tokenizer, prompts, max_tokens=64, seeds=list(range(256)),
-                         callback=lambda r, t: seen.append((r, t)), return_details=True)
-    assert len(seen) == sum(len(g.token_ids) for g in out)
-    for r in (0, 100, 255):
+    out = generate_batch(model, tokenizer, prompts, max_tokens=tokens, seeds=list(range(batch)),
+                         backend="triton", callback=lambda r, t: seen.append((r, t)),
+                         return_details=True)
+    assert len(seen) == sum(len(g.token_ids) for g in out) > 0
+    for r in sorted({0, batch // 2, batch - 1}):
         assert [t for rr, t in seen if rr == r] == out[r].token_ids
-    eager = generate_batch(model, tokenizer, prompts, max_tokens=64, seeds=list(range(256)),
-                           cuda_graph=False)
+    eager = generate_batch(model, tokenizer, prompts, max_tokens=tokens,
+                           seeds=list(range(batch)), backend="triton", cuda_graph=False)
     assert eager == [g.text for g in out]
