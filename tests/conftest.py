@@ -108,6 +108,7 @@ MARKS: list[tuple[str, str, tuple[str, ...]]] = [
     ("sampling/test_kernel_extensions.py", "*", ("interpreter",)),
     ("models/test_decode_kernels.py", "*", ("interpreter",)),
     ("models/test_fused_step.py", "*", ("interpreter",)),
+    ("models/test_decode_attention.py", "*", ("interpreter",)),
     ("engine/test_bookkeeping.py", "*", ("interpreter",)),
     ("sampling/test_sampler_setup.py", "*", ("interpreter",)),
     ("benchmarks/test_bench_launches.py", "*", ("interpreter",)),
