@@ -253,9 +253,9 @@ def attn_decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, pos_ptr, cos_ptr, sin_pt
         m_i, l_i, acc = attend(q, k_cache_ptr, v_cache_ptr, base, cache_s, lo, hi, qk_scale,
                                HEAD_DIM, BLOCK_G, BLOCK_N, DOT, MMA)
     rows = r * group * n_kv + heads
-    out = out_ptr + rows[:, None] * HEAD_DIM + d[None, :]
     if ONE_SPLIT:
-        tl.store(out, round_to(tl.math.div_rn(acc, l_i[:, None]), out_ptr.dtype.element_ty),
+        tl.store(out_ptr + rows[:, None] * HEAD_DIM + d[None, :],
+                 round_to(tl.math.div_rn(acc, l_i[:, None]), out_ptr.dtype.element_ty),
                  mask=gmask[:, None])
     else:
         # An empty split (past the row's length) leaves max -inf, sum 0, output 0.
@@ -270,7 +270,8 @@ def attn_decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, pos_ptr, cos_ptr, sin_pt
         if tl.atomic_add(count, 1, sem="acq_rel") == n_splits - 1:
             o = merge_splits(m_ptr, l_ptr, acc_ptr, rows * n_splits, gmask, n_splits,
                              HEAD_DIM, BLOCK_G)
-            tl.store(out, round_to(o, out_ptr.dtype.element_ty), mask=gmask[:, None])
+            tl.store(out_ptr + rows[:, None] * HEAD_DIM + d[None, :],
+                     round_to(o, out_ptr.dtype.element_ty), mask=gmask[:, None])
             tl.store(count, 0)  # every split has counted: ready for the next launch
 
 

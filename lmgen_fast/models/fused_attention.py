@@ -110,9 +110,10 @@ def plan_attention(
     n_splits = cdiv(kv_len, split_len)
     if n_splits > MAX_SPLITS:
         raise ValueError(f"{n_splits} splits exceed {MAX_SPLITS}: choose a longer split_len")
-    # 8 warps at D=128: with 4, ptxas spilled 4-12 bytes in some split variants on sm_90a
-    # (float32 with tl.dot at tile 16, bf16/fp16 rotary without GQA) at 56-72 registers.
-    return AttentionPlan(block_n, block_g, dot, split_len, n_splits, 8 if head_dim >= 128 else 4)
+    # 8 warps for one query head of 128: with 4, ptxas (sm_90a, Triton 3.6) spilled 12 bytes
+    # in the bf16/fp16 rotary split variants; with tl.dot 8 warps spilled instead (float32).
+    warps = 8 if head_dim >= 128 and not dot else 4
+    return AttentionPlan(block_n, block_g, dot, split_len, n_splits, warps)
 
 
 def attention_call(
