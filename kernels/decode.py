@@ -212,7 +212,15 @@ def attn_decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, pos_ptr, cos_ptr, sin_pt
                        HEAD_DIM: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr,
                        DOT: tl.constexpr, MMA: tl.constexpr, ONE_SPLIT: tl.constexpr,
                        ROPE: tl.constexpr):
-    """Length: rotary, cache write, attention and the merge of the splits in one launch."""
+    """One key/value head of one row over one split of its slots; with ``ROPE`` also the
+    rotary of its query group and, in the split holding the row's position, of k (k and v
+    then written into the cache and the new slot taken from registers). The online
+    softmax's ``exp2`` is ``ex2.approx`` on CUDA: compared with eager within a tolerance
+    (tests/models/test_decode_attention.py), never bit for bit. The output division is
+    correctly rounded; the splits are merged in split order (deterministic).
+
+    Length: rotary, cache write, attention and the merge of the splits in one launch.
+    """
     r = tl.program_id(0).to(tl.int64)
     kh = tl.program_id(1)
     split = tl.program_id(2)
