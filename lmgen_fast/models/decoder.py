@@ -83,7 +83,9 @@ class FusedSteps:
     def fused(self, value: bool) -> None:
         self._fused = bool(value)
         if self._fused:
-            self.fused_step()
+            step = self.fused_step()
+            if getattr(self, "cache", None) is not None:  # the decode steps' counters now
+                step.prepare(self.cache.k[0].shape[0])
 
     def supports_fused(self) -> bool:
         """Whether the fused step can run this model here (and has not failed), and

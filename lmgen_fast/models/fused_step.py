@@ -218,6 +218,11 @@ class FusedLlamaStep(StepGuard, FusedWeights):
         super().release()
         self.counters = {}
 
+    def prepare(self, rows: int) -> None:
+        """Allocate the attention's counters for steps of ``rows`` rows now (a zeroing
+        launch), so that the steps themselves launch nothing but their kernels."""
+        self._counters(rows, self.model.lm_head.weight.device)
+
     def _counters(self, rows: int, device: torch.device) -> torch.Tensor:
         buf = self.counters.get(rows)
         if buf is None:
