@@ -109,6 +109,7 @@ MARKS: list[tuple[str, str, tuple[str, ...]]] = [
     ("models/test_decode_kernels.py", "*", ("interpreter",)),
     ("models/test_fused_step.py", "*", ("interpreter",)),
     ("models/test_fused_mlp.py", "test_matches_eager_*[[]interpreter-*-64-*", ("slow",)),
+    ("models/test_decode_attention.py", "*", ("interpreter",)),
     ("engine/test_bookkeeping.py", "*", ("interpreter",)),
     ("sampling/test_sampler_setup.py", "*", ("interpreter",)),
     ("benchmarks/test_bench_launches.py", "*", ("interpreter",)),

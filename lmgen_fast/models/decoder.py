@@ -27,7 +27,7 @@ from torch import nn
 
 # get_path and set_path are imported from here by the transformers adapter.
 from lmgen_fast.models.article import get_path, infer_article_config, set_path, share_weights  # noqa: F401
-from lmgen_fast.models.cache import RowsView, StaticCache, checked_positions
+from lmgen_fast.models.cache import KVCache, RowsView, StaticCache, checked_positions
 from lmgen_fast.models.fused_step import FusedLlamaStep
 from lmgen_fast.models.fused_step import supported as fused_supported
 from lmgen_fast.models.llama import LlamaForPretraining
@@ -60,6 +60,7 @@ class FusedSteps:
     weights on first use: the fused part of :class:`CachedLlamaDecoder` (``self.model``)."""
 
     model: LlamaForPretraining
+    cache: KVCache  # the decoder's static cache (StaticCache)
 
     def __init__(self):
         self._fused = False
@@ -82,7 +83,9 @@ class FusedSteps:
     def fused(self, value: bool) -> None:
         self._fused = bool(value)
         if self._fused:
-            self.fused_step()
+            step = self.fused_step()
+            if getattr(self, "cache", None) is not None:  # the decode steps' counters now
+                step.prepare(self.cache.k[0].shape[0])
 
     def supports_fused(self) -> bool:
         """Whether the fused step can run this model here (and has not failed), and
@@ -109,6 +112,18 @@ class FusedSteps:
             kept[1].refresh()
         return kept[1]
 
+    def fused_forward(self, tokens: torch.Tensor, positions: torch.Tensor, kv_len: int,
+                       per_row: int, advance: bool) -> torch.Tensor | None:
+        """:meth:`FusedLlamaStep.guarded` on :attr:`cache`, or None when the fused step
+        cannot run (it failed: :attr:`fused` is then turned off)."""
+        step = self.fused_step()
+        if step.broken is None:
+            logits = step.guarded(tokens, positions, self.cache, kv_len, per_row, advance)
+            if logits is not None:
+                return logits
+        self._fused = False
+        return None
+
     def release_fused_step(self) -> None:
         """Free the fused step's weight copies (rebuilt when next used)."""
         if self._fused_step is not None:
@@ -116,7 +131,50 @@ class FusedSteps:
             self._fused_step = None
 
 
-class CachedLlamaDecoder(StaticCache, FusedSteps, Decoder):
+class PositionsForward:
+    """The multi-position forward of :class:`CachedLlamaDecoder` (speculative verification),
+    fused where :class:`FusedSteps` runs the fused step."""
+
+    model: LlamaForPretraining
+    cache: KVCache
+    _fused: bool
+
+    def forward_positions(self, ids: torch.Tensor, positions: torch.Tensor,
+                          kv_len: int) -> torch.Tensor:
+        """Logits of every token of ``ids`` at ``positions``, through the cache (speculative
+        verification): the cache is written at those positions, :attr:`positions` is NOT
+        advanced.
+
+        With :attr:`fused`, through the fused kernels (``B * T`` flattened rows, each token
+        attending to its cache row's slots up to its own position), else (or if they fail)
+        ``lm_head(model.forward_cached(ids, positions, cache, kv_len))``.
+
+        Parameters
+        ----------
+        ids : LongTensor
+            ``[B, T]`` int64 token ids, ``B`` the cache's rows.
+        positions : LongTensor
+            ``[B, T]`` int64, each token's position, ``< kv_len`` (not checked: that would
+            synchronise); a row's tokens at distinct positions.
+        kv_len : int
+            Static bound on the slots read (host int).
+
+        Returns
+        -------
+        Tensor
+            ``[B, T, V]`` logits in the model dtype.
+        """
+        batch, per_row = ids.shape
+        if self._fused:
+            logits = self.fused_forward(ids.reshape(-1), positions.reshape(-1).contiguous(),
+                                         kv_len, per_row, False)
+            if logits is not None:
+                return logits.view(batch, per_row, -1)
+        return self.model.lm_head(self.model.forward_cached(ids, positions, self.cache,
+                                                            kv_len=kv_len))
+
+
+class CachedLlamaDecoder(StaticCache, FusedSteps, PositionsForward, Decoder):
     """Our Llama with a static KV cache; rows keep their own positions (right padding).
 
     Decode steps attend over the first ``kv_len`` cache slots, rounded up to a multiple of
@@ -185,17 +243,13 @@ class CachedLlamaDecoder(StaticCache, FusedSteps, Decoder):
 
         Reads int64 ``tokens`` ``[B]``, writes the cache, advances the positions in place,
         returns logits ``[B, V]``: safe to capture in a CUDA graph and replay. With
-        :attr:`fused`, through the fused kernels (falling back to the eager step, with a
-        warning, if they fail on their first step).
+        :attr:`fused`, through the fused kernels, which advance the positions themselves
+        (falling back to the eager step, with a warning, if they fail on their first step).
         """
         if self._fused:
-            step = self.fused_step()
-            if step.broken is None:
-                logits = step.guarded(tokens.view(-1), self.positions, self.cache, kv_len)
-                if logits is not None:
-                    self.positions.add_(1)
-                    return logits
-                self._fused = False
+            logits = self.fused_forward(tokens.view(-1), self.positions, kv_len, 1, True)
+            if logits is not None:
+                return logits
         hidden = self.model.forward_cached(
             tokens.view(-1, 1), self.positions.view(-1, 1), self.cache, kv_len=kv_len
         )

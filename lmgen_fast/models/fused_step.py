@@ -1,11 +1,19 @@
 """One decode step of a :class:`~lmgen_fast.models.LlamaForPretraining` through the fused
 Triton decode kernels (:mod:`lmgen_fast.models.fused_ops`) and cuBLAS matmuls.
 
-Per layer: the q/k/v product (one matmul on the concatenated weights), rotary + cache write,
-attention (one launch, or two with a sequence split), ``o_proj``, residual add + RMSNorm,
-the gate/up product (one matmul), SwiGLU, ``down_proj``, residual add + the next norm: nine
-or ten kernels instead of eager's dozens. Nothing reads a tensor's values on the host, so a
-step can be captured in a CUDA graph (``kv_len`` is a host int: one graph per value).
+Per layer of the one-token step: the q/k/v product (one matmul on the concatenated
+weights), rotary + cache write + attention (one launch at any context), ``o_proj``, residual
+add + RMSNorm, the gate/up product (one matmul), SwiGLU, ``down_proj``, residual add + the
+next norm: eight kernels instead of eager's dozens. Before the layers one launch gathers the
+embeddings and norms them; after them ``lm_head``; the last norm also advances the
+positions. At the article's configuration and B=1: 8 x 12 + 2 = 98 model launches per step
+(predicted from the code; the bench counts them). Nothing reads a tensor's values on the
+host, so a step can be captured in a CUDA graph (``kv_len`` is a host int: one graph per
+value).
+
+The multi-position forward (:meth:`FusedLlamaStep.forward`, ``T`` tokens per cache row)
+writes all the tokens' keys and values first (``rope_cache``), then each token attends to
+the slots up to its own position: causal by construction.
 
 Models laid out like the article's and transformers ``LlamaForCausalLM`` reach
 :class:`~lmgen_fast.models.decoder.CachedLlamaDecoder` as a LlamaForPretraining sharing their
@@ -138,12 +146,43 @@ class FusedWeights:
         return sum(t.numel() * t.element_size() for t in ts if t is not None)
 
 
-class FusedLlamaStep(FusedWeights):
+class StepGuard:
+    """The fallback of :class:`FusedLlamaStep`: its first call through :meth:`guarded`
+    turns a kernel failure into None and a warning (``broken`` says why)."""
+
+    broken: str | None = None  # why the kernels failed here (the caller falls back)
+    ok = False  # whether a step has run (failures after that are not fallbacks)
+
+    def forward(self, tokens: torch.Tensor, positions: torch.Tensor, cache: KVCache,
+                kv_len: int, per_row: int = 1, advance: bool = False) -> torch.Tensor:
+        raise NotImplementedError
+
+    def guarded(self, tokens: torch.Tensor, positions: torch.Tensor, cache: KVCache,
+                kv_len: int, per_row: int = 1, advance: bool = True) -> torch.Tensor | None:
+        """:meth:`forward` (by default as :meth:`__call__`: one token per row, positions
+        advanced), or None (with one warning) if the kernels fail on the first step: the
+        caller then runs the eager step, which rewrites the same cache slots (the positions
+        are advanced by the last Triton launch, so a failing one leaves them as they were)."""
+        if self.ok:
+            return self.forward(tokens, positions, cache, kv_len, per_row, advance)
+        try:
+            out = self.forward(tokens, positions, cache, kv_len, per_row, advance)
+        except Exception as exc:  # compile or launch failure of the Triton kernels
+            self.broken = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+            warnings.warn(f"the fused decode kernels failed ({self.broken}); this decoder "
+                          "runs the eager decode step instead", RuntimeWarning, stacklevel=3)
+            return None
+        self.ok = True
+        return out
+
+
+class FusedLlamaStep(StepGuard, FusedWeights):
     """The fused decode step of one model, built once from its weights.
 
     Memory: the concatenated weight copies of :class:`FusedWeights` (about 2/3 of the
     layers' weights a second time; :meth:`release` frees them, :meth:`refresh` rewrites them
-    in place after the model's weights were written in place).
+    in place after the model's weights were written in place), and the attention's int32
+    split counters (a few bytes per row and kv head, one buffer per row count).
 
     Parameters
     ----------
@@ -154,6 +193,9 @@ class FusedLlamaStep(FusedWeights):
     ------
     ValueError
         If :func:`supported` rejects the model.
+
+    Length: half of it is the docstrings of :meth:`forward` and :meth:`__call__` (shapes and
+    the in-place positions contract); the code is the layer loop and its buffers.
     """
 
     def __init__(self, model: LlamaForPretraining):
@@ -162,38 +204,112 @@ class FusedLlamaStep(FusedWeights):
                              "lmgen_fast.models.fused_step.supported)")
         c = model.config
         self.n_heads = c.num_attention_heads
+        self.n_kv_heads = c.num_key_value_heads
         self.n_layers = c.num_hidden_layers
-        self.broken: str | None = None  # why the kernels failed here (the caller falls back)
-        self.ok = False  # whether a step has run (failures after that are not fallbacks)
+        self.broken = None
+        self.ok = False
+        # Rows -> the attention's split counters: zeroed once, left zeroed by every launch
+        # (allocated on first use of a row count, so before a graph captures that shape).
+        self.counters: dict[int, torch.Tensor] = {}
         super().__init__(model)
 
+    def release(self) -> None:
+        """Free the concatenated weights and the counters; the object is unusable after."""
+        super().release()
+        self.counters = {}
+
+    def prepare(self, rows: int) -> None:
+        """Allocate the attention's counters for steps of ``rows`` rows now (a zeroing
+        launch), so that the steps themselves launch nothing but their kernels."""
+        self._counters(rows, self.model.lm_head.weight.device)
+
+    def _counters(self, rows: int, device: torch.device) -> torch.Tensor:
+        buf = self.counters.get(rows)
+        if buf is None:
+            buf = self.counters[rows] = fo.new_counters(rows, self.n_kv_heads, device)
+        return buf
+
     def _layer(self, i: int, h: torch.Tensor, residual: torch.Tensor, positions: torch.Tensor,
-               cache: KVCache, kv_len: int, next_norm: RMSNorm) -> torch.Tensor:
-        """Layer ``i`` on the normed input ``h`` ``[B, hidden]``; ``residual`` ``[B, hidden]``
-        is updated in place; returns ``next_norm`` of the layer's output."""
+               cache: KVCache, kv_len: int, per_row: int, last_norm: tuple) -> torch.Tensor:
+        """Layer ``i`` on the normed input ``h`` ``[R, hidden]``; ``residual`` ``[R, hidden]``
+        is updated in place; returns the next norm of the layer's output (``last_norm``:
+        ``(norm, positions to advance or None)`` after the last layer)."""
         layer = self.model.base_model.layers[i]
         att, mlp = layer.self_attn, layer.mlp
         rot = self.model.base_model.rotary_emb
-        q = fo.rope_cache(F.linear(h, self.w_qkv[i], self.b_qkv[i]), positions, rot.cos,
-                          rot.sin, cache.k[i], cache.v[i], self.n_heads)
-        a = fo.decode_attention(q, cache.k[i], cache.v[i], positions, kv_len)
+        counters = self._counters(h.shape[0], h.device)
+        qkv = F.linear(h, self.w_qkv[i], self.b_qkv[i])
+        if per_row == 1:  # rotary and cache write inside the attention launch
+            a = fo.rope_attention(qkv, positions, rot.cos, rot.sin, cache.k[i], cache.v[i],
+                                  self.n_heads, kv_len, counters=counters)
+        else:  # every token's k/v written before any token attends
+            q = fo.rope_cache(qkv, positions, rot.cos, rot.sin, cache.k[i], cache.v[i],
+                              self.n_heads, per_row)
+            a = fo.decode_attention(q, cache.k[i], cache.v[i], positions, kv_len,
+                                    counters=counters, per_row=per_row)
         norm = layer.post_attention_layernorm
         h = fo.add_rmsnorm(F.linear(a, att.o_proj.weight, att.o_proj.bias), norm.weight,
                            norm.eps, residual)
         act = fo.swiglu(F.linear(h, self.w_gu[i], self.b_gu[i]))
+        nxt, advance = (self.model.base_model.layers[i + 1].input_layernorm, None) \
+            if i + 1 < self.n_layers else last_norm
         return fo.add_rmsnorm(F.linear(act, mlp.down_proj.weight, mlp.down_proj.bias),
-                              next_norm.weight, next_norm.eps, residual)
+                              nxt.weight, nxt.eps, residual, positions=advance)
+
+    def forward(self, tokens: torch.Tensor, positions: torch.Tensor, cache: KVCache,
+                kv_len: int, per_row: int = 1, advance: bool = False) -> torch.Tensor:
+        """``per_row`` tokens per cache row through the model, writing the cache; no host
+        synchronisation.
+
+        Parameters
+        ----------
+        tokens : LongTensor
+            ``[R]`` int64 token ids, ``R = B * per_row``: flattened row ``r`` is token
+            ``r % per_row`` of cache row ``r // per_row``.
+        positions : LongTensor
+            ``[R]`` contiguous int64, each token's position (its slot in the cache),
+            ``< kv_len``; a row's tokens attend to the slots up to their own position.
+        cache : KVCache
+            The model's static cache with ``B`` rows (``model.new_cache``).
+        kv_len : int
+            Static bound on the slots read, as in ``forward_cached``.
+        per_row : int
+            Tokens per cache row (``T``).
+        advance : bool
+            Add one to every position in place, in the step's last norm launch (after the
+            last read of them); ``per_row`` must be 1.
+
+        Returns
+        -------
+        Tensor
+            ``[R, V]`` logits in the model dtype, as ``lm_head(forward_cached(...))``.
+        """
+        if advance and per_row != 1:
+            raise ValueError("advance needs one token per row")
+        base = self.model.base_model
+        with torch.no_grad():
+            first = base.layers[0].input_layernorm
+            # The residual is a fresh tensor, updated in place by each add_rmsnorm.
+            h, residual = fo.embed_rmsnorm(tokens, base.embed_tokens.weight, first.weight,
+                                           first.eps)
+            last = (base.norm, positions if advance else None)
+            for i in range(self.n_layers):
+                h = self._layer(i, h, residual, positions, cache, kv_len, per_row, last)
+            return F.linear(h, self.model.lm_head.weight, self.model.lm_head.bias)
 
     def __call__(self, tokens: torch.Tensor, positions: torch.Tensor, cache: KVCache,
                  kv_len: int) -> torch.Tensor:
-        """One token per row through the model, writing the cache; no host synchronisation.
+        """One token per row through the model, writing the cache and ADVANCING
+        ``positions`` by one in place (inside the step's last norm launch: no separate
+        ``add_``); no host synchronisation.
 
         Parameters
         ----------
         tokens : LongTensor
             ``[B]`` int64 token ids.
         positions : LongTensor
-            ``[B]`` int64, each row's position (its slot in the cache), ``< kv_len``.
+            ``[B]`` contiguous int64, each row's position (its slot in the cache),
+            ``< kv_len``; each is one more on return.
         cache : KVCache
             The model's static cache with ``B`` rows (``model.new_cache``).
         kv_len : int
@@ -204,31 +320,4 @@ class FusedLlamaStep(FusedWeights):
         Tensor
             ``[B, V]`` logits in the model dtype, as ``lm_head(forward_cached(...)[:, 0])``.
         """
-        base = self.model.base_model
-        layers = base.layers
-        with torch.no_grad():
-            # The embedding output is a fresh tensor: it becomes the residual stream, updated
-            # in place by each add_rmsnorm (no copy).
-            residual = F.embedding(tokens, base.embed_tokens.weight)
-            first = layers[0].input_layernorm
-            h = fo.add_rmsnorm(residual, first.weight, first.eps)
-            for i in range(self.n_layers):
-                nxt = layers[i + 1].input_layernorm if i + 1 < self.n_layers else base.norm
-                h = self._layer(i, h, residual, positions, cache, kv_len, nxt)
-            return F.linear(h, self.model.lm_head.weight, self.model.lm_head.bias)
-
-    def guarded(self, tokens: torch.Tensor, positions: torch.Tensor, cache: KVCache,
-                kv_len: int) -> torch.Tensor | None:
-        """:meth:`__call__`, or None (with one warning) if the kernels fail on the first
-        step: the caller then runs the eager step, which rewrites the same cache slots."""
-        if self.ok:
-            return self(tokens, positions, cache, kv_len)
-        try:
-            out = self(tokens, positions, cache, kv_len)
-        except Exception as exc:  # compile or launch failure of the Triton kernels
-            self.broken = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
-            warnings.warn(f"the fused decode kernels failed ({self.broken}); this decoder "
-                          "runs the eager decode step instead", RuntimeWarning, stacklevel=3)
-            return None
-        self.ok = True
-        return out
+        return self.forward(tokens, positions, cache, kv_len, advance=True)

@@ -1,7 +1,9 @@
 """The fused decode step (lmgen_fast.models.fused_step) against the eager ``forward_cached`` step.
 
-Without CUDA the kernels run in Triton's interpreter on tiny models. Logit errors are
-relative, ``||fused - eager|| / ||eager||``: at most 2e-5 in float32, 2e-2 in bfloat16.
+Tests that run the kernels on a model of their own take ``kernel_device`` (``[gpu]`` on
+CUDA, ``[interpreter]`` on the CPU, tiny models). Logit errors are relative,
+``||fused - eager|| / ||eager||``: at most 2e-5 in float32, 2e-2 in bfloat16 (the attention's
+online softmax is not eager's, so no bit-exact logits).
 End to end, greedy tokens must be identical on both paths, and seeded sampling of the
 embedded model must give the same text on (almost) every row.
 """
@@ -19,6 +21,7 @@ require_kernel_runtime()
 
 from lmgen_fast import SamplingParams, load_default  # noqa: E402
 from lmgen_fast.engine import generate_ids  # noqa: E402
+from lmgen_fast.models import fused_ops as fo  # noqa: E402
 from lmgen_fast.models.decoder import CachedLlamaDecoder, decoder_for, wrap  # noqa: E402
 from lmgen_fast.models.fused_step import FusedLlamaStep, supported  # noqa: E402
 
@@ -48,9 +51,9 @@ def compare_steps(model, prompts: list[list[int]], steps: int = 2) -> list[float
     fused.fused = True
     errors = []
     g = torch.Generator().manual_seed(len(prompts))
-    dtype = model.lm_head.weight.dtype
+    dtype, dev = model.lm_head.weight.dtype, model.lm_head.weight.device
     for _ in range(steps):
-        tokens = torch.randint(0, vocab, (len(prompts),), generator=g).to(DEVICE)
+        tokens = torch.randint(0, vocab, (len(prompts),), generator=g).to(dev)
         with torch.no_grad():
             want = eager.decode(tokens)
             got = fused.decode(tokens)
@@ -84,12 +87,73 @@ CASES = [
 
 
 @pytest.mark.parametrize("dtype,lengths,heads,kv_heads,head_dim", CASES)
-def test_fused_logits_match_eager(dtype, lengths, heads, kv_heads, head_dim):
+def test_fused_logits_match_eager(kernel_device, dtype, lengths, heads, kv_heads, head_dim):
     model = random_model(96, seed=len(lengths) + head_dim, hidden_size=heads * head_dim,
                          num_attention_heads=heads, num_key_value_heads=kv_heads,
-                         intermediate_size=96).to(DEVICE, dtype)
+                         intermediate_size=96).to(kernel_device, dtype)
     errors = compare_steps(model, prompts_of(lengths, 96, seed=head_dim))
     assert max(errors) <= TOL[dtype], errors
+
+
+def test_a_step_is_four_launches_per_layer_and_advances_the_positions_once(kernel_device,
+                                                                          monkeypatch):
+    """Per layer: attention (rotary and cache write inside), norm, SwiGLU, norm (plus the
+    matmuls); before the layers one embedding + norm launch; the last norm advances the
+    positions, and nothing else does (the decoder launches no add_ of its own)."""
+    model = random_model(48, seed=4).to(kernel_device)
+    dec = wrap(model)
+    dec.prefill([[1, 2, 3], [4]], 4)
+    dec.fused = True
+    launched = []
+    real = fo.run
+
+    def spy(calls):
+        launched.extend((c.name, c.constexprs.get("HAS_POS")) for c in calls)
+        real(calls)
+
+    monkeypatch.setattr("lmgen_fast.models.fused_ops.run", spy)
+    before = dec.positions.clone()
+    for step in (1, 2):
+        launched.clear()
+        dec.decode(torch.tensor([5, 6], device=kernel_device))
+        layer = [("attn_decode_kernel", None), ("add_rmsnorm_kernel", False),
+                 ("swiglu_kernel", None), ("add_rmsnorm_kernel", False)]
+        layers = model.config.num_hidden_layers
+        want = [("embed_rmsnorm_kernel", None)] + layer * layers
+        want[-1] = ("add_rmsnorm_kernel", True)
+        assert launched == want
+        assert torch.equal(dec.positions, before + step)
+
+
+@pytest.mark.parametrize("dtype", [F32, BF16])
+@pytest.mark.parametrize("per_row", [1, 2, 5])
+def test_forward_positions_matches_forward_cached(kernel_device, dtype, per_row):
+    """Every token's logits at rows of different positions, T = 1, 2, 5: fused against the
+    eager ``lm_head(forward_cached)`` on a twin decoder; the caches alike; no position
+    advanced."""
+    model = random_model(96, seed=per_row, hidden_size=64, num_attention_heads=4,
+                         num_key_value_heads=2, intermediate_size=96).to(kernel_device, dtype)
+    eager, fused = wrap(model), wrap(model)
+    prompts = prompts_of([6, 17, 2], 96, seed=per_row)
+    with torch.no_grad():
+        eager.prefill(prompts, per_row + 1)
+        fused.prefill(prompts, per_row + 1)
+    fused.fused = True
+    start = fused.positions.clone()
+    positions = start.view(-1, 1) + torch.arange(per_row, device=kernel_device)
+    g = torch.Generator().manual_seed(per_row)
+    ids = torch.randint(0, 96, (3, per_row), generator=g).to(kernel_device)
+    kv_len = int(positions.max()) + 1
+    with torch.no_grad():
+        want = model.lm_head(model.forward_cached(ids, positions, eager.cache, kv_len))
+        got = fused.forward_positions(ids, positions, kv_len)
+    assert fused.fused and fused.fused_step().ok  # the fused path ran, no fallback
+    assert got.shape == want.shape == (3, per_row, 96) and got.dtype == dtype
+    assert rel(got, want) <= TOL[dtype]
+    assert torch.equal(fused.positions, start)
+    for layer in range(model.config.num_hidden_layers):
+        assert rel(fused.cache.k[layer], eager.cache.k[layer]) <= TOL[dtype]
+        assert rel(fused.cache.v[layer], eager.cache.v[layer]) <= TOL[dtype]
 
 
 def test_supported_rejects_what_the_kernels_cannot_run():
