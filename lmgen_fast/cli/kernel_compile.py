@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import re
 import subprocess
@@ -211,19 +212,19 @@ def decode_variants() -> list[Variant]:
     fused_ops`, :mod:`lmgen_fast.models.fused_mlp`) for the shapes of their
     ``compile_calls``.
 
-    Their path also holds the block shape (the non-branch constexprs and warps), as the
-    per-thread work of each shape decides its registers and spills, and every pointer's
-    type (the rotary tables may be float32 under bfloat16 activations, or not).
+    Their path also holds the head size; the other block shapes, the warps and the rotary
+    tables' dtype (float32 or the model's) are not part of it:
+    :func:`covering` keeps the heaviest shape of each path (most elements per thread), whose
+    registers and spills bound the lighter ones' (the compile time of all 200-odd shapes
+    would triple CI's).
     """
     from lmgen_fast.models import fused_ops
 
     seen: dict[tuple, Variant] = {}
     for call in fused_ops.compile_calls() + fused_mlp.compile_calls():
         v = _variant(_kernel_fn(call.name), call)
-        shape = tuple((k, x) for k, x in call.constexprs.items() if not isinstance(x, bool))
         v = Variant(v.kernel, v.signature, v.constexprs, v.divisible, v.options,
-                    v.path + (shape + (("num_warps", call.options["num_warps"]),),
-                              tuple(t for _, t in v.signature if t.startswith("*"))))
+                    v.path + (dict(v.constexprs).get("HEAD_DIM"),))
         seen.setdefault((v.kernel, v.signature, v.constexprs, v.divisible, v.options), v)
     return list(seen.values())
 
@@ -242,6 +243,9 @@ def covering(variants: list[Variant]) -> list[Variant]:
         block = c.get("TILE", c.get("CHUNK", 1))
         if v.kernel == "setup_kernel":  # one-hot tiles of TB window slots by CPB buckets
             block = c["TB"] * c["CPB"]
+        elif "TILE" not in c and "CHUNK" not in c:  # the decode kernels' tiles
+            block = math.prod(x for k, x in c.items() if not isinstance(x, bool)
+                              and (k.startswith("BLOCK") or k == "HEAD_DIM"))
         return block / dict(v.options)["num_warps"]
 
     groups: dict[tuple, Variant] = {}

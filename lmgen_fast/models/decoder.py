@@ -259,14 +259,6 @@ class CachedLlamaDecoder(StaticCache, FusedSteps, PositionsForward, Decoder):
     def decode(self, tokens: torch.Tensor) -> torch.Tensor:
         return self.step(tokens, self.advance())
 
-    def forward_positions(self, ids: torch.Tensor, positions: torch.Tensor,
-                          kv_len: int) -> torch.Tensor:
-        """Logits ``[B, T, V]`` of int64 ``ids`` ``[B, T]`` at cache positions ``positions``
-        (int64 ``[B, T]``), attending over the first ``kv_len`` slots: writes the cache
-        there, leaves the decoder's positions alone (speculative verify steps)."""
-        return self.model.lm_head(self.model.forward_cached(ids, positions, self.cache,
-                                                            kv_len=kv_len))
-
 
 def _right_padded(prompts: Sequence[Sequence[int]], device) -> torch.Tensor:
     """int64 ``[n, longest]`` on ``device``: each prompt's ids, then zeros."""

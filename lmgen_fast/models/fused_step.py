@@ -3,13 +3,14 @@ Triton decode kernels (:mod:`lmgen_fast.models.fused_ops`) and cuBLAS matmuls.
 
 Per layer of the one-token step: the q/k/v product (one matmul on the concatenated
 weights), rotary + cache write + attention (one launch at any context), ``o_proj``, residual
-add + RMSNorm, the gate/up product (one matmul), SwiGLU, ``down_proj``, residual add + the
-next norm: eight kernels instead of eager's dozens. Before the layers one launch gathers the
-embeddings and norms them; after them ``lm_head``; the last norm also advances the
-positions. At the article's configuration and B=1: 8 x 12 + 2 = 98 model launches per step
-(predicted from the code; the bench counts them). Nothing reads a tensor's values on the
-host, so a step can be captured in a CUDA graph (``kv_len`` is a host int: one graph per
-value).
+add + RMSNorm, the gate/up product and SwiGLU (one Triton launch up to
+:func:`~lmgen_fast.models.fused_mlp.use_fused_mlp` rows, else a matmul and a SwiGLU
+launch), ``down_proj``, residual add + the next norm: seven kernels instead of eager's
+dozens. Before the layers one launch gathers the embeddings and norms them; after them
+``lm_head``; the last norm also advances the positions. At the article's configuration and
+B=1: 7 x 12 + 2 = 86 model launches per step (``benchmarks/bench_launches.py`` counts
+them). Nothing reads a tensor's values on the host, so a step can be captured in a CUDA
+graph (``kv_len`` is a host int: one graph per value).
 
 The multi-position forward (:meth:`FusedLlamaStep.forward`, ``T`` tokens per cache row)
 writes all the tokens' keys and values first (``rope_cache``), then each token attends to
@@ -28,6 +29,7 @@ import warnings
 import torch
 import torch.nn.functional as F
 
+from lmgen_fast.models import fused_mlp as fm
 from lmgen_fast.models import fused_ops as fo
 from lmgen_fast.models.cache import KVCache
 from lmgen_fast.models.llama import LlamaForPretraining, RMSNorm
@@ -250,7 +252,12 @@ class FusedLlamaStep(StepGuard, FusedWeights):
         norm = layer.post_attention_layernorm
         h = fo.add_rmsnorm(F.linear(a, att.o_proj.weight, att.o_proj.bias), norm.weight,
                            norm.eps, residual)
-        act = fo.swiglu(F.linear(h, self.w_gu[i], self.b_gu[i]))
+        # Few rows: one Triton launch reads the gate/up weights and applies SwiGLU (a launch
+        # and a cuBLAS floor fewer per layer); many rows: cuBLAS's tiles, then SwiGLU.
+        if fm.use_fused_mlp(h.shape[0]):
+            act = fm.gate_up_swiglu(h, self.w_gu[i], self.b_gu[i])
+        else:
+            act = fo.swiglu(F.linear(h, self.w_gu[i], self.b_gu[i]))
         nxt, advance = (self.model.base_model.layers[i + 1].input_layernorm, None) \
             if i + 1 < self.n_layers else last_norm
         return fo.add_rmsnorm(F.linear(act, mlp.down_proj.weight, mlp.down_proj.bias),

@@ -34,10 +34,14 @@ ARCHS = [int(a) for a in os.environ.get("LMGEN_COMPILE_ARCHS", "90,80").split(",
 # unrolled multi-pass loops took 12-42 s.
 SPILL_BUDGET = {"chunk_kernel": 0, "merge_kernel": 32}
 # The decode step's kernels run once per layer and token; none may spill (float32 attention
-# tiles of 64 x 64 and 16 x 128 slots spilled 4 bytes on sm_80). 0.1-2 s per variant.
-SPILL_BUDGET.update({k: 0 for k in ("add_rmsnorm_kernel", "rope_cache_kernel",
-                                    "attn_partial_kernel", "attn_combine_kernel",
-                                    "swiglu_kernel", "gate_up_swiglu_kernel")})
+# tiles of 64 x 64 and 16 x 128 slots spilled 4 bytes on sm_80). 0.1-8 s per variant.
+SPILL_BUDGET.update({k: 0 for k in ("add_rmsnorm_kernel", "embed_rmsnorm_kernel",
+                                    "rope_cache_kernel", "swiglu_kernel",
+                                    "gate_up_swiglu_kernel")})
+# Except two attention paths at head size 128 with the rotary in one split (float32 with
+# tl.dot, float16 without GQA), which spill 4 bytes on sm_80 (Triton 3.9's ptxas); sm_90a,
+# the GPUs this project is measured on, spills nothing (checked by the Triton 3.6 run).
+SPILL_BUDGET["attn_decode_kernel"] = 4
 # The sampler's set-up and the engine's bookkeeping: once per step, small, no spills.
 SPILL_BUDGET.update(setup_kernel=0, bookkeeping_kernel=0)
 COMPILE_SECONDS = 10.0

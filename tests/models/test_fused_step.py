@@ -21,6 +21,7 @@ require_kernel_runtime()
 
 from lmgen_fast import SamplingParams, load_default  # noqa: E402
 from lmgen_fast.engine import generate_ids  # noqa: E402
+from lmgen_fast.models import fused_mlp as fm  # noqa: E402
 from lmgen_fast.models import fused_ops as fo  # noqa: E402
 from lmgen_fast.models.decoder import CachedLlamaDecoder, decoder_for, wrap  # noqa: E402
 from lmgen_fast.models.fused_step import FusedLlamaStep, supported  # noqa: E402
@@ -105,19 +106,22 @@ def test_a_step_is_four_launches_per_layer_and_advances_the_positions_once(kerne
     dec.prefill([[1, 2, 3], [4]], 4)
     dec.fused = True
     launched = []
-    real = fo.run
 
-    def spy(calls):
-        launched.extend((c.name, c.constexprs.get("HAS_POS")) for c in calls)
-        real(calls)
+    def spy(real):
+        def run(calls):
+            launched.extend((c.name, c.constexprs.get("HAS_POS")) for c in calls)
+            real(calls)
+        return run
 
-    monkeypatch.setattr("lmgen_fast.models.fused_ops.run", spy)
+    monkeypatch.setattr("lmgen_fast.models.fused_ops.run", spy(fo.run))
+    monkeypatch.setattr("lmgen_fast.models.fused_mlp.run", spy(fm.run))
     before = dec.positions.clone()
     for step in (1, 2):
         launched.clear()
         dec.decode(torch.tensor([5, 6], device=kernel_device))
+        # Two rows: the gate/up product and SwiGLU are one launch (fused_mlp).
         layer = [("attn_decode_kernel", None), ("add_rmsnorm_kernel", False),
-                 ("swiglu_kernel", None), ("add_rmsnorm_kernel", False)]
+                 ("gate_up_swiglu_kernel", None), ("add_rmsnorm_kernel", False)]
         layers = model.config.num_hidden_layers
         want = [("embed_rmsnorm_kernel", None)] + layer * layers
         want[-1] = ("add_rmsnorm_kernel", True)
