@@ -29,6 +29,9 @@ from lmgen_fast.core.rows import fill_unseeded
 from lmgen_fast.runtime.launch import KernelCall
 from lmgen_fast.sampling.launch_plan import LOGPROB_COLUMNS, RADIX_BITS, LaunchPlan, plan_launch
 
+# Threads per warp of the GPUs the kernels are built for (NVIDIA).
+WARP_SIZE = 32
+
 INTERPRET_HINT = (
     "backend='triton' on CPU tensors runs the Triton kernels in the interpreter: set the "
     "environment variable TRITON_INTERPRET=1 before triton is first imported (e.g. "
@@ -235,12 +238,14 @@ def kernel_calls(
     tokens = torch.empty(batch, dtype=torch.int64, device=dev)
     temp, top_k, once, top_p, mlog, fpen, ppen, proc = kernel_params(packed, dev)
     steps = steps.contiguous()
-    # No multiply-add contraction: the reference rounds every float32 op.
+    # No multiply-add contraction: the reference rounds every float32 op. WT: window
+    # entries counted per histogram, one per thread (kernels/sampling_common.py).
     chunk_call = KernelCall(
         "chunk_kernel", (batch, lp.n_chunks),
         (logits, logits.stride(0), vocab, temp, top_k, once, seed, steps,
          top_p, mlog, fpen, ppen, proc, win, width, wrange, pow_table, *scratch, status),
-        dict(CHUNK=lp.chunk, CAP=lp.cap, LOGPROBS=want_lp, ACC=cuda),
+        dict(CHUNK=lp.chunk, CAP=lp.cap, LOGPROBS=want_lp, ACC=cuda,
+             WT=WARP_SIZE * lp.chunk_warps),
         dict(num_warps=lp.chunk_warps, enable_fp_fusion=False),
     )
     merge_call = KernelCall(
@@ -249,7 +254,8 @@ def kernel_calls(
          top_p, mlog, once, fpen, ppen, proc, win, width, wrange, pow_table, *scratch,
          tokens, status, logprob_out),
         dict(CAP=lp.cap, CP=lp.cp, TILE=lp.tile, ONE_TILE=lp.one_tile, CHUNK=lp.chunk,
-             SUB=lp.sub, RB=RADIX_BITS, NBINS=1 << RADIX_BITS, LOGPROBS=want_lp, ACC=cuda),
+             SUB=lp.sub, RB=RADIX_BITS, NBINS=1 << RADIX_BITS, LOGPROBS=want_lp, ACC=cuda,
+             WT=WARP_SIZE * lp.merge_warps),
         dict(num_warps=lp.merge_warps, enable_fp_fusion=False),
     )
     return [setup, chunk_call, merge_call], tokens, status
