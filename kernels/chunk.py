@@ -40,6 +40,7 @@ def chunk_kernel(
     ctau_ptr, csum_ptr, rmax_ptr, rsum_ptr,
     status_ptr,
     CHUNK: tl.constexpr, CAP: tl.constexpr, LOGPROBS: tl.constexpr, ACC: tl.constexpr,
+    WT: tl.constexpr,
 ):
     """One chunk of ``CHUNK`` logits of one row (grid ``[B, n_chunks]``): its ``z``, its
     aggregates and its candidates, as the module docstring lists them.
@@ -56,13 +57,13 @@ def chunk_kernel(
     row64 = row.to(tl.int64)
 
     temp = tl.load(temp_ptr + row)
-    # The window is sorted per row and wrange gives the slice of it that falls in this
-    # chunk, so a chunk only scans its own window entries.
+    # The window is grouped by chunk and wrange gives the slice of it that falls in this
+    # chunk, so a chunk only counts its own window entries (WT at a time).
     w_lo = tl.load(wrange_ptr + row * (n_chunks + 1) + chunk)
     w_hi = tl.load(wrange_ptr + row * (n_chunks + 1) + chunk + 1)
-    x, z = row_z(logits_ptr, row64, stride_row, V, offs, temp,
-                  tl.load(once_ptr + row) != 0, tl.load(fpen_ptr + row),
-                  tl.load(ppen_ptr + row), win_ptr, W, w_lo, w_hi, pow_ptr, CHUNK)
+    x, z = row_z(logits_ptr, row64, stride_row, V, chunk * CHUNK, temp,
+                 tl.load(once_ptr + row) != 0, tl.load(fpen_ptr + row),
+                 tl.load(ppen_ptr + row), win_ptr, W, w_lo, w_hi, pow_ptr, CHUNK, WT)
 
     cmax = tl.max(z, axis=0)
     cidx = tl.min(tl.where(inb & (z == cmax), offs, 2147483647), axis=0)

@@ -89,7 +89,7 @@ def merge_kernel(
     out_ptr, status_ptr, lp_ptr,
     CAP: tl.constexpr, CP: tl.constexpr, TILE: tl.constexpr, ONE_TILE: tl.constexpr,
     CHUNK: tl.constexpr, SUB: tl.constexpr, RB: tl.constexpr, NBINS: tl.constexpr,
-    LOGPROBS: tl.constexpr, ACC: tl.constexpr,
+    LOGPROBS: tl.constexpr, ACC: tl.constexpr, WT: tl.constexpr,
 ):
     """One row (grid ``[B]``): its token, status bits and log-probabilities from the chunk
     kernel's aggregates and candidates, as the module docstring lists them.
@@ -258,7 +258,7 @@ def merge_kernel(
                 logits_ptr, stride_row, V, n_chunks, row, row64, temp,
                 tl.load(once_ptr + row) != 0, tl.load(fpen_ptr + row), tl.load(ppen_ptr + row),
                 win_ptr, W, wrange_ptr, pow_ptr, seed, step,
-                row_max, s_row, top_p, top_p_on, mlog, CHUNK, SUB, RB, NBINS, ACC, LOGPROBS,
+                row_max, s_row, top_p, top_p_on, mlog, CHUNK, SUB, RB, NBINS, ACC, LOGPROBS, WT,
             )
 
     # Never an out-of-range id: an empty row yields 0 and is reported in status.
@@ -302,7 +302,7 @@ def merge_kernel(
             p_share = -tl.log(tl.maximum(p_inf, 1.0))
             z_out = _token_z(logits_ptr, row64, stride_row, V, n_chunks, row, out, temp,
                              tl.load(once_ptr + row) != 0, tl.load(fpen_ptr + row),
-                             tl.load(ppen_ptr + row), win_ptr, W, wrange_ptr, pow_ptr, CHUNK)
+                             tl.load(ppen_ptr + row), win_ptr, W, wrange_ptr, pow_ptr, CHUNK, WT)
             # p_sum is 0 only in greedy and empty rows, whose norm is never read.
             norm = tl.where(has_inf, p_share, tl.log(tl.where(p_sum > 0.0, p_sum, 1.0)))
             lp = tl.where(has_inf, p_share, (z_out - row_max) - norm)
@@ -343,7 +343,7 @@ def _slow_path(
     win_ptr, W, wrange_ptr, pow_ptr, seed, step,
     row_max, s_row, top_p, top_p_on, mlog,
     CHUNK: tl.constexpr, SUB: tl.constexpr, RB: tl.constexpr, R: tl.constexpr,
-    ACC: tl.constexpr, LOGPROBS: tl.constexpr,
+    ACC: tl.constexpr, LOGPROBS: tl.constexpr, WT: tl.constexpr,
 ):
     """Top-p/min-p without top-k when the nucleus is not among the candidates.
 
@@ -364,8 +364,8 @@ def _slow_path(
                 w_hi = tl.load(wrange_ptr + row * (n_chunks + 1) + c + 1)
                 for s in range(0, CHUNK, SUB):
                     offs = c * CHUNK + s + tl.arange(0, SUB)
-                    _x, z = row_z(logits_ptr, row64, stride_row, V, offs, temp, once, fpen,
-                                   ppen, win_ptr, W, w_lo, w_hi, pow_ptr, SUB)
+                    _x, z = row_z(logits_ptr, row64, stride_row, V, c * CHUNK + s, temp, once,
+                                  fpen, ppen, win_ptr, W, w_lo, w_hi, pow_ptr, SUB, WT)
                     key = to_key(z)
                     live = (offs < V) & (z > float("-inf"))
                     if p > 0:
@@ -390,8 +390,8 @@ def _slow_path(
         w_hi = tl.load(wrange_ptr + row * (n_chunks + 1) + c + 1)
         for s in range(0, CHUNK, SUB):
             offs = c * CHUNK + s + tl.arange(0, SUB)
-            _x, z = row_z(logits_ptr, row64, stride_row, V, offs, temp, once, fpen, ppen,
-                           win_ptr, W, w_lo, w_hi, pow_ptr, SUB)
+            _x, z = row_z(logits_ptr, row64, stride_row, V, c * CHUNK + s, temp, once, fpen,
+                          ppen, win_ptr, W, w_lo, w_hi, pow_ptr, SUB, WT)
             ok = (offs < V) & (z > float("-inf")) & (to_key(z) >= prefix)
             ok = ok & (z - row_max >= mlog)
             race = z + gumbel(seed, step, offs)
@@ -412,13 +412,13 @@ def _min_p_ok(key, row_max, mlog):
 
 @triton.jit
 def _token_z(logits_ptr, row64, stride_row, V, n_chunks, row, tok, temp, once, fpen, ppen,
-             win_ptr, W, wrange_ptr, pow_ptr, CHUNK: tl.constexpr):
+             win_ptr, W, wrange_ptr, pow_ptr, CHUNK: tl.constexpr, WT: tl.constexpr):
     """``z`` of token ``tok`` of one row, formed by the chunk kernel's own code (one logit
     and the window entries of its chunk)."""
     c = tok // CHUNK
     w_lo = tl.load(wrange_ptr + row * (n_chunks + 1) + c)
     w_hi = tl.load(wrange_ptr + row * (n_chunks + 1) + c + 1)
     offs = tok + tl.arange(0, 16)
-    _x, z = row_z(logits_ptr, row64, stride_row, V, offs, temp, once, fpen, ppen,
-                   win_ptr, W, w_lo, w_hi, pow_ptr, 16)
+    _x, z = row_z(logits_ptr, row64, stride_row, V, tok, temp, once, fpen, ppen,
+                  win_ptr, W, w_lo, w_hi, pow_ptr, 16, WT)
     return tl.max(tl.where(offs == tok, z, float("-inf")), axis=0)

@@ -79,14 +79,39 @@ def race_combine(best, at, best2, at2):
 
 
 @triton.jit
-def row_z(logits_ptr, row64, stride_row, V, offs, temp, once, fpen, ppen,
-           win_ptr, W, w_lo, w_hi, pow_ptr, BLOCK: tl.constexpr):
-    """Raw float32 logits ``x`` and processed ``z`` of tokens ``offs`` of one row.
+def window_counts(win_ptr, row64, W, w_lo, w_hi, base, BLOCK: tl.constexpr, WT: tl.constexpr):
+    """How often each token ``base + i`` (``i < BLOCK``) occurs in ``win_ptr[row, w_lo:w_hi]``
+    (int32 ``[BLOCK]``); entries outside the block (empty slots ``-1`` too) count nowhere.
 
-    ``win_ptr[w_lo:w_hi]`` must hold every (sorted) window entry that can fall in ``offs``;
-    the chunk kernel and the merge's slow path share this code so that they agree bit for
-    bit on ``z``.
+    The entries are read ``WT`` at a time and counted together by ``tl.histogram``, one
+    entry per thread: ``WT`` is the program's thread count (``32 * num_warps``), since the
+    histogram's lowering sums every thread's ballots and a smaller tile, held twice, could
+    be counted twice.
     """
+    count = tl.zeros([BLOCK], dtype=tl.int32)
+    for t in range(w_lo, w_hi, WT):
+        j = t + tl.arange(0, WT)
+        tok = tl.load(win_ptr + row64 * W + j, mask=j < w_hi, other=-1)
+        local = tok - base
+        ok = (j < w_hi) & (local >= 0) & (local < BLOCK)
+        # Masked entries read as bin 0 (the interpreter counts a masked value that lies
+        # outside the bins anyway; the GPU drops it).
+        count += tl.histogram(tl.where(ok, local, 0).to(tl.int32), BLOCK, mask=ok)
+    return count
+
+
+@triton.jit
+def row_z(logits_ptr, row64, stride_row, V, base, temp, once, fpen, ppen,
+          win_ptr, W, w_lo, w_hi, pow_ptr, BLOCK: tl.constexpr, WT: tl.constexpr):
+    """Raw float32 logits ``x`` and processed ``z`` of tokens ``base .. base + BLOCK`` of one
+    row (``[BLOCK]`` each).
+
+    ``win_ptr[w_lo:w_hi]`` must hold every window entry that can fall in the block (others
+    are ignored), ``WT`` is the program's thread count (:func:`window_counts`); the chunk
+    kernel and the merge's slow path share this code so that they agree bit for bit on
+    ``z``.
+    """
+    offs = base + tl.arange(0, BLOCK)
     inb = offs < V
     x = tl.load(logits_ptr + row64 * stride_row + offs, mask=inb, other=float("-inf"))
     x = x.to(tl.float32)
@@ -95,10 +120,7 @@ def row_z(logits_ptr, row64, stride_row, V, offs, temp, once, fpen, ppen,
     z = tl.math.div_rn(x, t_eff)
     z = tl.where(z != z, float("-inf"), z)
     if w_hi > w_lo:
-        count = tl.zeros([BLOCK], dtype=tl.int32)
-        for j in range(w_lo, w_hi):
-            tok = tl.load(win_ptr + row64 * W + j)
-            count += (offs == tok).to(tl.int32)
+        count = window_counts(win_ptr, row64, W, w_lo, w_hi, base, BLOCK, WT)
         hit = count > 0
         c_rep = tl.where(once, tl.minimum(count, 1), count)
         factor = tl.load(pow_ptr + row64 * (W + 1) + c_rep, mask=hit, other=1.0)

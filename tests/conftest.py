@@ -117,6 +117,8 @@ MARKS: list[tuple[str, str, tuple[str, ...]]] = [
     ("cli/test_kernel_compile.py", "test_every_code_path_compiles_for_each_arch", ("subprocess",)),
     ("cli/test_kernel_compile.py", "test_spills_within_budget*", ("subprocess",)),
     ("cli/test_kernel_compile.py", "test_compile_time_per_variant", ("subprocess",)),
+    ("sampling/test_chunk_occupancy.py", "*", ("aot", "subprocess", "slow")),
+    ("sampling/test_sampler_setup.py", "test_long_crowded_windows_*", ("slow",)),
     ("*", "test_gpu_*", ("gpu",)),
     # The Triton backend of engine-level tests (test_capture_safety stubs the kernels out).
     ("engine/test_engine.py", "*[[]triton[]]", ("interpreter",)),

@@ -29,6 +29,9 @@ from lmgen_fast.core.rows import fill_unseeded
 from lmgen_fast.runtime.launch import KernelCall
 from lmgen_fast.sampling.launch_plan import LOGPROB_COLUMNS, RADIX_BITS, LaunchPlan, plan_launch
 
+# Threads per warp of the GPUs the kernels are built for (NVIDIA).
+WARP_SIZE = 32
+
 INTERPRET_HINT = (
     "backend='triton' on CPU tensors runs the Triton kernels in the interpreter: set the "
     "environment variable TRITON_INTERPRET=1 before triton is first imported (e.g. "
@@ -179,6 +182,33 @@ def _scratch(batch: int, lp: LaunchPlan, dev: torch.device,
              ctau, csum, rmax, rsum), logprob_out)
 
 
+# What the sampler kernels read of PackedParams, in their argument order, and the dtypes they
+# take: those PackedParams.from_rows packs (bool flags are read as bytes and tested against
+# 0; top_p stays float64, the kernels compare their float32 masses with the user's value).
+KERNEL_PARAMS = (
+    ("temperature", torch.float32), ("top_k", torch.int64), ("once", torch.bool),
+    ("top_p", torch.float64), ("min_p_log", torch.float32),
+    ("frequency_penalty", torch.float32), ("presence_penalty", torch.float32),
+    ("processed", torch.bool),
+)
+
+
+def kernel_params(packed: PackedParams, dev: torch.device) -> tuple[torch.Tensor, ...]:
+    """The ``[B]`` tensors of :data:`KERNEL_PARAMS`, contiguous, on ``dev``, in its dtypes.
+
+    Parameters packed by :meth:`PackedParams.from_rows` (and their ``take``/``to``) are
+    already so and come back as they are, with no torch op: a launch runs no copy kernel
+    per step. Only parameters packed otherwise are converted (one copy each).
+    """
+    out = []
+    for name, dtype in KERNEL_PARAMS:
+        t = getattr(packed, name)
+        if t.dtype != dtype or t.device != dev or not t.is_contiguous():
+            t = t.to(device=dev, dtype=dtype).contiguous()
+        out.append(t)
+    return tuple(out)
+
+
 def kernel_calls(
     logits: torch.Tensor,
     packed: PackedParams,
@@ -206,23 +236,16 @@ def kernel_calls(
     want_lp = logprob_out is not None
     scratch, logprob_out = _scratch(batch, lp, dev, logprob_out)
     tokens = torch.empty(batch, dtype=torch.int64, device=dev)
-    temp = packed.temperature.contiguous()
-    top_k = packed.top_k.contiguous()
-    once = packed.once  # bool: the kernels test it against 0
-    # top_p stays float64: the kernels compare their float32 masses with the user's value.
-    top_p = packed.top_p.to(dtype=torch.float64, device=dev).contiguous()
-    f32 = dict(dtype=torch.float32, device=dev)
-    mlog = packed.min_p_log.to(**f32).contiguous()
-    fpen = packed.frequency_penalty.to(**f32).contiguous()
-    ppen = packed.presence_penalty.to(**f32).contiguous()
-    proc = packed.processed.to(torch.int8)
+    temp, top_k, once, top_p, mlog, fpen, ppen, proc = kernel_params(packed, dev)
     steps = steps.contiguous()
-    # No multiply-add contraction: the reference rounds every float32 op.
+    # No multiply-add contraction: the reference rounds every float32 op. WT: window
+    # entries counted per histogram, one per thread (kernels/sampling_common.py).
     chunk_call = KernelCall(
         "chunk_kernel", (batch, lp.n_chunks),
         (logits, logits.stride(0), vocab, temp, top_k, once, seed, steps,
          top_p, mlog, fpen, ppen, proc, win, width, wrange, pow_table, *scratch, status),
-        dict(CHUNK=lp.chunk, CAP=lp.cap, LOGPROBS=want_lp, ACC=cuda),
+        dict(CHUNK=lp.chunk, CAP=lp.cap, LOGPROBS=want_lp, ACC=cuda,
+             WT=WARP_SIZE * lp.chunk_warps),
         dict(num_warps=lp.chunk_warps, enable_fp_fusion=False),
     )
     merge_call = KernelCall(
@@ -231,7 +254,8 @@ def kernel_calls(
          top_p, mlog, once, fpen, ppen, proc, win, width, wrange, pow_table, *scratch,
          tokens, status, logprob_out),
         dict(CAP=lp.cap, CP=lp.cp, TILE=lp.tile, ONE_TILE=lp.one_tile, CHUNK=lp.chunk,
-             SUB=lp.sub, RB=RADIX_BITS, NBINS=1 << RADIX_BITS, LOGPROBS=want_lp, ACC=cuda),
+             SUB=lp.sub, RB=RADIX_BITS, NBINS=1 << RADIX_BITS, LOGPROBS=want_lp, ACC=cuda,
+             WT=WARP_SIZE * lp.merge_warps),
         dict(num_warps=lp.merge_warps, enable_fp_fusion=False),
     )
     return [setup, chunk_call, merge_call], tokens, status

@@ -20,10 +20,14 @@ from lmgen_fast.sampling.reference import ParamsLike
 
 # Columns of ``logprob_out`` (see :func:`lmgen_fast.sampling.kernel_launch.launch`).
 LOGPROB_COLUMNS = 4
-# Candidates per chunk kept for top-p/min-p rows without top-k (sample()'s default).
-NUCLEUS_CANDIDATES = 64
+# Candidates per chunk kept for top-p/min-p rows without top-k (sample()'s default): 32 of
+# each CUDA_CHUNK (2048) logits, as dense as 64 of the 4096 chunks before, and cap 64 keeps
+# the 63 chunks' candidates of Llama-3's vocabulary in one merge tile.
+NUCLEUS_CANDIDATES = 32
 # Bits of the top-p cutoff found per extra pass of the slow path (16 bins per pass).
 RADIX_BITS = 4
+# Logits per program of the chunk kernel on CUDA (at 8 warps).
+CUDA_CHUNK = 2048
 
 
 @dataclass(frozen=True)
@@ -33,9 +37,10 @@ class LaunchPlan:
     ``chunk`` logits per program of the chunk kernel (a power of two) and its
     ``chunk_warps``; ``cap`` candidates each chunk may keep (at least ``max_top_k``, so every
     row with ``k <= max_top_k`` is exact, and at least ``2 * nucleus_candidates``: top-p/min-p
-    rows without top-k keep ``cap // 2``); the merge kernel reads ``tile`` candidate slots
-    at a time (``one_tile``: all of them at once) with ``merge_warps``, ``cp`` chunk
-    aggregates per row and ``sub`` logits per block of its multi-pass path.
+    rows without top-k keep ``cap // 2``; a power of two, at least 16, at most ``chunk``);
+    the merge kernel reads ``tile`` candidate slots at a time (``one_tile``: all of them at
+    once) with ``merge_warps``, ``cp`` chunk aggregates per row and ``sub`` logits per
+    block of its multi-pass path.
     """
 
     chunk: int
@@ -58,18 +63,22 @@ def plan_launch(vocab: int, max_top_k: int, *, cuda: bool, chunk: int | None = N
     ahead-of-time compile test enumerates its variants through this function, so a launch
     choice made here cannot escape it.
     """
-    kcap = max(0, min(max(int(max_top_k), int(nucleus_candidates)), vocab - 1))
+    top_k = max(0, min(int(max_top_k), vocab - 1))
     if chunk is None:
-        # 4096 at 8 warps compiles without spills on Triton 3.6 and 3.9 (sm_90a, sm_80);
-        # 8192 at 16 warps is capped at 128 registers and spilled 20-24 bytes on 3.6.
-        chunk = 4096 if cuda else 1024
+        # 2048 at 8 warps: 112 registers, no spills on sm_90a (Triton 3.6 and 3.9), so two
+        # blocks of 256 threads share an SM and one's loads hide behind the other's work.
+        # 4096 at 8 warps took 188-214 registers: one block per SM.
+        chunk = CUDA_CHUNK if cuda else 1024
     chunk = max(16, min(next_pow2(int(chunk)), next_pow2(vocab)))
-    cap = min(chunk, next_pow2(max(2 * kcap, 16)))
+    # Every row with k <= max_top_k is exact with cap >= k; top-p/min-p rows without
+    # top-k keep cap // 2. No more: the merge reads n_chunks * cap slots, in registers
+    # while they fit one tile (4096: k = 50 over 63 chunks of Llama-3's vocabulary).
+    cap = min(chunk, next_pow2(max(top_k, 2 * int(nucleus_candidates), 16)))
     n_chunks = cdiv(vocab, chunk)
     tile = min(next_pow2(n_chunks * cap), 4096)
     return LaunchPlan(
         chunk=chunk, cap=cap, n_chunks=n_chunks,
-        chunk_warps=chunk_warps or (4 if chunk <= 2048 else (8 if chunk <= 4096 else 16)),
+        chunk_warps=chunk_warps or (4 if chunk <= 1024 else (8 if chunk <= 4096 else 16)),
         tile=tile, one_tile=tile >= n_chunks * cap, cp=next_pow2(n_chunks),
         sub=min(chunk, 1024),
         # ptxas caps the merge at 128 registers from 8 warps on: with 4 or 8 candidates per

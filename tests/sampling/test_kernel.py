@@ -1,7 +1,8 @@
 """The fused Triton sampler against the reference (SPEC sections 2 to 4).
 
-Without CUDA the kernels run in Triton's interpreter on small shapes (conftest.py chooses it
-before triton is first imported).
+Each kernel test runs twice (conftest.py's ``kernel_device``): compiled on CUDA (``[gpu]``)
+and in Triton's interpreter on CPU tensors (``[interpreter]``, on small shapes; conftest.py
+chooses it before triton is first imported).
 Tests marked ``gpu`` repeat the checks at V = 128256, B = 256 on a CUDA device.
 """
 
@@ -15,7 +16,7 @@ import textwrap
 import pytest
 import torch
 
-from conftest import DEVICE, gpu, require_kernel_runtime
+from conftest import gpu, require_kernel_runtime
 
 require_kernel_runtime()
 
@@ -65,12 +66,12 @@ def random_logits(gen: torch.Generator, batch: int, vocab: int, dtype, ties: boo
     return x.to(dtype)
 
 
-def both(logits, params, window=None, step=0, **kw):
+def both(dev, logits, params, window=None, step=0, **kw):
     """Kernel and reference tokens for the same inputs (reference on the same device)."""
-    got = K.sample(logits.to(DEVICE), params, None if window is None else window.to(DEVICE),
+    got = K.sample(logits.to(dev), params, None if window is None else window.to(dev),
                    step=step, **kw)
-    want = reference.sample(logits.to(DEVICE), params,
-                            None if window is None else window.to(DEVICE), step=step)
+    want = reference.sample(logits.to(dev), params,
+                            None if window is None else window.to(dev), step=step)
     return got.cpu(), want.cpu()
 
 
@@ -80,7 +81,7 @@ def both(logits, params, window=None, step=0, **kw):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("vocab,chunk", [(700, 256), (2500, 1024)])
 @pytest.mark.parametrize("ties", [False, True])
-def test_matches_seeded_reference(dtype, vocab, chunk, ties):
+def test_matches_seeded_reference(kernel_device, dtype, vocab, chunk, ties):
     salt = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}[dtype]
     gen = torch.Generator().manual_seed(vocab + 7 * int(ties) + 100 * salt)
     batch = 8
@@ -88,13 +89,14 @@ def test_matches_seeded_reference(dtype, vocab, chunk, ties):
     params = random_params(gen, batch, vocab)
     window = random_window(gen, batch, vocab)
     for step in (0, 5):
-        got, want = both(logits, params, window, step=step, chunk=chunk)
+        got, want = both(kernel_device, logits, params, window, step=step, chunk=chunk)
         assert torch.equal(got, want), (step, got, want)
 
 
-@pytest.mark.parametrize("k", [1, 3, 10, 40])
-def test_ties_at_kth_value(k):
-    # Many tokens share the k-th largest value; all of them must survive top-k.
+@pytest.mark.parametrize("k", [1, 3, 10, 16, 40])
+def test_ties_at_kth_value(kernel_device, k):
+    # Many tokens share the k-th largest value; all of them must survive top-k. At k = 16
+    # a chunk may keep exactly k candidates (the launch plan's cap).
     gen = torch.Generator().manual_seed(k)
     vocab = 600
     logits = torch.full((6, vocab), -2.0)
@@ -104,14 +106,14 @@ def test_ties_at_kth_value(k):
     params = [SamplingParams(temperature=1.0, top_k=k, seed=s) for s in range(6)]
     picks = set()
     for step in range(4):
-        got, want = both(logits, params, step=step, chunk=256)
+        got, want = both(kernel_device, logits, params, step=step, chunk=256)
         assert torch.equal(got, want)
         picks.update(got.tolist())
     assert picks & set(top[k - 1:].tolist()), "tied tokens at the k-th value never drawn"
 
 
 @pytest.mark.parametrize("chunk", [64, 256])
-def test_ties_beyond_candidate_capacity(chunk):
+def test_ties_beyond_candidate_capacity(kernel_device, chunk):
     # Far more equal values than a chunk may keep: the tie-group path.
     vocab = 1000
     logits = torch.zeros(4, vocab)
@@ -120,19 +122,19 @@ def test_ties_beyond_candidate_capacity(chunk):
     logits[3] = torch.randn(vocab).round()
     params = [SamplingParams(temperature=0.9, top_k=k, seed=3 + k) for k in (2, 3, 5, 9)]
     for step in range(3):
-        got, want = both(logits, params, step=step, chunk=chunk)
+        got, want = both(kernel_device, logits, params, step=step, chunk=chunk)
         assert torch.equal(got, want)
 
 
-def test_greedy_ties_and_penalty():
+def test_greedy_ties_and_penalty(kernel_device):
     logits = torch.tensor([[1.0, 3.0, 3.0, 2.0], [5.0, 1.0, 5.0, 4.9], [2.0, 2.0, 0.5, -1.0]])
     window = torch.tensor([[-1, -1], [0, -1], [0, 0]])
     params = SamplingParams(temperature=0.0, top_k=1, repetition_penalty=1.01, seed=1)
-    got, want = both(logits, params, window)
+    got, want = both(kernel_device, logits, params, window)
     assert got.tolist() == want.tolist() == [1, 2, 1]
 
 
-def test_nan_and_inf_rows():
+def test_nan_and_inf_rows(kernel_device):
     vocab = 300
     gen = torch.Generator().manual_seed(3)
     logits = torch.randn(6, vocab, generator=gen)
@@ -146,7 +148,7 @@ def test_nan_and_inf_rows():
               for i, (t, k) in enumerate([(1, 0), (1, 50), (0.5, 0), (1, 3), (2, 150), (0, 5)])]
     seen = set()
     for step in range(6):
-        got, want = both(logits, params, step=step, chunk=128)
+        got, want = both(kernel_device, logits, params, step=step, chunk=128)
         assert torch.equal(got, want)
         assert torch.isfinite(logits[0, got[0]]) and got[3] == vocab - 1 and got[4] < 100
         assert got[2] == 250 and got[5] == 7
@@ -154,46 +156,46 @@ def test_nan_and_inf_rows():
     assert seen <= {5, 200, 299} and len(seen) > 1
 
 
-def test_empty_row_is_reported():
+def test_empty_row_is_reported(kernel_device):
     logits = torch.randn(3, 200)
     logits[1] = float("nan")
     logits[2] = float("-inf")
     params = SamplingParams(top_k=5, seed=0)
     with pytest.raises(EmptyRowError) as err:
-        K.sample(logits.to(DEVICE), params)
+        K.sample(logits.to(kernel_device), params)
     assert err.value.rows == [1, 2]
-    packed = reference.pack(params, 3, torch.device(DEVICE))
-    steps = torch.zeros(3, dtype=torch.int64, device=DEVICE)
-    tokens, status = K.launch(logits.to(DEVICE), packed, None, steps, max_top_k=5)
+    packed = reference.pack(params, 3, torch.device(kernel_device))
+    steps = torch.zeros(3, dtype=torch.int64, device=kernel_device)
+    tokens, status = K.launch(logits.to(kernel_device), packed, None, steps, max_top_k=5)
     assert status.cpu().tolist() == [0, STATUS_EMPTY, STATUS_EMPTY]
     assert ((tokens >= 0) & (tokens < 200)).all()
 
 
-def test_top_k_beyond_max_top_k_is_flagged():
+def test_top_k_beyond_max_top_k_is_flagged(kernel_device):
     logits = torch.randn(2, 3000)
     params = SamplingParams(top_k=600, seed=0)
     with pytest.raises(RuntimeError, match="max_top_k"):
-        K.sample(logits.to(DEVICE), params, max_top_k=20, chunk=1024)
+        K.sample(logits.to(kernel_device), params, max_top_k=20, chunk=1024)
 
 
-def test_large_k_and_step_tensor():
+def test_large_k_and_step_tensor(kernel_device):
     gen = torch.Generator().manual_seed(11)
     logits = torch.randn(4, 1500, generator=gen)
     params = [SamplingParams(temperature=1.1, top_k=k, seed=k) for k in (300, 1024, 1499, 777)]
     step = torch.tensor([0, 1, 2, 2**32 - 1])
-    got, want = both(logits, params, step=step, chunk=512)
+    got, want = both(kernel_device, logits, params, step=step, chunk=512)
     assert torch.equal(got, want)
 
 
-def test_unseeded_rows_draw_seeds_like_reference():
+def test_unseeded_rows_draw_seeds_like_reference(kernel_device):
     gen = torch.Generator().manual_seed(5)
     logits = torch.randn(4, 500, generator=gen)
     params = [SamplingParams(top_k=20), SamplingParams(top_k=0, seed=9),
               SamplingParams(temperature=0.0), SamplingParams(temperature=0.7, top_k=3)]
     torch.manual_seed(1234)
-    got = K.sample(logits.to(DEVICE), params).cpu()
+    got = K.sample(logits.to(kernel_device), params).cpu()
     torch.manual_seed(1234)
-    want = reference.sample(logits.to(DEVICE), params).cpu()
+    want = reference.sample(logits.to(kernel_device), params).cpu()
     assert torch.equal(got, want)
 
 
@@ -206,7 +208,7 @@ def exact_probs(logits: torch.Tensor, params: SamplingParams, window) -> torch.T
 
 
 @pytest.mark.parametrize("top_k", [0, 5])
-def test_chi_square_against_exact_distribution(top_k):
+def test_chi_square_against_exact_distribution(kernel_device, top_k):
     stats = pytest.importorskip("scipy.stats")
     vocab, batch, steps = 12, 64, (6 if top_k == 0 else 4)
     gen = torch.Generator().manual_seed(2)
@@ -217,8 +219,8 @@ def test_chi_square_against_exact_distribution(top_k):
     params = [SamplingParams(**{**vars(base), "seed": 1000 + i}) for i in range(batch)]
     counts = torch.zeros(vocab)
     for step in range(steps):
-        tok = K.sample(row.expand(batch, vocab).contiguous().to(DEVICE), params,
-                       window.expand(batch, -1).contiguous().to(DEVICE), step=step)
+        tok = K.sample(row.expand(batch, vocab).contiguous().to(kernel_device), params,
+                       window.expand(batch, -1).contiguous().to(kernel_device), step=step)
         counts += torch.bincount(tok.cpu(), minlength=vocab).float()
     probs = exact_probs(row, base, window)
     n = batch * steps
@@ -233,9 +235,9 @@ def test_chi_square_against_exact_distribution(top_k):
     assert stats.chisquare(counts[keep].numpy(), wrong * (n / wrong.sum())).pvalue < 1e-3
 
 
-def test_same_seed_same_tokens_and_steps_differ():
+def test_same_seed_same_tokens_and_steps_differ(kernel_device):
     gen = torch.Generator().manual_seed(8)
-    logits = torch.randn(8, 400, generator=gen).to(DEVICE)
+    logits = torch.randn(8, 400, generator=gen).to(kernel_device)
     params = [SamplingParams(top_k=0, seed=42 + i) for i in range(8)]
     a = K.sample(logits, params, step=3)
     b = K.sample(logits, params, step=3)
@@ -244,15 +246,16 @@ def test_same_seed_same_tokens_and_steps_differ():
     assert not torch.equal(a, c)
 
 
-def test_batch_invariance():
+def test_batch_invariance(kernel_device):
     gen = torch.Generator().manual_seed(9)
     vocab = 900
     logits = torch.randn(6, vocab, generator=gen)
     params = random_params(gen, 6, vocab)
     window = random_window(gen, 6, vocab)
-    full = K.sample(logits.to(DEVICE), params, window.to(DEVICE), step=2, chunk=256).cpu()
+    dev = kernel_device
+    full = K.sample(logits.to(dev), params, window.to(dev), step=2, chunk=256).cpu()
     alone = [
-        int(K.sample(logits[i:i + 1].to(DEVICE), params[i], window[i:i + 1].to(DEVICE),
+        int(K.sample(logits[i:i + 1].to(dev), params[i], window[i:i + 1].to(dev),
                      step=2, chunk=256))
         for i in (0, 3)
     ]
@@ -262,22 +265,22 @@ def test_batch_invariance():
     mates[1], mates[3] = logits[3], logits[0]
     mixed = [params[5], params[3], params[1], params[0]]
     wmix = window[perm]
-    again = K.sample(mates.to(DEVICE), mixed, wmix.to(DEVICE), step=2, chunk=256).cpu()
+    again = K.sample(mates.to(dev), mixed, wmix.to(dev), step=2, chunk=256).cpu()
     assert int(again[1]) == int(full[3]) and int(again[3]) == int(full[0])
 
 
 # ---------------------------------------------------------------------------- dispatch
 
 
-def test_auto_backend_dispatch():
+def test_auto_backend_dispatch(kernel_device):
     assert resolve_backend("auto", torch.device("cpu")) == "reference"
     assert resolve_backend("triton", torch.device("cpu")) == "triton"
     with pytest.raises(ValueError, match="backend"):
         resolve_backend("cuda", torch.device("cpu"))
     logits = torch.randn(3, 100)
     params = SamplingParams(top_k=5, seed=1)
-    got = public_sample(logits.to(DEVICE), params, backend="triton")
-    want = reference.sample(logits.to(DEVICE), params)
+    got = public_sample(logits.to(kernel_device), params, backend="triton")
+    want = reference.sample(logits.to(kernel_device), params)
     assert torch.equal(got, want)
 
 
@@ -311,7 +314,7 @@ def test_gpu_matches_reference_full_size(dtype):
     params = random_params(gen, GPU_B, GPU_V)
     window = random_window(gen, GPU_B, GPU_V, width=64)
     for step in (0, 1, 2):
-        got, want = both(logits, params, window, step=step)
+        got, want = both("cuda", logits, params, window, step=step)
         # Same device, same float ops: only near-ties within rounding may differ.
         assert (got != want).sum() <= 1, (got != want).nonzero()
     # A GPU run replays on the CPU reference.

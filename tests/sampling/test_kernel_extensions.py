@@ -1,8 +1,9 @@
 """The fused Triton sampler's extensions (issue 8) against the reference.
 
 Top-p, min-p, frequency and presence penalties and raw log-probabilities. As in
-``test_kernel.py``, without CUDA the kernels run in Triton's interpreter on small shapes, and
-tests marked ``gpu`` repeat the checks at V = 128256, B = 256.
+``test_kernel.py``, each kernel test runs compiled on CUDA (``[gpu]``) and in Triton's
+interpreter on small shapes (``[interpreter]``), and the ``test_gpu_*`` tests repeat the
+checks at V = 128256, B = 256.
 
 Paths exercised: top-p/min-p over the top-k candidates (one read, candidates in registers
 or in tiles), without top-k with the nucleus among the chunk candidates (one read), and the
@@ -16,7 +17,7 @@ import math
 import pytest
 import torch
 
-from conftest import DEVICE, assert_processed_close, gpu, require_kernel_runtime
+from conftest import assert_processed_close, gpu, require_kernel_runtime
 
 require_kernel_runtime()
 
@@ -63,31 +64,31 @@ def random_window(gen: torch.Generator, batch: int, vocab: int, width: int = 10)
     return win.masked_fill(torch.rand(batch, width, generator=gen) < 0.25, -1)
 
 
-def kernel(logits, params, window=None, step=0, **kw):
-    win = None if window is None else window.to(DEVICE)
-    return K.sample(logits.to(DEVICE), params, win, step=step, **kw)
+def kernel(dev, logits, params, window=None, step=0, **kw):
+    win = None if window is None else window.to(dev)
+    return K.sample(logits.to(dev), params, win, step=step, **kw)
 
 
-def reference_tokens(logits, params, window=None, step=0):
-    win = None if window is None else window.to(DEVICE)
-    return reference.sample(logits.to(DEVICE), params, win, step=step).cpu()
+def reference_tokens(dev, logits, params, window=None, step=0):
+    win = None if window is None else window.to(dev)
+    return reference.sample(logits.to(dev), params, win, step=step).cpu()
 
 
-def assert_same(logits, params, window=None, steps=(0, 1), **kw):
+def assert_same(dev, logits, params, window=None, steps=(0, 1), **kw):
     for step in steps:
-        got = kernel(logits, params, window, step, **kw).cpu()
-        want = reference_tokens(logits, params, window, step)
+        got = kernel(dev, logits, params, window, step, **kw).cpu()
+        want = reference_tokens(dev, logits, params, window, step)
         assert torch.equal(got, want), (step, (got != want).nonzero().flatten().tolist())
 
 
-def slow_rows(logits, params, window=None, **kw) -> list[int]:
+def slow_rows(dev, logits, params, window=None, **kw) -> list[int]:
     """Rows that took the multi-pass path (from the launch's status)."""
     batch = logits.shape[0]
-    packed = reference.pack(params, batch, torch.device(DEVICE))
-    steps = torch.zeros(batch, dtype=torch.int64, device=DEVICE)
+    packed = reference.pack(params, batch, torch.device(dev))
+    steps = torch.zeros(batch, dtype=torch.int64, device=dev)
     max_k = max(max(p.top_k for p in params), 0)
-    _tok, status = K.launch(logits.to(DEVICE), packed,
-                            None if window is None else window.to(DEVICE), steps,
+    _tok, status = K.launch(logits.to(dev), packed,
+                            None if window is None else window.to(dev), steps,
                             max_top_k=max_k, **kw)
     return ((status.cpu() & STATUS_SLOW) != 0).nonzero().flatten().tolist()
 
@@ -97,14 +98,14 @@ def slow_rows(logits, params, window=None, **kw) -> list[int]:
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("vocab,chunk,nucleus", [(700, 256, None), (1500, 512, 2)])
-def test_matches_reference_random_params(dtype, vocab, chunk, nucleus):
+def test_matches_reference_random_params(kernel_device, dtype, vocab, chunk, nucleus):
     gen = torch.Generator().manual_seed(vocab + (dtype == torch.bfloat16))
     batch = 12
     scale = torch.tensor([0.3, 1.0, 3.0]).repeat(batch // 3).unsqueeze(1)
     logits = (torch.randn(batch, vocab, generator=gen) * scale).to(dtype)
     params = random_params(gen, batch, vocab)
     window = random_window(gen, batch, vocab)
-    assert_same(logits, params, window, chunk=chunk, nucleus_candidates=nucleus)
+    assert_same(kernel_device, logits, params, window, chunk=chunk, nucleus_candidates=nucleus)
 
 
 ALONE = [
@@ -116,7 +117,7 @@ ALONE = [
 
 @pytest.mark.parametrize("top_k", [0, 30])
 @pytest.mark.parametrize("extra", ALONE, ids=lambda d: ",".join(f"{k}={v}" for k, v in d.items()))
-def test_each_parameter_alone_and_combined(extra, top_k):
+def test_each_parameter_alone_and_combined(kernel_device, extra, top_k):
     gen = torch.Generator().manual_seed(len(str(extra)) + top_k)
     vocab, batch = 600, 8
     logits = torch.randn(batch, vocab, generator=gen) * 1.5
@@ -125,10 +126,10 @@ def test_each_parameter_alone_and_combined(extra, top_k):
     logits.scatter_(1, window.clamp_min(0), 4.0)
     params = [SamplingParams(temperature=t, top_k=top_k, seed=31 * i, **extra)
               for i, t in enumerate([1.0, 0.7, 1.3, 0.0] * 2)]
-    assert_same(logits, params, window, steps=(0, 1, 2), chunk=256)
+    assert_same(kernel_device, logits, params, window, steps=(0, 1, 2), chunk=256)
 
 
-def test_penalties_with_duplicates_and_greedy():
+def test_penalties_with_duplicates_and_greedy(kernel_device):
     # Greedy rows see the OpenAI penalties too (T_eff = 1); counts are raw in "once" mode.
     logits = torch.tensor([[3.0, 2.9, 1.0, 0.0], [3.0, 2.5, 2.6, 0.0], [1.0, 1.2, 0.0, 0.0]])
     window = torch.tensor([[0, 0, -1], [0, 2, 2], [1, 1, 1]])
@@ -136,13 +137,14 @@ def test_penalties_with_duplicates_and_greedy():
               SamplingParams(temperature=0.0, presence_penalty=0.6, penalty_mode="once", seed=2),
               SamplingParams(temperature=0.0, frequency_penalty=0.05, presence_penalty=0.02,
                              repetition_penalty=1.1, seed=3)]
-    got = kernel(logits, params, window).cpu()
-    assert got.tolist() == reference_tokens(logits, params, window).tolist() == [1, 1, 0]
+    got = kernel(kernel_device, logits, params, window).cpu()
+    want = reference_tokens(kernel_device, logits, params, window)
+    assert got.tolist() == want.tolist() == [1, 1, 0]
 
 
 @pytest.mark.parametrize("top_p", [0.25, 0.5, 0.6, 0.75, 0.9])
 @pytest.mark.parametrize("top_k", [0, 7])
-def test_ties_at_the_top_p_boundary(top_p, top_k):
+def test_ties_at_the_top_p_boundary(kernel_device, top_p, top_k):
     # Integer logits: groups of equal values, top-p cuts at group boundaries; a group is
     # kept or dropped whole.
     vocab = 400
@@ -154,8 +156,9 @@ def test_ties_at_the_top_p_boundary(top_p, top_k):
     params = [SamplingParams(temperature=1.0, top_p=top_p, top_k=top_k, seed=s) for s in range(4)]
     drawn = set()
     for step in range(5):
-        got = kernel(logits, params, step=step, chunk=128, nucleus_candidates=4).cpu()
-        assert torch.equal(got, reference_tokens(logits, params, step=step))
+        got = kernel(kernel_device, logits, params, step=step, chunk=128,
+                     nucleus_candidates=4).cpu()
+        assert torch.equal(got, reference_tokens(kernel_device, logits, params, step=step))
         drawn.update(got.tolist())
     z = reference.filtered_logits(logits[:1], params[0])[0]
     kept = set((z > float("-inf")).nonzero().flatten().tolist())
@@ -166,7 +169,7 @@ def test_ties_at_the_top_p_boundary(top_p, top_k):
 
 
 @pytest.mark.parametrize("top_k", [0, 20])
-def test_min_p_boundary(top_k):
+def test_min_p_boundary(kernel_device, top_k):
     # exp(d) vs min_p just below and just above exp(d) (float64): kept, then dropped. Both
     # backends compare d with the same float32 threshold, so no exp rounding (NumPy's under
     # the interpreter, torch's, CUDA's) can move the edge.
@@ -183,13 +186,13 @@ def test_min_p_boundary(top_k):
                       for s in range(2)]
             drawn = set()
             for step in range(4 if d == -1.0 else 1):
-                got = kernel(logits, params, step=step, chunk=128).cpu()
-                assert torch.equal(got, reference_tokens(logits, params, step=step))
+                got = kernel(kernel_device, logits, params, step=step, chunk=128).cpu()
+                assert torch.equal(got, reference_tokens(kernel_device, logits, params, step=step))
                 drawn.update(got.tolist())
             assert drawn <= members
 
 
-def test_multi_pass_path_is_exact():
+def test_multi_pass_path_is_exact(kernel_device):
     # Flat rows whose nucleus is far larger than the chunks' candidates.
     gen = torch.Generator().manual_seed(3)
     vocab, batch = 2000, 6
@@ -200,24 +203,24 @@ def test_multi_pass_path_is_exact():
               for i, (p, m) in enumerate([(0.9, 0.0), (0.5, 0.0), (1.0, 0.3), (0.8, 0.2),
                                           (0.99, 0.0), (0.6, 0.9)])]
     kw = dict(chunk=512, nucleus_candidates=2)
-    assert slow_rows(logits, params, window, **kw) == [0, 1, 2, 3, 4]
-    assert_same(logits, params, window, steps=(0, 1), **kw)
+    assert slow_rows(kernel_device, logits, params, window, **kw) == [0, 1, 2, 3, 4]
+    assert_same(kernel_device, logits, params, window, steps=(0, 1), **kw)
     # With enough candidates, min-p rules out the tail and top-p finds the nucleus.
     peaked = logits * 12
-    assert slow_rows(peaked, params, window, chunk=512, nucleus_candidates=64) == []
-    assert_same(peaked, params, window, steps=(0,), chunk=512, nucleus_candidates=64)
+    assert slow_rows(kernel_device, peaked, params, window, chunk=512, nucleus_candidates=64) == []
+    assert_same(kernel_device, peaked, params, window, steps=(0,), chunk=512, nucleus_candidates=64)
 
 
-def test_large_k_with_top_p_in_tiles():
+def test_large_k_with_top_p_in_tiles(kernel_device):
     # n_chunks * cap above one merge tile: the candidates are streamed in tiles.
     gen = torch.Generator().manual_seed(12)
     logits = torch.randn(3, 5000, generator=gen)
     params = [SamplingParams(temperature=1.0, top_k=k, top_p=p, min_p=m, seed=k)
               for k, p, m in ((1024, 0.9, 0.0), (700, 0.5, 0.05), (1000, 1.0, 0.2))]
-    assert_same(logits, params, steps=(0,), chunk=1024)
+    assert_same(kernel_device, logits, params, steps=(0,), chunk=1024)
 
 
-def test_inf_and_nan_rows_skip_the_filters():
+def test_inf_and_nan_rows_skip_the_filters(kernel_device):
     vocab = 300
     logits = torch.randn(3, vocab, generator=torch.Generator().manual_seed(2))
     logits[0, [4, 77]] = float("inf")  # +inf survivors: top-p and min-p are skipped
@@ -225,7 +228,7 @@ def test_inf_and_nan_rows_skip_the_filters():
     logits[2, 50:] = float("-inf")
     for top_k in (0, 40):
         params = SamplingParams(temperature=1.0, top_k=top_k, top_p=0.3, min_p=0.2, seed=9)
-        assert_same(logits, params, steps=(0, 1, 2), chunk=128)
+        assert_same(kernel_device, logits, params, steps=(0, 1, 2), chunk=128)
 
 
 # ---------------------------------------------------------------------------- randomness
@@ -245,7 +248,7 @@ CHI = [
 
 
 @pytest.mark.parametrize("name,extra,wrong", CHI, ids=[c[0] for c in CHI])
-def test_chi_square_against_exact_distribution(name, extra, wrong):
+def test_chi_square_against_exact_distribution(kernel_device, name, extra, wrong):
     stats = pytest.importorskip("scipy.stats")
     from chi_square_power import noncentral_power
 
@@ -260,7 +263,7 @@ def test_chi_square_against_exact_distribution(name, extra, wrong):
     params = [SamplingParams(**{**vars(base), "seed": 500 + i}) for i in range(batch)]
     counts = torch.zeros(vocab)
     for step in range(steps):
-        tok = kernel(row.expand(batch, vocab).contiguous(), params,
+        tok = kernel(kernel_device, row.expand(batch, vocab).contiguous(), params,
                      window.expand(batch, -1).contiguous(), step=step, chunk=vocab)
         counts += torch.bincount(tok.cpu(), minlength=vocab).float()
     probs = exact_probs(row, base, window)
@@ -299,7 +302,7 @@ def log_softmax64(logits: torch.Tensor) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_logprobs_against_float64(dtype):
+def test_logprobs_against_float64(kernel_device, dtype):
     gen = torch.Generator().manual_seed(17)
     vocab, batch = 900, 6
     logits = (torch.randn(batch, vocab, generator=gen) * 4).to(dtype)
@@ -307,8 +310,9 @@ def test_logprobs_against_float64(dtype):
               for i, (t, k, p, n) in enumerate([(1.0, 0, 1.0, 5), (0.0, 0, 1.0, 0),
                                                 (0.7, 20, 0.9, 20), (1.3, 0, 0.5, 3),
                                                 (1.0, 3, 1.0, 1), (2.0, 0, 0.95, 7)])]
-    tokens, lp = kernel(logits, params, step=4, chunk=256, return_logprobs=True)
-    want_tokens, want = reference.sample(logits.to(DEVICE), params, step=4, return_logprobs=True)
+    tokens, lp = kernel(kernel_device, logits, params, step=4, chunk=256, return_logprobs=True)
+    want_tokens, want = reference.sample(logits.to(kernel_device), params, step=4,
+                                         return_logprobs=True)
     assert torch.equal(tokens.cpu(), want_tokens.cpu())
     exact = log_softmax64(logits.float())
     got_tok = exact.gather(1, tokens.cpu().view(-1, 1)).squeeze(1)
@@ -321,15 +325,15 @@ def test_logprobs_against_float64(dtype):
     assert torch.allclose(lp.token_logprob.cpu(), want.token_logprob.cpu(), atol=2e-5, rtol=0)
 
 
-def test_logprobs_special_rows_match_reference():
+def test_logprobs_special_rows_match_reference(kernel_device):
     vocab = 300
     logits = torch.randn(4, vocab, generator=torch.Generator().manual_seed(1))
     logits[0, [3, 150, 299]] = float("inf")  # they share the mass: log(1/3)
     logits[1, ::2] = float("nan")  # NaN counts as -inf
     logits[2, :] = 1.0  # all equal: ties in the top alternatives, lower ids first
     params = SamplingParams(temperature=1.0, top_k=0, logprobs=4, seed=3)
-    tokens, lp = kernel(logits, params, chunk=128, return_logprobs=True)
-    want_tokens, want = reference.sample(logits.to(DEVICE), params, return_logprobs=True)
+    tokens, lp = kernel(kernel_device, logits, params, chunk=128, return_logprobs=True)
+    want_tokens, want = reference.sample(logits.to(kernel_device), params, return_logprobs=True)
     assert torch.equal(tokens.cpu(), want_tokens.cpu())
     assert torch.equal(lp.top_ids.cpu(), want.top_ids.cpu())
     assert torch.allclose(lp.token_logprob.cpu(), want.token_logprob.cpu(), atol=1e-5)
@@ -338,11 +342,11 @@ def test_logprobs_special_rows_match_reference():
     assert lp.top_ids[2].tolist() == [0, 1, 2, 3]
 
 
-def test_no_logprobs_requested_gives_empty_alternatives():
+def test_no_logprobs_requested_gives_empty_alternatives(kernel_device):
     logits = torch.randn(2, 100)
-    tokens, lp = kernel(logits, SamplingParams(seed=1), return_logprobs=True)
+    tokens, lp = kernel(kernel_device, logits, SamplingParams(seed=1), return_logprobs=True)
     assert lp.top_ids.shape == (2, 0) and lp.top_logprobs.shape == (2, 0)
-    assert torch.equal(tokens, kernel(logits, SamplingParams(seed=1)))
+    assert torch.equal(tokens, kernel(kernel_device, logits, SamplingParams(seed=1)))
 
 
 # ---------------------------------------------------------------------------- processed
@@ -353,13 +357,13 @@ def processed_rows(gen, batch, vocab, top_k):
                          logprobs_mode="processed")
 
 
-def assert_processed_kernel(logits, rows, window, steps, **kw):
+def assert_processed_kernel(dev, logits, rows, window, steps, **kw):
     """The kernel's processed log-probabilities against float64 and against the reference
     (same tokens, same survivors listed, values within 1e-5)."""
     for step in steps:
-        tokens, lp = kernel(logits, rows, window, step, return_logprobs=True, **kw)
-        win = None if window is None else window.to(DEVICE)
-        want_tokens, want = reference.sample(logits.to(DEVICE), rows, win, step=step,
+        tokens, lp = kernel(dev, logits, rows, window, step, return_logprobs=True, **kw)
+        win = None if window is None else window.to(dev)
+        want_tokens, want = reference.sample(logits.to(dev), rows, win, step=step,
                                              return_logprobs=True)
         assert torch.equal(tokens.cpu(), want_tokens.cpu())
         assert_processed_close(lp.token_logprob.cpu(), lp.top_ids.cpu(), lp.top_logprobs.cpu(),
@@ -372,7 +376,7 @@ def assert_processed_kernel(logits, rows, window, steps, **kw):
 
 
 @pytest.mark.parametrize("coarse", [False, True])
-def test_processed_logprobs_against_float64(coarse):
+def test_processed_logprobs_against_float64(kernel_device, coarse):
     # Temperatures, penalties, every filter alone and combined (random_params), ties at the
     # k-th place and in the nucleus (coarse), +inf and NaN rows, greedy rows.
     gen = torch.Generator().manual_seed(40 + coarse)
@@ -384,20 +388,20 @@ def test_processed_logprobs_against_float64(coarse):
     logits[1, ::3] = float("nan")
     window = random_window(gen, batch, vocab)
     rows = processed_rows(gen, batch, vocab, [0, 0, 3, 40])
-    assert_processed_kernel(logits, rows, window, steps=(0, 1), chunk=128)
+    assert_processed_kernel(kernel_device, logits, rows, window, steps=(0, 1), chunk=128)
 
 
-def test_processed_logprobs_sum_to_one_over_the_survivors():
+def test_processed_logprobs_sum_to_one_over_the_survivors(kernel_device):
     # V = 20: the 20 alternatives list every survivor.
     gen = torch.Generator().manual_seed(44)
     batch, vocab = 8, 20
     logits = torch.randn(batch, vocab, generator=gen) * 3
     window = random_window(gen, batch, vocab, width=5)
     rows = processed_rows(gen, batch, vocab, [0, 6])
-    assert_processed_kernel(logits, rows, window, steps=(0,), chunk=16)
+    assert_processed_kernel(kernel_device, logits, rows, window, steps=(0,), chunk=16)
 
 
-def test_processed_logprobs_on_the_multi_pass_path_and_in_tiles():
+def test_processed_logprobs_on_the_multi_pass_path_and_in_tiles(kernel_device):
     gen = torch.Generator().manual_seed(45)
     vocab = 2000
     flat = torch.randn(4, vocab, generator=gen) * 0.5
@@ -405,29 +409,30 @@ def test_processed_logprobs_on_the_multi_pass_path_and_in_tiles():
                            logprobs_mode="processed")
             for i, (p, m) in enumerate([(0.9, 0.0), (1.0, 0.3), (0.8, 0.2), (0.6, 0.9)])]
     kw = dict(chunk=512, nucleus_candidates=2)
-    assert slow_rows(flat, rows, **kw) == [0, 1, 2]
-    assert_processed_kernel(flat, rows, None, steps=(0,), **kw)
+    assert slow_rows(kernel_device, flat, rows, **kw) == [0, 1, 2]
+    assert_processed_kernel(kernel_device, flat, rows, None, steps=(0,), **kw)
     big = torch.randn(2, 5000, generator=gen)
     rows = [SamplingParams(temperature=1.0, top_k=k, top_p=p, seed=k, logprobs=20,
                            logprobs_mode="processed") for k, p in ((1024, 0.9), (700, 1.0))]
-    assert_processed_kernel(big, rows, None, steps=(0,), chunk=1024)
+    assert_processed_kernel(kernel_device, big, rows, None, steps=(0,), chunk=1024)
 
 
-def test_processed_and_raw_rows_in_one_launch():
+def test_processed_and_raw_rows_in_one_launch(kernel_device):
     gen = torch.Generator().manual_seed(46)
     logits = torch.randn(6, 300, generator=gen) * 2
     rows = random_params(gen, 6, 300, top_k=[0, 10], logprobs=5)
     rows = [SamplingParams(**{**vars(p), "logprobs_mode": "processed" if i % 2 else "raw"})
             for i, p in enumerate(rows)]
-    tokens, lp = kernel(logits, rows, step=2, chunk=128, return_logprobs=True)
-    want_tokens, want = reference.sample(logits.to(DEVICE), rows, step=2, return_logprobs=True)
+    tokens, lp = kernel(kernel_device, logits, rows, step=2, chunk=128, return_logprobs=True)
+    want_tokens, want = reference.sample(logits.to(kernel_device), rows, step=2,
+                                         return_logprobs=True)
     assert torch.equal(tokens.cpu(), want_tokens.cpu())
     assert torch.allclose(lp.token_logprob.cpu(), want.token_logprob.cpu(), atol=1e-5, rtol=0)
     assert torch.equal(lp.top_ids.cpu(), want.top_ids.cpu())
 
 
 @pytest.mark.parametrize("top_k", [0, 4])
-def test_top_p_edge_same_survivors_as_the_exact_rule(top_k):
+def test_top_p_edge_same_survivors_as_the_exact_rule(kernel_device, top_k):
     # Token 0 holds 0.99999989 of the mass: top_p = 0.9999999 keeps token 1 (the exact
     # rule, and transformers); top_p rounded to float32 (0.99999988) would drop it.
     logits = torch.full((2, 40), float("-inf"))
@@ -436,11 +441,11 @@ def test_top_p_edge_same_survivors_as_the_exact_rule(top_k):
     logits[1, 1] = math.log(1e-8)  # mass above: 0.99999999, dropped
     rows = [SamplingParams(temperature=1.0, top_k=top_k, top_p=0.9999999, logprobs=3,
                            logprobs_mode="processed", seed=i) for i in range(2)]
-    _, lp = kernel(logits, rows, chunk=16, return_logprobs=True)
+    _, lp = kernel(kernel_device, logits, rows, chunk=16, return_logprobs=True)
     assert lp.top_ids.cpu().tolist() == [[0, 1, -1], [0, -1, -1]]
 
 
-def test_min_p_edges_same_survivors_as_the_exact_rule():
+def test_min_p_edges_same_survivors_as_the_exact_rule(kernel_device):
     gen = torch.Generator().manual_seed(17)
     ds = (-torch.rand(12, generator=gen) * 6).tolist()
     logits, rows, keep = [], [], []
@@ -453,7 +458,7 @@ def test_min_p_edges_same_survivors_as_the_exact_rule():
                                        logprobs=4, logprobs_mode="processed", seed=i))
             keep.append(kept)
     logits = torch.stack(logits)
-    _, lp = kernel(logits, rows, chunk=16, return_logprobs=True)
+    _, lp = kernel(kernel_device, logits, rows, chunk=16, return_logprobs=True)
     got = [1 in ids for ids in lp.top_ids.cpu().tolist()]
     assert got == keep
     _, want = reference.sample(logits, rows, return_logprobs=True)
