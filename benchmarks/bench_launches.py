@@ -403,21 +403,22 @@ def predict(gpu: str, device: str, batches: tuple[int, ...] = (1, 64),
     """Predicted per-kernel times of a decode step (:mod:`launch_model`) of the article's
     model and Llama-3.2-1B, at each batch and ``context``.
 
-    Which kernels run is counted once, on :data:`STRUCTURE`, a small model with the same
-    kernels per layer (under the interpreter off CUDA: seconds, not minutes), one step at
-    one row after a 16-token prompt: the kernels of a step depend on the batch and the
-    context only through the attention's splits (the sampler's plan depends on the
-    vocabulary and top-k), which :func:`launch_model.predict_step` takes from the real
-    shapes' plan (bfloat16, as on a GPU). The bytes come from each real model's shapes.
+    Which kernels run is counted once per batch size, on :data:`STRUCTURE`, a small model
+    with the same kernels per layer (under the interpreter off CUDA: seconds, not minutes),
+    one step after a 16-token prompt: the batch picks the MLP's launches (one fused launch
+    up to ``fused_mlp.use_fused_mlp`` rows, cuBLAS and SwiGLU above), the context changes
+    only the attention's splits (the sampler's plan depends on the vocabulary and top-k),
+    which :func:`launch_model.predict_step` takes from the real shapes' plan (bfloat16, as
+    on a GPU). The bytes come from each real model's shapes.
     """
     config = LlamaConfig.from_dict(dict(ARTICLE.to_dict(), **STRUCTURE))
     small = launch_model.Shapes.of(config.to_dict())
-    counted = count_step(build(config, device), 1, "triton", prompt_len=16, tokens=2,
-                         events=True)
-    if not counted["fused"]:
-        raise RuntimeError("the small model did not run the fused decode step")
+    model = build(config, device)
     out = []
     for batch in batches:
+        counted = count_step(model, batch, "triton", prompt_len=16, tokens=2, events=True)
+        if not counted["fused"]:
+            raise RuntimeError("the small model did not run the fused decode step")
         for name, real in launch_model.MODELS.items():
             splits = plan_attention(batch, real.kv_heads, real.heads // real.kv_heads,
                                     real.head_dim, context, torch.bfloat16).n_splits

@@ -11,15 +11,19 @@ read once, each output written once), from the real shapes, in the GPU's dtype (
 
 - matmul (cuBLAS: ``aten::mm``, ``addmm``, ``bmm``, ...): the weight ``K x N`` plus the
   ``B x K`` input and ``B x N`` output (the weight dominates at small batches);
-- ``attn_partial_kernel``: the query, and the K and V slots of the context (``B x KV x
-  ctx x D`` each, not the whole cache); writes the output, or with several splits the
-  float32 partial records (``B x H x splits x (D + 2)``), which ``attn_combine_kernel``
-  reads back; whether a combine runs, and with how many splits, is the real shapes' plan
-  (``fused_ops.plan_attention``), not the small model's;
-- ``rope_cache_kernel``: the fused ``qkv`` row in, the rotated query out, K and V written
-  to one slot; ``add_rmsnorm_kernel``: input and residual in, both out; ``swiglu_kernel``:
-  ``B x 2I`` in, ``B x I`` out; ``chunk_kernel`` (the sampler): the logits rows ``B x V``;
-  ``aten::embedding`` and ``index_select``: ``B`` rows of the table in and out;
+- ``attn_decode_kernel``: the query (with the rotary inside: the fused ``qkv`` row and
+  the rotary tables' row, and K and V written to one slot), the K and V slots of the
+  context (``B x KV x ctx x D`` each, not the whole cache), the output; with several splits
+  also the float32 partial records (``B x H x splits x (D + 2)``) written by every split
+  and read back by the last one; with how many splits is the real shapes' plan
+  (``fused_attention.plan_attention``), not the small model's.
+- ``rope_cache_kernel`` (the multi-token path): the fused ``qkv`` row in, the rotated
+  query out, K and V written to one slot; ``add_rmsnorm_kernel``: input and residual in,
+  both out; ``embed_rmsnorm_kernel``: ``B`` embedding rows in, the residual and its norm
+  out; ``swiglu_kernel``: ``B x 2I`` in, ``B x I`` out; ``gate_up_swiglu_kernel``: the
+  gate/up weight ``2I x hidden``, ``B x hidden`` in, ``B x I`` out; ``chunk_kernel`` (the
+  sampler): the logits rows ``B x V``; ``aten::embedding`` and ``index_select``: ``B``
+  rows of the table in and out;
 - any other kernel (the sampler's set-up and merge, the bookkeeping, small aten ops):
   the bytes of its tensors as counted on the small model (they are small: the floor).
 
@@ -98,10 +102,13 @@ def kernel_bytes(event: dict, batch: int, context: int, small: Shapes, real: Sha
     if event.get("mm"):
         (kname, k), (nname, n) = (real_dim(v, small, real) for v in event["mm"])
         return e * (k * n + b * (k + n)), f"matmul {kname}->{nname}"
+    records = 0 if splits == 1 else 2 * b * r.heads * splits * (r.head_dim + 2) * F32
+    rotary = e * b * 2 * (kvd + r.kv_heads * r.head_dim) + 2 * b * r.head_dim * F32
     rules = {
-        "attn_partial_kernel": e * (b * hd + 2 * b * context * kvd)
-        + (b * hd * e if splits == 1 else b * r.heads * splits * (r.head_dim + 2) * F32),
-        "attn_combine_kernel": b * r.heads * splits * (r.head_dim + 2) * F32 + b * hd * e,
+        "attn_decode_kernel": e * (2 * b * hd + 2 * b * context * kvd) + records + rotary,
+        "embed_rmsnorm_kernel": e * (3 * b * r.hidden + r.hidden),
+        "gate_up_swiglu_kernel": e * (2 * r.intermediate * r.hidden + b * r.hidden
+                                      + b * r.intermediate),
         "rope_cache_kernel": e * b * ((r.heads + 2 * r.kv_heads) * r.head_dim + hd + 2 * kvd)
         + 2 * b * r.head_dim * F32,
         "add_rmsnorm_kernel": e * (4 * b * r.hidden + r.hidden),
@@ -122,8 +129,8 @@ def predict_step(events: list[dict], small: Shapes, real: Shapes, batch: int, co
 
     ``events``: the launches of one step of the small model, in order, each with
     ``component`` (``model.layers`` ones are the small model's ``small.layers`` layers).
-    The real step is the events outside the layers plus ``real.layers`` times one layer's;
-    the attention's combine runs when the real plan has ``splits > 1``.
+    The real step is the events outside the layers plus ``real.layers`` times one layer's
+    (the attention is one launch at any split count; ``splits`` sizes its bytes).
 
     Returns
     -------
@@ -137,11 +144,6 @@ def predict_step(events: list[dict], small: Shapes, real: Shapes, batch: int, co
     if len(per_layer) % small.layers:
         raise ValueError(f"{len(per_layer)} layer launches are not {small.layers} alike layers")
     one_layer = per_layer[: len(per_layer) // small.layers]
-    one_layer = [e for e in one_layer if e["name"] != "attn_combine_kernel"]
-    if splits > 1:
-        at = [i for i, e in enumerate(one_layer) if e["name"] == "attn_partial_kernel"]
-        for i in reversed(at):
-            one_layer.insert(i + 1, dict(one_layer[i], name="attn_combine_kernel"))
     others = [e for e in events if e["component"] != "model.layers"]
     step = [(e, 1) for e in others] + [(e, real.layers) for e in one_layer]
     rows: dict[str, dict] = {}
