@@ -52,7 +52,8 @@ def gate_up_swiglu_kernel(x_ptr, w_ptr, b_ptr, out_ptr, M, K, inter,
             acc_u += tl.dot(x, tl.trans(wu), input_precision="ieee")
         else:
             # The interpreter cannot tl.dot bfloat16: the same products in float32 (those of
-            # two bf16/fp16 values are exact there), summed over the tile.
+            # two bf16/fp16 values are exact there), each row summed on its own (a matmul's
+            # order would depend on the row's place in the tile, and so on the batch).
             xf = x.to(tl.float32)[:, None, :]
             acc_g += tl.sum(xf * wg.to(tl.float32)[None, :, :], axis=2)
             acc_u += tl.sum(xf * wu.to(tl.float32)[None, :, :], axis=2)

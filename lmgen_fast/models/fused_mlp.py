@@ -24,15 +24,14 @@ from lmgen_fast.runtime.launch import KernelCall, run_calls
 
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 KERNELS = ("gate_up_swiglu_kernel",)
-# tl.dot's smallest M; also the row block of the elementwise path, so that both paths give
-# each row the same tiles whatever the batch.
+# tl.dot's smallest M: every row gets the same tiles whatever the batch.
 BLOCK_M = 16
 # Programs to reach at one row: one per SM of an H100/H200 (132 SMs). At one row the kernel
 # reads the weight once; it is bandwidth-bound only if every SM has loads in flight.
 TARGET_PROGRAMS = 132
 BLOCK_NS = (64, 32, 16)  # widest first: fewer programs re-reading x, longer weight runs
 ROW_BYTES = 256  # a K tile row: 16 lanes of 16-byte loads
-ELEMENTWISE_TILE = 8192  # products per K step of the elementwise path (32 per thread)
+INTERPRETER_TILE = 1 << 18  # products per step on the interpreter's path
 # Rows up to which the fused op is the better choice (see use_fused_mlp).
 FUSED_MAX_ROWS = 32
 
@@ -49,29 +48,33 @@ class MlpPlan(NamedTuple):
     num_stages: int
 
 
-def plan_gate_up(inter: int, k: int, dtype: torch.dtype, dot: bool = True) -> MlpPlan:
+def plan_gate_up(inter: int, k: int, dtype: torch.dtype, dot: bool = True,
+                 rows: int = BLOCK_M) -> MlpPlan:
     """Tiles for an intermediate size ``inter`` and input width ``k``, host ints only.
 
     ``block_n`` is the widest of :data:`BLOCK_NS` that still gives :data:`TARGET_PROGRAMS`
     programs at one row (16 below that): the article's ``I = 3072`` gets 16 (192 programs),
     Llama-3.2-1B's ``I = 8192`` gets 32 (256 programs), ``I = 14336`` gets 64. ``block_k``
     makes each weight row of a tile :data:`ROW_BYTES` long (wide, coalesced loads), or
-    covers a shorter ``k``. The elementwise path (``dot=False``, the interpreter's) holds a
-    ``[16, block_n, block_k]`` product tile in registers, so it keeps that to
-    :data:`ELEMENTWISE_TILE` elements. Both paths take 8 warps. At 4, each of tl.dot's
-    warps held a whole K step's operands and the 16- and 64-column tiles spilled 8 to 16
-    bytes (sm_80, sm_90a; Triton 3.9), and the elementwise tiles compiled twice as slowly
-    (or spilled on sm_80 when halved); at 8 no variant spills.
+    covers a shorter ``k``. ``dot=False`` is the interpreter's path (elementwise float32
+    products, as it cannot tl.dot bfloat16): ``rows`` rounded up to a power of two (at most
+    16) by tiles of up to :data:`INTERPRETER_TILE` products, since there every program and
+    loop step costs Python time (16 x 16 x 32 tiles took 20 s per layer of the article's
+    model). 8 warps: at 4, each of tl.dot's warps held a
+    whole K step's operands and the 16- and 64-column tiles spilled 8 to 16 bytes (sm_80,
+    sm_90a; Triton 3.9); at 8 no variant spills.
     """
     if inter < 1 or k < 1:
         raise ValueError(f"inter and k must be positive, got {inter} and {k}")
     block_n = next((n for n in BLOCK_NS if cdiv(inter, n) >= TARGET_PROGRAMS), BLOCK_NS[-1])
     if dot:
         block_k = min(ROW_BYTES // dtype.itemsize, max(16, next_pow2(k)))
-    else:
-        block_n = min(block_n, 32)
-        block_k = ELEMENTWISE_TILE // (BLOCK_M * block_n)
-    return MlpPlan(BLOCK_M, block_n, block_k, dot, num_warps=8, num_stages=3)
+        return MlpPlan(BLOCK_M, block_n, block_k, dot, num_warps=8, num_stages=3)
+    # The interpreter: few programs and steps, each a large NumPy product tile.
+    block_m = min(BLOCK_M, next_pow2(max(1, rows)))
+    block_n = min(256, max(16, next_pow2(inter)))
+    block_k = max(16, min(next_pow2(k), INTERPRETER_TILE // (block_m * block_n)))
+    return MlpPlan(block_m, block_n, block_k, dot, num_warps=8, num_stages=3)
 
 
 def use_fused_mlp(m: int) -> bool:
@@ -148,9 +151,9 @@ def gate_up_swiglu_call(
     if cuda is None:
         cuda = h.device.type == "cuda"
     if plan is None:
-        plan = plan_gate_up(inter, k, h.dtype, dot=cuda)
-    if plan.block_m != BLOCK_M:
-        raise ValueError(f"plan.block_m must be {BLOCK_M}, got {plan.block_m}")
+        plan = plan_gate_up(inter, k, h.dtype, dot=cuda, rows=m)
+    if plan.dot and plan.block_m != BLOCK_M:  # tl.dot's smallest M
+        raise ValueError(f"plan.block_m must be {BLOCK_M} with tl.dot, got {plan.block_m}")
     if out is None:
         out = torch.empty(m, inter, dtype=h.dtype, device=h.device)
     call = KernelCall(
@@ -200,16 +203,17 @@ COMPILE_SHAPES = ((3072, 768), (8192, 2048), (14336, 4096))
 
 def compile_calls() -> list[KernelCall]:
     """One call per specialisation the launcher chooses for :data:`COMPILE_SHAPES`, planned
-    on ``meta`` tensors: every dtype and product path at one row (the JIT makes ``M = 1`` a
-    constant), tl.dot's at two rows too; with and without bias (at the first shape)."""
+    on ``meta`` tensors: every dtype at one row (the JIT makes ``M = 1`` a constant) and at
+    two; with and without bias (at the first shape). The interpreter's path is not
+    compiled."""
     calls: list[KernelCall] = []
     for dtype in FLOAT_DTYPES:
         t = dict(dtype=dtype, device="meta")
         for n, (inter, k) in enumerate(COMPILE_SHAPES):
             w = torch.empty(2 * inter, k, **t)
             for bias in (None, torch.empty(2 * inter, **t)) if n == 0 else (None,):
-                for m, dot in ((1, True), (2, True), (1, False)):
-                    plan = plan_gate_up(inter, k, dtype, dot=dot)
+                for m in (1, 2):  # dot=False is the interpreter's: never compiled
+                    plan = plan_gate_up(inter, k, dtype, dot=True)
                     h = torch.empty(m, k, **t)
                     calls.append(gate_up_swiglu_call(h, w, bias, plan=plan, cuda=True)[0])
     return calls
