@@ -23,8 +23,9 @@ demo: $(STAMP)
 	$(VENV)/bin/lmgen-fast generate "The list type" --max-tokens 60 --seed 0 \
 		--temperature 0.8 --repetition-penalty 1.2
 
+# One worker per core; a module's tests stay on one worker (module fixtures run once).
 test: $(STAMP)
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n auto --dist loadscope
 
 quick: $(STAMP)
 	$(PY) -m pytest -q -m "$(QUICK)"

@@ -98,8 +98,8 @@ def test_table_gives_parametrized_tests_their_markers():
     assert marks_of("engine/test_slots.py",
                     "test_unseeded_rows_through_slots_draw_from_the_exact_distribution"
                     "[reference]") == {"statistical"}
-    assert marks_of("sampling/test_kernel.py", "test_gpu_chi_square_batch_invariance_and_graph"
-                    ) == {"interpreter", "statistical", "gpu"}
+    assert marks_of("sampling/test_kernel.py", "test_chi_square_batch_invariance_and_graph"
+                    "[gpu]") == {"interpreter", "statistical"}
     assert marks_of("core/test_params.py", "test_defaults") == set()
 
 
@@ -115,15 +115,6 @@ def test_make_quick_leaves_out_every_slow_marker_and_all_are_registered(pytestco
     assert f"{time_limit.ENV}=3 make test" in ci
 
 
-# GPU tests still without an interpreter twin: the sampling kernels' full-size tests, which
-# the sampling tests' own conversion to conftest's kernel_device pairs up. Nothing may join.
-UNPAIRED_GPU_TESTS = {
-    ("sampling/test_kernel.py", "test_gpu_matches_reference_full_size"),
-    ("sampling/test_kernel.py", "test_gpu_chi_square_batch_invariance_and_graph"),
-    ("sampling/test_kernel_extensions.py", "test_gpu_matches_reference_full_size"),
-    ("sampling/test_kernel_extensions.py", "test_gpu_chi_square_logprobs_and_graph"),
-    ("sampling/test_kernel_extensions.py", "test_gpu_processed_logprobs_full_size"),
-}
 
 MARKERS_PLUGIN = """
 import os
@@ -166,7 +157,7 @@ def test_every_gpu_test_has_an_interpreter_twin(tmp_path):
     assert any("[gpu" in n for n in items) and twins, "no kernel_device pair was collected"
     unpaired = {(b.split("::")[0].removeprefix("tests/"), b.split("::")[-1])
                 for b in gpu - twins}
-    assert unpaired <= UNPAIRED_GPU_TESTS, sorted(unpaired - UNPAIRED_GPU_TESTS)
+    assert not unpaired, sorted(unpaired)
     # Each pair's [gpu] half carries the marker, its [interpreter] half does not.
     for node, marks in items.items():
         if "[gpu" in node or "-gpu" in node:

@@ -26,13 +26,12 @@ class UnmarkedTimeLimit:
         self.limit = limit
         self.over: list[tuple[str, float]] = []
 
-    @pytest.hookimpl(wrapper=True)
-    def pytest_runtest_makereport(self, item: pytest.Item, call):
-        report = yield
-        marked = any(item.get_closest_marker(name) for name in MARKED)
+    def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
+        # A report's keywords hold its markers' names; under pytest-xdist the reports reach
+        # the controlling process, which alone keeps this plugin (see pytest_configure).
+        marked = any(name in report.keywords for name in MARKED)
         if report.when == "call" and not marked and report.duration > self.limit:
-            self.over.append((item.nodeid, report.duration))
-        return report
+            self.over.append((report.nodeid, report.duration))
 
     def pytest_sessionfinish(self, session: pytest.Session, exitstatus) -> None:
         # Only a passing run turns into a failure: no tests collected (5) stays 5.
@@ -51,6 +50,6 @@ class UnmarkedTimeLimit:
 
 def pytest_configure(config: pytest.Config) -> None:
     limit = os.environ.get(ENV)
-    if limit:
+    if limit and not hasattr(config, "workerinput"):  # not in a pytest-xdist worker
         # One instance per session: a pytester run inside a test gets its own.
         config.pluginmanager.register(UnmarkedTimeLimit(float(limit)), "unmarked-time-limit")

@@ -3,7 +3,8 @@
 Each kernel test runs twice (conftest.py's ``kernel_device``): compiled on CUDA (``[gpu]``)
 and in Triton's interpreter on CPU tensors (``[interpreter]``, on small shapes; conftest.py
 chooses it before triton is first imported).
-Tests marked ``gpu`` repeat the checks at V = 128256, B = 256 on a CUDA device.
+The ``*_at_full_size`` and graph tests take V = 128256, B = 256 on a CUDA device, and small
+shapes in their interpreter twins.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import textwrap
 import pytest
 import torch
 
-from conftest import gpu, require_kernel_runtime
+from conftest import at_size, capture, require_kernel_runtime
 
 require_kernel_runtime()
 
@@ -304,53 +305,53 @@ def test_cpu_without_interpreter_says_how_to_enable():
 # ---------------------------------------------------------------------------- GPU, full size
 
 GPU_V, GPU_B = 128256, 256
+SMALL_V, SMALL_B = 3000, 8  # the interpreter twins
 
 
-@gpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_gpu_matches_reference_full_size(dtype):
+def test_matches_reference_at_full_size(kernel_device, dtype):
+    b, v = at_size(kernel_device, (GPU_B, GPU_V), (SMALL_B, SMALL_V))
     gen = torch.Generator().manual_seed(21)
-    logits = (torch.randn(GPU_B, GPU_V, generator=gen) * 4).to(dtype)
-    params = random_params(gen, GPU_B, GPU_V)
-    window = random_window(gen, GPU_B, GPU_V, width=64)
+    logits = (torch.randn(b, v, generator=gen) * 4).to(dtype)
+    params = random_params(gen, b, v)
+    window = random_window(gen, b, v, width=64)
     for step in (0, 1, 2):
-        got, want = both("cuda", logits, params, window, step=step)
+        got, want = both(kernel_device, logits, params, window, step=step)
         # Same device, same float ops: only near-ties within rounding may differ.
         assert (got != want).sum() <= 1, (got != want).nonzero()
     # A GPU run replays on the CPU reference.
     cpu = reference.sample(logits, params, window, step=2)
-    assert (got != cpu).sum() <= 1
+    assert (got.cpu() != cpu).sum() <= 1
 
 
-@gpu
-def test_gpu_chi_square_batch_invariance_and_graph():
+def test_chi_square_batch_invariance_and_graph(kernel_device):
     stats = pytest.importorskip("scipy.stats")
-    vocab = GPU_V
+    dev = kernel_device
+    # The twin: 8 rows of 256 logits, a flatter row and top-5, so that 160 draws fill
+    # every bin (the small-shape frequency tests above check the law more closely).
+    batch, vocab, scale, k, steps = at_size(dev, (GPU_B, GPU_V, 4, 20, 40),
+                                            (SMALL_B, 256, 1, 5, 20))
     gen = torch.Generator().manual_seed(4)
-    row = torch.randn(1, vocab, generator=gen) * 4
-    base = SamplingParams(temperature=1.0, top_k=20)
-    params = [SamplingParams(**{**vars(base), "seed": i}) for i in range(GPU_B)]
-    logits = row.expand(GPU_B, vocab).contiguous().cuda()
-    counts = torch.zeros(vocab, device="cuda")
-    steps = 40
+    row = torch.randn(1, vocab, generator=gen) * scale
+    base = SamplingParams(temperature=1.0, top_k=k)
+    params = [SamplingParams(**{**vars(base), "seed": i}) for i in range(batch)]
+    logits = row.expand(batch, vocab).contiguous().to(dev)
+    counts = torch.zeros(vocab, device=dev)
     for step in range(steps):
         counts += torch.bincount(K.sample(logits, params, step=step), minlength=vocab)
-    probs = exact_probs(row, base, None).cuda()
+    probs = exact_probs(row, base, None).to(dev)
     keep = probs > 0
     assert counts[~keep].sum() == 0
-    n = GPU_B * steps
+    n = batch * steps
     res = stats.chisquare(counts[keep].cpu().numpy(), (probs[keep] * n).cpu().numpy())
     assert res.pvalue > 1e-3
     # Batch invariance: row 7 alone gives the same token.
     full = K.sample(logits, params, step=3)
     assert int(K.sample(logits[7:8], params[7], step=3)) == int(full[7])
-    # CUDA graph: capture launch() once, replay with a new step read from the device.
-    packed = reference.pack(params, GPU_B, torch.device("cuda"))
-    step_t = torch.zeros(GPU_B, dtype=torch.int64, device="cuda")
-    K.launch(logits, packed, None, step_t, max_top_k=20)  # compile outside the capture
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        tokens, status = K.launch(logits, packed, None, step_t, max_top_k=20)
+    # A CUDA graph of launch(), replayed with a new step read from the device.
+    packed = reference.pack(params, batch, torch.device(dev))
+    step_t = torch.zeros(batch, dtype=torch.int64, device=dev)
+    replay = capture(dev, lambda: K.launch(logits, packed, None, step_t, max_top_k=k))
     step_t.fill_(3)
-    graph.replay()
+    tokens, status = replay()
     assert torch.equal(tokens, full) and int(status.sum()) == 0

@@ -2,8 +2,8 @@
 
 Top-p, min-p, frequency and presence penalties and raw log-probabilities. As in
 ``test_kernel.py``, each kernel test runs compiled on CUDA (``[gpu]``) and in Triton's
-interpreter on small shapes (``[interpreter]``), and the ``test_gpu_*`` tests repeat the
-checks at V = 128256, B = 256.
+interpreter on small shapes (``[interpreter]``); the ``*_full_size`` and graph tests take
+V = 128256, B = 256 on CUDA (small shapes in their twins).
 
 Paths exercised: top-p/min-p over the top-k candidates (one read, candidates in registers
 or in tiles), without top-k with the nucleus among the chunk candidates (one read), and the
@@ -17,7 +17,7 @@ import math
 import pytest
 import torch
 
-from conftest import assert_processed_close, gpu, require_kernel_runtime
+from conftest import assert_processed_close, at_size, capture, require_kernel_runtime
 
 require_kernel_runtime()
 
@@ -468,16 +468,17 @@ def test_min_p_edges_same_survivors_as_the_exact_rule(kernel_device):
 # ---------------------------------------------------------------------------- GPU, full size
 
 GPU_V, GPU_B = 128256, 256
+SMALL_V, SMALL_B = 3000, 8  # the interpreter twins
 
 
-@gpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_gpu_matches_reference_full_size(dtype):
+def test_matches_reference_full_size(kernel_device, dtype):
+    b, v = at_size(kernel_device, (GPU_B, GPU_V), (SMALL_B, SMALL_V))
     gen = torch.Generator().manual_seed(22)
-    scale = torch.tensor([1.0, 2.0, 4.0, 8.0]).repeat(GPU_B // 4).unsqueeze(1)
-    logits = (torch.randn(GPU_B, GPU_V, generator=gen) * scale).to(dtype).cuda()
-    params = random_params(gen, GPU_B, GPU_V, top_k=[0, 0, 50, 1024, 1])
-    window = random_window(gen, GPU_B, GPU_V, width=64).cuda()
+    scale = torch.tensor([1.0, 2.0, 4.0, 8.0]).repeat(b // 4).unsqueeze(1)
+    logits = (torch.randn(b, v, generator=gen) * scale).to(dtype).to(kernel_device)
+    params = random_params(gen, b, v, top_k=[0, 0, 50, 1024, 1])
+    window = random_window(gen, b, v, width=64).to(kernel_device)
     for step in (0, 1):
         got = K.sample(logits, params, window, step=step)
         want = reference.sample(logits, params, window, step=step)
@@ -487,24 +488,26 @@ def test_gpu_matches_reference_full_size(dtype):
     assert (got.cpu() != cpu).sum() <= 2
 
 
-@gpu
-def test_gpu_chi_square_logprobs_and_graph():
+def test_chi_square_logprobs_and_graph(kernel_device):
     stats = pytest.importorskip("scipy.stats")
+    dev = kernel_device
+    # The twin: 8 rows of 256 logits, 15 steps (the small-shape frequency tests above check
+    # the law more closely).
+    batch, vocab, scale, steps = at_size(dev, (GPU_B, GPU_V, 6, 30), (SMALL_B, 256, 3, 15))
     gen = torch.Generator().manual_seed(5)
-    row = torch.randn(1, GPU_V, generator=gen) * 6
+    row = torch.randn(1, vocab, generator=gen) * scale
     base = SamplingParams(temperature=1.0, top_k=0, top_p=0.9, min_p=0.001, logprobs=5)
-    params = [SamplingParams(**{**vars(base), "seed": i}) for i in range(GPU_B)]
-    logits = row.expand(GPU_B, GPU_V).contiguous().cuda()
-    counts = torch.zeros(GPU_V, device="cuda")
-    steps = 30
+    params = [SamplingParams(**{**vars(base), "seed": i}) for i in range(batch)]
+    logits = row.expand(batch, vocab).contiguous().to(dev)
+    counts = torch.zeros(vocab, device=dev)
     for step in range(steps):
-        counts += torch.bincount(K.sample(logits, params, step=step), minlength=GPU_V)
-    probs = exact_probs(row, base, None).cuda()
+        counts += torch.bincount(K.sample(logits, params, step=step), minlength=vocab)
+    probs = exact_probs(row, base, None).to(dev)
     keep = probs > 0
     assert counts[~keep].sum() == 0
-    n = GPU_B * steps
+    n = batch * steps
     # Tokens expected fewer than 5 times are pooled into one bin (chi-square's validity);
-    # here none is (8 tokens survive), and an empty bin would make the p-value NaN.
+    # an empty bin would make the p-value NaN.
     exp_n, obs = (probs[keep] * n).cpu(), counts[keep].cpu()
     small = exp_n < 5
     exp_b = torch.cat([exp_n[~small], exp_n[small].sum().view(1)[:int(small.any())]])
@@ -515,28 +518,26 @@ def test_gpu_chi_square_logprobs_and_graph():
     tokens, lp = K.sample(logits, params, step=3, return_logprobs=True)
     exact = log_softmax64(logits[:1].float().cpu())[0]
     assert torch.allclose(lp.token_logprob.cpu().double(), exact[tokens.cpu()], atol=1e-4)
-    # CUDA graph: launch() with top-p, min-p and log-probabilities.
-    packed = reference.pack(params, GPU_B, torch.device("cuda"))
-    step_t = torch.zeros(GPU_B, dtype=torch.int64, device="cuda")
-    out = torch.empty(GPU_B, LOGPROB_COLUMNS, device="cuda")
+    # A CUDA graph of launch() with top-p, min-p and log-probabilities.
+    packed = reference.pack(params, batch, torch.device(dev))
+    step_t = torch.zeros(batch, dtype=torch.int64, device=dev)
+    out = torch.empty(batch, LOGPROB_COLUMNS, device=dev)
     kw = dict(max_top_k=0, nucleus_candidates=NUCLEUS_CANDIDATES, logprob_out=out)
-    K.launch(logits, packed, None, step_t, **kw)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        tok_g, status = K.launch(logits, packed, None, step_t, **kw)
+    replay = capture(dev, lambda: K.launch(logits, packed, None, step_t, **kw))
     step_t.fill_(3)
-    graph.replay()
+    tok_g, status = replay()
     assert torch.equal(tok_g, tokens) and int((status & ~STATUS_SLOW).sum()) == 0
 
 
-@gpu
-def test_gpu_processed_logprobs_full_size():
+def test_processed_logprobs_full_size(kernel_device):
+    dev = kernel_device
+    b, v = at_size(dev, (GPU_B, GPU_V), (SMALL_B, SMALL_V))
     gen = torch.Generator().manual_seed(23)
-    scale = torch.tensor([1.0, 2.0, 4.0, 8.0]).repeat(GPU_B // 4).unsqueeze(1)
-    logits = (torch.randn(GPU_B, GPU_V, generator=gen) * scale).cuda()
-    params = random_params(gen, GPU_B, GPU_V, top_k=[0, 0, 50, 1024], logprobs=5,
+    scale = torch.tensor([1.0, 2.0, 4.0, 8.0]).repeat(b // 4).unsqueeze(1)
+    logits = (torch.randn(b, v, generator=gen) * scale).to(dev)
+    params = random_params(gen, b, v, top_k=[0, 0, 50, 1024], logprobs=5,
                            logprobs_mode="processed")
-    window = random_window(gen, GPU_B, GPU_V, width=64).cuda()
+    window = random_window(gen, b, v, width=64).to(dev)
     tokens, lp = K.sample(logits, params, window, step=1, return_logprobs=True)
     want_tokens, want = reference.sample(logits, params, window, step=1, return_logprobs=True)
     same = tokens == want_tokens
@@ -545,14 +546,11 @@ def test_gpu_processed_logprobs_full_size():
     assert torch.allclose(lp.token_logprob[same], want.token_logprob[same], atol=1e-5, rtol=0)
     assert torch.allclose(lp.top_logprobs[same], want.top_logprobs[same], atol=1e-5, rtol=0)
     # The launch with processed rows is capturable, and replays the same values.
-    packed = reference.pack(params, GPU_B, torch.device("cuda"))
-    step_t = torch.ones(GPU_B, dtype=torch.int64, device="cuda")
-    out = torch.empty(GPU_B, LOGPROB_COLUMNS, device="cuda")
+    packed = reference.pack(params, b, torch.device(dev))
+    step_t = torch.ones(b, dtype=torch.int64, device=dev)
+    out = torch.empty(b, LOGPROB_COLUMNS, device=dev)
     kw = dict(max_top_k=1024, nucleus_candidates=NUCLEUS_CANDIDATES, logprob_out=out,
               draw_seeds=False)
-    K.launch(logits, packed, window, step_t, **kw)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        tok_g, _status = K.launch(logits, packed, window, step_t, **kw)
-    graph.replay()
+    replay = capture(dev, lambda: K.launch(logits, packed, window, step_t, **kw))
+    tok_g, _status = replay()
     assert torch.equal(tok_g, tokens) and torch.equal(out[:, 0], lp.token_logprob)
