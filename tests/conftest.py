@@ -241,6 +241,46 @@ class StandInGraph:
         fn()
 
 
+class ReplayedGraph(StandInGraph):
+    """A CPU stand-in for a CUDA graph: capture keeps the step, replay runs it again, so a
+    step that read anything but its buffers would give other tokens. Counts captures and
+    replays (reset them before use)."""
+
+    captures = replays = 0
+
+    def capture(self, fn):
+        self.fn = fn
+        ReplayedGraph.captures += 1
+
+    def replay(self):
+        ReplayedGraph.replays += 1
+        self.fn()
+
+
+class FakeCompilationError(Exception):
+    """Stands for triton.compiler.errors.CompilationError and its relatives."""
+
+
+@pytest.fixture
+def broken_kernels(monkeypatch):
+    """Every launch of the Triton sampler fails the way a Triton compilation failure does;
+    the list holds one entry per attempt. The process-wide failure record is reset before
+    and after."""
+    from lmgen_fast.runtime import reset_failure
+    from lmgen_fast.sampling import kernel as kernel_sampler
+
+    calls = []
+
+    def fail(*args, **kwargs):
+        calls.append(1)
+        raise FakeCompilationError("at 12:4: unsupported op on this target")
+
+    reset_failure()
+    monkeypatch.setattr(kernel_sampler, "launch", fail)
+    yield calls
+    reset_failure()
+
+
 def capture(device: str, fn):
     """A replay function for ``fn``: on "cuda" ``fn`` is warmed up once (compiling stays out
     of the capture), captured as a CUDA graph, and each call replays it and returns the

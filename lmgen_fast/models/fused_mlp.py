@@ -20,15 +20,15 @@ from typing import NamedTuple
 import torch
 
 from lmgen_fast.core.intmath import cdiv, next_pow2
+from lmgen_fast.models.fused_attention import DEFAULT_SMS, FLOAT_DTYPES, check_float
 from lmgen_fast.runtime.launch import KernelCall, run_calls
 
-FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 KERNELS = ("gate_up_swiglu_kernel",)
 # tl.dot's smallest M: every row gets the same tiles whatever the batch.
 BLOCK_M = 16
-# Programs to reach at one row: one per SM of an H100/H200 (132 SMs). At one row the kernel
-# reads the weight once; it is bandwidth-bound only if every SM has loads in flight.
-TARGET_PROGRAMS = 132
+# Programs to reach at one row: one per SM of an H100/H200. At one row the kernel reads the
+# weight once; it is bandwidth-bound only if every SM has loads in flight.
+TARGET_PROGRAMS = DEFAULT_SMS
 BLOCK_NS = (64, 32, 16)  # widest first: fewer programs re-reading x, longer weight runs
 ROW_BYTES = 256  # a K tile row: 16 lanes of 16-byte loads
 INTERPRETER_TILE = 1 << 18  # products per step on the interpreter's path
@@ -110,8 +110,7 @@ def run(calls: list[KernelCall]) -> None:
 def _check(h: torch.Tensor, w_gu: torch.Tensor, b_gu: torch.Tensor | None,
            out: torch.Tensor | None) -> tuple[int, int, int]:
     """``(M, K, I)`` of valid arguments; a ValueError naming the bad one otherwise."""
-    if h.dtype not in FLOAT_DTYPES:
-        raise ValueError(f"h must be float32, bfloat16 or float16, got {h.dtype}")
+    check_float("h", h)
     if h.dim() != 2 or not h.is_contiguous() or h.shape[0] < 1 or h.shape[1] < 1:
         raise ValueError(f"h must be a contiguous non-empty [M, K] tensor, got shape "
                          f"{tuple(h.shape)} with strides {h.stride()}")

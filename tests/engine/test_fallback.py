@@ -25,25 +25,6 @@ from lmgen_fast.sampling import reference
 from conftest import StandInGraph, random_model, require_kernel_runtime
 
 
-class FakeCompilationError(Exception):
-    """Stands for triton.compiler.errors.CompilationError and its relatives."""
-
-
-@pytest.fixture
-def broken_kernels(monkeypatch):
-    """Every kernel launch fails the way a Triton compilation failure does."""
-    calls = []
-
-    def fail(*args, **kwargs):
-        calls.append(1)
-        raise FakeCompilationError("at 12:4: unsupported op on this target")
-
-    reset_failure()
-    monkeypatch.setattr(kernel_sampler, "launch", fail)
-    yield calls
-    reset_failure()
-
-
 def fresh_logits(seed: int, batch: int = 6, vocab: int = 300) -> torch.Tensor:
     gen = torch.Generator().manual_seed(seed)
     return torch.randn(batch, vocab, generator=gen) * 3

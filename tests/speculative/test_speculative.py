@@ -26,7 +26,7 @@ from lmgen_fast.speculative import drafters, verify
 from lmgen_fast.speculative import rows as speculative_rows
 from lmgen_fast.speculative.drafters import NgramDrafter
 
-from conftest import StandInGraph, random_model
+from conftest import ReplayedGraph, StandInGraph, random_model
 
 SUBJECTS = ["The list type", "A dictionary maps keys", "The for statement", "import os",
             "def main():", "Exceptions are raised", "class Point:", "The module search path"]
@@ -303,27 +303,12 @@ def test_processed_logprobs_are_plain_decodings(tokenizer, model, monkeypatch, f
     assert any(len(alts) < 3 for p in plain for alts in p.top_logprobs)  # survivors only
 
 
-class Replayed(StandInGraph):
-    """A CPU stand-in for a CUDA graph: capture keeps the step, replay runs it again, so a
-    step that read anything but its buffers would give other tokens."""
-
-    captures = replays = 0
-
-    def capture(self, fn):
-        self.fn = fn
-        Replayed.captures += 1
-
-    def replay(self):
-        Replayed.replays += 1
-        self.fn()
-
-
 class Uncapturable(StandInGraph):
     def capture(self, fn):
         raise RuntimeError("operation not permitted when stream is capturing")
 
 
-@pytest.mark.parametrize("graph", [Replayed, Uncapturable])
+@pytest.mark.parametrize("graph", [ReplayedGraph, Uncapturable])
 def test_captured_verify_steps_give_the_same_tokens(tokenizer, model, monkeypatch, graph):
     prompts = ["The quick brown fox", "A", "Sampling with temperature", "def generate("]
     rows = [SamplingParams(temperature=t, top_k=10, top_p=0.9, repetition_penalty=1.2,
@@ -334,7 +319,7 @@ def test_captured_verify_steps_give_the_same_tokens(tokenizer, model, monkeypatc
     monkeypatch.setattr(graphs, "graph_backend", lambda device: graph)
     # Attention lengths in blocks, as on CUDA, so that rounds replay captured steps.
     monkeypatch.setattr(decoder_for(model), "kv_block", 32)
-    Replayed.captures = Replayed.replays = 0
+    ReplayedGraph.captures = ReplayedGraph.replays = 0
     for drafter in ("ngram", model):
         if graph is Uncapturable:
             with pytest.warns(RuntimeWarning, match="runs eagerly"):
@@ -346,8 +331,8 @@ def test_captured_verify_steps_give_the_same_tokens(tokenizer, model, monkeypatc
         for p, s in zip(plain, spec, strict=True):
             assert s.token_ids == p.token_ids
             assert s.logprobs == pytest.approx(p.logprobs, abs=1e-4)
-    if graph is Replayed:
-        assert Replayed.replays > Replayed.captures > 0
+    if graph is ReplayedGraph:
+        assert ReplayedGraph.replays > ReplayedGraph.captures > 0
 
 
 def test_ngram_drafter_proposes_what_followed_the_latest_match():

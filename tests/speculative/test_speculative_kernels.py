@@ -23,7 +23,7 @@ from lmgen_fast.sampling import kernel as kernel_sampler
 from lmgen_fast.speculative import generate_ids as speculative_ids
 from lmgen_fast.speculative import rows as speculative_rows
 
-from conftest import StandInGraph, random_model, require_kernel_runtime
+from conftest import ReplayedGraph, random_model, require_kernel_runtime
 
 VOCAB, EOS = 64, 63
 
@@ -49,19 +49,6 @@ def fresh_rows(seed: int) -> tuple[list[list[int]], list[SamplingParams], list[i
         SamplingParams(temperature=0.7, top_k=5, seed=seeds[3]),
     ]
     return prompts, rows, [7, 4, 8, 5]
-
-
-class Replayed(StandInGraph):
-    """CPU stand-in for a CUDA graph: replay runs the captured step again."""
-
-    replays = 0
-
-    def capture(self, fn):
-        self.fn = fn
-
-    def replay(self):
-        Replayed.replays += 1
-        self.fn()
 
 
 @pytest.fixture
@@ -100,9 +87,9 @@ def test_triton_rounds_give_plain_decodings_tokens(kernel_device, counted_launch
         # The verify step as CUDA runs it: fixed shapes, captured per attention length in
         # blocks, replayed.
         monkeypatch.setattr(speculative_rows, "fixed_shapes", lambda device: True)
-        monkeypatch.setattr(graphs, "graph_backend", lambda device: Replayed)
+        monkeypatch.setattr(graphs, "graph_backend", lambda device: ReplayedGraph)
         target.kv_block = 32
-        Replayed.replays = 0
+        ReplayedGraph.replays = 0
     got, _, stats = speculative_ids(target, prompts, rows, caps, EOS,
                                     speculative=speculative, num_speculative_tokens=2,
                                     backend="triton")
@@ -115,7 +102,7 @@ def test_triton_rounds_give_plain_decodings_tokens(kernel_device, counted_launch
     if drafter == "draft_model":  # penalty windows holding accepted drafts
         assert 0 < accepted < proposed
     if kernel_device == "cpu":
-        assert Replayed.replays > 0
+        assert ReplayedGraph.replays > 0
     reference, _, _ = speculative_ids(wrap(model), prompts, rows, caps, EOS,
                                       speculative=speculative, num_speculative_tokens=2,
                                       backend="reference")
@@ -141,33 +128,22 @@ def test_triton_rounds_give_plain_decodings_logprobs(kernel_device, counted_laun
             [[i for i, _ in alts] for alts in p.top_logprobs]
 
 
-def test_a_kernel_failure_falls_back_to_the_reference_with_one_warning(monkeypatch):
+def test_a_kernel_failure_falls_back_to_the_reference_with_one_warning(broken_kernels):
     require_kernel_runtime()
-    calls = []
-
-    def fail(*args, **kwargs):
-        calls.append(1)
-        raise RuntimeError("at 12:4: unsupported op on this target")
-
-    reset_failure()
-    monkeypatch.setattr(kernel_sampler, "launch", fail)
     model = random_model(VOCAB, seed=6, scale=3.0)
     prompts, rows, caps = fresh_rows(10)
     want, _, _ = speculative_ids(wrap(model), prompts, rows, caps, EOS, speculative="ngram",
                                  backend="reference")
-    try:
-        with pytest.warns(RuntimeWarning, match="unsupported op.*reference sampler"):
-            got, _, _ = speculative_ids(wrap(model), prompts, rows, caps, EOS,
-                                        speculative="ngram", backend="triton")
-        assert got == want and len(calls) == 1
-        assert "unsupported op" in kernel_failure()
-        with warnings.catch_warnings():
-            warnings.simplefilter("error")  # no second warning, no second attempt
-            again, _, _ = speculative_ids(wrap(model), prompts, rows, caps, EOS,
-                                          speculative=model, backend="triton")
-        assert again == want and len(calls) == 1
-    finally:
-        reset_failure()
+    with pytest.warns(RuntimeWarning, match="unsupported op.*reference sampler"):
+        got, _, _ = speculative_ids(wrap(model), prompts, rows, caps, EOS,
+                                    speculative="ngram", backend="triton")
+    assert got == want and len(broken_kernels) == 1
+    assert "unsupported op" in kernel_failure()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no second warning, no second attempt
+        again, _, _ = speculative_ids(wrap(model), prompts, rows, caps, EOS,
+                                      speculative=model, backend="triton")
+    assert again == want and len(broken_kernels) == 1
 
 
 def test_verify_runs_the_targets_forward_positions(monkeypatch):

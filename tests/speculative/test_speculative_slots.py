@@ -17,7 +17,7 @@ from lmgen_fast.speculative import generate_ids as speculative_ids
 from lmgen_fast.speculative import generate_slots
 from lmgen_fast.speculative import rows as speculative_rows
 
-from conftest import StandInGraph, random_model, require_kernel_runtime
+from conftest import ReplayedGraph, random_model, require_kernel_runtime
 
 VOCAB, EOS = 64, 63
 
@@ -48,21 +48,8 @@ def perturbed_draft(seed: int) -> torch.nn.Module:
     return draft
 
 
-class Replayed(StandInGraph):
-    """CPU stand-in for a CUDA graph: replay runs the captured step again."""
-
-    replays = 0
-
-    def capture(self, fn):
-        self.fn = fn
-
-    def replay(self):
-        Replayed.replays += 1
-        self.fn()
-
-
 @pytest.mark.parametrize("drafter", ["ngram", "draft_model"])
-@pytest.mark.parametrize("graph", [None, Replayed])
+@pytest.mark.parametrize("graph", [None, ReplayedGraph])
 def test_slots_give_plain_and_static_tokens(monkeypatch, drafter, graph):
     model = random_model(VOCAB, seed=2, scale=3.0)
     speculative = "ngram" if drafter == "ngram" else perturbed_draft(2)
@@ -76,7 +63,7 @@ def test_slots_give_plain_and_static_tokens(monkeypatch, drafter, graph):
         # rows come and go.
         monkeypatch.setattr(speculative_rows, "fixed_shapes", lambda device: True)
         monkeypatch.setattr(graphs, "graph_backend", lambda device: graph)
-        Replayed.replays = 0
+        ReplayedGraph.replays = 0
     for slots in (1, 3, 8):
         target = wrap(model)
         target.kv_block = 32
@@ -98,7 +85,7 @@ def test_slots_give_plain_and_static_tokens(monkeypatch, drafter, graph):
             assert 0 <= s.accepted_drafts <= s.proposed_drafts
             assert len(ids) <= s.target_forwards - 1 + s.accepted_drafts + (m == 0)
     if graph is not None:
-        assert Replayed.replays > 0
+        assert ReplayedGraph.replays > 0
 
 
 def test_a_row_with_nothing_to_sample_raises_with_every_rows_tokens():
