@@ -1,7 +1,7 @@
 # Set-up happens on demand: `make demo` and `make test` each create .venv when it is missing,
 # install torch there if it has none (the CPU wheel pinned below; override with
-# TORCH="torch==X" for a CUDA build), then install lmgen-fast with its dev, hf and plot
-# extras (plot: matplotlib, whose figure tests run in CI).
+# TORCH="torch==X" for a CUDA build), then install lmgen-fast with its dev, hf, plot, eval
+# and structured extras (every integration's tests run in CI).
 PYTHON ?= python3
 VENV ?= .venv
 TORCH ?= torch==2.13.0
@@ -16,7 +16,7 @@ QUICK := not slow and not interpreter and not statistical and not subprocess and
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "$(TORCH)"
-	$(PY) -m pip install -q -e ".[dev,hf,plot]"
+	$(PY) -m pip install -q -e ".[dev,hf,plot,eval,structured]"
 	touch $(STAMP)
 
 demo: $(STAMP)

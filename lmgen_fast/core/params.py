@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import math
 import operator
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -16,6 +17,8 @@ LOGPROBS_MODES = ("raw", "processed")
 SEED_LIMIT = 2**63
 MAX_LOGPROBS = 20
 FLOAT32_MAX = 3.4028234663852886e38
+# At most one grammar per row: the fields that name one.
+STRUCTURED_FIELDS = ("json_schema", "regex", "grammar")
 
 
 def _check_real(name: str, value: object) -> float:
@@ -83,6 +86,32 @@ class SamplingParams:
         ``log_softmax`` of the logits; "processed", the distribution the token was drawn
         from (after temperature, penalties, top-k, top-p and min-p; ``-inf`` for removed
         tokens, which are never listed; a greedy row's token has log-probability 0).
+    n : int
+        Samples per prompt (``>= 1``). Sample ``j`` of a prompt seeded ``s`` is that prompt's
+        ``n=1`` result with seed ``s + j``; the prompt is prefilled once.
+    stop : str or sequence of str
+        The row ends once the decoded text of its generated tokens contains one of them; the
+        text returned ends before the earliest match (see ``include_stop_str_in_output``).
+        Stored as a tuple; no string may be empty.
+    stop_token_ids : sequence of int
+        Ids that end the row when drawn, like the end token (neither is returned).
+    include_stop_str_in_output : bool
+        Keep the matched stop string at the end of the returned text.
+    min_tokens : int
+        Until the row has this many tokens, its end token and ``stop_token_ids`` are masked
+        to ``-inf`` (SPEC section 7) and stop strings are not checked.
+    logit_bias : mapping of int to float
+        ``{token_id: bias}`` added to the raw logits before every other step. Stored as a
+        tuple of ``(token_id, bias)`` pairs sorted by id; biases are finite.
+    allowed_token_ids : sequence of int or None
+        When given, every other token is masked to ``-inf``; stored as a sorted tuple of
+        distinct ids, never empty. ``None`` allows every token.
+    json_schema, regex, grammar : str or None
+        At most one: the row's output must match a JSON schema (a JSON string, or a mapping
+        stored as its canonical JSON string), a regular expression, or an EBNF grammar
+        (compiled with xgrammar, the ``structured`` extra).
+
+    Ids are checked against the vocabulary by :meth:`check_vocab` once the model is known.
 
     Examples
     --------
@@ -103,6 +132,16 @@ class SamplingParams:
     presence_penalty: float = 0.0
     logprobs: int = 0
     logprobs_mode: str = "raw"
+    n: int = 1
+    stop: tuple[str, ...] = ()
+    stop_token_ids: tuple[int, ...] = ()
+    include_stop_str_in_output: bool = False
+    min_tokens: int = 0
+    logit_bias: tuple[tuple[int, float], ...] = ()
+    allowed_token_ids: tuple[int, ...] | None = None
+    json_schema: str | None = None
+    regex: str | None = None
+    grammar: str | None = None
 
     def __post_init__(self) -> None:
         set_ = object.__setattr__  # frozen: normalise the stored values once, here
@@ -156,6 +195,53 @@ class SamplingParams:
             raise ValueError(
                 f"logprobs_mode must be one of {LOGPROBS_MODES}, got {self.logprobs_mode!r}"
             )
+        self._check_job_fields(set_)
+
+    def _check_job_fields(self, set_) -> None:
+        """Normalise and check the research-job fields (SPEC section 7)."""
+        set_(self, "n", check_int("n", self.n, 1))
+        set_(self, "stop", _check_stop(self.stop))
+        set_(self, "stop_token_ids", _check_ids("stop_token_ids", self.stop_token_ids))
+        if not isinstance(self.include_stop_str_in_output, bool):
+            raise ValueError("include_stop_str_in_output must be a bool, got "
+                             f"{self.include_stop_str_in_output!r}")
+        set_(self, "min_tokens", check_int("min_tokens", self.min_tokens, 0))
+        set_(self, "logit_bias", _check_bias(self.logit_bias))
+        if self.allowed_token_ids is not None:
+            allowed = tuple(sorted(set(_check_ids("allowed_token_ids", self.allowed_token_ids))))
+            if not allowed:
+                raise ValueError("allowed_token_ids must not be empty (it would mask every "
+                                 "token); pass None to allow them all")
+            set_(self, "allowed_token_ids", allowed)
+        if isinstance(self.json_schema, Mapping):
+            set_(self, "json_schema", json.dumps(self.json_schema, sort_keys=True))
+        given = [f for f in STRUCTURED_FIELDS if getattr(self, f) is not None]
+        for name in given:
+            value = getattr(self, name)
+            if not isinstance(value, str) or not value:
+                raise ValueError(f"{name} must be a non-empty string, got {value!r}")
+        if len(given) > 1:
+            raise ValueError(f"give at most one of {STRUCTURED_FIELDS}, got {given}")
+
+    def check_vocab(self, vocab_size: int) -> None:
+        """Raise ValueError naming the first id of ``stop_token_ids``, ``logit_bias`` or
+        ``allowed_token_ids`` outside ``[0, vocab_size)``."""
+        fields = (("stop_token_ids", self.stop_token_ids),
+                  ("logit_bias", [t for t, _ in self.logit_bias]),
+                  ("allowed_token_ids", self.allowed_token_ids or ()))
+        for name, ids in fields:
+            for t in ids:
+                if not 0 <= t < vocab_size:
+                    raise ValueError(f"{name} has token id {t}, outside the vocabulary "
+                                     f"[0, {vocab_size})")
+
+    @property
+    def structured(self) -> tuple[str, str] | None:
+        """``(kind, source)`` of the row's grammar (kind one of STRUCTURED_FIELDS), or None."""
+        for name in STRUCTURED_FIELDS:
+            if getattr(self, name) is not None:
+                return name, getattr(self, name)
+        return None
 
     @property
     def greedy(self) -> bool:
@@ -166,6 +252,47 @@ class SamplingParams:
         """Whether any penalty reads the row's history (so a window must be built)."""
         return (self.repetition_penalty != 1.0 or self.frequency_penalty != 0.0
                 or self.presence_penalty != 0.0)
+
+
+def _check_stop(stop: object) -> tuple[str, ...]:
+    strings = (stop,) if isinstance(stop, str) else stop
+    try:
+        strings = tuple(strings)
+    except TypeError:
+        raise ValueError(f"stop must be a string or a list of strings, got {stop!r}") from None
+    for s in strings:
+        if not isinstance(s, str):
+            raise ValueError(f"stop must be a string or a list of strings, got {s!r} in it")
+        if not s:
+            raise ValueError("stop strings must not be empty, got ''")
+    return strings
+
+
+def _check_ids(name: str, ids: object) -> tuple[int, ...]:
+    if isinstance(ids, (str, bytes)):
+        raise ValueError(f"{name} must be a list of token ids, got {ids!r}")
+    try:
+        values = tuple(ids)
+    except TypeError:
+        raise ValueError(f"{name} must be a list of token ids, got {ids!r}") from None
+    return tuple(check_int(name, t, 0) for t in values)
+
+
+def _check_bias(bias: object) -> tuple[tuple[int, float], ...]:
+    try:
+        items = bias.items() if isinstance(bias, Mapping) else tuple(bias)
+        pairs = {check_int("logit_bias token id", t, 0): b for t, b in items}
+    except (TypeError, ValueError) as e:
+        if isinstance(e, ValueError) and "logit_bias" in str(e):
+            raise
+        raise ValueError(f"logit_bias must map token ids to biases, got {bias!r}") from None
+    out = []
+    for t in sorted(pairs):
+        b = _check_real(f"logit_bias[{t}]", pairs[t])
+        if abs(b) > FLOAT32_MAX:
+            raise ValueError(f"logit_bias[{t}] must be within float32 range, got {b!r}")
+        out.append((t, b))
+    return tuple(out)
 
 
 def as_row_params(

@@ -36,11 +36,27 @@ from lmgen_fast.core.params import PackedParams, as_row_params, min_p_threshold
         ("logprobs", 21),
         ("logprobs", -1),
         ("logprobs_mode", "filtered"),
+        ("n", 0),
+        ("n", 1.5),
+        ("stop", ""),
+        ("stop", 7),
+        ("stop_token_ids", -3),
+        ("stop_token_ids", "eos"),
+        ("min_tokens", -1),
+        ("include_stop_str_in_output", "yes"),
+        ("logit_bias", math.inf),
+        ("logit_bias", -2),
+        ("allowed_token_ids", 2.5),
+        ("regex", ""),
     ],
 )
 def test_invalid_value_names_field_and_value(field, value):
+    # List-valued fields get the bad value as one element (a stop id, a bias, an id).
+    wrap = {"stop_token_ids": lambda v: [1, v], "allowed_token_ids": lambda v: [v],
+            "logit_bias": lambda v: {3: v} if isinstance(v, float) else {v: 1.0}}
+    given = wrap.get(field, lambda v: v)(value)
     with pytest.raises(ValueError) as info:
-        SamplingParams(**{field: value})
+        SamplingParams(**{field: given})
     assert field in str(info.value)
     assert repr(value) in str(info.value)
 
@@ -58,6 +74,34 @@ def test_immutable_and_hashable():
     with pytest.raises(AttributeError):
         p.temperature = 2.0
     assert p == SamplingParams(seed=3) and hash(p) == hash(SamplingParams(seed=3))
+
+
+def test_job_fields_are_normalised_and_hashable():
+    p = SamplingParams(stop="</answer>", stop_token_ids=[9, 4], logit_bias={7: -1, 2: 3.5},
+                       allowed_token_ids=[9, 1, 9], json_schema={"type": "object", "a": 1})
+    assert p.stop == ("</answer>",) and p.stop_token_ids == (9, 4)
+    assert p.logit_bias == ((2, 3.5), (7, -1.0))
+    assert p.allowed_token_ids == (1, 9)
+    assert p.structured == ("json_schema", '{"a": 1, "type": "object"}')
+    assert hash(p) == hash(SamplingParams(**{k: getattr(p, k) for k in vars(p)}))
+    assert SamplingParams().structured is None and SamplingParams().n == 1
+
+
+def test_one_grammar_per_row_and_no_empty_allowed_list():
+    with pytest.raises(ValueError, match="at most one"):
+        SamplingParams(regex="a+", grammar="root ::= \"a\"")
+    with pytest.raises(ValueError, match="allowed_token_ids must not be empty"):
+        SamplingParams(allowed_token_ids=[])
+
+
+@pytest.mark.parametrize("field, value", [("stop_token_ids", [3, 8]),
+                                          ("logit_bias", {8: 1.0}),
+                                          ("allowed_token_ids", [0, 8])])
+def test_ids_outside_the_vocabulary_are_named(field, value):
+    p = SamplingParams(**{field: value})
+    p.check_vocab(9)
+    with pytest.raises(ValueError, match=f"{field} has token id 8, outside .*\\[0, 8\\)"):
+        p.check_vocab(8)
 
 
 def test_valid_edge_values_accepted():
