@@ -322,6 +322,11 @@ class PackedParams:
     threshold on ``z - z_max``, see :func:`min_p_threshold`), ``frequency_penalty``,
     ``presence_penalty`` float32, ``processed`` bool (``logprobs_mode == "processed"``).
     ``logprobs`` is kept on the host: the largest count of alternatives any row asks for.
+
+    SPEC section 7's per-row ids: ``stop_ids`` int64 ``[B, S]`` (``S >= 1``), the end ids
+    given to :meth:`from_rows` then the row's ``stop_token_ids``, padded with ``-1`` (the ids
+    that end the row when drawn, and that ``min_tokens`` masks); ``min_tokens`` int64 ``[B]``
+    (while a row's step is below it, its ``stop_ids`` are ``-inf``).
     """
 
     temperature: torch.Tensor
@@ -336,6 +341,8 @@ class PackedParams:
     presence_penalty: torch.Tensor
     min_p_log: torch.Tensor
     processed: torch.Tensor
+    stop_ids: torch.Tensor
+    min_tokens: torch.Tensor
     logprobs: int = 0
 
     def to(self, device: torch.device | str) -> PackedParams:
@@ -350,9 +357,16 @@ class PackedParams:
                                for k, v in vars(self).items()})
 
     @staticmethod
-    def from_rows(rows: Sequence[SamplingParams], device: torch.device | str) -> PackedParams:
+    def from_rows(rows: Sequence[SamplingParams], device: torch.device | str,
+                  end_ids: Sequence[int] = ()) -> PackedParams:
+        """Pack ``rows``; ``end_ids`` are the ids that end every row (the tokenizer's end
+        token or tokens), the first columns of ``stop_ids``."""
         def t(values, dtype):
             return torch.tensor(values, dtype=dtype, device=device)
+
+        stops = [list(end_ids) + [i for i in p.stop_token_ids if i not in end_ids]
+                 for p in rows]
+        width = max((len(s) for s in stops), default=0) or 1
 
         return PackedParams(
             temperature=t([p.temperature for p in rows], torch.float32),
@@ -367,6 +381,9 @@ class PackedParams:
             presence_penalty=t([p.presence_penalty for p in rows], torch.float32),
             min_p_log=min_p_threshold([p.min_p for p in rows]).to(device),
             processed=t([p.logprobs_mode == "processed" for p in rows], torch.bool),
+            stop_ids=t([s + [-1] * (width - len(s)) for s in stops], torch.int64).reshape(
+                len(rows), width),
+            min_tokens=t([p.min_tokens for p in rows], torch.int64),
             logprobs=max((p.logprobs for p in rows), default=0),
         )
 
