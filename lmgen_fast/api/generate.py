@@ -8,6 +8,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 
+from lmgen_fast.api.structured import row_grammars
 from lmgen_fast.api.tokenization import adapt_tokenizer
 from lmgen_fast.core.params import SamplingParams, check_int
 from lmgen_fast.engine import (  # noqa: F401  (re-exported: jobs and users import them from here)
@@ -44,7 +45,7 @@ class Generation:
 
     text: str
     token_ids: list[int]
-    finish_reason: str  # "eot" or "length"
+    finish_reason: str  # "eot", "stop" (a grammar ended the row) or "length"
     logprobs: list[float] = field(default_factory=list)
     top_logprobs: TopLogprobs | None = None
     target_forwards: int | None = None
@@ -193,6 +194,7 @@ def generate_batch(
     if batch == 0:
         return []
     decoder = decoder_for(model, device)
+    grammars = row_grammars(decoder, tok, rows, speculative is not None)
     if speculative is not None:
         results, lps, stats = speculative_ids(
             decoder, ids, rows, caps, tok.eos_id, speculative=speculative,
@@ -205,7 +207,7 @@ def generate_batch(
     if max_batch_size is None:
         max_batch_size = default_slots(decoder, ids, caps)
     options = dict(backend=backend, callback=callback, cuda_graph=cuda_graph,
-                   sync_every=sync_every, max_batch_size=max_batch_size)
+                   sync_every=sync_every, max_batch_size=max_batch_size, grammars=grammars)
     if return_details:
         results, lps = generate_ids(decoder, ids, rows, caps, tok.eos_id, return_logprobs=True,
                                     **options)

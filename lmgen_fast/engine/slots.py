@@ -23,6 +23,7 @@ from lmgen_fast.core.errors import EmptyRowError, GenerationError
 from lmgen_fast.core.params import PackedParams, SamplingParams
 from lmgen_fast.core.rows import positions_needed, prompt_base, prompt_history, window_width
 from lmgen_fast.engine.delivery import Handover, Streamer, raise_bad_rows
+from lmgen_fast.engine.grammar import GRAMMAR_STOP, GrammarRows, check_rows, open_rows
 from lmgen_fast.engine.plan import Plan, RunOptions
 from lmgen_fast.engine.prepare import prepare
 from lmgen_fast.engine.results import RowLogprobs, RowPair, empty_logprobs
@@ -43,7 +44,8 @@ class Seating:
     Slot ``s`` holds the caller's row ``occupant[s]`` (None: free), which entered at run
     step ``entered[s]``; its next cache position is ``origin[s] + run step``. Admitting
     rows writes their cache rows (``decoder.refill``) and state rows; a :class:`Streamer`
-    follows the slots' rows (``streamer``).
+    follows the slots' rows (``streamer``), and so do the grammar matchers (``grammar``,
+    None where no row has a grammar; ``grammars`` holds each input row's).
     """
 
     def __init__(self, decoder, prompts: Sequence[Sequence[int]],
@@ -56,6 +58,8 @@ class Seating:
         self.occupant: list[int | None] = [None] * slots
         self.entered = [0] * slots
         self.origin = [0] * slots
+        self.grammar: GrammarRows | None = None
+        self.grammars: Sequence | None = None
 
     def live(self) -> list[int]:
         """The slots that hold a row."""
@@ -81,10 +85,14 @@ class Seating:
                   [self.rows[i].repetition_penalty_range for i in take],
                   [self.max_tokens[i] for i in take], base, [self.prompts[i][-1] for i in take])
             self.decoder.refill(slots, [self.prompts[i] for i in take], bound)
+            if self.grammar is not None:
+                self.grammar.admit(slots, [self.grammars[i] for i in take])
         if idle:
             # Re-parked at every check: their positions, history and columns restart at 0.
             park(st, torch.tensor(idle, device=dev))
             self.decoder.park(idle)
+            if self.grammar is not None:
+                self.grammar.park(idle)
         self.decoder.kv_len = bound
 
     def compact(self, st: DeviceState) -> DeviceState:
@@ -102,6 +110,8 @@ class Seating:
         small = st.compact(torch.tensor(keep, device=st.layout.device))
         small.owner = owner_of(self.decoder)
         self.streamer.keep(keep)
+        if self.grammar is not None:
+            self.grammar.keep(keep)
         for name in ("occupant", "entered", "origin"):
             setattr(self, name, [getattr(self, name)[s] for s in keep])
         return small
@@ -132,7 +142,9 @@ class SlotRun:
 
     def advance(self, step: int) -> None:
         """Run decode step ``step`` of the run over every slot."""
-        self.stepper.advance(self.state, lambda: self.width(step))
+        grammar = self.seating.grammar
+        self.stepper.advance(self.state, lambda: self.width(step),
+                             None if grammar is None else grammar.prepare)
 
     def check(self, step: int) -> bool:
         """Wait for the device at run step ``step``: stream new tokens, raise for bad rows,
@@ -141,6 +153,9 @@ class SlotRun:
         count = st.count.tolist()
         self.streamer.stream(st, count, seat.occupant)
         raise_bad_rows(st, lambda rows: [seat.occupant[r] for r in rows], self.partial)
+        if seat.grammar is not None:
+            for s in check_rows(seat.grammar, st, count):
+                self.handover.forced[seat.occupant[s]] = GRAMMAR_STOP
         done = st.done.tolist()
         ended = [s for s in seat.live() if done[s]]
         if ended:
@@ -214,6 +229,9 @@ def open_slots(decoder, prompts: Sequence[Sequence[int]], rows: Sequence[Samplin
          [0] * slots, [0] * slots, [0] * slots)
     seating = Seating(decoder, prompts, rows, max_tokens, base, got.packed, slots,
                       Streamer(options.callback, slots))
+    seating.grammar = open_rows(options.grammars, slots, decoder.model.config.vocab_size,
+                                device)
+    seating.grammars = options.grammars
     handover = Handover(rows, max_tokens, options.on_row, options.return_logprobs)
     for i, m in enumerate(max_tokens):
         if m == 0:

@@ -7,6 +7,8 @@ from __future__ import annotations
 import warnings
 from collections.abc import Callable
 
+import torch
+
 from lmgen_fast.engine.state import DeviceState
 from lmgen_fast.runtime import graphs
 
@@ -24,12 +26,16 @@ class Stepper:
         self.decoder, self.graph_cls = decoder, graph_cls
         self.capture_failure: str | None = None
 
-    def advance(self, st: DeviceState, width: Callable[[], int]) -> None:
+    def advance(self, st: DeviceState, width: Callable[[], int],
+                prepare: Callable[[torch.Tensor], torch.Tensor] | None = None) -> None:
         """Run one decode step on ``st``; ``width()`` is the penalty window of an eager
-        step (asked only for one: a graph step reads the layout's)."""
+        step (asked only for one: a graph step reads the layout's). ``prepare(logits)``,
+        where given, runs between the forward and the sampler (an eager step only) and
+        returns the logits to sample from."""
         dec = self.decoder
         if self.graph_cls is None:
-            st.sample(dec.decode(st.tokens), width())
+            logits = dec.decode(st.tokens)
+            st.sample(logits if prepare is None else prepare(logits), width())
             return
         kv = dec.advance()
         graph = st.graphs.get(kv)
