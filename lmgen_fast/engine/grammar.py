@@ -9,9 +9,10 @@ matcher fills from the tokens the row kept so far. The pieces:
   end ids as the stop tokens: the end token is allowed exactly where the grammar may end;
 * :func:`compile_rows`: every row's grammar compiled (cached per kind, source and
   tokenizer), a ValueError naming the row, the field and xgrammar's reason otherwise;
-* :class:`GrammarRows`: the matchers of a run's state rows, the host bitmask they fill and
-  its device copy; the decode loop calls it at each host check (:meth:`GrammarRows.accept`)
-  and between the model's forward and the sampler (:meth:`GrammarRows.prepare`).
+* :class:`GrammarRows`: the matchers of a run's state rows and the host bitmask they fill;
+  the decode loop calls :func:`check_rows` at each host check and
+  :meth:`GrammarRows.prepare` between the model's forward and the sampler, which copies
+  the masks to the state's ``bitmask`` (read by the sampler, SPEC section 7's step 2).
 
 A row ends with finish reason "stop" (:data:`GRAMMAR_STOP`) when its grammar is complete
 and admits nothing but the end: the row is marked done at that host check, without a step
@@ -32,6 +33,7 @@ from collections.abc import Sequence
 
 import torch
 
+from lmgen_fast.core.bitmask import BITS, bitmask_words, unpack_bitmask
 from lmgen_fast.core.params import SamplingParams
 from lmgen_fast.engine.state import DeviceState
 
@@ -39,8 +41,6 @@ from lmgen_fast.engine.state import DeviceState
 GRAMMAR_STOP = "stop"
 # Compiled grammars kept (least recently used dropped first).
 CACHE_SIZE = 256
-# Bits per bitmask word.
-WORD = 32
 
 _INFOS: OrderedDict = OrderedDict()  # (id(tokenizer), vocab, end ids) -> (tokenizer, compiler)
 _GRAMMARS: OrderedDict = OrderedDict()  # (kind, source, info key) -> CompiledGrammar
@@ -53,11 +53,6 @@ def _xgrammar():
         raise ValueError("json_schema, regex and grammar need xgrammar, the structured "
                          "extra: pip install -e \".[structured]\"") from None
     return xgrammar
-
-
-def bitmask_words(vocab_size: int) -> int:
-    """Words of a bitmask row for a ``vocab_size``-wide vocabulary: ``ceil(V / 32)``."""
-    return (vocab_size + WORD - 1) // WORD
 
 
 def _raw_vocab(tokenizer) -> tuple[list[str], object, bool]:
@@ -172,38 +167,31 @@ def compile_rows(rows: Sequence[SamplingParams], tokenizer, vocab_size: int,
     return out
 
 
-def apply_bitmask(logits: torch.Tensor, bitmask: torch.Tensor) -> torch.Tensor:
-    """``logits`` ``[B, V]`` with every token whose bit is clear in ``bitmask`` ``[B, W]``
-    int32 set to ``-inf``, in place (the reference's masking step, on any device)."""
-    shifts = torch.arange(WORD, device=bitmask.device, dtype=torch.int32)
-    bits = (bitmask.unsqueeze(-1) >> shifts) & 1  # [B, W, 32]
-    allowed = bits.reshape(bitmask.shape[0], -1)[:, : logits.shape[1]].bool()
-    return logits.masked_fill_(~allowed, float("-inf"))
+def only_end(matcher, words: list[int]) -> bool:
+    """Whether ``words`` (a bitmask row as ints, filled by ``matcher``) allows the matcher's
+    stop tokens alone."""
+    for t in matcher.stop_token_ids:
+        words[t // BITS] &= ~(1 << (t % BITS))
+    return not any(words)
 
 
 class GrammarRows:
-    """The grammar matchers of a run's ``batch`` state rows (None: a row without one) and
-    the bitmask they fill: on the host (pinned for a CUDA run, so its copy does not wait)
-    and on ``device``.
+    """The grammar matchers of a run's ``batch`` state rows (None: a row without one, or
+    whose grammar is over) and the host bitmask they fill (pinned for a CUDA run, so that
+    its copy to the device does not wait).
 
-    The decode loop calls :meth:`accept` at each host check (after the device's tokens are
-    read back: every step, since grammar runs check every step) and :meth:`prepare` between
-    a step's model forward and its sampler, so that on CUDA the host fills the masks while
-    the forward runs. Rows without a grammar keep an all-ones row.
+    The decode loop calls :func:`check_rows` at each host check (every step: a grammar run
+    checks every step) and :meth:`prepare` between a step's forward and its sampler, so
+    that on CUDA the host fills the masks while the device computes the logits. A row
+    without a grammar keeps every bit set.
     """
 
     def __init__(self, batch: int, vocab_size: int, device: torch.device):
-        self.vocab, self.device = vocab_size, torch.device(device)
+        self.vocab, self.pin = vocab_size, torch.device(device).type == "cuda"
         self.matchers: list = [None] * batch
         self.accepted = [0] * batch  # tokens of the row its matcher has accepted
-        self.ended: list[int] = []  # state rows ended by their grammar at the last check
-        self._buffers(batch)
-
-    def _buffers(self, batch: int) -> None:
-        pin = self.device.type == "cuda"
-        shape = (batch, bitmask_words(self.vocab))
-        self.host = torch.full(shape, -1, dtype=torch.int32, pin_memory=pin)
-        self.mask = torch.full(shape, -1, dtype=torch.int32, device=self.device)
+        self.host = torch.full((batch, bitmask_words(vocab_size)), -1, dtype=torch.int32,
+                               pin_memory=self.pin)
 
     def admit(self, slots: Sequence[int], grammars: Sequence) -> None:
         """Rows ``slots`` start over with ``grammars`` (compiled; None: no grammar)."""
@@ -217,7 +205,7 @@ class GrammarRows:
             self.host[s].fill_(-1)
 
     def park(self, slots: Sequence[int]) -> None:
-        """Rows ``slots`` hold no row (free slots)."""
+        """Rows ``slots`` hold no row (free slots, or finished grammars)."""
         for s in slots:
             self.matchers[s] = None
             self.host[s].fill_(-1)
@@ -226,80 +214,75 @@ class GrammarRows:
         """Follow a compaction: state row ``j`` is now the former row ``keep[j]``."""
         self.matchers = [self.matchers[s] for s in keep]
         self.accepted = [self.accepted[s] for s in keep]
-        old = self.host
-        self._buffers(len(keep))
-        self.host.copy_(old[list(keep)])
+        host = self.host[list(keep)]
+        self.host = host.pin_memory() if self.pin else host
 
-    def accept(self, out: torch.Tensor, count: list[int], done: list[bool]) -> list[int]:
-        """Feed each grammar row's new tokens (``out`` ``[B, C]``, the row's tokens so far
-        ``count`` read back) to its matcher; return the state rows whose grammar admits
-        nothing but the end now, after marking them finished in :attr:`ended` (the caller
-        sets them done on the device). Rows ``done`` otherwise are dropped."""
+    def accept(self, out: torch.Tensor, count: list[int]) -> list[int]:
+        """Feed each grammar row's new tokens (``out`` ``[B, C]`` int64, ``count`` the
+        tokens of each row) to its matcher; returns the rows whose grammar is complete and
+        admits nothing but the end now."""
         rows = [s for s, m in enumerate(self.matchers)
                 if m is not None and count[s] > self.accepted[s]]
+        if not rows:
+            return []
+        first = min(self.accepted[s] for s in rows)
+        block = out[rows, first: max(count[s] for s in rows)].tolist()
         ended = []
-        if rows:
-            first = min(self.accepted[s] for s in rows)
-            block = out[rows, first: max(count[s] for s in rows)].tolist()
-            for s, got in zip(rows, block, strict=True):
-                m = self.matchers[s]
-                for t in got[self.accepted[s] - first: count[s] - first]:
-                    if not m.accept_token(t):
-                        raise RuntimeError(f"grammar row {s}: token {t} was drawn against "
-                                           "its mask")
-                self.accepted[s] = count[s]
-                if m.is_completed() and self._only_end(s):
+        for s, got in zip(rows, block, strict=True):
+            m = self.matchers[s]
+            for t in got[self.accepted[s] - first: count[s] - first]:
+                if not m.accept_token(t):
+                    raise RuntimeError(f"state row {s} drew token {t}, which its grammar's "
+                                       "mask forbade")
+            self.accepted[s] = count[s]
+            if m.is_completed():
+                m.fill_next_token_bitmask(self.host, s)
+                if only_end(m, self.host[s].tolist()):
                     ended.append(s)
-        for s, m in enumerate(self.matchers):
-            if m is not None and (done[s] or s in ended):
-                self.matchers[s] = None
-                self.host[s].fill_(-1)
-        self.ended = ended
         return ended
 
-    def _only_end(self, s: int) -> bool:
-        """Whether row ``s``'s grammar admits its stop tokens alone next."""
-        m = self.matchers[s]
-        m.fill_next_token_bitmask(self.host, s)
-        words = self.host[s].tolist()
-        for t in m.stop_token_ids:
-            words[t // WORD] &= ~(1 << (t % WORD))
-        return not any(words)
-
-    @property
-    def active(self) -> bool:
-        """Whether some row has a grammar still running."""
-        return any(m is not None for m in self.matchers)
-
-    def fill(self) -> None:
-        """Fill the host bitmask of every grammar row for its next step."""
-        rows = [s for s, m in enumerate(self.matchers) if m is not None]
-        for s in rows:
-            self.matchers[s].fill_next_token_bitmask(self.host, s)
-
-    def prepare(self, logits: torch.Tensor) -> torch.Tensor:
-        """Fill the masks, copy them to the device and mask ``logits`` ``[B, V]`` with them
-        (in place; returned). Called after the forward was launched: on CUDA the fill runs
-        on the host while the device computes the logits."""
-        if not self.active:
+    def prepare(self, st: DeviceState, logits: torch.Tensor) -> torch.Tensor:
+        """Fill every grammar row's mask for its next step and put the masks where ``st``'s
+        sampler reads them; returns the logits to sample from."""
+        for s, m in enumerate(self.matchers):
+            if m is not None:
+                m.fill_next_token_bitmask(self.host, s)
+        target = getattr(st, "bitmask", None)
+        if target is not None:
+            target.copy_(self.host, non_blocking=True)
             return logits
-        self.fill()
-        self.mask.copy_(self.host, non_blocking=True)
-        return apply_bitmask(logits, self.mask)
+        # A state without a bitmask buffer: mask the logits themselves (same tokens).
+        return logits.masked_fill_(~unpack_bitmask(self.host.to(logits.device),
+                                                   logits.shape[1]), float("-inf"))
 
 
 def open_rows(grammars: Sequence | None, batch: int, vocab_size: int,
-              device: torch.device) -> GrammarRows | None:
-    """:class:`GrammarRows` for a run whose rows have ``grammars`` (None: no row has one,
-    and the run gets no bitmask at all)."""
-    return None if grammars is None else GrammarRows(batch, vocab_size, device)
+              device: torch.device, admit: bool = False) -> GrammarRows | None:
+    """:class:`GrammarRows` for a run whose rows have ``grammars`` (None where no row has
+    one: the run gets no bitmask at all), with row ``r`` admitted with ``grammars[r]``
+    where ``admit`` (a static batch)."""
+    if grammars is None:
+        return None
+    rows = GrammarRows(batch, vocab_size, device)
+    if admit:
+        rows.admit(range(batch), grammars)
+    return rows
 
 
-def check_rows(grammar: GrammarRows, st: DeviceState, count: list[int]) -> list[int]:
+def check_rows(grammar: GrammarRows | None, st: DeviceState, count: list[int],
+               forced: dict[int, str], occupant: Sequence[int | None]) -> None:
     """At a host check of ``st`` (``count``: its tokens per row, read back): advance the
-    matchers (:meth:`GrammarRows.accept`) and mark done, on the device, the state rows
-    their grammar ended; returns those rows."""
-    ended = grammar.accept(st.out, count, st.done.tolist())
+    matchers, drop those of finished rows, and end the rows whose grammar admits nothing
+    but the end: done on the device, finish reason :data:`GRAMMAR_STOP` in ``forced``
+    (by the caller's row, ``occupant[s]`` for state row ``s``). Nothing where ``grammar``
+    is None."""
+    if grammar is None:
+        return
+    ended = grammar.accept(st.out, count)
+    done = st.done.tolist()
+    grammar.park([s for s, m in enumerate(grammar.matchers)
+                  if m is not None and (done[s] or s in ended)])
     if ended:
         st.done.index_fill_(0, torch.tensor(ended, device=st.done.device), True)
-    return ended
+        for s in ended:
+            forced[occupant[s]] = GRAMMAR_STOP

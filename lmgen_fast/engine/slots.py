@@ -23,7 +23,7 @@ from lmgen_fast.core.errors import EmptyRowError, GenerationError
 from lmgen_fast.core.params import PackedParams, SamplingParams
 from lmgen_fast.core.rows import positions_needed, prompt_base, prompt_history, window_width
 from lmgen_fast.engine.delivery import Handover, Streamer, raise_bad_rows
-from lmgen_fast.engine.grammar import GRAMMAR_STOP, GrammarRows, check_rows, open_rows
+from lmgen_fast.engine.grammar import GrammarRows, check_rows, open_rows
 from lmgen_fast.engine.plan import Plan, RunOptions
 from lmgen_fast.engine.prepare import prepare
 from lmgen_fast.engine.results import RowLogprobs, RowPair, empty_logprobs
@@ -142,9 +142,7 @@ class SlotRun:
 
     def advance(self, step: int) -> None:
         """Run decode step ``step`` of the run over every slot."""
-        grammar = self.seating.grammar
-        self.stepper.advance(self.state, lambda: self.width(step),
-                             None if grammar is None else grammar.prepare)
+        self.stepper.advance(self.state, lambda: self.width(step))
 
     def check(self, step: int) -> bool:
         """Wait for the device at run step ``step``: stream new tokens, raise for bad rows,
@@ -153,9 +151,7 @@ class SlotRun:
         count = st.count.tolist()
         self.streamer.stream(st, count, seat.occupant)
         raise_bad_rows(st, lambda rows: [seat.occupant[r] for r in rows], self.partial)
-        if seat.grammar is not None:
-            for s in check_rows(seat.grammar, st, count):
-                self.handover.forced[seat.occupant[s]] = GRAMMAR_STOP
+        check_rows(seat.grammar, st, count, self.handover.forced, seat.occupant)
         done = st.done.tolist()
         ended = [s for s in seat.live() if done[s]]
         if ended:
@@ -229,12 +225,13 @@ def open_slots(decoder, prompts: Sequence[Sequence[int]], rows: Sequence[Samplin
          [0] * slots, [0] * slots, [0] * slots)
     seating = Seating(decoder, prompts, rows, max_tokens, base, got.packed, slots,
                       Streamer(options.callback, slots))
-    seating.grammar = open_rows(options.grammars, slots, decoder.model.config.vocab_size,
-                                device)
+    seating.grammar = grammar = open_rows(options.grammars, slots,
+                                          decoder.model.config.vocab_size, device)
     seating.grammars = options.grammars
     handover = Handover(rows, max_tokens, options.on_row, options.return_logprobs)
     for i, m in enumerate(max_tokens):
         if m == 0:
             handover.finish(i, [], empty_logprobs(rows[i].logprobs))
-    return SlotRun(got.plan, got.state, Stepper(decoder, got.plan.graph_cls), seating,
+    return SlotRun(got.plan, got.state,
+                   Stepper(decoder, got.plan.graph_cls, grammar and grammar.prepare), seating,
                    handover)

@@ -11,7 +11,7 @@ from lmgen_fast.core.errors import EmptyRowError, GenerationError
 from lmgen_fast.core.params import SamplingParams
 from lmgen_fast.core.rows import prompt_base, prompt_history, window_width
 from lmgen_fast.engine.delivery import Handover, Streamer, raise_bad_rows
-from lmgen_fast.engine.grammar import GRAMMAR_STOP, check_rows, open_rows
+from lmgen_fast.engine.grammar import check_rows, open_rows
 from lmgen_fast.engine.plan import RunOptions
 from lmgen_fast.engine.prepare import prepare
 from lmgen_fast.engine.results import RowLogprobs, RowPair
@@ -36,7 +36,9 @@ class StaticRun:
         got = prepare(decoder, rows, max_tokens, self.base, options, logits.device, batch,
                       logits.shape[1], capture_failed)
         self.plan, self.state = got.plan, got.state
-        self.stepper = Stepper(decoder, got.plan.graph_cls)
+        self.grammar = open_rows(options.grammars, batch, logits.shape[1], logits.device,
+                                 admit=True)
+        self.stepper = Stepper(decoder, got.plan.graph_cls, self.grammar and self.grammar.prepare)
         self.streamer = Streamer(options.callback, batch)
         self.handover = Handover(rows, max_tokens, options.on_row, options.return_logprobs)
         self.identity = list(range(batch))
@@ -44,9 +46,6 @@ class StaticRun:
         load(self.state, got.packed, hist0.to(self.state.layout.device),
              [r.repetition_penalty_range for r in rows], list(max_tokens), self.base)
         self.steps = self.slot_steps = 0
-        self.grammar = open_rows(options.grammars, batch, logits.shape[1], logits.device)
-        if self.grammar is not None:
-            self.grammar.admit(self.identity, options.grammars)
 
     def width(self, step: int) -> int:
         """The eager step's window: as wide as the longest window at ``step``, no wider."""
@@ -57,8 +56,7 @@ class StaticRun:
 
     def advance(self, step: int) -> None:
         """Run decode step ``step`` (the model on the last tokens, then sampling)."""
-        self.stepper.advance(self.state, lambda: self.width(step),
-                             None if self.grammar is None else self.grammar.prepare)
+        self.stepper.advance(self.state, lambda: self.width(step))
 
     def check(self) -> bool:
         """Wait for the device: hand new tokens to the callback, raise for bad rows.
@@ -69,9 +67,7 @@ class StaticRun:
         count = st.count.tolist()
         self.streamer.stream(st, count, self.identity)
         raise_bad_rows(st, lambda rows: rows, self.partial)
-        if self.grammar is not None:
-            for s in check_rows(self.grammar, st, count):
-                self.handover.forced[s] = GRAMMAR_STOP
+        check_rows(self.grammar, st, count, self.handover.forced, self.identity)
         return bool(st.done.all())
 
     def partial(self) -> list[list[int]]:
@@ -85,10 +81,7 @@ class StaticRun:
         done (or the longest row's cap), looking every ``sync_every`` steps."""
         step, sync_every = 0, self.plan.sync_every
         try:
-            logits = self.first_logits
-            if self.grammar is not None:
-                logits = self.grammar.prepare(logits)
-            self.state.sample(logits, self.width(0))
+            self.stepper.sample(self.state, self.first_logits, self.width(0))
             self.first_logits = None
             step = 1
             while True:
