@@ -241,12 +241,16 @@ class GrammarRows:
                     ended.append(s)
         return ended
 
-    def prepare(self, st: DeviceState, logits: torch.Tensor) -> torch.Tensor:
-        """Fill every grammar row's mask for its next step and put the masks where ``st``'s
-        sampler reads them; returns the logits to sample from."""
+    def fill(self) -> None:
+        """Fill the host mask of every grammar row for its next step."""
         for s, m in enumerate(self.matchers):
             if m is not None:
                 m.fill_next_token_bitmask(self.host, s)
+
+    def prepare(self, st: DeviceState, logits: torch.Tensor) -> torch.Tensor:
+        """Fill every grammar row's mask for its next step and put the masks where ``st``'s
+        sampler reads them; returns the logits to sample from."""
+        self.fill()
         target = getattr(st, "bitmask", None)
         if target is not None:
             target.copy_(self.host, non_blocking=True)
