@@ -21,6 +21,11 @@ from pathlib import Path
 import torch
 
 from lmgen_fast.api.default_model import load_default, load_model
+from lmgen_fast.cli.structured import (
+    STRUCTURED_OPTION_NAMES,
+    add_structured_arguments,
+    structured_params,
+)
 from lmgen_fast.core.errors import CLIError  # noqa: F401  (re-exported)
 from lmgen_fast.core.params import LOGPROBS_MODES, SamplingParams
 from lmgen_fast.core.version import PROG  # noqa: F401  (re-exported)
@@ -237,6 +242,7 @@ def add_sampling_arguments(
                         "with the same tokenizer (default: off)")
     p.add_argument("--num-speculative-tokens", type=int, default=4, metavar="K",
                    help="with --speculative: tokens drafted per row and round (default: 4)")
+    add_structured_arguments(p)
 
 
 _OPTION_NAMES = (
@@ -250,6 +256,7 @@ _OPTION_NAMES = (
     ("presence_penalty", "--presence-penalty"),
     ("logprobs", "--logprobs"),
     ("seed", "--seed"),
+    *STRUCTURED_OPTION_NAMES,
 )
 
 
@@ -268,7 +275,7 @@ def sampling_params_from_args(args: argparse.Namespace):
             top_p=args.top_p, min_p=args.min_p, frequency_penalty=args.frequency_penalty,
             presence_penalty=args.presence_penalty,
             logprobs=getattr(args, "logprobs", None) or 0,  # an option of `generate` only
-            logprobs_mode=args.logprobs_mode,
+            logprobs_mode=args.logprobs_mode, **structured_params(args),
         )
     except ValueError as err:
         message = str(err)

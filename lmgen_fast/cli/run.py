@@ -40,6 +40,7 @@ from lmgen_fast.core.params import SamplingParams
 from lmgen_fast.core.progress import Progress
 from lmgen_fast.core.rows import positions_needed
 from lmgen_fast.engine import supports_slots
+from lmgen_fast.jobs.constraints import constraint_errors
 from lmgen_fast.jobs.inputs import (  # noqa: F401  (re-exported: the names users import from here)
     KNOWN_FIELDS,
     PARAM_FIELDS,
@@ -104,12 +105,14 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
                         "top_k, repetition_penalty, repetition_penalty_range, seed, "
                         "penalty_scope, penalty_mode, top_p, min_p, frequency_penalty, "
                         "presence_penalty, logprobs_mode to override the options for that row, "
-                        "and logprobs (0 to 20) to get that row's token log-probabilities")
+                        "and logprobs (0 to 20) to get that row's token log-probabilities; "
+                        "json_schema (an object), regex, grammar (EBNF text), logit_bias "
+                        "({\"ID\": BIAS}) and allowed_token_ids ([IDs]) constrain the row")
     p.add_argument("--output", required=True, metavar="FILE",
                    help="JSONL results, one line per id: id, text, token_ids, finish_reason "
-                        "(eot or length), num_tokens, and for rows with logprobs > 0 logprobs, "
-                        "top_logprobs ([id, logprob] pairs) and logprobs_mode; rerunning the "
-                        "command resumes it")
+                        "(eot, stop or length), num_tokens, and for rows with logprobs > 0 "
+                        "logprobs, top_logprobs ([id, logprob] pairs) and logprobs_mode; "
+                        "rerunning the command resumes it")
     p.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE, metavar="N",
                    help=f"rows decoded at once: N slots, where a finished row's slot takes "
                         f"the next prompt (continuous batching; default: {DEFAULT_BATCH_SIZE})")
@@ -209,25 +212,29 @@ def _drop_too_long(args: argparse.Namespace, rows: list[JobRow], prompt_ids: lis
                    ) -> tuple[list[JobRow], list[list[int]]]:
     """The rows (and their prompt ids) that fit in ``limit`` positions; the others go to
     ``invalid`` (sorted by line), or stop the job without --skip-invalid."""
-    keep = []
+    reasons = {}
     for i, row in enumerate(rows):
         need = positions_needed(len(prompt_ids[i]), row.max_tokens)
         if need > limit:
-            invalid.append(InvalidLine(
-                row.line, row.id,
-                f"prompt of {len(prompt_ids[i])} tokens plus max_tokens={row.max_tokens} "
-                f"needs {need} positions, beyond the model's max_position_embeddings="
-                f"{limit}",
-            ))
-        else:
-            keep.append(i)
-    if len(keep) < len(rows):
-        invalid.sort(key=lambda bad: bad.line)
-        if not args.skip_invalid:
-            raise JobError(_first_error(args.input, invalid))
-        rows = [rows[i] for i in keep]
-        prompt_ids = [prompt_ids[i] for i in keep]
-    return rows, prompt_ids
+            reasons[i] = (f"prompt of {len(prompt_ids[i])} tokens plus max_tokens="
+                          f"{row.max_tokens} needs {need} positions, beyond the model's "
+                          f"max_position_embeddings={limit}")
+    return _drop_rows(args, rows, prompt_ids, invalid, reasons)
+
+
+def _drop_rows(args: argparse.Namespace, rows: list[JobRow], prompt_ids: list[list[int]],
+               invalid: list[InvalidLine], reasons: dict[int, str]
+               ) -> tuple[list[JobRow], list[list[int]]]:
+    """The rows (and their prompt ids) without a reason in ``reasons`` (by index); the
+    others go to ``invalid`` (sorted by line), or stop the job without --skip-invalid."""
+    if not reasons:
+        return rows, prompt_ids
+    invalid.extend(InvalidLine(rows[i].line, rows[i].id, why) for i, why in reasons.items())
+    invalid.sort(key=lambda bad: bad.line)
+    if not args.skip_invalid:
+        raise JobError(_first_error(args.input, invalid))
+    keep = [i for i in range(len(rows)) if i not in reasons]
+    return [rows[i] for i in keep], [prompt_ids[i] for i in keep]
 
 
 def _report(args: argparse.Namespace, env: DistEnv, stats: RunStats, *, prefix: str,
@@ -295,6 +302,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     prompt_ids = encode_prompts(adapter, rows)
     if limit is not None:
         rows, prompt_ids = _drop_too_long(args, rows, prompt_ids, invalid, limit)
+    rows, prompt_ids = _drop_rows(args, rows, prompt_ids, invalid,
+                                  constraint_errors(rows, decoder, adapter))
     if errors_path is not None and env.rank == 0:
         write_atomic(errors_path, [encode_record(bad.record()) for bad in invalid])
 

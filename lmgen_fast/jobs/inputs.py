@@ -16,7 +16,7 @@ from pathlib import Path
 
 from lmgen_fast.api.tokenization import TokenizerAdapter
 from lmgen_fast.core.errors import CLIError
-from lmgen_fast.core.params import SamplingParams
+from lmgen_fast.core.params import STRUCTURED_FIELDS, SamplingParams
 from lmgen_fast.core.rows import positions_needed
 from lmgen_fast.jobs.jsonl import id_key
 
@@ -136,6 +136,14 @@ def _check_max_tokens(value: object) -> int:
     return n
 
 
+def structured_overrides(overrides: dict) -> dict:
+    """``overrides`` where a line names a grammar (json_schema, regex or grammar): the
+    line's replaces the command line's, so the other two are cleared."""
+    if any(overrides.get(f) is not None for f in STRUCTURED_FIELDS):
+        return {**{f: None for f in STRUCTURED_FIELDS}, **overrides}
+    return overrides
+
+
 def parse_line(
     obj: object, defaults: SamplingParams, max_tokens: int, run_seed: int | None
 ) -> tuple[str | int, str, SamplingParams, int]:
@@ -176,7 +184,7 @@ def parse_line(
     prompt = obj["prompt"]
     if not isinstance(prompt, str):
         raise LineError(f"prompt must be a string, got {_json_type(prompt)}", row_id)
-    overrides = {k: obj[k] for k in PARAM_FIELDS if k in obj}
+    overrides = structured_overrides({k: obj[k] for k in PARAM_FIELDS if k in obj})
     if "seed" not in overrides and run_seed is not None:
         overrides["seed"] = derive_seed(run_seed, row_id)
     try:

@@ -10,9 +10,10 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from lmgen_fast.api.generate import GenerationError, generate_ids
+from lmgen_fast.api.structured import row_grammars
 from lmgen_fast.core.progress import Progress
 from lmgen_fast.engine import DecodeStats, supports_slots
-from lmgen_fast.jobs.inputs import JobFailed, JobRow, plan_batches
+from lmgen_fast.jobs.inputs import JobError, JobFailed, JobRow, plan_batches
 from lmgen_fast.jobs.jsonl import ResultWriter
 
 
@@ -124,6 +125,12 @@ def run_rows(
         want = [rows[i].params.logprobs > 0 for i in batch]
         extra: dict = {"return_logprobs": True} if any(want) else {}
         extra.update({"max_batch_size": batch_size} if slots else {})
+        try:
+            grammars = row_grammars(decoder, adapter, [rows[i].params for i in batch],
+                                    speculative=generate is not generate_ids)
+        except ValueError as err:  # grammar rows with --speculative
+            raise JobError(str(err)) from None
+        extra.update({"grammars": grammars} if grammars is not None else {})
 
         def finished(j: int, pair: tuple[list[int], str], lp, batch=batch, want=want) -> None:
             nonlocal last_sync
