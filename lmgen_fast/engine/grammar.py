@@ -217,20 +217,21 @@ class GrammarRows:
         host = self.host[list(keep)]
         self.host = host.pin_memory() if self.pin else host
 
-    def accept(self, out: torch.Tensor, count: list[int]) -> list[int]:
+    def accept(self, out: torch.Tensor, last: torch.Tensor, count: list[int]) -> list[int]:
         """Feed each grammar row's new tokens (``out`` ``[B, C]`` int64, ``count`` the
-        tokens of each row) to its matcher; returns the rows whose grammar is complete and
-        admits nothing but the end now."""
+        tokens of each row, ``last`` ``[B]`` the token each row drew last) to its matcher;
+        returns the rows whose grammar is complete and admits nothing but the end now."""
         rows = [s for s, m in enumerate(self.matchers)
                 if m is not None and count[s] > self.accepted[s]]
         if not rows:
             return []
-        first = min(self.accepted[s] for s in rows)
-        block = out[rows, first: max(count[s] for s in rows)].tolist()
+        # One token per row since the last check (every step checks): one small read.
+        one = [last.tolist()] if all(count[s] == self.accepted[s] + 1 for s in rows) else None
         ended = []
-        for s, got in zip(rows, block, strict=True):
+        for s in rows:
             m = self.matchers[s]
-            for t in got[self.accepted[s] - first: count[s] - first]:
+            got = [one[0][s]] if one else out[s, self.accepted[s]: count[s]].tolist()
+            for t in got:
                 if not m.accept_token(t):
                     raise RuntimeError(f"state row {s} drew token {t}, which its grammar's "
                                        "mask forbade")
@@ -282,7 +283,7 @@ def check_rows(grammar: GrammarRows | None, st: DeviceState, count: list[int],
     is None."""
     if grammar is None:
         return
-    ended = grammar.accept(st.out, count)
+    ended = grammar.accept(st.out, st.tokens, count)
     done = st.done.tolist()
     grammar.park([s for s, m in enumerate(grammar.matchers)
                   if m is not None and (done[s] or s in ended)])

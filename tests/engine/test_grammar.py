@@ -101,11 +101,11 @@ def test_end_token_only_where_the_grammar_may_end(default):
         out = torch.tensor([[a, b, c], [7, 7, 7]])
         seen = []
         for n in range(3):
-            ended = rows.accept(out, [n, 3])
+            ended = rows.accept(out, out[:, max(n - 1, 0)], [n, 3])
             rows.fill()
             seen.append((ended, eot in _allowed(rows, 0), _allowed(rows, 1)))
         assert [e for e, _, _ in seen] == [[], [], []]
         assert [may_end for _, may_end, _ in seen] == [False, False, True]
         assert c in _allowed(rows, 0) and max(_allowed(rows, 0)) < 4096
         assert seen[0][2] == set(range(vocab))  # a row without a grammar: every token
-        assert rows.accept(out, [3, 3]) == [0]
+        assert rows.accept(out, out[:, 2], [3, 3]) == [0]
