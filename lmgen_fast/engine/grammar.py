@@ -33,7 +33,7 @@ from collections.abc import Sequence
 
 import torch
 
-from lmgen_fast.core.bitmask import BITS, bitmask_words, unpack_bitmask
+from lmgen_fast.core.bitmask import BITS, bitmask_words
 from lmgen_fast.core.params import SamplingParams
 from lmgen_fast.engine.state import DeviceState
 
@@ -249,16 +249,12 @@ class GrammarRows:
                 m.fill_next_token_bitmask(self.host, s)
 
     def prepare(self, st: DeviceState, logits: torch.Tensor) -> torch.Tensor:
-        """Fill every grammar row's mask for its next step and put the masks where ``st``'s
-        sampler reads them; returns the logits to sample from."""
+        """Fill every grammar row's mask for its next step into ``st.bitmask``, which the
+        sampler reads (the plan gives a state one where a row has a grammar); returns
+        ``logits`` untouched."""
         self.fill()
-        target = getattr(st, "bitmask", None)
-        if target is not None:
-            target.copy_(self.host, non_blocking=True)
-            return logits
-        # A state without a bitmask buffer: mask the logits themselves (same tokens).
-        return logits.masked_fill_(~unpack_bitmask(self.host.to(logits.device),
-                                                   logits.shape[1]), float("-inf"))
+        st.bitmask.copy_(self.host, non_blocking=True)
+        return logits
 
 
 def open_rows(grammars: Sequence | None, batch: int, vocab_size: int,
