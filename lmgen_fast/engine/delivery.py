@@ -56,19 +56,20 @@ class Streamer:
 class Handover:
     """The finished rows of a call: each handed to ``on_row`` as soon as it is finished,
     and all of them returned by :meth:`results` (rows numbered as the caller's).
-    :attr:`forced` gives the finish reason of a row that something other than its tokens
-    ended (its grammar), by the caller's row number."""
+    :attr:`stopped` holds the rows (the caller's numbers) that something besides their
+    tokens ended with "stop" (a grammar), each with its stop reason (None for a grammar)."""
 
     def __init__(self, rows: Sequence[SamplingParams], max_tokens: Sequence[int],
                  on_row: RowCallback | None, return_logprobs: bool):
         self.rows, self.max_tokens = rows, max_tokens
         self.on_row, self.return_logprobs = on_row, return_logprobs
         self.finished: dict[int, tuple[RowPair, RowLogprobs | None]] = {}
-        self.forced: dict[int, str] = {}
+        self.stopped: dict[int, str | int | None] = {}
 
     def finish(self, i: int, ids: list[int], lp: RowLogprobs | None) -> None:
         """Row ``i`` is finished with tokens ``ids`` (and log-probabilities ``lp``)."""
-        pair = (ids, self.forced.pop(i, None) or finish_reason(len(ids), self.max_tokens[i]))
+        reason = "stop" if i in self.stopped else finish_reason(len(ids), self.max_tokens[i])
+        pair = (ids, reason)
         self.finished[i] = (pair, lp)
         if self.on_row is not None:
             self.on_row(i, pair, lp if self.return_logprobs else None)

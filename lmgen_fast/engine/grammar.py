@@ -14,11 +14,18 @@ matcher fills from the tokens the row kept so far. The pieces:
   :meth:`GrammarRows.prepare` between the model's forward and the sampler, which copies
   the masks to the state's ``bitmask`` (read by the sampler, SPEC section 7's step 2).
 
-A row ends with finish reason "stop" (:data:`GRAMMAR_STOP`) when its grammar is complete
+A row ends with finish reason "stop" (stop reason None) when its grammar is complete
 and admits nothing but the end: the row is marked done at that host check, without a step
 that could only draw the end token. A row that draws the end token where its grammar could
 also go on (``[a-z]+``) ends "eot" as any row; one that reaches ``max_tokens`` first ends
 "length" with its output incomplete.
+
+Host work per step (a grammar run checks every step and runs eagerly): at the check,
+each grammar row's matcher accepts the token the row kept (its last token, one small read)
+and completed rows are ended; then the next step's forward is launched and, while the
+device computes it, the host fills the masks and copies them (from pinned memory on CUDA)
+to the state's bitmask before the sampler's launch. ``benchmarks/bench_grammar.py``
+measures both parts.
 
 JSON schemas compile without free whitespace (``any_whitespace=False``): objects are
 written on one line with ``", "`` and ``": "`` separators, so a small model cannot spend
@@ -37,10 +44,9 @@ from lmgen_fast.core.bitmask import BITS, bitmask_words
 from lmgen_fast.core.params import SamplingParams
 from lmgen_fast.engine.state import DeviceState
 
-# The finish reason of a row whose grammar ended it (SPEC section 7's "stop").
-GRAMMAR_STOP = "stop"
-# Compiled grammars kept (least recently used dropped first).
+# Compiled grammars kept, and tokenizers' compilers (least recently used dropped first).
 CACHE_SIZE = 256
+TOKENIZERS_KEPT = 8
 
 _INFOS: OrderedDict = OrderedDict()  # (id(tokenizer), vocab, end ids) -> (tokenizer, compiler)
 _GRAMMARS: OrderedDict = OrderedDict()  # (kind, source, info key) -> CompiledGrammar
@@ -106,7 +112,7 @@ def _compiler(tokenizer, vocab_size: int, end_ids: Sequence[int]) -> tuple[tuple
                          f"tokenizer, got {type(tokenizer).__name__}")
     # The tokenizer is kept with its compiler, so that its id is not reused while cached.
     _INFOS[key] = (tokenizer, xgr.GrammarCompiler(info, max_threads=1))
-    while len(_INFOS) > 8:
+    while len(_INFOS) > TOKENIZERS_KEPT:
         _INFOS.popitem(last=False)
     return key, _INFOS[key][1]
 
@@ -271,12 +277,13 @@ def open_rows(grammars: Sequence | None, batch: int, vocab_size: int,
 
 
 def check_rows(grammar: GrammarRows | None, st: DeviceState, count: list[int],
-               forced: dict[int, str], occupant: Sequence[int | None]) -> None:
+               stopped: dict[int, str | int | None],
+               occupant: Sequence[int | None]) -> None:
     """At a host check of ``st`` (``count``: its tokens per row, read back): advance the
     matchers, drop those of finished rows, and end the rows whose grammar admits nothing
-    but the end: done on the device, finish reason :data:`GRAMMAR_STOP` in ``forced``
-    (by the caller's row, ``occupant[s]`` for state row ``s``). Nothing where ``grammar``
-    is None."""
+    but the end: done on the device, and in ``stopped`` by the caller's row
+    (``occupant[s]`` for state row ``s``) with stop reason None (finish reason "stop").
+    Nothing where ``grammar`` is None."""
     if grammar is None:
         return
     ended = grammar.accept(st.out, st.tokens, count)
@@ -286,4 +293,4 @@ def check_rows(grammar: GrammarRows | None, st: DeviceState, count: list[int],
     if ended:
         st.done.index_fill_(0, torch.tensor(ended, device=st.done.device), True)
         for s in ended:
-            forced[occupant[s]] = GRAMMAR_STOP
+            stopped[occupant[s]] = None

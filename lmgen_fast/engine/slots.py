@@ -151,7 +151,7 @@ class SlotRun:
         count = st.count.tolist()
         self.streamer.stream(st, count, seat.occupant)
         raise_bad_rows(st, lambda rows: [seat.occupant[r] for r in rows], self.partial)
-        check_rows(seat.grammar, st, count, self.handover.forced, seat.occupant)
+        check_rows(seat.grammar, st, count, self.handover.stopped, seat.occupant)
         done = st.done.tolist()
         ended = [s for s in seat.live() if done[s]]
         if ended:

@@ -67,7 +67,7 @@ class StaticRun:
         count = st.count.tolist()
         self.streamer.stream(st, count, self.identity)
         raise_bad_rows(st, lambda rows: rows, self.partial)
-        check_rows(self.grammar, st, count, self.handover.forced, self.identity)
+        check_rows(self.grammar, st, count, self.handover.stopped, self.identity)
         return bool(st.done.all())
 
     def partial(self) -> list[list[int]]:
