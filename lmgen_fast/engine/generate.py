@@ -304,6 +304,13 @@ def generate_ids(
     check_max_batch_size(max_batch_size)
     if grammars is not None and len(grammars) != len(prompts):
         raise ValueError(f"grammars has {len(grammars)} entries for {len(prompts)} prompts")
+    unmatched = [i for i, r in enumerate(rows) if r.structured is not None
+                 and (grammars is None or grammars[i] is None)]
+    if unmatched:
+        # Without its compiled grammar a row would sample unconstrained.
+        raise ValueError(f"rows {unmatched[:5]} have a json_schema, regex or grammar but no "
+                         "compiled grammar: pass grammars= from "
+                         "lmgen_fast.engine.grammar.compile_rows")
     options = RunOptions(eos_id, backend, callback, return_logprobs, cuda_graph, sync_every,
                          on_row, stats, grammars)
     pairs, lps = run_parts(decoder, prompts, rows, max_tokens, options, max_batch_size)
