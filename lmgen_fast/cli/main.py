@@ -136,7 +136,10 @@ def _add_generate_arguments(p: argparse.ArgumentParser) -> None:
 def cmd_generate(args: argparse.Namespace) -> int:
     """Run ``lmgen-fast generate``: print the continuation of the prompt."""
     check_utf8(args.prompt, "the prompt")
-    sampling_params_from_args(args)
+    params = sampling_params_from_args(args)
+    # The constraint options have no keyword of generate(): the row goes as params.
+    constrained = (params.structured is not None or bool(params.logit_bias)
+                   or params.allowed_token_ids is not None)
     device = resolve_device(args.device)
     model, tokenizer = load_model_and_tokenizer(args.model, args.tokenizer, device)
     count = 0
@@ -160,10 +163,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
     speculative = speculative_from_args(args, device, model)
     start = time.perf_counter()
     details = None
-    if args.logprobs is not None or speculative is not None:
+    if args.logprobs is not None or speculative is not None or constrained:
         [details] = generate_batch(
             model, tokenizer, [args.prompt], **settings, logprobs=args.logprobs or 0,
-            logprobs_mode=args.logprobs_mode,
+            logprobs_mode=args.logprobs_mode, params=[params] if constrained else None,
             callback=lambda _row, t: on_token(t), return_details=True,
             speculative=speculative, num_speculative_tokens=args.num_speculative_tokens,
         )
