@@ -37,6 +37,7 @@ from __future__ import annotations
 import json
 from collections import OrderedDict
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import torch
 
@@ -44,12 +45,23 @@ from lmgen_fast.core.bitmask import BITS, bitmask_words
 from lmgen_fast.core.params import SamplingParams
 from lmgen_fast.engine.state import DeviceState
 
-# Compiled grammars kept, and tokenizers' compilers (least recently used dropped first).
+# Compiled grammars kept per tokenizer, and tokenizers kept (least recently used dropped
+# first; a tokenizer's grammars go with it).
 CACHE_SIZE = 256
 TOKENIZERS_KEPT = 8
+KINDS = ("json_schema", "regex", "grammar")
 
-_INFOS: OrderedDict = OrderedDict()  # (id(tokenizer), vocab, end ids) -> (tokenizer, compiler)
-_GRAMMARS: OrderedDict = OrderedDict()  # (kind, source, info key) -> CompiledGrammar
+
+class _Compiler(NamedTuple):
+    """A tokenizer (held, so that its id is not reused while cached), its xgrammar
+    compiler and the grammars compiled with it ((kind, source) -> CompiledGrammar)."""
+
+    tokenizer: object
+    compiler: object
+    grammars: OrderedDict
+
+
+_COMPILERS: OrderedDict = OrderedDict()  # (id(tokenizer), vocab, end ids) -> _Compiler
 
 
 def _xgrammar():
@@ -90,14 +102,14 @@ def tokenizer_info(tokenizer, vocab_size: int, end_ids: Sequence[int]):
     ``tokenizer`` is a ``tokenizers.Tokenizer`` (the embedded model's) or a transformers
     tokenizer; anything else is a ValueError.
     """
-    return _compiler(tokenizer, vocab_size, end_ids)[1].tokenizer_info
+    return _compiler(tokenizer, vocab_size, end_ids).compiler.tokenizer_info
 
 
-def _compiler(tokenizer, vocab_size: int, end_ids: Sequence[int]) -> tuple[tuple, object]:
+def _compiler(tokenizer, vocab_size: int, end_ids: Sequence[int]) -> _Compiler:
     key = (id(tokenizer), int(vocab_size), tuple(int(i) for i in end_ids))
-    if key in _INFOS:
-        _INFOS.move_to_end(key)
-        return key, _INFOS[key][1]
+    if key in _COMPILERS:
+        _COMPILERS.move_to_end(key)
+        return _COMPILERS[key]
     xgr = _xgrammar()
     stops = list(key[2])
     if hasattr(tokenizer, "convert_tokens_to_ids"):  # a transformers tokenizer
@@ -110,11 +122,11 @@ def _compiler(tokenizer, vocab_size: int, end_ids: Sequence[int]) -> tuple[tuple
     else:
         raise ValueError("structured output needs a tokenizers.Tokenizer or a transformers "
                          f"tokenizer, got {type(tokenizer).__name__}")
-    # The tokenizer is kept with its compiler, so that its id is not reused while cached.
-    _INFOS[key] = (tokenizer, xgr.GrammarCompiler(info, max_threads=1))
-    while len(_INFOS) > TOKENIZERS_KEPT:
-        _INFOS.popitem(last=False)
-    return key, _INFOS[key][1]
+    _COMPILERS[key] = _Compiler(tokenizer, xgr.GrammarCompiler(info, max_threads=1),
+                                OrderedDict())
+    while len(_COMPILERS) > TOKENIZERS_KEPT:
+        _COMPILERS.popitem(last=False)
+    return _COMPILERS[key]
 
 
 def compile_grammar(kind: str, source: str, tokenizer, vocab_size: int,
@@ -123,28 +135,28 @@ def compile_grammar(kind: str, source: str, tokenizer, vocab_size: int,
     "regex", "grammar" (EBNF)) for ``tokenizer`` (see :func:`tokenizer_info`), cached per
     ``(kind, source, tokenizer, vocab_size, end_ids)``; a ValueError with xgrammar's reason
     where it does not compile."""
-    info_key, compiler = _compiler(tokenizer, vocab_size, end_ids)
-    key = (kind, source, info_key)
-    if key in _GRAMMARS:
-        _GRAMMARS.move_to_end(key)
-        return _GRAMMARS[key]
+    if kind not in KINDS:
+        raise ValueError(f"unknown grammar kind {kind!r}; one of {KINDS}")
+    entry = _compiler(tokenizer, vocab_size, end_ids)
+    cache, compiler = entry.grammars, entry.compiler
+    if (kind, source) in cache:
+        cache.move_to_end((kind, source))
+        return cache[kind, source]
     try:
         if kind == "json_schema":
             compiled = compiler.compile_json_schema(source, any_whitespace=False)
         elif kind == "regex":
             compiled = compiler.compile_regex(source)
-        elif kind == "grammar":
-            compiled = compiler.compile_grammar(source)
         else:
-            raise ValueError(f"unknown grammar kind {kind!r}")
-    except RuntimeError as exc:
+            compiled = compiler.compile_grammar(source)
+    except (RuntimeError, ValueError, TypeError) as exc:  # xgrammar's are RuntimeErrors
         # xgrammar prefixes its reason with a timestamp and a source position.
         reason = str(exc).strip().splitlines()[0].split(": ", 1)[-1] if str(exc) else "?"
         shown = source if len(source) <= 200 else source[:200] + "..."
         raise ValueError(f"{kind} {shown!r} does not compile: {reason}") from None
-    _GRAMMARS[key] = compiled
-    while len(_GRAMMARS) > CACHE_SIZE:
-        _GRAMMARS.popitem(last=False)
+    cache[kind, source] = compiled
+    while len(cache) > CACHE_SIZE:
+        cache.popitem(last=False)
     return compiled
 
 
