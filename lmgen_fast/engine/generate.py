@@ -271,7 +271,10 @@ def generate_ids(
         Steps and slot-steps of the call are added to it.
     grammars : sequence, optional
         Each row's compiled grammar (None: the row has none), from
-        :func:`lmgen_fast.engine.grammar.compile_rows`; None when no row has one. A run
+        :func:`lmgen_fast.engine.grammar.compile_rows`; None when no row has one (a row
+        whose grammar is not given here samples under whatever the state's bitmask holds:
+        every token, unless the caller writes it, as ``generate_batch`` and ``lmgen-fast
+        run`` always give the grammars). A run
         with grammars checks on the host every step and runs its steps eagerly: the host
         fills each grammar row's token bitmask while the model's forward runs, and a row
         its grammar completes ends with finish reason "stop".
@@ -304,13 +307,6 @@ def generate_ids(
     check_max_batch_size(max_batch_size)
     if grammars is not None and len(grammars) != len(prompts):
         raise ValueError(f"grammars has {len(grammars)} entries for {len(prompts)} prompts")
-    unmatched = [i for i, r in enumerate(rows) if r.structured is not None
-                 and (grammars is None or grammars[i] is None)]
-    if unmatched:
-        # Without its compiled grammar a row would sample unconstrained.
-        raise ValueError(f"rows {unmatched[:5]} have a json_schema, regex or grammar but no "
-                         "compiled grammar: pass grammars= from "
-                         "lmgen_fast.engine.grammar.compile_rows")
     options = RunOptions(eos_id, backend, callback, return_logprobs, cuda_graph, sync_every,
                          on_row, stats, grammars)
     pairs, lps = run_parts(decoder, prompts, rows, max_tokens, options, max_batch_size)

@@ -12,9 +12,7 @@ import torch
 from lmgen_fast import SamplingParams, load_default
 from lmgen_fast.api.generate import generate_batch
 from lmgen_fast.core.bitmask import unpack_bitmask
-from lmgen_fast.engine import generate_ids
 from lmgen_fast.engine.grammar import GrammarRows, compile_grammar, compile_rows
-from lmgen_fast.models.decoder import decoder_for
 
 pytest.importorskip("xgrammar")
 
@@ -74,8 +72,6 @@ def test_bad_grammars_are_refused_naming_them(default):
     with pytest.raises(ValueError, match="speculative"):
         generate_batch(model, tok, ["a"], max_tokens=4, params=[SamplingParams(regex="a+")],
                        speculative="ngram")
-    with pytest.raises(ValueError, match="no compiled grammar"):  # never unconstrained
-        generate_ids(decoder_for(model), [[1, 5]], [SamplingParams(regex="a+")], [3], 2)
     first = compile_grammar("regex", "[0-9]+", tok, 4096, [2])
     assert compile_grammar("regex", "[0-9]+", tok, 4096, [2]) is first
     assert compile_grammar("regex", "[0-9]+", tok, 4096, [3]) is not first
