@@ -108,6 +108,8 @@ MARKS: list[tuple[str, str, tuple[str, ...]]] = [
     ("sampling/test_kernel_extensions.py", "*", ("interpreter",)),
     ("models/test_decode_kernels.py", "*", ("interpreter",)),
     ("models/test_fused_step.py", "*", ("interpreter",)),
+    ("models/test_families.py", "*[[]interpreter-*", ("interpreter", "slow")),
+    ("models/test_families.py", "*[[]llama3[]]", ("slow",)),
     ("models/test_fused_mlp.py", "test_matches_eager_*[[]interpreter-*-64-*", ("slow",)),
     ("models/test_decode_attention.py", "*", ("interpreter",)),
     ("engine/test_bookkeeping.py", "*", ("interpreter",)),

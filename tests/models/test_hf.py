@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import warnings
 
 import pytest
 import torch
@@ -196,14 +197,17 @@ def gpt2(vocab_size: int):
     return transformers.GPT2LMHeadModel(config).eval()
 
 
-@pytest.mark.parametrize("kind", ["gpt2", "llama-linear-rope"])
+@pytest.mark.parametrize("kind", ["gpt2", "llama-dynamic-rope"])
 def test_generic_cache_path_matches_hf_generate(kind, tokenizer, hf_tokenizer):
     vocab = tokenizer.get_vocab_size()
     if kind == "gpt2":
         model = gpt2(vocab)
-    else:  # a rope scaling our Llama lacks: the model's own cache instead
-        model = hf_llama(vocab, seed=5, rope_scaling={"rope_type": "linear", "factor": 2.0})
-    assert isinstance(wrap(model), HFCacheDecoder)
+    else:  # a rope scaling our Llama lacks: the model's own cache instead, with a warning
+        model = hf_llama(vocab, seed=5, rope_scaling={"rope_type": "dynamic", "factor": 2.0})
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert isinstance(wrap(model), HFCacheDecoder)
+    assert [str(w.message) for w in caught if "dynamic" in str(w.message)] or kind == "gpt2"
     n = 16
     results = generate_batch(model, hf_tokenizer, PROMPTS, max_tokens=n, top_k=1,
                              return_details=True)
