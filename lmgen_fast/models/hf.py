@@ -365,25 +365,29 @@ if hf_adapter not in ADAPTERS:
 CONVERTERS.update(from_hf=from_hf, to_hf=to_hf)
 
 
-def load_hf_checkpoint(directory, device=None, dtype: torch.dtype = torch.float32):
+def load_hf_checkpoint(directory, device=None, dtype: torch.dtype | None = None):
     """A transformers checkpoint directory (``save_pretrained`` layout), read offline.
 
     Parameters
     ----------
     directory : str or Path
-        Holds ``config.json`` with ``model_type`` and the weights; a tokenizer saved beside
-        them is loaded too.
+        Holds ``config.json`` with ``model_type`` and the weights (safetensors or a state
+        dict); a tokenizer saved beside them is loaded too, and ``generation_config.json``
+        becomes the model's ``generation_config``.
     device, dtype
-        Where and in which dtype the model goes (default: the CPU, float32).
+        Where and in which dtype the model goes (default: the CPU, the checkpoint's own
+        dtype: bfloat16 weights stay bfloat16, and run on the CPU too).
 
     Returns
     -------
     (model, tokenizer)
         The transformers model in eval mode, and its tokenizer (None if none was saved).
     """
+    # "auto": the dtype the checkpoint was saved in (the keyword was renamed in 5.0).
+    auto = {"dtype" if int(transformers.__version__.split(".")[0]) >= 5 else "torch_dtype": "auto"}
     try:
         model = transformers.AutoModelForCausalLM.from_pretrained(
-            str(directory), local_files_only=True
+            str(directory), local_files_only=True, **auto
         )
     except (OSError, ValueError) as err:
         raise ValueError(f"cannot load the transformers checkpoint in {directory}: {err}") from None

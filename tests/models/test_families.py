@@ -160,3 +160,29 @@ def test_uncovered_config_falls_back_with_a_warning_naming_the_field():
     with pytest.warns(RuntimeWarning, match="rope_type='dynamic'"):
         dec = wrap(model)
     assert isinstance(dec, HFCacheDecoder)
+
+
+def test_load_model_reads_a_bf16_save_pretrained_directory_with_tokenizer(tmp_path, tokenizer):
+    from lmgen_fast import generate_batch
+    from lmgen_fast.api.default_model import load_model
+
+    model = family_model("qwen3", vocab_size=tokenizer.get_vocab_size()).to(torch.bfloat16)
+    model.generation_config.eos_token_id = 7
+    model.save_pretrained(tmp_path)  # safetensors, bfloat16, generation_config.json
+    hf_tok = transformers.PreTrainedTokenizerFast(tokenizer_object=tokenizer,
+                                                  eos_token="[EOT]", unk_token="[UNK]")
+    hf_tok.save_pretrained(tmp_path)
+    loaded, tok = load_model(tmp_path)
+    assert type(loaded) is type(model) and loaded.dtype == torch.bfloat16
+    assert loaded.generation_config.eos_token_id == 7
+    assert tok("a b").input_ids == hf_tok("a b").input_ids
+    for name, p in model.state_dict().items():
+        assert torch.equal(loaded.state_dict()[name], p), name
+    dec = wrap(loaded)
+    assert isinstance(dec, CachedLlamaDecoder) and dec.model.lm_head.weight.dtype == torch.bfloat16
+    # Our cached bfloat16 Llama on the CPU, over the loaded tensors: the tokens of the same
+    # decoder built on the in-memory model.
+    got = generate_batch(loaded, tok, ["hello world"], max_tokens=6, temperature=0,
+                         backend="reference")
+    assert got == generate_batch(model, hf_tok, ["hello world"], max_tokens=6, temperature=0,
+                                 backend="reference")
