@@ -6,16 +6,15 @@ Importing this module imports transformers (the ``hf`` extra) and registers
 ``LlamaForPretraining.from_hf`` / ``.to_hf`` import it by name when first needed, so this
 module depends on them and they never import it.
 
-* A ``LlamaForCausalLM`` that our Llama covers (SiLU MLP, plain or ``llama3`` RoPE, tied or
-  untied embeddings, optional biases, any ``head_dim``) runs our cached Llama on the model's
-  own weight tensors, shared and never copied.
+* A model of the Llama family (:data:`FAMILIES`: Llama, Mistral, Qwen2, Qwen3) that our
+  Llama covers (SiLU MLP, RoPE of :data:`~lmgen_fast.models.rope.ROPE_TYPES`, tied or untied
+  embeddings, q/k/v or all attention biases, per-head q/k norm, any ``head_dim``, sliding
+  windows) runs our cached Llama on the model's own weight tensors, shared and never copied.
 * Any other causal LM whose forward takes a cache (``past_key_values``, or ``cache`` from
-  transformers 5.2x on) runs a prefill, then one-token steps, on the model's own cache.
+  transformers 5.2x on) runs a prefill, then one-token steps, on the model's own cache
+  (:mod:`lmgen_fast.models.hf_cache`); a family model lands there with a warning naming the
+  setting our Llama lacks.
 * Anything else is recomputed in full every step.
-
-The transformers API moves between versions (cache classes, the cache keyword,
-``cache_position``, ``logits_to_keep``), so the cached path reads the forward's signature and
-never builds a cache object itself: it passes back whatever cache the model returned.
 """
 
 from __future__ import annotations
@@ -276,7 +275,7 @@ def from_hf(model) -> LlamaForPretraining:
 
     Parameters
     ----------
-    model : transformers.LlamaForCausalLM
+    model : transformers model of :data:`FAMILIES`
 
     Returns
     -------
@@ -285,11 +284,11 @@ def from_hf(model) -> LlamaForPretraining:
     Raises
     ------
     ValueError
-        If the model is not a ``LlamaForCausalLM`` or uses a setting our Llama lacks.
+        If the model is not of the Llama family or uses a setting our Llama lacks.
     """
-    if not isinstance(model, transformers.LlamaForCausalLM):
+    if not any(isinstance(model, getattr(transformers, n, ())) for n in FAMILIES):
         raise ValueError(
-            f"from_hf needs a transformers LlamaForCausalLM, got {type(model).__name__}"
+            f"from_hf needs a transformers model of {FAMILIES}, got {type(model).__name__}"
         )
     shared = share_hf_weights(model, _llama_config(model))
     copies: dict[int, nn.Parameter] = {}
@@ -316,6 +315,10 @@ def to_hf(model: LlamaForPretraining) -> transformers.LlamaForCausalLM:
     transformers.LlamaForCausalLM
         In eval mode, with ``model``'s dtype and device.
     """
+    c = model.config
+    extra = [n for n in ("qkv_bias", "qk_norm", "sliding_window") if getattr(c, n)]
+    if extra:
+        raise ValueError(f"to_hf makes a LlamaForCausalLM, which has no {extra[0]}")
     weight = model.lm_head.weight
     hf = transformers.LlamaForCausalLM(config_to_hf(model.config))
     hf = hf.to(device=weight.device, dtype=weight.dtype)

@@ -186,3 +186,17 @@ def test_load_model_reads_a_bf16_save_pretrained_directory_with_tokenizer(tmp_pa
                          backend="reference")
     assert got == generate_batch(model, hf_tok, ["hello world"], max_tokens=6, temperature=0,
                                  backend="reference")
+
+
+def test_from_hf_copies_a_qwen3_exactly_and_to_hf_refuses_what_llama_lacks():
+    from lmgen_fast.models.hf import from_hf, to_hf
+
+    model = family_model("qwen3")
+    ours = from_hf(model)
+    assert not {p.data_ptr() for p in ours.parameters()} & {
+        p.data_ptr() for p in model.parameters()}
+    ids = torch.tensor([prompts()[1]])
+    with torch.no_grad():
+        assert (ours(ids) - model(ids).logits).abs().max() <= 1e-4
+    with pytest.raises(ValueError, match="qk_norm"):
+        to_hf(ours)
