@@ -107,11 +107,15 @@ def bench_family(family: str, args, texts: list[str], tok) -> list[dict]:
         ids, mask = (t.to(args.device)
                      for t in left_pad([adapter.encode_prompt(p) for p in prompts], PAD))
 
-        def ours(prompts=prompts):
+        def ours(prompts=prompts, details=False):
+            # Timed runs count tokens through the callback: details would add the
+            # log-probabilities, which transformers' side does not compute.
+            count = [0]
             out = generate_batch(model, tok, prompts, args.tokens, temperature=0,
-                                 return_details=True)
+                                 return_details=details,
+                                 callback=lambda row, token: count.__setitem__(0, count[0] + 1))
             sync(args.device)
-            return out
+            return out if details else count[0]
 
         def theirs(ids=ids, mask=mask):
             with torch.inference_mode():
@@ -121,14 +125,14 @@ def bench_family(family: str, args, texts: list[str], tok) -> list[dict]:
             sync(args.device)
             return out[:, ids.shape[1]:]
 
-        mine, hf_calls = count_calls(model, ours)  # also the warm-up
+        mine, hf_calls = count_calls(model, lambda: ours(details=True))  # also the warm-up
         want = theirs()
         equal = [g.token_ids for g in mine] == [
             r[: r.index(EOT)] if EOT in r else r for r in want.tolist()]
         rates: dict[str, list[float]] = {"lmgen-fast": [], "transformers": []}
         for _ in range(args.repeats):
             for name, fn, count in (
-                    ("lmgen-fast", ours, lambda out: sum(len(g.token_ids) for g in out)),
+                    ("lmgen-fast", ours, int),
                     ("transformers", theirs, produced)):
                 t0 = time.perf_counter()
                 n = count(fn())

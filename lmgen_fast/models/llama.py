@@ -70,52 +70,9 @@ class LlamaConfig:
     sliding_layers: list[int] | None = None
 
     def __post_init__(self) -> None:
-        for name in _POSITIVE_INTS:
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                raise ValueError(f"LlamaConfig.{name} must be a positive int, got {value!r}")
-        for name in ("rms_norm_eps", "rope_theta"):
-            value = getattr(self, name)
-            if not isinstance(value, (int, float)) or isinstance(value, bool) or value <= 0:
-                raise ValueError(f"LlamaConfig.{name} must be a positive number, got {value!r}")
-        for name in ("attention_bias", "mlp_bias", "tie_word_embeddings", "qkv_bias", "qk_norm"):
-            if not isinstance(getattr(self, name), bool):
-                raise ValueError(f"LlamaConfig.{name} must be a bool, got {getattr(self, name)!r}")
-        if self.head_dim is None:
-            if self.hidden_size % self.num_attention_heads:
-                raise ValueError(
-                    f"hidden_size {self.hidden_size} is not a multiple of "
-                    f"num_attention_heads {self.num_attention_heads}"
-                )
-            self.head_dim = self.hidden_size // self.num_attention_heads
-        elif (
-            not isinstance(self.head_dim, int) or isinstance(self.head_dim, bool)
-            or self.head_dim <= 0 or self.head_dim % 2
-        ):
-            raise ValueError(
-                f"LlamaConfig.head_dim must be a positive even int, got {self.head_dim!r}"
-            )
-        if self.num_attention_heads % self.num_key_value_heads:
-            raise ValueError(
-                f"num_attention_heads {self.num_attention_heads} is not a multiple of "
-                f"num_key_value_heads {self.num_key_value_heads}"
-            )
+        _check_numbers(self)
         self.rope_scaling = check_rope_scaling(self.rope_scaling)
-        self._check_window()
-
-    def _check_window(self) -> None:
-        window, layers = self.sliding_window, self.sliding_layers
-        if window is not None and (not isinstance(window, int) or isinstance(window, bool)
-                                   or window <= 0):
-            raise ValueError(f"LlamaConfig.sliding_window must be a positive int or None, "
-                             f"got {window!r}")
-        if layers is not None:
-            layers = sorted(set(layers))
-            if any(not isinstance(i, int) or not 0 <= i < self.num_hidden_layers
-                   for i in layers):
-                raise ValueError(f"LlamaConfig.sliding_layers must be layer indices, got "
-                                 f"{self.sliding_layers!r}")
-            self.sliding_layers = layers
+        _check_window(self)
 
     def window_of(self, layer: int) -> int | None:
         """The sliding window of layer ``layer``, or None where it attends to every
@@ -148,6 +105,47 @@ class LlamaConfig:
         """Build from a dict, ignoring keys this config does not have (e.g. HF extras)."""
         names = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in data.items() if k in names})
+
+
+def _check_numbers(c: LlamaConfig) -> None:
+    for name in _POSITIVE_INTS:
+        value = getattr(c, name)
+        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+            raise ValueError(f"LlamaConfig.{name} must be a positive int, got {value!r}")
+    for name in ("rms_norm_eps", "rope_theta"):
+        value = getattr(c, name)
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or value <= 0:
+            raise ValueError(f"LlamaConfig.{name} must be a positive number, got {value!r}")
+    for name in ("attention_bias", "mlp_bias", "tie_word_embeddings", "qkv_bias", "qk_norm"):
+        if not isinstance(getattr(c, name), bool):
+            raise ValueError(f"LlamaConfig.{name} must be a bool, got {getattr(c, name)!r}")
+    if c.head_dim is None:
+        if c.hidden_size % c.num_attention_heads:
+            raise ValueError(f"hidden_size {c.hidden_size} is not a multiple of "
+                             f"num_attention_heads {c.num_attention_heads}")
+        c.head_dim = c.hidden_size // c.num_attention_heads
+    elif (
+        not isinstance(c.head_dim, int) or isinstance(c.head_dim, bool)
+        or c.head_dim <= 0 or c.head_dim % 2
+    ):
+        raise ValueError(f"LlamaConfig.head_dim must be a positive even int, got {c.head_dim!r}")
+    if c.num_attention_heads % c.num_key_value_heads:
+        raise ValueError(f"num_attention_heads {c.num_attention_heads} is not a multiple of "
+                         f"num_key_value_heads {c.num_key_value_heads}")
+
+
+def _check_window(c: LlamaConfig) -> None:
+    window, layers = c.sliding_window, c.sliding_layers
+    if window is not None and (not isinstance(window, int) or isinstance(window, bool)
+                               or window <= 0):
+        raise ValueError(f"LlamaConfig.sliding_window must be a positive int or None, "
+                         f"got {window!r}")
+    if layers is not None:
+        layers = sorted(set(layers))
+        if any(not isinstance(i, int) or not 0 <= i < c.num_hidden_layers for i in layers):
+            raise ValueError(f"LlamaConfig.sliding_layers must be layer indices, got "
+                             f"{c.sliding_layers!r}")
+        c.sliding_layers = layers
 
 
 def signed_sin(sin: torch.Tensor) -> torch.Tensor:
