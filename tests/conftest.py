@@ -108,7 +108,7 @@ MARKS: list[tuple[str, str, tuple[str, ...]]] = [
     ("sampling/test_kernel_extensions.py", "*", ("interpreter",)),
     ("models/test_decode_kernels.py", "*", ("interpreter",)),
     ("models/test_fused_step.py", "*", ("interpreter",)),
-    ("models/test_families.py", "*[[]interpreter-*", ("interpreter", "slow")),
+    ("models/test_families.py", "*[[]interpreter*", ("interpreter", "slow")),
     ("models/test_families.py", "*[[]llama3[]]", ("slow",)),
     # The first import of a transformers model module (seconds) may land here.
     ("api/test_tokenization.py", "test_a_tokenizer_without_bos_*", ("slow",)),

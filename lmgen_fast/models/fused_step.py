@@ -53,7 +53,7 @@ def supported(model: object) -> bool:
     ``>= 16`` (the kernels' tiles), every weight of one float dtype (float32, bfloat16 or
     float16) on one device where Triton runs (CUDA, or the CPU under ``TRITON_INTERPRET=1``),
     rotary tables in float32 or that dtype. Biases are allowed (added by the matmuls), and
-    the per-head q/k norm (:func:`qk_rmsnorm`, before the rotary); a sliding window shorter
+    the per-head q/k norm (one launch before the attention's); a sliding window shorter
     than ``max_position_embeddings`` is not (such a model takes the eager cached step).
     """
     if not isinstance(model, LlamaForPretraining):
@@ -77,18 +77,6 @@ def supported(model: object) -> bool:
     cos, sin = base.rotary_emb.cos, base.rotary_emb.sin
     return (cos.dtype in (torch.float32, weight.dtype) and sin.dtype == cos.dtype
             and cos.device == weight.device and cos.shape[-1] == d)
-
-
-def qk_rmsnorm(qkv: torch.Tensor, q_norm: RMSNorm, k_norm: RMSNorm, n_heads: int,
-               n_kv_heads: int) -> None:
-    """The per-head RMSNorm of the query and key heads (Qwen3) in place in the fused
-    product ``qkv`` ``[R, (H + 2 KV) * D]``, as the eager modules compute it: both kinds of
-    head normed in one launch, then each times its weight (rounded to the model dtype)."""
-    d = q_norm.weight.shape[0]
-    heads = qkv[:, :(n_heads + n_kv_heads) * d].view(qkv.shape[0], n_heads + n_kv_heads, d)
-    normed = F.rms_norm(heads.float(), (d,), eps=q_norm.eps).to(qkv.dtype)
-    torch.mul(q_norm.weight, normed[:, :n_heads], out=heads[:, :n_heads])
-    torch.mul(k_norm.weight, normed[:, n_heads:], out=heads[:, n_heads:])
 
 
 def _cat_or_none(parts: list[torch.Tensor | None]) -> torch.Tensor | None:
@@ -258,7 +246,8 @@ class FusedLlamaStep(StepGuard, FusedWeights):
         counters = self._counters(h.shape[0], h.device)
         qkv = F.linear(h, self.w_qkv[i], self.b_qkv[i])
         if self.model.config.qk_norm:
-            qk_rmsnorm(qkv, att.q_norm, att.k_norm, self.n_heads, self.n_kv_heads)
+            fo.qk_rmsnorm(qkv, att.q_norm.weight, att.k_norm.weight, att.q_norm.eps,
+                          self.n_heads, self.n_kv_heads)
         if per_row == 1:  # rotary and cache write inside the attention launch
             a = fo.rope_attention(qkv, positions, rot.cos, rot.sin, cache.k[i], cache.v[i],
                                   self.n_heads, kv_len, counters=counters)

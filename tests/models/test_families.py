@@ -200,3 +200,26 @@ def test_from_hf_copies_a_qwen3_exactly_and_to_hf_refuses_what_llama_lacks():
         assert (ours(ids) - model(ids).logits).abs().max() <= 1e-4
     with pytest.raises(ValueError, match="qk_norm"):
         to_hf(ours)
+
+
+def test_qk_rmsnorm_kernel_matches_the_eager_norms(kernel_device):
+    from lmgen_fast.models import fused_ops as fo
+    from lmgen_fast.models.llama import RMSNorm
+
+    heads, kv, d = 4, 2, 32
+    for dtype in (torch.float32, torch.bfloat16):
+        torch.manual_seed(3)
+        q_norm, k_norm = RMSNorm(d, 1e-6), RMSNorm(d, 1e-6)
+        with torch.no_grad():
+            q_norm.weight.normal_(1.0, 0.3)
+            k_norm.weight.normal_(1.0, 0.3)
+        q_norm, k_norm = q_norm.to(kernel_device, dtype), k_norm.to(kernel_device, dtype)
+        qkv = torch.randn(3, (heads + 2 * kv) * d, device=kernel_device).to(dtype)
+        with torch.no_grad():
+            want = torch.cat([q_norm(qkv[:, :heads * d].view(3, heads, d)).view(3, -1),
+                              k_norm(qkv[:, heads * d:(heads + kv) * d].view(3, kv, d))
+                              .view(3, -1), qkv[:, (heads + kv) * d:]], dim=1)
+        fo.qk_rmsnorm(qkv, q_norm.weight, k_norm.weight, 1e-6, heads, kv)
+        tol = 1e-6 if dtype == torch.float32 else 1e-2
+        torch.testing.assert_close(qkv.float(), want.float(), rtol=tol, atol=tol)
+        assert torch.equal(qkv[:, (heads + kv) * d:], want[:, (heads + kv) * d:])
