@@ -133,9 +133,13 @@ def _window(cfg) -> dict:
     """``sliding_window`` and ``sliding_layers`` of a transformers config: per layer from
     ``layer_types`` where the config has them (Qwen2, Qwen3), else every layer (Mistral)."""
     window = getattr(cfg, "sliding_window", None)
+    if getattr(cfg, "use_sliding_window", True) is False:
+        window = None  # transformers 4.x Qwen configs keep the size but turn it off
     types = getattr(cfg, "layer_types", None)
-    if types is None:
-        return dict(sliding_window=window)
+    if types is None:  # 4.x: Qwen windows the layers from max_window_layers on
+        first = getattr(cfg, "max_window_layers", None)
+        layers = None if first is None else list(range(first, cfg.num_hidden_layers))
+        return dict(sliding_window=window, sliding_layers=layers)
     other = set(types) - {"full_attention", "sliding_attention"}
     if other:
         raise UnsupportedConfig(f"layer_types={sorted(other)!r}")
