@@ -108,6 +108,10 @@ MARKS: list[tuple[str, str, tuple[str, ...]]] = [
     ("sampling/test_kernel_extensions.py", "*", ("interpreter",)),
     ("models/test_decode_kernels.py", "*", ("interpreter",)),
     ("models/test_fused_step.py", "*", ("interpreter",)),
+    ("models/test_families.py", "*[[]interpreter*", ("interpreter", "slow")),
+    ("models/test_families.py", "*[[]llama3[]]", ("slow",)),
+    # The first import of a transformers model module (seconds) may land here.
+    ("api/test_tokenization.py", "test_a_tokenizer_without_bos_*", ("slow",)),
     ("models/test_fused_mlp.py", "test_matches_eager_*[[]interpreter-*-64-*", ("slow",)),
     ("models/test_decode_attention.py", "*", ("interpreter",)),
     ("engine/test_bookkeeping.py", "*", ("interpreter",)),

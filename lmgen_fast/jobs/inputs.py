@@ -259,7 +259,7 @@ def encode_prompts(adapter, rows: Sequence[JobRow]) -> list[list[int]]:
         # Same ids as adapter.encode_prompt (tokenizers' encode and encode_batch share their
         # defaults), computed in parallel: it matters for inputs of millions of rows.
         encoded = tokenizer.encode_batch([" " + r.prompt for r in rows])
-        return [[adapter.bos_id, *e.ids] for e in encoded]
+        return [[*adapter.prefix(), *e.ids] for e in encoded]
     return [adapter.encode_prompt(r.prompt) for r in rows]
 
 
