@@ -106,6 +106,10 @@ MARKS: list[tuple[str, str, tuple[str, ...]]] = [
     # Whole files whose every test launches Triton kernels in the interpreter.
     ("sampling/test_kernel.py", "*", ("interpreter",)),
     ("sampling/test_kernel_extensions.py", "*", ("interpreter",)),
+    ("sampling/test_kernel_masks.py", "*", ("interpreter",)),
+    ("sampling/test_kernel_masks.py", "test_kernel_matches_reference_under_*", ("slow",)),
+    ("sampling/test_kernel_masks.py", "test_kernel_raises_*", ("slow",)),
+    ("engine/test_engine_masks.py", "*[[]triton[]]", ("interpreter", "slow")),
     ("models/test_decode_kernels.py", "*", ("interpreter",)),
     ("models/test_fused_step.py", "*", ("interpreter",)),
     ("models/test_fused_mlp.py", "test_matches_eager_*[[]interpreter-*-64-*", ("slow",)),

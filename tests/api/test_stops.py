@@ -124,3 +124,28 @@ def test_bad_stop_input_is_refused(model, tokenizer):
         generate_batch(model, tokenizer, PROMPTS, stop_token_ids=[99999])
     with pytest.raises(ValueError, match="min_tokens=9 is above max_tokens=4"):
         generate_batch(model, tokenizer, PROMPTS, max_tokens=4, min_tokens=9)
+
+
+def test_min_tokens_masks_the_end_ids_and_defers_stop_strings(model, tokenizer):
+    """top_k=0, top_p=1: min_tokens leaves every token before the plain run's end token as
+    it was (masking one token does not move the others' race keys) and the end token
+    cannot come before min_tokens; a stop string counts only where a token at or after
+    min_tokens completes it (the linear scan's answer on the same run's tokens)."""
+    kw = dict(max_tokens=16, seed=9, top_k=0, top_p=1.0, return_details=True)
+    free = generate_batch(model, tokenizer, PROMPTS[:1], **kw)[0]
+    end = free.token_ids[3]
+    first = free.token_ids.index(end)
+    plain = generate_batch(model, tokenizer, PROMPTS[:1], eos_token=end, **kw)[0]
+    assert (plain.token_ids, plain.finish_reason) == (free.token_ids[:first], "eot")
+    late = generate_batch(model, tokenizer, PROMPTS[:1], eos_token=end, min_tokens=first + 4,
+                          **kw)[0]
+    assert late.token_ids[:first] == plain.token_ids
+    assert len(late.token_ids) >= first + 4 and end not in late.token_ids[: first + 4]
+    stop = free.text[:3]
+    cut = generate_batch(model, tokenizer, PROMPTS[:1], eos_token=end, min_tokens=first + 4,
+                         stop=stop, **kw)[0]
+    want = first_match(tokenizer.decode, late.token_ids, [stop], first + 4)
+    if want is None:
+        assert cut.token_ids == late.token_ids and cut.finish_reason != "stop"
+    else:
+        assert (cut.token_ids, cut.stop_reason) == (late.token_ids[: want[0]], stop)
