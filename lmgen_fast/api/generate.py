@@ -279,7 +279,8 @@ def generate_batch(
         results, lps, stats = speculative_ids(
             decoder, samples.ids, samples.rows, samples.caps, ends, speculative=speculative,
             num_speculative_tokens=num_speculative_tokens, callback=callback,
-            return_logprobs=return_details, cuda_graph=cuda_graph, backend=backend)
+            return_logprobs=return_details, cuda_graph=cuda_graph, backend=backend,
+            stop_check=stops)
     else:
         if max_batch_size is None:
             max_batch_size = default_slots(decoder, samples.ids, samples.caps)

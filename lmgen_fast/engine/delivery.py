@@ -64,15 +64,16 @@ class Handover:
     and all of them returned by :meth:`results` (rows numbered as the caller's).
 
     ``end_ids`` are the ids that end a row with "eot"; another id that ended one is a
-    stop id ("stop"); :attr:`stopped` maps rows a stop string ended to that string.
+    stop id ("stop"); :attr:`stopped` maps rows a stop string ended to that string, and
+    ``stop_check`` finds them (see :class:`StopWatch`).
     """
 
     def __init__(self, rows: Sequence[SamplingParams], max_tokens: Sequence[int],
                  on_row: RowCallback | None, return_logprobs: bool,
-                 end_ids: Sequence[int] = ()):
+                 end_ids: Sequence[int] = (), stop_check: StopCheck | None = None):
         self.rows, self.max_tokens = rows, max_tokens
         self.on_row, self.return_logprobs = on_row, return_logprobs
-        self.end_ids = tuple(end_ids)
+        self.end_ids, self.stop_check = tuple(end_ids), stop_check
         self.finished: dict[int, tuple[RowPair, RowLogprobs | None]] = {}
         self.stopped: dict[int, str] = {}
 

@@ -39,7 +39,7 @@ import torch
 
 from lmgen_fast.core.params import SamplingParams, check_int
 from lmgen_fast.core.rows import finish_reason
-from lmgen_fast.engine import RowCallback, RowLogprobs, TokenCallback
+from lmgen_fast.engine import RowCallback, RowLogprobs, StopCheck, TokenCallback
 from lmgen_fast.engine.delivery import Handover
 from lmgen_fast.engine.prepare import read_facts
 from lmgen_fast.engine.results import empty_logprobs
@@ -167,7 +167,9 @@ def row_logprobs(state: Rows, r: int) -> RowLogprobs:
 
 
 def _hand_over(state: Rows, handover: Handover, told: set[int]) -> None:
-    """Hand every row that finished since the last call to ``handover`` (its ``on_row``)."""
+    """Hand every row that finished since the last call to ``handover`` (its ``on_row``),
+    after ending those whose tokens complete a stop string."""
+    state.cut_stops(handover, [r for r in range(state.batch) if r not in told])
     for r in range(state.batch):
         if state.done[r] and r not in told:
             told.add(r)
@@ -219,6 +221,7 @@ def generate_ids(
     cuda_graph: bool = True,
     backend: str = "auto",
     on_row: RowCallback | None = None,
+    stop_check: StopCheck | None = None,
 ) -> tuple[list[tuple[list[int], str]], list[RowLogprobs], list[RowStats]]:
     """:func:`lmgen_fast.engine.generate_ids` by speculative rounds: the same tokens.
 
@@ -248,6 +251,8 @@ def generate_ids(
     on_row : callable, optional
         ``on_row(row, (token_ids, finish_reason), row_logprobs)`` once per row, after the
         round it finished in (``row_logprobs`` None without ``return_logprobs``).
+    stop_check : callable, optional
+        Stop strings, as for :func:`lmgen_fast.engine.generate_ids`, asked after every round.
 
     Returns
     -------
@@ -269,7 +274,7 @@ def generate_ids(
     batch = len(prompts)
     total = max(max_tokens, default=0)
     ends = end_tuple(eos_id)
-    handover = Handover(rows, max_tokens, on_row, return_logprobs, ends)
+    handover = Handover(rows, max_tokens, on_row, return_logprobs, ends, stop_check)
     if total == 0:
         for r, row in enumerate(rows):
             handover.finish(r, [], empty_logprobs(row.logprobs))

@@ -238,6 +238,24 @@ class Rows:
             for f in fields(PackedParams)
             if isinstance(getattr(self.packed, f.name), torch.Tensor)})
 
+    def cut_stops(self, handover, live: Sequence[int]) -> None:
+        """End rows ``live`` whose tokens complete a stop string (``handover.stop_check``,
+        asked with the caller's row): each keeps its tokens up to the completing one, and
+        ``handover.stopped`` records the string (the engine's host-check rule, here after
+        every round)."""
+        check = handover.stop_check
+        if check is None:
+            return
+        for r in live:
+            i = self.names[r]
+            if not self.out[r] or i in handover.stopped:
+                continue
+            got = check(i, self.out[r])
+            if got is not None:
+                kept, handover.stopped[i] = got
+                self.out[r], self.done[r] = self.out[r][:kept], True
+                self.token_lp[r], self.top[r] = self.token_lp[r][:kept], self.top[r][:kept]
+
     def usable(self, drafts: torch.Tensor) -> torch.Tensor:
         """``drafts`` ``[B, k]`` with ``-1`` where a row could not use them: past its
         ``max_tokens``, after a drafted id that ends it, and for finished rows."""

@@ -25,7 +25,7 @@ import torch
 
 from lmgen_fast.core.errors import GenerationError
 from lmgen_fast.core.params import SamplingParams, stop_width
-from lmgen_fast.engine import RowCallback, RowLogprobs, TokenCallback
+from lmgen_fast.engine import RowCallback, RowLogprobs, StopCheck, TokenCallback
 from lmgen_fast.engine.delivery import Handover
 from lmgen_fast.engine.results import empty_logprobs
 from lmgen_fast.models.decoder import CachedLlamaDecoder, Decoder
@@ -88,8 +88,10 @@ class SlotRounds:
                              options["return_logprobs"], verify)
 
     def harvest(self) -> None:
-        """Hand over the rows that finished, freeing their slots."""
+        """Hand over the rows that finished (or complete a stop string), freeing their
+        slots."""
         st = self.state
+        st.cut_stops(self.handover, [s for s, i in enumerate(self.occupant) if i is not None])
         for s, i in enumerate(self.occupant):
             if i is not None and st.done[s]:
                 self.stats[i] = RowStats(st.forwards[s], st.accepted[s], st.proposed[s])
@@ -150,6 +152,7 @@ def generate_slots(
     cuda_graph: bool = True,
     backend: str = "auto",
     on_row: RowCallback | None = None,
+    stop_check: StopCheck | None = None,
 ) -> tuple[list[tuple[list[int], str]], list[RowLogprobs], list[RowStats]]:
     """:func:`~lmgen_fast.speculative.rounds.generate_ids` through ``slots`` slots: the
     same tokens, rows entering free slots between rounds and handed to ``on_row`` as they
@@ -174,7 +177,7 @@ def generate_slots(
         raise ValueError(f"this drafter ({type(drafter).__name__}) cannot run through slots: "
                          "it needs open() and seat()")
     ends = end_tuple(eos_id)
-    handover = Handover(rows, max_tokens, on_row, return_logprobs, ends)
+    handover = Handover(rows, max_tokens, on_row, return_logprobs, ends, stop_check)
     for i, (row, m) in enumerate(zip(rows, max_tokens, strict=True)):
         if m == 0:
             handover.finish(i, [], empty_logprobs(row.logprobs))
@@ -219,7 +222,8 @@ class SpeculativeRun:
         # every round, and rounds are not decode steps.
         options = dict(speculative=self.drafter, num_speculative_tokens=self.k,
                        callback=callback, return_logprobs=return_logprobs,
-                       cuda_graph=cuda_graph, backend=backend, on_row=on_row)
+                       cuda_graph=cuda_graph, backend=backend, on_row=on_row,
+                       stop_check=engine_options.get("stop_check"))
         if (max_batch_size is not None and len(prompts) > max_batch_size
                 and takes_slots(self.drafter)):
             pairs, lps, stats = generate_slots(decoder, prompts, rows, max_tokens, eos_id,

@@ -9,10 +9,11 @@ import random
 import pytest
 
 from lmgen_fast import SamplingParams, generate_batch
-from lmgen_fast.api.stops import find_stop
+from lmgen_fast.api.stops import StopStrings, find_stop
 from lmgen_fast.api.tokenization import adapt_tokenizer
 from lmgen_fast.engine import generate_ids
 from lmgen_fast.models.decoder import wrap
+from lmgen_fast.speculative.rounds import generate_ids as speculative_ids
 
 PROMPTS = ["Once upon a time", "The cat sat"]
 
@@ -67,7 +68,8 @@ def test_stop_strings_split_across_byte_tokens():
 def test_stop_strings_cut_the_plain_run(model, tokenizer):
     """A stop string taken from the middle of a seeded row's text: the stopped row's text is
     the plain text cut before it (or after it, included), its tokens the plain tokens up
-    to the one completing it, "stop"; through slots too; no token past the stop streams."""
+    to the one completing it, "stop"; through slots too; no token past the stop streams;
+    speculative decoding stops alike."""
     kw = dict(max_tokens=24, seed=11, temperature=1.0, return_details=True)
     plain = generate_batch(model, tokenizer, PROMPTS, **kw)
     decode = tokenizer.decode
@@ -89,6 +91,21 @@ def test_stop_strings_cut_the_plain_run(model, tokenizer):
             assert p.text.index(s) == at
             assert (g.finish_reason, g.stop_reason) == ("stop", s)
             assert streamed[r] == g.token_ids
+    # Speculative rounds stop rows alike (checked after every round).
+    spec = generate_batch(model, tokenizer, PROMPTS, max_tokens=24, params=rows,
+                          return_details=True, speculative="ngram")
+    assert [(g.token_ids, g.text, g.stop_reason) for g in spec] == \
+        [(g.token_ids, g.text, g.stop_reason) for g in got]
+    # Below the API: the engine and the rounds end rows on stop_check themselves.
+    tok = adapt_tokenizer(tokenizer)
+    ids = [tok.encode_prompt(p) for p in PROMPTS]
+    pairs = [generate_ids(wrap(model), ids, rows, [24, 24], tok.eos_id,
+                          stop_check=StopStrings(tok.decode, rows)),
+             speculative_ids(wrap(model), ids, rows, [24, 24], tok.eos_id, speculative="ngram",
+                             stop_check=StopStrings(tok.decode, rows))[0]]
+    for got_pairs in pairs:
+        assert [(p, p.stop_reason) for p in got_pairs] == \
+            [((g.token_ids, "stop"), s) for g, s in zip(got, stops, strict=True)]
 
 
 def test_stop_ids_end_rows_on_the_device(model, tokenizer):
