@@ -35,6 +35,7 @@ from lmgen_fast.cli.options import (
     sampling_params_from_args,
     speculative_from_args,
     speculative_summary,
+    threads_note,
 )
 from lmgen_fast.core.params import SamplingParams
 from lmgen_fast.core.progress import Progress
@@ -243,7 +244,8 @@ def _report(args: argparse.Namespace, env: DistEnv, stats: RunStats, *, prefix: 
     slot_note = (f"{batching} batching, {stats.steps} steps, slot utilization "
                  f"{stats.slot_utilization:.1f}%; ") if stats.slot_steps else ""
     print(f"{prefix}{stats.rows} rows, {stats.tokens} tokens in {stats.seconds:.2f} s "
-          f"({rate:.1f} tokens/s) on {device}; {stats.already_done} already done{skipped}; "
+          f"({rate:.1f} tokens/s) on {device} ({threads_note()}); {stats.already_done} "
+          f"already done{skipped}; "
           f"{slot_note}{time.perf_counter() - wall:.1f} s in all; results in {target}",
           file=sys.stderr)
     if spec is not None:
@@ -253,7 +255,8 @@ def _report(args: argparse.Namespace, env: DistEnv, stats: RunStats, *, prefix: 
                    "tokens_per_s": rate, "already_done": stats.already_done,
                    "steps": stats.steps, "slot_steps": stats.slot_steps,
                    "slot_utilization": stats.slot_utilization, "batching": batching,
-                   "batch_size": args.batch_size, "device": str(device), "rank": env.rank}
+                   "batch_size": args.batch_size, "device": str(device), "rank": env.rank,
+                   "threads": torch.get_num_threads()}
         # Under torchrun each rank writes its own summary beside the others.
         path = f"{args.summary}.rank{env.rank}" if env.distributed else args.summary
         write_atomic(path, [(json.dumps(summary) + "\n").encode()])
