@@ -284,7 +284,7 @@ def add_sampling_arguments(
 
 def add_ending_arguments(p: argparse.ArgumentParser) -> None:
     """The research-job options (SPEC section 7): samples per prompt and how rows end."""
-    p.add_argument("--n", type=int, default=1, metavar="N",
+    p.add_argument("--n", type=int, default=None, metavar="N",
                    help="samples per prompt, from one prefill; sample j of a prompt seeded S "
                         "is its result with --n 1 and seed S+j (default: 1)")
     p.add_argument("--stop", action="append", default=None, metavar="TEXT",
@@ -334,7 +334,8 @@ def sampling_params_from_args(args: argparse.Namespace):
             top_p=args.top_p, min_p=args.min_p, frequency_penalty=args.frequency_penalty,
             presence_penalty=args.presence_penalty,
             logprobs=getattr(args, "logprobs", None) or 0,  # an option of `generate` only
-            logprobs_mode=args.logprobs_mode, n=args.n, stop=tuple(args.stop or ()),
+            logprobs_mode=args.logprobs_mode, n=1 if args.n is None else args.n,
+            stop=tuple(args.stop or ()),
             stop_token_ids=tuple(args.stop_token_id or ()), min_tokens=args.min_tokens,
             include_stop_str_in_output=args.include_stop_str,
         )
