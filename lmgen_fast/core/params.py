@@ -364,9 +364,8 @@ class PackedParams:
         def t(values, dtype):
             return torch.tensor(values, dtype=dtype, device=device)
 
-        stops = [list(end_ids) + [i for i in p.stop_token_ids if i not in end_ids]
-                 for p in rows]
-        width = max((len(s) for s in stops), default=0) or 1
+        stops = [row_stop_ids(p, end_ids) for p in rows]
+        width = stop_width(rows, end_ids)
 
         return PackedParams(
             temperature=t([p.temperature for p in rows], torch.float32),
@@ -386,6 +385,16 @@ class PackedParams:
             min_tokens=t([p.min_tokens for p in rows], torch.int64),
             logprobs=max((p.logprobs for p in rows), default=0),
         )
+
+
+def row_stop_ids(row: SamplingParams, end_ids: Sequence[int]) -> list[int]:
+    """The ids that end ``row`` when drawn: ``end_ids``, then its other ``stop_token_ids``."""
+    return list(end_ids) + [i for i in row.stop_token_ids if i not in end_ids]
+
+
+def stop_width(rows: Sequence[SamplingParams], end_ids: Sequence[int]) -> int:
+    """``S``, the width of :attr:`PackedParams.stop_ids` for ``rows`` (at least 1)."""
+    return max((len(row_stop_ids(p, end_ids)) for p in rows), default=0) or 1
 
 
 def min_p_threshold(min_p: Sequence[float]) -> torch.Tensor:

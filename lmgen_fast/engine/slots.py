@@ -22,7 +22,7 @@ import torch
 from lmgen_fast.core.errors import EmptyRowError, GenerationError
 from lmgen_fast.core.params import PackedParams, SamplingParams
 from lmgen_fast.core.rows import positions_needed, prompt_base, prompt_history, window_width
-from lmgen_fast.engine.delivery import Handover, Streamer, raise_bad_rows
+from lmgen_fast.engine.delivery import Handover, StopWatch, Streamer, raise_bad_rows
 from lmgen_fast.engine.plan import Plan, RunOptions
 from lmgen_fast.engine.prepare import prepare
 from lmgen_fast.engine.results import RowLogprobs, RowPair, empty_logprobs
@@ -80,12 +80,22 @@ class Seating:
                   prompt_history([self.prompts[i] for i in take], base),
                   [self.rows[i].repetition_penalty_range for i in take],
                   [self.max_tokens[i] for i in take], base, [self.prompts[i][-1] for i in take])
-            self.decoder.refill(slots, [self.prompts[i] for i in take], bound)
+            holders = self.holders(take)
+            shared = {"copy_from": holders} if any(h is not None for h in holders) else {}
+            self.decoder.refill(slots, [self.prompts[i] for i in take], bound, **shared)
         if idle:
             # Re-parked at every check: their positions, history and columns restart at 0.
             park(st, torch.tensor(idle, device=dev))
             self.decoder.park(idle)
         self.decoder.kv_len = bound
+
+    def holders(self, take: list[int]) -> list[int | None]:
+        """For each row of ``take``, a slot still running a row with the same prompt (its
+        cache holds the prompt's keys and values: the samples of a prompt admitted at
+        different checks share one prefill), else None."""
+        running = {tuple(self.prompts[i]): s for s, i in enumerate(self.occupant)
+                   if i is not None and i not in take}
+        return [running.get(tuple(self.prompts[i])) for i in take]
 
     def compact(self, st: DeviceState) -> DeviceState:
         """``st`` halved while the live rows fit in half of it: their cache rows, state rows
@@ -115,9 +125,9 @@ class SlotRun:
     rows."""
 
     def __init__(self, plan: Plan, state: DeviceState, stepper: Stepper, seating: Seating,
-                 handover: Handover):
+                 handover: Handover, stops: StopWatch):
         self.plan, self.state, self.stepper, self.seating = plan, state, stepper, seating
-        self.streamer, self.handover = seating.streamer, handover
+        self.streamer, self.handover, self.stops = seating.streamer, handover, stops
         self.rows, self.max_tokens, self.base = seating.rows, seating.max_tokens, seating.base
         self.steps = self.slot_steps = 0
 
@@ -135,10 +145,12 @@ class SlotRun:
         self.stepper.advance(self.state, lambda: self.width(step))
 
     def check(self, step: int) -> bool:
-        """Wait for the device at run step ``step``: stream new tokens, raise for bad rows,
-        harvest finished rows and refill their slots. Returns True when all is done."""
+        """Wait for the device at run step ``step``: end rows on their stop strings, stream
+        new tokens, raise for bad rows, harvest finished rows and refill their slots.
+        Returns True when all is done."""
         st, seat = self.state, self.seating
         count = st.count.tolist()
+        self.stops.cut(st, count, seat.occupant)
         self.streamer.stream(st, count, seat.occupant)
         raise_bad_rows(st, lambda rows: [seat.occupant[r] for r in rows], self.partial)
         done = st.done.tolist()
@@ -214,9 +226,10 @@ def open_slots(decoder, prompts: Sequence[Sequence[int]], rows: Sequence[Samplin
          [0] * slots, [0] * slots, [0] * slots)
     seating = Seating(decoder, prompts, rows, max_tokens, base, got.packed, slots,
                       Streamer(options.callback, slots))
-    handover = Handover(rows, max_tokens, options.on_row, options.return_logprobs)
+    handover = Handover(rows, max_tokens, options.on_row, options.return_logprobs,
+                        options.end_ids)
     for i, m in enumerate(max_tokens):
         if m == 0:
             handover.finish(i, [], empty_logprobs(rows[i].logprobs))
     return SlotRun(got.plan, got.state, Stepper(decoder, got.plan.graph_cls), seating,
-                   handover)
+                   handover, StopWatch(options.stop_check, rows, handover))
