@@ -83,6 +83,40 @@ def _record(row: JobRow, results: list[dict]) -> dict:
                              if k != "stop_reason" or one["finish_reason"] == "stop"}}
 
 
+class _Lines:
+    """One batch of rows as the generator's rows: each row's ``n`` samples, adjacent (the
+    decoder prefills their shared prompt once, see
+    :class:`lmgen_fast.api.requests.Samples`), and each row's results until all its
+    samples are in."""
+
+    def __init__(self, rows: Sequence[JobRow], prompt_ids: Sequence[Sequence[int]],
+                 batch: list[int], adapter):
+        self.rows, self.batch, self.adapter = rows, batch, adapter
+        self.samples = Samples([list(prompt_ids[i]) for i in batch],
+                               [rows[i].params for i in batch],
+                               [rows[i].max_tokens for i in batch])
+        self.stops = (StopStrings(adapter.decode, self.samples.rows)
+                      if any(r.stop for r in self.samples.rows) else None)
+        self.got: dict[int, dict[int, dict]] = {}
+
+    def has(self, k: int) -> bool:
+        """Whether generator row ``k``'s result is in."""
+        i = self.batch[self.samples.prompt_index[k]]
+        return self.samples.sample_index[k] in self.got.get(i, {})
+
+    def add(self, k: int, pair, lp) -> tuple[int, list[dict]] | None:
+        """Take generator row ``k``'s result; once its row has all its samples, return the
+        row's index and their results in sample order (a row is written whole: a resumed
+        run sees all its samples or none)."""
+        i = self.batch[self.samples.prompt_index[k]]
+        mine = self.got.setdefault(i, {})
+        mine[self.samples.sample_index[k]] = _result(self.rows[i], self.adapter, self.stops,
+                                                     k, pair, lp)
+        if len(mine) < self.rows[i].params.n:
+            return None
+        return i, [mine[j] for j in range(self.rows[i].params.n)]
+
+
 def run_rows(
     decoder,
     adapter,
@@ -151,26 +185,18 @@ def run_rows(
     ends = (adapter.eos_id,) if end_ids is None else tuple(end_ids)
     eos = ends[0] if len(ends) == 1 else ends  # one end id: as every generator takes it
     for batch in _batches(rows, prompt_ids, batch_size, limit, slots):
-        # Each row's n samples, adjacent: the decoder prefills their shared prompt once.
-        samples = Samples([list(prompt_ids[i]) for i in batch],
-                          [rows[i].params for i in batch], [rows[i].max_tokens for i in batch])
-        stops = (StopStrings(adapter.decode, samples.rows)
-                 if any(r.stop for r in samples.rows) else None)
-        got_samples: dict[int, dict[int, dict]] = {}
+        lines = _Lines(rows, prompt_ids, batch, adapter)
         extra: dict = ({"return_logprobs": True}
                        if any(rows[i].params.logprobs > 0 for i in batch) else {})
         extra.update({"max_batch_size": batch_size} if slots else {})
-        extra.update({"stop_check": stops} if stops is not None else {})
+        extra.update({"stop_check": lines.stops} if lines.stops is not None else {})
 
-        def finished(k: int, pair, lp, batch=batch, samples=samples, stops=stops,
-                     got=got_samples) -> None:
+        def finished(k: int, pair, lp, lines=lines) -> None:
             nonlocal last_sync
-            i = batch[samples.prompt_index[k]]
-            mine = got.setdefault(i, {})
-            mine[samples.sample_index[k]] = _result(rows[i], adapter, stops, k, pair, lp)
-            if len(mine) < rows[i].params.n:
-                return  # a row is written whole: resume sees all its samples or none
-            results = [mine[j] for j in range(rows[i].params.n)]
+            done = lines.add(k, pair, lp)
+            if done is None:
+                return
+            i, results = done
             writer.write(_record(rows[i], results))
             written.add(i)
             stats.rows += 1
@@ -183,9 +209,9 @@ def run_rows(
 
         try:
             got = generate(
-                decoder, samples.ids, samples.rows, samples.caps, eos, backend=backend,
-                callback=callback, cuda_graph=cuda_graph, sync_every=sync_every,
-                on_row=finished, stats=counts, **extra,
+                decoder, lines.samples.ids, lines.samples.rows, lines.samples.caps, eos,
+                backend=backend, callback=callback, cuda_graph=cuda_graph,
+                sync_every=sync_every, on_row=finished, stats=counts, **extra,
             )
         except GenerationError as err:
             pending = [i for i in batch if i not in written]
@@ -199,8 +225,7 @@ def run_rows(
             last_sync = time.perf_counter()
         pairs, lps = got if extra.get("return_logprobs") else (got, [None] * len(got))
         for k in range(len(pairs)):
-            i = batch[samples.prompt_index[k]]
-            if i not in written and samples.sample_index[k] not in got_samples.get(i, {}):
+            if not lines.has(k):
                 finished(k, pairs[k], lps[k])  # a stand-in for generate_ids without on_row
         writer.sync()
     stats.steps, stats.slot_steps = counts.steps, counts.slot_steps
