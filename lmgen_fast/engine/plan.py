@@ -117,6 +117,7 @@ def plan_run(rows: Sequence[SamplingParams], max_tokens: Sequence[int], base: Se
         max_top_k, draw, nucleus_rows = kernel_sampler.host_hints(rows, None, len(rows))
         nucleus = kernel_sampler.NUCLEUS_CANDIDATES if nucleus_rows else 0
     lay = Layout(batch, cols, hist, width, max_top_k, nucleus, top_n, options.return_logprobs,
-                 stop_width(rows, options.end_ids), kernel, device)
+                 stop_width(rows, options.end_ids), kernel, device,
+                 bitmask=any(r.structured is not None for r in rows))
     fused = None if facts.fused is None else kernel and facts.fused
     return Plan(lay, graph_cls, sync_every, penalized, fused, draw)

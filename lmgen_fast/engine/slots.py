@@ -7,9 +7,11 @@ state rows reset (:func:`~lmgen_fast.engine.state.admit`), while the other rows 
 The step keeps its shape (its CUDA graphs are reused), and a row's noise and output
 column follow its own step counter, so a seeded row's tokens do not depend on its slot or
 on when it entered. Prompts are admitted longest ``max_tokens`` first, so that the run
-ends on short rows. Once the queue is empty, the batch halves whenever the live rows fit
-in half of it (:meth:`Seating.compact`): the tail's long rows do not keep computing empty
-slots, and the step takes at most one shape per halving.
+ends on short rows. A prompt whose keys and values a slot still holds (another sample of
+it, running or just finished) is copied there, not prefilled again. Once the queue is
+empty, the batch halves whenever the live rows fit in half of it
+(:meth:`Seating.compact`): the tail's long rows do not keep computing empty slots, and the
+step takes at most one shape per halving.
 """
 
 from __future__ import annotations
@@ -56,6 +58,9 @@ class Seating:
         self.occupant: list[int | None] = [None] * slots
         self.entered = [0] * slots
         self.origin = [0] * slots
+        # Prompt -> a slot whose cache holds its keys and values (the last row admitted
+        # with it, running or just finished, until the slot is parked or taken).
+        self.held: dict[tuple[int, ...], int] = {}
 
     def live(self) -> list[int]:
         """The slots that hold a row."""
@@ -80,22 +85,23 @@ class Seating:
                   prompt_history([self.prompts[i] for i in take], base),
                   [self.rows[i].repetition_penalty_range for i in take],
                   [self.max_tokens[i] for i in take], base, [self.prompts[i][-1] for i in take])
-            holders = self.holders(take)
+            holders = [self.held.get(tuple(self.prompts[i])) for i in take]
             shared = {"copy_from": holders} if any(h is not None for h in holders) else {}
             self.decoder.refill(slots, [self.prompts[i] for i in take], bound, **shared)
+        self.hold(slots, take, idle)
         if idle:
             # Re-parked at every check: their positions, history and columns restart at 0.
             park(st, torch.tensor(idle, device=dev))
             self.decoder.park(idle)
         self.decoder.kv_len = bound
 
-    def holders(self, take: list[int]) -> list[int | None]:
-        """For each row of ``take``, a slot still running a row with the same prompt (its
-        cache holds the prompt's keys and values: the samples of a prompt admitted at
-        different checks share one prefill), else None."""
-        running = {tuple(self.prompts[i]): s for s, i in enumerate(self.occupant)
-                   if i is not None and i not in take}
-        return [running.get(tuple(self.prompts[i])) for i in take]
+    def hold(self, slots: list[int], take: list[int], idle: list[int]) -> None:
+        """Follow which slot holds which prompt's keys and values: ``slots`` took the rows
+        ``take``, ``idle`` were parked (their cache is written from position 0 on)."""
+        gone = set(slots) | set(idle)
+        self.held = {p: s for p, s in self.held.items() if s not in gone}
+        for s, i in zip(slots, take, strict=True):
+            self.held[tuple(self.prompts[i])] = s
 
     def compact(self, st: DeviceState) -> DeviceState:
         """``st`` halved while the live rows fit in half of it: their cache rows, state rows
@@ -114,6 +120,8 @@ class Seating:
         self.streamer.keep(keep)
         for name in ("occupant", "entered", "origin"):
             setattr(self, name, [getattr(self, name)[s] for s in keep])
+        where = {s: j for j, s in enumerate(keep)}
+        self.held = {p: where[s] for p, s in self.held.items() if s in where}
         return small
 
 

@@ -235,28 +235,31 @@ class CachedLlamaDecoder(StaticCache, FusedSteps, PositionsForward, Decoder):
         once, copied to the others' rows); the row's next position is ``len - 1``, where the
         next :meth:`step`, fed the last token, gives the logits of its first new token.
         ``kv_len``: the caller's new bound on every row's next position. ``copy_from[i]``
-        (where not None) is a cache row, not among ``slots``, that already holds prompt
-        ``i``'s keys and values: they are copied, not computed.
+        (where not None) is a cache row that holds prompt ``i``'s keys and values before
+        this call (it may be among ``slots``): they are copied, not computed.
         """
         dev = self.device
         self.positions.index_copy_(0, torch.as_tensor(list(slots), device=dev),
                                    torch.as_tensor([len(p) - 1 for p in prompts], device=dev))
         self.kv_len = kv_len
-        copy_from = list(copy_from) if copy_from is not None else [None] * len(slots)
+        given = list(copy_from) if copy_from is not None else [None] * len(slots)
         first = first_copies(prompts)
-        src, dst, heads = [], [], []
+        held, twins, heads = ([], []), ([], []), []
         for i, (s, p) in enumerate(zip(slots, prompts, strict=True)):
+            src = given[i] if given[i] is not None else given[first[i]]
             if len(p) < 2:
                 continue
-            if copy_from[i] is not None:
-                src.append(copy_from[i])
-                dst.append(s)
+            if src is not None:
+                held[0].append(src)
+                held[1].append(s)
             elif first[i] != i:
-                dst.append(s)
-                src.append(slots[first[i]] if copy_from[first[i]] is None
-                           else copy_from[first[i]])
+                twins[0].append(slots[first[i]])
+                twins[1].append(s)
             else:
                 heads.append((s, p[:-1]))
+        longest = max(len(p) for p in prompts)
+        # Rows that already hold a prompt are read before this refill writes any row.
+        self.copy_rows(*held, longest)
         if heads:
             ids = _right_padded([p for _, p in heads], dev)
             rows = torch.as_tensor([s for s, _ in heads], device=dev)
@@ -264,7 +267,7 @@ class CachedLlamaDecoder(StaticCache, FusedSteps, PositionsForward, Decoder):
             # before attending to them (the mask stops at each row's position), as in prefill.
             self.model.forward_cached(ids, torch.arange(ids.shape[1], device=dev).expand_as(ids),
                                       RowsView(self.cache, rows), kv_len=ids.shape[1])
-        self.copy_rows(src, dst, max((len(p) for p in prompts), default=0))
+        self.copy_rows(*twins, longest)
 
     def release(self) -> None:
         """Free the cache and the fused step's weight copies (rebuilt when next used)."""

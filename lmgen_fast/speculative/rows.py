@@ -232,9 +232,11 @@ class Rows:
 
     def flat_params(self, t: int) -> PackedParams:
         """The rows' parameters repeated for ``t`` positions each (row-major)."""
-        return replace(self.packed, **{f.name: getattr(self.packed, f.name).repeat_interleave(t)
-                                       for f in fields(PackedParams)
-                                       if isinstance(getattr(self.packed, f.name), torch.Tensor)})
+        # dim=0: the [B, S] per-row lists (stop ids, biases) repeat by row, not flattened.
+        return replace(self.packed, **{
+            f.name: getattr(self.packed, f.name).repeat_interleave(t, dim=0)
+            for f in fields(PackedParams)
+            if isinstance(getattr(self.packed, f.name), torch.Tensor)})
 
     def usable(self, drafts: torch.Tensor) -> torch.Tensor:
         """``drafts`` ``[B, k]`` with ``-1`` where a row could not use them: past its
