@@ -23,6 +23,7 @@ from lmgen_fast.cli.options import (
     speculative_summary,
     threads_note,
 )
+from lmgen_fast.jobs.inputs import outside_vocab
 
 
 class StreamPrinter:
@@ -190,6 +191,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
         raise CLIError("--stream prints one sample; drop it or --n")
     device = resolve_device(args.device)
     model, tokenizer = load_model_and_tokenizer(args.model, args.tokenizer, device)
+    if "prompt_token_ids" in source:
+        vocab = getattr(getattr(model, "config", None), "vocab_size", None)
+        if outside_vocab(source["prompt_token_ids"][0], vocab):
+            raise CLIError(outside_vocab(source["prompt_token_ids"][0], vocab))
     printer = StreamPrinter(tokenizer, stop=params.stop) if args.stream else None
     count = 0
 

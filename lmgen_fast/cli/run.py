@@ -53,6 +53,7 @@ from lmgen_fast.jobs.inputs import (  # noqa: F401  (re-exported: the names user
     LineError,
     derive_seed,
     encode_prompts,
+    outside_vocab,
     parse_line,
     plan_batches,
     read_jobs,
@@ -220,10 +221,8 @@ def _problem(row: JobRow, ids: list[int], limit: int | None, vocab: int | None) 
             row.params.check_vocab(vocab)
         except ValueError as err:
             return str(err)
-        outside = [t for t in ids if t >= vocab]
-        if outside and row.kind == "prompt_token_ids":
-            return (f"prompt_token_ids has token id {outside[0]}, outside the vocabulary "
-                    f"[0, {vocab})")
+        if row.kind == "prompt_token_ids" and outside_vocab(ids, vocab):
+            return outside_vocab(ids, vocab)
     need = positions_needed(len(ids), row.max_tokens)
     if limit is not None and need > limit:
         return (f"prompt of {len(ids)} tokens plus max_tokens={row.max_tokens} needs {need} "

@@ -58,6 +58,8 @@ def test_samples_and_stops_print_what_the_library_returns(capsys):
     (["generate", "x", "--stop-token-id", "99999", "--device", "cpu"],
      "stop_token_ids has token id 99999, outside the vocabulary"),
     (["generate", "--chat", "hi", "--device", "cpu"], "chat template"),
+    (["generate", "--prompt-token-ids", "1,99999", "--device", "cpu"],
+     "prompt_token_ids has token id 99999, outside the vocabulary"),
     (["bench", "--threads", "-1"], "--threads must be >= 1, got -1"),
     (["run", "--input", "a", "--output", "b", "--stop-token-id", "-1"],
      "--stop-token-id must be >= 0, got -1"),
