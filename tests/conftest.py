@@ -116,6 +116,7 @@ MARKS: list[tuple[str, str, tuple[str, ...]]] = [
     ("models/test_decode_attention.py", "*", ("interpreter",)),
     ("engine/test_bookkeeping.py", "*", ("interpreter",)),
     ("api/test_requests.py", "test_n_samples_are_the_seeded_single_runs_*", ("slow",)),
+    ("api/test_stops.py", "test_the_kernels_end_rows_*", ("interpreter", "slow")),
     ("sampling/test_sampler_setup.py", "*", ("interpreter",)),
     ("benchmarks/test_bench_launches.py", "*", ("interpreter",)),
     ("cli/test_kernel_compile.py", "*", ("aot",)),

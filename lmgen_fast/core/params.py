@@ -115,6 +115,8 @@ class SamplingParams:
 
     Ids are checked against the vocabulary by :meth:`check_vocab` once the model is known.
 
+    Length: one validated field per sampling control, each normalised where it is stored.
+
     Examples
     --------
     >>> SamplingParams(temperature=0.8, top_k=40, seed=1)

@@ -149,3 +149,16 @@ def test_min_tokens_masks_the_end_ids_and_defers_stop_strings(model, tokenizer):
         assert cut.token_ids == late.token_ids and cut.finish_reason != "stop"
     else:
         assert (cut.token_ids, cut.stop_reason) == (late.token_ids[: want[0]], stop)
+
+
+def test_the_kernels_end_rows_on_stop_ids_as_the_reference_does(model, tokenizer):
+    """The Triton path (its bookkeeping reads the per-row stop ids) gives the reference
+    path's rows: n samples, a stop id, a stop string, through slots."""
+    rows = [SamplingParams(seed=21, n=2, stop_token_ids=[207, 30]),
+            SamplingParams(seed=4, n=2, stop=["e", "mo"], min_tokens=2)]
+    kw = dict(max_tokens=6, params=rows, return_details=True, max_batch_size=3)
+    want = generate_batch(model, tokenizer, PROMPTS, backend="reference", **kw)
+    got = generate_batch(model, tokenizer, PROMPTS, backend="triton", **kw)
+    assert [(g.token_ids, g.finish_reason, g.stop_reason) for g in got] == \
+        [(g.token_ids, g.finish_reason, g.stop_reason) for g in want]
+    assert [g.finish_reason for g in want] == ["stop"] * 4  # each row stops early
