@@ -203,10 +203,6 @@ MARKS: list[tuple[str, str, tuple[str, ...]]] = [
      ("slow",)),
     ("core/test_philox.py", "test_uniform_range_and_mean", ("slow",)),
     ("cli/test_plots.py", "test_bench_plot_end_to_end", ("slow",)),
-    ("cli/test_research_cli.py", "test_chat_equals_the_templates_ids_in_generate_and_run",
-     ("slow",)),
-    ("cli/test_research_cli.py", "test_samples_and_stops_print_what_the_library_returns",
-     ("slow",)),
     ("benchmarks/test_render_plot.py", "test_plot_draws_each_file_with_its_roofline", ("slow",)),
 ]
 
