@@ -214,6 +214,10 @@ def parse_line(
         )
     kind, prompt = _prompt(obj, row_id)
     overrides = {k: obj[k] for k in PARAM_FIELDS if k in obj}
+    if isinstance(overrides.get("logit_bias"), dict):
+        # JSON object keys are strings: "5" names token 5.
+        overrides["logit_bias"] = {int(k) if isinstance(k, str) and k.isdigit() else k: v
+                                   for k, v in overrides["logit_bias"].items()}
     if "seed" not in overrides and run_seed is not None:
         overrides["seed"] = derive_seed(run_seed, row_id)
     try:
@@ -223,6 +227,10 @@ def parse_line(
         raise LineError(str(err), row_id) from None
     if params.min_tokens > cap:
         raise LineError(f"min_tokens {params.min_tokens} is above max_tokens {cap}", row_id)
+    if params.seed is not None and params.seed + params.n > SEED_MASK + 1:
+        # Sample j is seeded seed + j, which must stay a seed.
+        raise LineError(f"seed {params.seed} leaves no room for n={params.n} samples (seed + "
+                        "n - 1 must stay below 2**63)", row_id)
     return JobRow(row_id, 0, prompt, params, cap, kind, samples or "n" in obj)
 
 

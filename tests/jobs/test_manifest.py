@@ -45,7 +45,7 @@ DEST = {"repetition_penalty_range": "penalty_range", "stop_token_ids": "stop_tok
 # line holds it, the option's arguments).
 OTHER_VALUES = {
     "stop": (["</answer>"], ["</answer>"]), "stop_token_ids": ([5], ["5"]),
-    "include_stop_str_in_output": (True, []), "logit_bias": ([[5, 1.0]], None),
+    "include_stop_str_in_output": (True, []), "logit_bias": ({"5": 1.0}, None),
     "allowed_token_ids": ([5, 6], None), "json_schema": ('{"type": "object"}', None),
     "regex": ("a+", None), "grammar": ('root ::= "a"', None),
 }

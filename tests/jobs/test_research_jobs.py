@@ -126,6 +126,8 @@ def test_global_n_writes_samples_for_every_line(checkpoint, tmp_path):
 
 @pytest.mark.parametrize("bad, reason", [
     ({"id": 3, "prompt": "x", "n": 0}, "n must be >= 1, got 0"),
+    ({"id": 3, "prompt": "x", "n": 2, "seed": 2**63 - 1}, "leaves no room for n=2 samples"),
+    ({"id": 3, "prompt": "x", "logit_bias": {"x": 1}}, "logit_bias"),
     ({"id": 3, "prompt": "x", "stop": ""}, "stop strings must not be empty"),
     ({"id": 3, "prompt": "x", "stop_token_ids": [100000]}, "stop_token_ids has token id 100000"),
     ({"id": 3, "prompt": "x", "min_tokens": 9, "max_tokens": 4},
