@@ -24,6 +24,7 @@ from pathlib import Path
 
 import torch
 
+from lmgen_fast.api.requests import end_ids, vocab_size
 from lmgen_fast.api.tokenization import adapt_tokenizer
 from lmgen_fast.cli.options import (
     EXIT_INTERRUPTED,
@@ -35,6 +36,7 @@ from lmgen_fast.cli.options import (
     sampling_params_from_args,
     speculative_from_args,
     speculative_summary,
+    threads_note,
 )
 from lmgen_fast.core.params import SamplingParams
 from lmgen_fast.core.progress import Progress
@@ -51,6 +53,7 @@ from lmgen_fast.jobs.inputs import (  # noqa: F401  (re-exported: the names user
     LineError,
     derive_seed,
     encode_prompts,
+    outside_vocab,
     parse_line,
     plan_batches,
     read_jobs,
@@ -100,16 +103,22 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
     """Add the arguments of ``lmgen-fast run`` to ``p``."""
     p.add_argument("--input", required=True, metavar="FILE",
                    help="JSONL prompts: one object per line with a unique 'id' (string or "
-                        "integer) and a 'prompt', and optionally max_tokens, temperature, "
-                        "top_k, repetition_penalty, repetition_penalty_range, seed, "
-                        "penalty_scope, penalty_mode, top_p, min_p, frequency_penalty, "
-                        "presence_penalty, logprobs_mode to override the options for that row, "
-                        "and logprobs (0 to 20) to get that row's token log-probabilities")
+                        "integer) and one of 'prompt' (text), 'prompt_token_ids' (a list of "
+                        "ids, used as given) and 'messages' (a list of {role, content} "
+                        "objects, through the tokenizer's chat template), and optionally "
+                        "max_tokens, temperature, top_k, repetition_penalty, "
+                        "repetition_penalty_range, seed, penalty_scope, penalty_mode, top_p, "
+                        "min_p, frequency_penalty, presence_penalty, logprobs_mode, n, stop, "
+                        "stop_token_ids, min_tokens, include_stop_str_in_output to override "
+                        "the options for that row, and logprobs (0 to 20) to get that row's "
+                        "token log-probabilities")
     p.add_argument("--output", required=True, metavar="FILE",
                    help="JSONL results, one line per id: id, text, token_ids, finish_reason "
-                        "(eot or length), num_tokens, and for rows with logprobs > 0 logprobs, "
-                        "top_logprobs ([id, logprob] pairs) and logprobs_mode; rerunning the "
-                        "command resumes it")
+                        "(eot, stop or length), stop_reason (the stop string or id, where one "
+                        "fired), num_tokens, and for rows with logprobs > 0 logprobs, "
+                        "top_logprobs ([id, logprob] pairs) and logprobs_mode; a row with 'n' "
+                        "(or every row, with --n) has id and 'samples' instead, a list of n "
+                        "such results in sample order; rerunning the command resumes it")
     p.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE, metavar="N",
                    help=f"rows decoded at once: N slots, where a finished row's slot takes "
                         f"the next prompt (continuous batching; default: {DEFAULT_BATCH_SIZE})")
@@ -204,23 +213,35 @@ def _prepare_output(args: argparse.Namespace, env: DistEnv, output: Path) -> Non
             prepare_output(output, manifest, overwrite=False)
 
 
-def _drop_too_long(args: argparse.Namespace, rows: list[JobRow], prompt_ids: list[list[int]],
-                   invalid: list[InvalidLine], limit: int
-                   ) -> tuple[list[JobRow], list[list[int]]]:
-    """The rows (and their prompt ids) that fit in ``limit`` positions; the others go to
-    ``invalid`` (sorted by line), or stop the job without --skip-invalid."""
+def _problem(row: JobRow, ids: list[int], limit: int | None, vocab: int | None) -> str | None:
+    """Why a row cannot run on this model (an id outside its vocabulary, more positions
+    than it has), or None."""
+    if vocab is not None:
+        try:
+            row.params.check_vocab(vocab)
+        except ValueError as err:
+            return str(err)
+        if row.kind == "prompt_token_ids" and outside_vocab(ids, vocab):
+            return outside_vocab(ids, vocab)
+    need = positions_needed(len(ids), row.max_tokens)
+    if limit is not None and need > limit:
+        return (f"prompt of {len(ids)} tokens plus max_tokens={row.max_tokens} needs {need} "
+                f"positions, beyond the model's max_position_embeddings={limit}")
+    return None
+
+
+def _drop_unfit(args: argparse.Namespace, rows: list[JobRow], prompt_ids: list[list[int]],
+                invalid: list[InvalidLine], limit: int | None, vocab: int | None
+                ) -> tuple[list[JobRow], list[list[int]]]:
+    """The rows (and their prompt ids) this model can run (see :func:`_problem`); the others
+    go to ``invalid`` (sorted by line), or stop the job without --skip-invalid."""
     keep = []
     for i, row in enumerate(rows):
-        need = positions_needed(len(prompt_ids[i]), row.max_tokens)
-        if need > limit:
-            invalid.append(InvalidLine(
-                row.line, row.id,
-                f"prompt of {len(prompt_ids[i])} tokens plus max_tokens={row.max_tokens} "
-                f"needs {need} positions, beyond the model's max_position_embeddings="
-                f"{limit}",
-            ))
-        else:
+        problem = _problem(row, prompt_ids[i], limit, vocab)
+        if problem is None:
             keep.append(i)
+        else:
+            invalid.append(InvalidLine(row.line, row.id, problem))
     if len(keep) < len(rows):
         invalid.sort(key=lambda bad: bad.line)
         if not args.skip_invalid:
@@ -243,7 +264,8 @@ def _report(args: argparse.Namespace, env: DistEnv, stats: RunStats, *, prefix: 
     slot_note = (f"{batching} batching, {stats.steps} steps, slot utilization "
                  f"{stats.slot_utilization:.1f}%; ") if stats.slot_steps else ""
     print(f"{prefix}{stats.rows} rows, {stats.tokens} tokens in {stats.seconds:.2f} s "
-          f"({rate:.1f} tokens/s) on {device}; {stats.already_done} already done{skipped}; "
+          f"({rate:.1f} tokens/s) on {device} ({threads_note()}); {stats.already_done} "
+          f"already done{skipped}; "
           f"{slot_note}{time.perf_counter() - wall:.1f} s in all; results in {target}",
           file=sys.stderr)
     if spec is not None:
@@ -253,7 +275,8 @@ def _report(args: argparse.Namespace, env: DistEnv, stats: RunStats, *, prefix: 
                    "tokens_per_s": rate, "already_done": stats.already_done,
                    "steps": stats.steps, "slot_steps": stats.slot_steps,
                    "slot_utilization": stats.slot_utilization, "batching": batching,
-                   "batch_size": args.batch_size, "device": str(device), "rank": env.rank}
+                   "batch_size": args.batch_size, "device": str(device), "rank": env.rank,
+                   "threads": torch.get_num_threads()}
         # Under torchrun each rank writes its own summary beside the others.
         path = f"{args.summary}.rank{env.rank}" if env.distributed else args.summary
         write_atomic(path, [(json.dumps(summary) + "\n").encode()])
@@ -279,7 +302,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     defaults = _check_options(args)
     errors_path = (args.errors or args.output + ".errors.jsonl") if args.skip_invalid else None
 
-    rows, invalid = read_jobs(args.input, defaults, args.max_tokens, args.seed)
+    rows, invalid = read_jobs(args.input, defaults, args.max_tokens, args.seed,
+                              samples=args.n is not None)
     if invalid and not args.skip_invalid:
         raise JobError(_first_error(args.input, invalid))
 
@@ -292,9 +316,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     decoder = wrap(model, device)
     limit = (decoder.model.config.max_position_embeddings
              if isinstance(decoder, CachedLlamaDecoder) else None)
-    prompt_ids = encode_prompts(adapter, rows)
-    if limit is not None:
-        rows, prompt_ids = _drop_too_long(args, rows, prompt_ids, invalid, limit)
+    prompt_ids = encode_prompts(adapter, rows, args.input)
+    rows, prompt_ids = _drop_unfit(args, rows, prompt_ids, invalid, limit,
+                                   vocab_size(decoder, model))
     if errors_path is not None and env.rank == 0:
         write_atomic(errors_path, [encode_record(bad.record()) for bad in invalid])
 
@@ -317,8 +341,8 @@ def cmd_run(args: argparse.Namespace) -> int:
                 decoder, adapter, [rows[i] for i in todo], [prompt_ids[i] for i in todo],
                 writer, batch_size=args.batch_size, backend=args.backend, limit=limit,
                 cuda_graph=not args.no_cuda_graph, sync_every=args.sync_every,
-                progress=progress, generate=spec,
-                static=args.static_batches,
+                progress=progress, generate=spec, static=args.static_batches,
+                end_ids=end_ids(model, adapter, None),
             )
         except KeyboardInterrupt:
             interrupted = True

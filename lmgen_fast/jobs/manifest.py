@@ -5,8 +5,8 @@ sampling settings, another input file or another model would mix results silentl
 ``lmgen-fast run`` writes ``OUTPUT.manifest.json`` before its first row and compares it on
 every rerun. Compared (a difference refuses the run, exit status 2):
 
-* ``settings``: every option that changes a row's tokens (``--max-tokens``, the sampling
-  options, ``--seed``);
+* ``settings``: every option that changes a row's tokens or its result line
+  (``--max-tokens``, the sampling options, ``--seed``, ``--n``, the stop options);
 * ``input``: the SHA-256 of the input file's bytes (its path is recorded, not compared, so
   a job survives a moved input);
 * ``model``: the embedded model's version and the digest of its files, or the digest of a
@@ -38,11 +38,13 @@ SUFFIX = ".manifest.json"
 RESULT_OPTIONS = (
     "max_tokens", "temperature", "top_k", "repetition_penalty", "penalty_range",
     "penalty_scope", "penalty_mode", "top_p", "min_p", "frequency_penalty",
-    "presence_penalty", "seed", "logprobs_mode",
+    "presence_penalty", "seed", "logprobs_mode", "n", "stop", "stop_token_id", "min_tokens",
+    "include_stop_str",
 )
 # Result-changing options added after format 1 was fixed, with the value that outputs made
 # before them were made with, so that those outputs still resume.
-_LATER_OPTIONS = {"logprobs_mode": "raw"}
+_LATER_OPTIONS = {"logprobs_mode": "raw", "n": None, "stop": None, "stop_token_id": None,
+                  "min_tokens": 0, "include_stop_str": False}
 # Files of a checkpoint directory that decide its outputs; anything else (a README, logs,
 # optimizer state under another name) may change without changing the model.
 _MODEL_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json",

@@ -39,7 +39,16 @@ from conftest import write_checkpoint
 
 SAMPLING_FIELDS = [f.name for f in dataclasses.fields(SamplingParams)]
 # SamplingParams field -> the `run` option's argparse dest, where the two names differ.
-DEST = {"repetition_penalty_range": "penalty_range"}
+DEST = {"repetition_penalty_range": "penalty_range", "stop_token_ids": "stop_token_id",
+        "include_stop_str_in_output": "include_stop_str"}
+# Fields whose other value `other_value` cannot guess: (the value as the option's dest or a
+# line holds it, the option's arguments).
+OTHER_VALUES = {
+    "stop": (["</answer>"], ["</answer>"]), "stop_token_ids": ([5], ["5"]),
+    "include_stop_str_in_output": (True, []), "logit_bias": ({"5": 1.0}, None),
+    "allowed_token_ids": ([5, 6], None), "json_schema": ('{"type": "object"}', None),
+    "regex": ("a+", None), "grammar": ('root ::= "a"', None),
+}
 # Result-changing options that are not SamplingParams fields, with another valid value.
 OTHER_RESULT_OPTIONS = {"max_tokens": "7"}
 # Options that do not change a seeded row's tokens (README: "The device and backend are
@@ -70,6 +79,8 @@ def option(dest: str) -> str:
 def other_value(name: str) -> object:
     """A valid value of SamplingParams field ``name`` other than its default: from the
     option's choices for a string, else the first of a few numbers SamplingParams takes."""
+    if name in OTHER_VALUES:
+        return OTHER_VALUES[name][0]
     field = next(f for f in dataclasses.fields(SamplingParams) if f.name == name)
     default = field.default
     action = run_actions().get(DEST.get(name, name))
@@ -154,14 +165,15 @@ def test_a_changed_sampling_field_is_refused(name, job, embedded):
     old = build_manifest(parse(inp, out, *BASE), embedded)
     if dest in run_actions():
         value = other_value(name)
-        new = build_manifest(parse(inp, out, *BASE, option(dest), str(value)), embedded)
-        assert getattr(parse(inp, out, option(dest), str(value)), dest) == value
+        given = (option(dest), *(OTHER_VALUES[name][1] if name in OTHER_VALUES
+                                 else [str(value)]))
+        new = build_manifest(parse(inp, out, *BASE, *given), embedded)
+        assert getattr(parse(inp, out, *given), dest) == value
         assert_refused(out, old, new, option(dest))
         # The output made with the changed setting resumes under that setting only.
         manifest_path(out).unlink()
         out.unlink()
-        assert_resumes(out, new, build_manifest(
-            parse(inp, out, *BASE, option(dest), str(value)), embedded))
+        assert_resumes(out, new, build_manifest(parse(inp, out, *BASE, *given), embedded))
     else:
         # Only a per-row field (e.g. logprobs): another value is another input file.
         row = {"id": 1, "prompt": "the fox", name: other_value(name)}
