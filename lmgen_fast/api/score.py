@@ -309,10 +309,19 @@ def score(model, tokenizer, contexts: Sequence[str | Sequence[int]],
     >>> s = score(model, tokenizer, ["The capital of France is"], [" Paris"])  # doctest: +SKIP
     >>> s[0].total, s[0].is_greedy                                            # doctest: +SKIP
     """
+    pairs = encode_pairs(model, tokenizer, contexts, continuations, device=device)
+    return score_pairs(model, pairs, batch_size=batch_size, device=device)
+
+
+def encode_pairs(model, tokenizer, contexts: Sequence[str | Sequence[int]],
+                 continuations: Sequence[str | Sequence[int]], *, device=None
+                 ) -> list[tuple[Ids, Ids]]:
+    """The ``(context ids, continuation ids)`` :func:`score` scores, checked (same arguments
+    and errors); :func:`score_pairs` scores them."""
     decoder = decoder_for(model, device)
     pairs = _pairs(model, decoder, tokenizer, contexts, continuations)
     _check_lengths(pairs, _limit(model, decoder))
-    return score_pairs(model, pairs, batch_size=batch_size, device=device)
+    return pairs
 
 
 def rolling_windows(seq: Sequence[int], limit: int | None) -> list[tuple[Ids, Ids]]:
@@ -353,13 +362,22 @@ def score_rolling(model, tokenizer, texts: Sequence[str | Sequence[int]], *,
         One per text: the scored ids (the text's, begin token excluded), their
         log-probabilities, sum and greedy flag, windows joined.
     """
+    windows = encode_texts(model, tokenizer, texts, device=device, max_length=max_length)
+    flat = [w for ws in windows for w in ws]
+    scores = iter(score_pairs(model, flat, batch_size=batch_size, device=device))
+    return [join_scores([next(scores) for _ in ws]) for ws in windows]
+
+
+def encode_texts(model, tokenizer, texts: Sequence[str | Sequence[int]], *, device=None,
+                 max_length: int | None = None) -> list[list[tuple[Ids, Ids]]]:
+    """Each text's :func:`rolling_windows` (arguments as for :func:`score_rolling`)."""
     if isinstance(texts, str):
         raise ValueError("texts must be a sequence of texts, not a str")
     decoder = decoder_for(model, device)
     limit = _limit(model, decoder) if max_length is None else max_length
     if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
         raise ValueError(f"max_length must be an int >= 1, got {max_length!r}")
-    vocab, tok, windows, owner = _vocab(model, decoder), None, [], []
+    vocab, tok, out = _vocab(model, decoder), None, []
     for i, text in enumerate(texts):
         if isinstance(text, str):
             tok = tok or adapt_tokenizer(tokenizer)
@@ -367,14 +385,12 @@ def score_rolling(model, tokenizer, texts: Sequence[str | Sequence[int]], *,
             seq = seq if seq and seq[0] == tok.bos_id else [tok.bos_id, *seq]
         else:
             seq = _ids(text, f"text {i}", vocab)
-        for w in rolling_windows(seq, limit):
-            windows.append(w)
-            owner.append(i)
-    scores = score_pairs(model, windows, batch_size=batch_size, device=device)
-    joined = [Score([], [], 0.0, True) for _ in texts]
-    for i, s in zip(owner, scores, strict=True):
-        was = joined[i]
-        lps = was.logprobs + s.logprobs
-        joined[i] = Score(was.token_ids + s.token_ids, lps, float(sum(lps)),
-                          was.is_greedy and s.is_greedy)
-    return joined
+        out.append(rolling_windows(seq, limit))
+    return out
+
+
+def join_scores(parts: Sequence[Score]) -> Score:
+    """One :class:`Score` of consecutive parts (a text's windows)."""
+    lps = [x for p in parts for x in p.logprobs]
+    return Score([t for p in parts for t in p.token_ids], lps, float(sum(lps)),
+                 all(p.is_greedy for p in parts))
