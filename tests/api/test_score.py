@@ -76,10 +76,14 @@ def test_scores_match_transformers_and_share_contexts(tokenizer):
     # continuation runs nothing).
     assert fed == [3 * 20, 6 * max(len(k) for k in conts)]
 
-    # Batches of 2 split the shared context's pairs: same values.
+    # Batches of 2 split the shared context's pairs, and a plain callable runs each padded
+    # pair in full: the same values.
     again = score(hf, None, ctxs, conts, batch_size=2)
-    for a, b in zip(got, again, strict=True):
+    full = score(lambda ids: hf(ids).logits, None, ctxs, conts, batch_size=3)
+    for a, b, c in zip(got, again, full, strict=True):
         assert a.logprobs == pytest.approx(b.logprobs, abs=1e-5)
+        assert a.logprobs == pytest.approx(c.logprobs, abs=1e-5)
+        assert a.is_greedy == c.is_greedy
 
 
 def test_strings_follow_the_harness_rule_and_long_pairs_are_refused(tokenizer, model):
