@@ -6,7 +6,10 @@ race and the raw log-softmax normaliser take two launches, this one and the merg
 device.
 
 ``chunk_kernel`` (grid ``[B, C]``) reads one chunk of ``CHUNK`` logits of one row, once,
-and keeps it in registers. It forms ``z`` exactly as :mod:`lmgen_fast.reference` does and
+and keeps it in registers. It forms ``z`` exactly as :mod:`lmgen_fast.reference` does
+(SPEC section 7's bias and masks included: the row's bias entries in the chunk, found by a
+binary search of its sorted list, and one int32 word per 32 logits of each bitmask, read
+beside the logits) and
 writes a few per-chunk aggregates: the maximum and its first index (greedy, ``+inf`` and
 empty rows); for rows without any filter (or chunks holding ``+inf``) the best race key;
 for filtered rows a bounded set of candidates, namely every finite value at or above a
@@ -34,13 +37,15 @@ def chunk_kernel(
     temp_ptr, topk_ptr, once_ptr, seed_ptr, step_ptr,
     top_p_ptr, mlog_ptr, fpen_ptr, ppen_ptr, proc_ptr,
     win_ptr, W, wrange_ptr, pow_ptr,
+    flags_ptr, mint_ptr, bias_ids_ptr, bias_vals_ptr, K, allowed_ptr, A, bm_ptr, BM,
+    stop_ptr, S,
     cmax_ptr, cidx_ptr, rkey_ptr, ridx_ptr,
     ncand_ptr, ckey_ptr, cidx_buf_ptr,
     gkey_ptr, gcnt_ptr, gbest_ptr, gidx_ptr,
     ctau_ptr, csum_ptr, rmax_ptr, rsum_ptr,
     status_ptr,
     CHUNK: tl.constexpr, CAP: tl.constexpr, LOGPROBS: tl.constexpr, ACC: tl.constexpr,
-    WT: tl.constexpr,
+    WT: tl.constexpr, MASKS: tl.constexpr,
 ):
     """One chunk of ``CHUNK`` logits of one row (grid ``[B, n_chunks]``): its ``z``, its
     aggregates and its candidates, as the module docstring lists them.
@@ -57,13 +62,21 @@ def chunk_kernel(
     row64 = row.to(tl.int64)
 
     temp = tl.load(temp_ptr + row)
+    step = tl.load(step_ptr + row)
+    # SPEC section 7's bias and masks, read beside the logits (MASKS: some row has them).
+    flags = tl.zeros([], dtype=tl.int32)
+    if MASKS:
+        flags = tl.load(flags_ptr + row)
+    under = step < tl.load(mint_ptr + row)
     # The window is grouped by chunk and wrange gives the slice of it that falls in this
     # chunk, so a chunk only counts its own window entries (WT at a time).
     w_lo = tl.load(wrange_ptr + row * (n_chunks + 1) + chunk)
     w_hi = tl.load(wrange_ptr + row * (n_chunks + 1) + chunk + 1)
     x, z = row_z(logits_ptr, row64, stride_row, V, chunk * CHUNK, temp,
                  tl.load(once_ptr + row) != 0, tl.load(fpen_ptr + row),
-                 tl.load(ppen_ptr + row), win_ptr, W, w_lo, w_hi, pow_ptr, CHUNK, WT)
+                 tl.load(ppen_ptr + row), win_ptr, W, w_lo, w_hi, pow_ptr,
+                 flags, under, bias_ids_ptr, bias_vals_ptr, K, allowed_ptr, A, bm_ptr, BM,
+                 stop_ptr, S, CHUNK, WT, MASKS)
 
     cmax = tl.max(z, axis=0)
     cidx = tl.min(tl.where(inb & (z == cmax), offs, 2147483647), axis=0)
@@ -89,7 +102,6 @@ def chunk_kernel(
     # nucleus lies among them and the merge needs no second read of the row.
     k_sel = tl.where(k_eff > 0, k_eff, tl.where(nucleus, CAP // 2, 0)).to(tl.int32)
     seed = tl.load(seed_ptr + row)
-    step = tl.load(step_ptr + row)
     has_inf = cmax == float("inf")
     sampled = temp != 0.0
 

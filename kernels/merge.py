@@ -82,6 +82,8 @@ def merge_kernel(
     temp_ptr, topk_ptr, seed_ptr, step_ptr,
     top_p_ptr, mlog_ptr, once_ptr, fpen_ptr, ppen_ptr, proc_ptr,
     win_ptr, W, wrange_ptr, pow_ptr,
+    flags_ptr, mint_ptr, bias_ids_ptr, bias_vals_ptr, K, allowed_ptr, A, bm_ptr, BM,
+    stop_ptr, S,
     cmax_ptr, cidx_ptr, rkey_ptr, ridx_ptr,
     ncand_ptr, ckey_ptr, cidx_buf_ptr,
     gkey_ptr, gcnt_ptr, gbest_ptr, gidx_ptr,
@@ -89,7 +91,7 @@ def merge_kernel(
     out_ptr, status_ptr, lp_ptr,
     CAP: tl.constexpr, CP: tl.constexpr, TILE: tl.constexpr, ONE_TILE: tl.constexpr,
     CHUNK: tl.constexpr, SUB: tl.constexpr, RB: tl.constexpr, NBINS: tl.constexpr,
-    LOGPROBS: tl.constexpr, ACC: tl.constexpr, WT: tl.constexpr,
+    LOGPROBS: tl.constexpr, ACC: tl.constexpr, WT: tl.constexpr, MASKS: tl.constexpr,
 ):
     """One row (grid ``[B]``): its token, status bits and log-probabilities from the chunk
     kernel's aggregates and candidates, as the module docstring lists them.
@@ -258,7 +260,10 @@ def merge_kernel(
                 logits_ptr, stride_row, V, n_chunks, row, row64, temp,
                 tl.load(once_ptr + row) != 0, tl.load(fpen_ptr + row), tl.load(ppen_ptr + row),
                 win_ptr, W, wrange_ptr, pow_ptr, seed, step,
-                row_max, s_row, top_p, top_p_on, mlog, CHUNK, SUB, RB, NBINS, ACC, LOGPROBS, WT,
+                row_max, s_row, top_p, top_p_on, mlog,
+                _flags(flags_ptr, row, MASKS), step < tl.load(mint_ptr + row), bias_ids_ptr,
+                bias_vals_ptr, K, allowed_ptr, A, bm_ptr, BM, stop_ptr, S,
+                CHUNK, SUB, RB, NBINS, ACC, LOGPROBS, WT, MASKS,
             )
 
     # Never an out-of-range id: an empty row yields 0 and is reported in status.
@@ -302,7 +307,11 @@ def merge_kernel(
             p_share = -tl.log(tl.maximum(p_inf, 1.0))
             z_out = _token_z(logits_ptr, row64, stride_row, V, n_chunks, row, out, temp,
                              tl.load(once_ptr + row) != 0, tl.load(fpen_ptr + row),
-                             tl.load(ppen_ptr + row), win_ptr, W, wrange_ptr, pow_ptr, CHUNK, WT)
+                             tl.load(ppen_ptr + row), win_ptr, W, wrange_ptr, pow_ptr,
+                             _flags(flags_ptr, row, MASKS),
+                             tl.load(step_ptr + row) < tl.load(mint_ptr + row), bias_ids_ptr,
+                             bias_vals_ptr, K, allowed_ptr, A, bm_ptr, BM, stop_ptr, S,
+                             CHUNK, WT, MASKS)
             # p_sum is 0 only in greedy and empty rows, whose norm is never read.
             norm = tl.where(has_inf, p_share, tl.log(tl.where(p_sum > 0.0, p_sum, 1.0)))
             lp = tl.where(has_inf, p_share, (z_out - row_max) - norm)
@@ -342,8 +351,9 @@ def _slow_path(
     logits_ptr, stride_row, V, n_chunks, row, row64, temp, once, fpen, ppen,
     win_ptr, W, wrange_ptr, pow_ptr, seed, step,
     row_max, s_row, top_p, top_p_on, mlog,
+    flags, under, bias_ids_ptr, bias_vals_ptr, K, allowed_ptr, A, bm_ptr, BM, stop_ptr, S,
     CHUNK: tl.constexpr, SUB: tl.constexpr, RB: tl.constexpr, R: tl.constexpr,
-    ACC: tl.constexpr, LOGPROBS: tl.constexpr, WT: tl.constexpr,
+    ACC: tl.constexpr, LOGPROBS: tl.constexpr, WT: tl.constexpr, MASKS: tl.constexpr,
 ):
     """Top-p/min-p without top-k when the nucleus is not among the candidates.
 
@@ -365,7 +375,9 @@ def _slow_path(
                 for s in range(0, CHUNK, SUB):
                     offs = c * CHUNK + s + tl.arange(0, SUB)
                     _x, z = row_z(logits_ptr, row64, stride_row, V, c * CHUNK + s, temp, once,
-                                  fpen, ppen, win_ptr, W, w_lo, w_hi, pow_ptr, SUB, WT)
+                                  fpen, ppen, win_ptr, W, w_lo, w_hi, pow_ptr, flags, under,
+                                  bias_ids_ptr, bias_vals_ptr, K, allowed_ptr, A, bm_ptr, BM,
+                                  stop_ptr, S, SUB, WT, MASKS)
                     key = to_key(z)
                     live = (offs < V) & (z > float("-inf"))
                     if p > 0:
@@ -391,7 +403,9 @@ def _slow_path(
         for s in range(0, CHUNK, SUB):
             offs = c * CHUNK + s + tl.arange(0, SUB)
             _x, z = row_z(logits_ptr, row64, stride_row, V, c * CHUNK + s, temp, once, fpen,
-                          ppen, win_ptr, W, w_lo, w_hi, pow_ptr, SUB, WT)
+                          ppen, win_ptr, W, w_lo, w_hi, pow_ptr, flags, under, bias_ids_ptr,
+                          bias_vals_ptr, K, allowed_ptr, A, bm_ptr, BM, stop_ptr, S, SUB, WT,
+                          MASKS)
             ok = (offs < V) & (z > float("-inf")) & (to_key(z) >= prefix)
             ok = ok & (z - row_max >= mlog)
             race = z + gumbel(seed, step, offs)
@@ -404,6 +418,15 @@ def _slow_path(
 
 
 @triton.jit
+def _flags(flags_ptr, row, MASKS: tl.constexpr):
+    """The row's constraint bits (PackedParams.constraints), 0 in a launch without masks."""
+    flags = tl.zeros([], dtype=tl.int32)
+    if MASKS:
+        flags = tl.load(flags_ptr + row)
+    return flags
+
+
+@triton.jit
 def _min_p_ok(key, row_max, mlog):
     """Min-p's test on candidate keys: ``z - z_max >= mlog``, ``mlog`` the float32 threshold
     of :func:`lmgen_fast.params.min_p_threshold` (exactly ``exp(z - z_max) >= min_p``)."""
@@ -412,7 +435,9 @@ def _min_p_ok(key, row_max, mlog):
 
 @triton.jit
 def _token_z(logits_ptr, row64, stride_row, V, n_chunks, row, tok, temp, once, fpen, ppen,
-             win_ptr, W, wrange_ptr, pow_ptr, CHUNK: tl.constexpr, WT: tl.constexpr):
+             win_ptr, W, wrange_ptr, pow_ptr, flags, under, bias_ids_ptr, bias_vals_ptr, K,
+             allowed_ptr, A, bm_ptr, BM, stop_ptr, S, CHUNK: tl.constexpr, WT: tl.constexpr,
+             MASKS: tl.constexpr):
     """``z`` of token ``tok`` of one row, formed by the chunk kernel's own code (one logit
     and the window entries of its chunk)."""
     c = tok // CHUNK
@@ -420,5 +445,6 @@ def _token_z(logits_ptr, row64, stride_row, V, n_chunks, row, tok, temp, once, f
     w_hi = tl.load(wrange_ptr + row * (n_chunks + 1) + c + 1)
     offs = tok + tl.arange(0, 16)
     _x, z = row_z(logits_ptr, row64, stride_row, V, tok, temp, once, fpen, ppen,
-                  win_ptr, W, w_lo, w_hi, pow_ptr, 16, WT)
+                  win_ptr, W, w_lo, w_hi, pow_ptr, flags, under, bias_ids_ptr, bias_vals_ptr,
+                  K, allowed_ptr, A, bm_ptr, BM, stop_ptr, S, 16, WT, MASKS)
     return tl.max(tl.where(offs == tok, z, float("-inf")), axis=0)

@@ -101,23 +101,81 @@ def window_counts(win_ptr, row64, W, w_lo, w_hi, base, BLOCK: tl.constexpr, WT: 
 
 
 @triton.jit
+def _bits(words_ptr, offs, inb):
+    """Whether a token bitmask (one row's int32 words at ``words_ptr``) allows tokens
+    ``offs``: bit ``offs % 32`` of word ``offs // 32`` (lanes of a word share one load)."""
+    w = tl.load(words_ptr + offs // 32, mask=inb, other=-1)
+    return ((w >> (offs % 32)) & 1) != 0
+
+
+@triton.jit
+def _bias(x, offs, ids_ptr, vals_ptr, K, base, BLOCK: tl.constexpr):
+    """``x[t] + b`` for the entries ``(t, b)`` of one row's bias list (``K`` ids ascending,
+    ``-1`` padded at the end) that fall in ``base .. base + BLOCK``: a binary search for
+    the first, then one select per entry."""
+    lo = tl.zeros([], dtype=tl.int32)
+    hi = tl.zeros([], dtype=tl.int32) + K
+    while lo < hi:
+        mid = (lo + hi) // 2
+        v = tl.load(ids_ptr + mid)
+        below = (v >= 0) & (v < base)
+        lo = tl.where(below, mid + 1, lo)
+        hi = tl.where(below, hi, mid)
+    j = lo
+    v = tl.load(ids_ptr + j, mask=j < K, other=-1)
+    while (v >= 0) & (v < base + BLOCK):
+        x = tl.where(offs == v, x + tl.load(vals_ptr + j), x)
+        j += 1
+        v = tl.load(ids_ptr + j, mask=j < K, other=-1)
+    return x
+
+
+@triton.jit
+def constrain(x, offs, inb, row64, flags, under, bias_ids_ptr, bias_vals_ptr, K,
+              allowed_ptr, A, bm_ptr, BM, stop_ptr, S, base,
+              BLOCK: tl.constexpr, MASKS: tl.constexpr):
+    """SPEC section 7 on the raw float32 logits ``x`` of tokens ``offs`` of one row: the
+    row's biases added (``flags`` bit 1), then ``-inf`` for tokens outside its allowed
+    bitmask (bit 2), tokens the step's bitmask forbids (``BM`` words per row; 0: none)
+    and, while ``under`` (step < min_tokens), its ``S`` stop ids. ``MASKS`` compiles the
+    first three in; a launch without them has no code for them."""
+    if MASKS:
+        if (flags & 1) != 0:
+            x = _bias(x, offs, bias_ids_ptr + row64 * K, bias_vals_ptr + row64 * K, K, base,
+                      BLOCK)
+        if (flags & 2) != 0:
+            x = tl.where(_bits(allowed_ptr + row64 * A, offs, inb), x, float("-inf"))
+        if BM > 0:
+            x = tl.where(_bits(bm_ptr + row64 * BM, offs, inb), x, float("-inf"))
+    if under:
+        for j in range(S):
+            x = tl.where(offs == tl.load(stop_ptr + row64 * S + j), float("-inf"), x)
+    return x
+
+
+@triton.jit
 def row_z(logits_ptr, row64, stride_row, V, base, temp, once, fpen, ppen,
-          win_ptr, W, w_lo, w_hi, pow_ptr, BLOCK: tl.constexpr, WT: tl.constexpr):
+          win_ptr, W, w_lo, w_hi, pow_ptr,
+          flags, under, bias_ids_ptr, bias_vals_ptr, K, allowed_ptr, A, bm_ptr, BM, stop_ptr,
+          S, BLOCK: tl.constexpr, WT: tl.constexpr, MASKS: tl.constexpr):
     """Raw float32 logits ``x`` and processed ``z`` of tokens ``base .. base + BLOCK`` of one
     row (``[BLOCK]`` each).
 
     ``win_ptr[w_lo:w_hi]`` must hold every window entry that can fall in the block (others
-    are ignored), ``WT`` is the program's thread count (:func:`window_counts`); the chunk
-    kernel and the merge's slow path share this code so that they agree bit for bit on
-    ``z``.
+    are ignored), ``WT`` is the program's thread count (:func:`window_counts`); the
+    arguments from ``flags`` on are :func:`constrain`'s. The chunk kernel and the merge's
+    slow path share this code so that they agree bit for bit on ``z``; ``x`` is the
+    model's, before any bias or mask (raw log-probabilities describe it).
     """
     offs = base + tl.arange(0, BLOCK)
     inb = offs < V
     x = tl.load(logits_ptr + row64 * stride_row + offs, mask=inb, other=float("-inf"))
     x = x.to(tl.float32)
+    xc = constrain(x, offs, inb, row64, flags, under, bias_ids_ptr, bias_vals_ptr, K,
+                   allowed_ptr, A, bm_ptr, BM, stop_ptr, S, base, BLOCK, MASKS)
     t_eff = tl.where(temp == 0.0, 1.0, temp)
     # IEEE division: the reference divides in float32 with correct rounding.
-    z = tl.math.div_rn(x, t_eff)
+    z = tl.math.div_rn(xc, t_eff)
     z = tl.where(z != z, float("-inf"), z)
     if w_hi > w_lo:
         count = window_counts(win_ptr, row64, W, w_lo, w_hi, base, BLOCK, WT)

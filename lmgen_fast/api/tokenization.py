@@ -83,6 +83,72 @@ class HFTokenizerAdapter(TokenizerAdapter):
         return self.tokenizer.decode(ids, skip_special_tokens=True)
 
 
+def encode_token_ids(prompt: object, index: int) -> list[int]:
+    """Prompt ``index`` given as token ids: a list of ints, used as given (no BOT added).
+
+    Raises
+    ------
+    ValueError
+        Naming the prompt and the bad value (not a list of non-negative ints, or empty).
+    """
+    if isinstance(prompt, (str, bytes)) or not hasattr(prompt, "__iter__"):
+        raise ValueError(f"prompt_token_ids[{index}] must be a list of token ids, got {prompt!r}")
+    ids = list(prompt)
+    if not ids:
+        raise ValueError(f"prompt_token_ids[{index}] is empty")
+    for t in ids:
+        if isinstance(t, bool) or not isinstance(t, int) and not hasattr(t, "__index__") \
+                or int(t) < 0:
+            raise ValueError(f"prompt_token_ids[{index}] holds {t!r}, not a token id")
+    return [int(t) for t in ids]
+
+
+def check_messages(messages: object, index: int) -> list[dict]:
+    """Conversation ``index``: a list of ``{"role": str, "content": str}`` dicts.
+
+    Raises
+    ------
+    ValueError
+        Naming the conversation, the message and what is wrong with it.
+    """
+    if isinstance(messages, (str, bytes, dict)) or not hasattr(messages, "__iter__"):
+        raise ValueError(f"messages[{index}] must be a list of {{'role', 'content'}} dicts, "
+                         f"got {messages!r}")
+    out = list(messages)
+    if not out:
+        raise ValueError(f"messages[{index}] is empty")
+    for j, m in enumerate(out):
+        if not isinstance(m, dict):
+            raise ValueError(f"messages[{index}][{j}] must be a dict with 'role' and "
+                             f"'content', got {m!r}")
+        for key in ("role", "content"):
+            if not isinstance(m.get(key), str):
+                raise ValueError(f"messages[{index}][{j}] needs a string {key!r}, got {m!r}")
+    return out
+
+
+def encode_messages(tokenizer: TokenizerAdapter, messages: object, index: int) -> list[int]:
+    """Conversation ``index`` through the tokenizer's chat template with the generation
+    prompt, used as it comes out (no BOT or space added).
+
+    Raises
+    ------
+    ValueError
+        A malformed conversation, or a tokenizer without a chat template.
+    """
+    conversation = check_messages(messages, index)
+    tok = tokenizer.tokenizer
+    if not callable(getattr(tok, "apply_chat_template", None)) \
+            or not getattr(tok, "chat_template", None):
+        raise ValueError("messages need a tokenizer with a chat template; this tokenizer "
+                         f"({type(tok).__name__}) has none: pass prompts= (text) or "
+                         "prompt_token_ids= instead")
+    ids = tok.apply_chat_template(conversation, add_generation_prompt=True, tokenize=True)
+    if hasattr(ids, "keys") and "input_ids" in ids:  # a BatchEncoding in some versions
+        ids = ids["input_ids"]
+    return [int(t) for t in ids]
+
+
 def adapt_tokenizer(
     tokenizer, bos_token: str | int | None = None, eos_token: str | int | None = None
 ) -> TokenizerAdapter:

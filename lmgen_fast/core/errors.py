@@ -20,7 +20,8 @@ class EmptyRowError(ValueError):
         self.rows = list(rows)
         super().__init__(
             f"logits row(s) {self.rows} have no finite or +inf value to sample from "
-            "(all NaN or -inf)"
+            "(all NaN or -inf, or masked by logit_bias, allowed_token_ids, a token bitmask "
+            "or min_tokens)"
         )
 
 

@@ -6,9 +6,11 @@ import json
 import math
 import operator
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
+
+from lmgen_fast.core.bitmask import pack_constraints
 
 PENALTY_SCOPES = ("generated", "all")
 PENALTY_MODES = ("per_occurrence", "once")
@@ -327,6 +329,14 @@ class PackedParams:
     given to :meth:`from_rows` then the row's ``stop_token_ids``, padded with ``-1`` (the ids
     that end the row when drawn, and that ``min_tokens`` masks); ``min_tokens`` int64 ``[B]``
     (while a row's step is below it, its ``stop_ids`` are ``-inf``).
+
+    SPEC section 7's bias and allowed set, None where no row has one: ``bias_ids`` int64
+    ``[B, K]`` (each row's biased ids ascending, ``-1`` padded at the end) and ``bias_vals``
+    float32 ``[B, K]`` (their biases); ``allowed`` int32 ``[B, ceil(V / 32)]``, the allowed
+    set as a token bitmask (:mod:`lmgen_fast.core.bitmask`; all bits set for a row without
+    one), built by :meth:`from_rows` from its ``vocab_size``, the only place that knows
+    ``V``; ``constraints`` int32 ``[B]``, bit 1 for a row with a bias, bit 2 for a row with
+    an allowed set (the kernels read the lists of those rows only).
     """
 
     temperature: torch.Tensor
@@ -344,6 +354,17 @@ class PackedParams:
     stop_ids: torch.Tensor
     min_tokens: torch.Tensor
     logprobs: int = 0
+    bias_ids: torch.Tensor | None = None
+    bias_vals: torch.Tensor | None = None
+    allowed: torch.Tensor | None = None
+    constraints: torch.Tensor | None = None
+
+    def shapes(self) -> tuple:
+        """Every tensor field's shape past the batch (None for an absent tensor or a host
+        field): two packings with equal shapes can be copied row by row into each other, as
+        a reused engine state is."""
+        return tuple(tuple(v.shape[1:]) if isinstance(v, torch.Tensor) else None
+                     for v in (getattr(self, f.name) for f in fields(self)))
 
     def to(self, device: torch.device | str) -> PackedParams:
         """The same parameters with every tensor on ``device``."""
@@ -358,15 +379,20 @@ class PackedParams:
 
     @staticmethod
     def from_rows(rows: Sequence[SamplingParams], device: torch.device | str,
-                  end_ids: Sequence[int] = ()) -> PackedParams:
+                  end_ids: Sequence[int] = (), vocab_size: int | None = None) -> PackedParams:
         """Pack ``rows``; ``end_ids`` are the ids that end every row (the tokenizer's end
-        token or tokens), the first columns of ``stop_ids``."""
+        token or tokens), the first columns of ``stop_ids``. ``vocab_size`` (the logits'
+        width) checks every row's ids (:meth:`SamplingParams.check_vocab`) and sizes the
+        ``allowed`` bitmask; a row with ``allowed_token_ids`` needs it."""
+        if vocab_size is not None:
+            for p in rows:
+                p.check_vocab(vocab_size)
+
         def t(values, dtype):
             return torch.tensor(values, dtype=dtype, device=device)
 
-        stops = [list(end_ids) + [i for i in p.stop_token_ids if i not in end_ids]
-                 for p in rows]
-        width = max((len(s) for s in stops), default=0) or 1
+        stops = [row_stop_ids(p, end_ids) for p in rows]
+        width = stop_width(rows, end_ids)
 
         return PackedParams(
             temperature=t([p.temperature for p in rows], torch.float32),
@@ -385,7 +411,18 @@ class PackedParams:
                 len(rows), width),
             min_tokens=t([p.min_tokens for p in rows], torch.int64),
             logprobs=max((p.logprobs for p in rows), default=0),
+            **pack_constraints(rows, device, vocab_size),
         )
+
+
+def row_stop_ids(row: SamplingParams, end_ids: Sequence[int]) -> list[int]:
+    """The ids that end ``row`` when drawn: ``end_ids``, then its other ``stop_token_ids``."""
+    return list(end_ids) + [i for i in row.stop_token_ids if i not in end_ids]
+
+
+def stop_width(rows: Sequence[SamplingParams], end_ids: Sequence[int]) -> int:
+    """``S``, the width of :attr:`PackedParams.stop_ids` for ``rows`` (at least 1)."""
+    return max((len(row_stop_ids(p, end_ids)) for p in rows), default=0) or 1
 
 
 def min_p_threshold(min_p: Sequence[float]) -> torch.Tensor:

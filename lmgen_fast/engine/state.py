@@ -13,6 +13,7 @@ from dataclasses import dataclass, fields, replace
 
 import torch
 
+from lmgen_fast.core.bitmask import bitmask_words
 from lmgen_fast.core.params import PackedParams
 from lmgen_fast.core.rows import history_window
 from lmgen_fast.engine import bookkeeping
@@ -36,9 +37,10 @@ class Layout:
     nucleus: int
     top_n: int  # top alternatives kept per token (0: none)
     logprobs: bool
-    eos: int
+    stops: int  # width of the packed stop ids (the end ids, then each row's stop ids)
     kernel: bool
     device: torch.device
+    bitmask: bool = False  # the state holds a per-step token bitmask (a grammar row runs)
 
     @property
     def resident(self) -> bool:
@@ -59,11 +61,18 @@ class DeviceState:
     history in ``hist[r, :hlen[r]]`` (int64 ``[B, hist]``) and its own step counter in
     ``step[r]``, which keys its noise and is the column its next token goes to; the other
     per-row tensors are ``[B]`` (see :class:`~lmgen_fast.engine.bookkeeping.Ledger`).
+
+    ``bitmask`` (where ``Layout.bitmask``; else None): int32 ``[B, ceil(V / 32)]``, the
+    token bitmask every step samples under (bit ``t % 32`` of word ``t // 32`` set =
+    token ``t`` allowed, xgrammar's layout). Whoever runs the grammars writes a row's
+    words before each step, in place (graphs read this very tensor); a new or restarted
+    row starts with every bit set.
     """
 
     # The per-row tensors (the ledger's and the sampler's), carried over by compact().
     ROWS = ("tokens", "out", "hist", "hlen", "ranges", "max_tokens", "count", "done",
-            "bad_step", "bad_bits", "step", "lp", "token_lp", "top_ids", "top_lp", "pow")
+            "bad_step", "bad_bits", "step", "lp", "token_lp", "top_ids", "top_lp", "pow",
+            "bitmask")
 
     def __init__(self, lay: Layout, packed: PackedParams, vocab: int):
         dev, b = lay.device, lay.batch
@@ -94,6 +103,8 @@ class DeviceState:
         self.top_lp = torch.zeros(b, lay.cols, n, **f32) if n else None
         # The penalty powers of the kernels' window, fixed for a decode (see load()).
         self.pow = torch.ones(b, lay.width + 1, **f32) if lay.kernel and lay.width else None
+        self.bitmask = (torch.full((b, bitmask_words(vocab)), -1, dtype=torch.int32, device=dev)
+                        if lay.bitmask else None)
         self.ledger = bookkeeping.Ledger(
             self.out, self.token_lp, self.top_ids, self.top_lp, self.hist, self.hlen,
             self.tokens, self.step, self.count, self.max_tokens, self.done, self.bad_step,
@@ -142,7 +153,8 @@ def take_state(decoder, lay: Layout, packed: PackedParams, vocab: int) -> Device
     decoder for the next call); graphs captured on another cache or other weights are
     dropped. ``packed`` gives the new state its parameter tensors' shapes."""
     state = decoder.engine_state
-    if state is None or state.layout != lay:
+    # Equal layouts with other per-row widths (bias lists, stop ids) cannot share buffers.
+    if state is None or state.layout != lay or state.packed.shapes() != packed.shapes():
         decoder.engine_state = None  # free the old buffers and graphs first
         index = torch.arange(lay.batch, device=lay.device)
         state = DeviceState(lay, packed.take(index), vocab)
@@ -174,6 +186,8 @@ def load(st: DeviceState, packed: PackedParams, hist: torch.Tensor, ranges: list
     st.bad_step.fill_(-1)
     st.bad_bits.zero_()
     st.step.zero_()
+    if st.bitmask is not None:
+        st.bitmask.fill_(-1)
     if st.pow is not None:
         st.pow.copy_(kernel_sampler.penalty_powers(st.packed.penalty, st.layout.width))
 
@@ -224,6 +238,8 @@ def restart(st: DeviceState, slots: torch.Tensor) -> None:
     """Put rows ``slots`` at their step 0: their noise and output columns start over."""
     for t in (st.count, st.step, st.bad_step, st.bad_bits):
         t.index_fill_(0, slots, -1 if t is st.bad_step else 0)
+    if st.bitmask is not None:
+        st.bitmask.index_fill_(0, slots, -1)
 
 
 def sample_reference(st: DeviceState, logits: torch.Tensor, width: int) -> None:
@@ -236,15 +252,16 @@ def sample_reference(st: DeviceState, logits: torch.Tensor, width: int) -> None:
     if lay.resident:
         if lay.logprobs:
             tokens, status, slp = reference.sample_on_device_logprobs(
-                logits, st.packed, window, st.step, lay.top_n, draw_seeds=False)
+                logits, st.packed, window, st.step, lay.top_n, draw_seeds=False,
+                token_bitmask=st.bitmask)
         else:
             tokens, status, _ = reference.sample_on_device(
-                logits, st.packed, window, st.step, draw_seeds=False)
+                logits, st.packed, window, st.step, draw_seeds=False, token_bitmask=st.bitmask)
     else:
         got = reference.sample(logits, st.packed, window, step=st.step,
-                               return_logprobs=lay.logprobs)
+                               return_logprobs=lay.logprobs, token_bitmask=st.bitmask)
         tokens, slp = got if lay.logprobs else (got, None)
-    bookkeeping.book_eager(st.ledger, tokens, status, lay.eos,
+    bookkeeping.book_eager(st.ledger, tokens, status, st.packed.stop_ids,
                            *((slp.token_logprob, slp.top_ids, slp.top_logprobs)
                              if slp is not None else ()), rows=st.rows)
 
@@ -264,7 +281,7 @@ def sample_kernels(st: DeviceState, logits: torch.Tensor) -> None:
     tokens, status = kernel_sampler.guarded_launch(
         logits, st.packed, window, st.step,
         max_top_k=lay.max_top_k, draw_seeds=False, nucleus_candidates=lay.nucleus,
-        logprob_out=st.lp, pow_table=st.pow,
+        logprob_out=st.lp, pow_table=st.pow, token_bitmask=st.bitmask,
     )
     top: tuple = ()
     if lay.logprobs:
@@ -273,8 +290,9 @@ def sample_kernels(st: DeviceState, logits: torch.Tensor) -> None:
         plain = (history_window(st.hist, st.hlen, st.ranges, lay.width)
                  if lay.top_n and lay.width else None)
         slp = kernel_sampler.logprobs_from_launch(logits, st.lp, lay.top_n, st.packed, plain,
-                                                  tokens)
+                                                  tokens, steps=st.step,
+                                                  token_bitmask=st.bitmask)
         top = (slp.token_logprob,) + ((slp.top_ids, slp.top_logprobs)
                                       if st.top_ids is not None else ())
     # A bookkeeping kernel that fails to build falls back as the sampler's would.
-    guarded(bookkeeping.book, st.ledger, tokens, status, lay.eos, *top)
+    guarded(bookkeeping.book, st.ledger, tokens, status, st.packed.stop_ids, *top)

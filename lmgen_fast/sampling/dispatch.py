@@ -37,6 +37,7 @@ def sample(
     step: int | torch.Tensor = 0,
     backend: str = "auto",
     return_logprobs: bool = False,
+    token_bitmask: torch.Tensor | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, SampleLogprobs]:
     """Draw one token per row of ``logits`` ``[B, V]``; returns int64 ``[B]``.
 
@@ -49,15 +50,17 @@ def sample(
     seed from torch's generator) on the kernel. ``return_logprobs=True`` returns
     ``(tokens, SampleLogprobs)``, each row's in its ``logprobs_mode``: raw, or processed
     (those of the distribution it was drawn from); see
-    :func:`lmgen_fast.reference.step_logprobs`.
+    :func:`lmgen_fast.reference.step_logprobs`. ``token_bitmask`` (int32
+    ``[B, ceil(V / 32)]``, bit set = allowed) masks the tokens a grammar forbids this step,
+    on every backend (SPEC section 7).
     """
     if not isinstance(logits, torch.Tensor) or resolve_backend(
         backend, logits.device
     ) != "triton":
         # A non-tensor goes to the reference, which raises its ValueError.
         return reference.sample(logits, params, window, step=step,
-                                return_logprobs=return_logprobs)
+                                return_logprobs=return_logprobs, token_bitmask=token_bitmask)
     from lmgen_fast.sampling import kernel as kernel_sampler
 
     return kernel_sampler.sample(logits, params, window, step=step,
-                                 return_logprobs=return_logprobs)
+                                 return_logprobs=return_logprobs, token_bitmask=token_bitmask)

@@ -54,6 +54,7 @@ def sample_on_device(
     *,
     draw_seeds: bool = True,
     return_logprobs: bool = False,
+    token_bitmask: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """One sampling step with fixed-shape ops only: no host round trip, no data-dependent
     shape, so it runs on a GPU without waiting for it and can be captured in a CUDA graph.
@@ -76,13 +77,16 @@ def sample_on_device(
         ``[B, W]`` int64, ``-1`` for empty slots; ids must be in ``[-1, V)`` (not checked
         here: :func:`check_window_values` would wait for the device).
     steps : LongTensor
-        ``[B]`` int64 decode steps keying the noise, on ``logits.device``.
+        ``[B]`` int64 decode steps keying the noise (and compared with ``min_tokens``), on
+        ``logits.device``.
     draw_seeds : bool
         Draw seeds for unseeded rows (consumes torch's generator); ``False`` takes
         ``packed.seed`` as it is (the engine draws once per decode).
     return_logprobs : bool
         Also return the log-probability of each sampled token (float32 ``[B]``);
         :func:`sample_on_device_logprobs` gives the top alternatives as well.
+    token_bitmask : IntTensor, optional
+        int32 ``[B, ceil(V / 32)]`` per-step mask, bit set = allowed (not checked here).
 
     Returns
     -------
@@ -94,7 +98,8 @@ def sample_on_device(
         ``[B]`` float32 log-probabilities of ``tokens`` (with ``return_logprobs``), raw or
         processed as each row's ``logprobs_mode`` says.
     """
-    tokens, status, filtered = sample_fixed(logits, packed, window, steps, draw_seeds)
+    tokens, status, filtered = sample_fixed(logits, packed, window, steps, draw_seeds,
+                                            token_bitmask)
     if not return_logprobs:
         return tokens, status, None
     return tokens, status, step_logprobs(logits, filtered, tokens, packed, 0,
@@ -107,11 +112,13 @@ def sample_fixed(
     window: torch.Tensor | None,
     steps: torch.Tensor,
     draw_seeds: bool,
+    token_bitmask: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """:func:`sample_on_device`'s work: ``(tokens, status, filtered)``, ``filtered`` the
     final float32 ``z`` ``[B, V]`` the race drew from (removed tokens ``-inf``)."""
     batch, vocab = logits.shape
-    z = process_logits(logits, packed, window, openai=True)
+    z = process_logits(logits, packed, window, openai=True, steps=steps,
+                       token_bitmask=token_bitmask)
     zmax = z.amax(dim=1)
     status = torch.where(zmax == NEG_INF, STATUS_EMPTY, 0).to(torch.int32)
     greedy = packed.temperature == 0
@@ -153,6 +160,7 @@ def sample_on_device_logprobs(
     n: int,
     *,
     draw_seeds: bool = True,
+    token_bitmask: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, SampleLogprobs]:
     """:func:`sample_on_device` with each row's log-probabilities in its ``logprobs_mode``
     and ``n`` top alternatives (:func:`step_logprobs`), all with fixed-shape ops.
@@ -160,5 +168,6 @@ def sample_on_device_logprobs(
     Returns ``(tokens, status, SampleLogprobs)``; processed rows use the filtered ``z`` the
     race drew from.
     """
-    tokens, status, filtered = sample_fixed(logits, packed, window, steps, draw_seeds)
+    tokens, status, filtered = sample_fixed(logits, packed, window, steps, draw_seeds,
+                                            token_bitmask)
     return tokens, status, step_logprobs(logits, filtered, tokens, packed, n, on_device=True)

@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import torch
 
+from lmgen_fast.core.bitmask import check_bitmask
 from lmgen_fast.core.params import PackedParams
 from lmgen_fast.runtime.failure import (
     KernelUnavailable,
@@ -98,6 +99,7 @@ def sample(
     chunk: int | None = None,
     nucleus_candidates: int | None = None,
     return_logprobs: bool = False,
+    token_bitmask: torch.Tensor | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, SampleLogprobs]:
     """One sampling step by the Triton kernels: same contract as the reference.
 
@@ -128,6 +130,9 @@ def sample(
         ``params.logprobs`` alternatives. The alternatives come from ``torch.topk`` on the
         raw logits (one extra op, only when some row asks for them), ordered as
         :func:`lmgen_fast.reference.raw_logprobs` orders them.
+    token_bitmask : IntTensor, optional
+        int32 ``[B, ceil(V / 32)]``, bit set = allowed: this step's grammar mask, applied
+        by the chunk kernel as it reads the logits (as the reference applies it).
 
     Returns
     -------
@@ -152,9 +157,11 @@ def sample(
     check_device(logits)
     if kernel_failure() is not None:
         return reference.sample(logits, params, window, step=step,
-                                return_logprobs=return_logprobs)
+                                return_logprobs=return_logprobs, token_bitmask=token_bitmask)
     batch, vocab = logits.shape
-    packed = reference.pack(params, batch, logits.device)
+    packed = reference.pack(params, batch, logits.device, vocab)
+    if token_bitmask is not None:
+        check_bitmask(token_bitmask, batch, vocab, logits.device)
     hint_k, draw, nucleus = host_hints(params, packed, batch)
     if max_top_k is None:
         max_top_k = hint_k
@@ -169,16 +176,18 @@ def sample(
             tokens, status = guarded_launch(
                 logits, packed, window, steps, max_top_k=max_top_k, draw_seeds=draw,
                 chunk=chunk, nucleus_candidates=nucleus_candidates, logprob_out=lp,
+                token_bitmask=token_bitmask,
             )
     except KernelUnavailable as exc:
         note_failure(exc)
         return reference.sample(logits, params, window, step=step,
-                                return_logprobs=return_logprobs)
+                                return_logprobs=return_logprobs, token_bitmask=token_bitmask)
     if check:
         raise_for_status(status)
     if not return_logprobs:
         return tokens
-    return tokens, logprobs_from_launch(logits, lp, packed.logprobs, packed, window, tokens)
+    return tokens, logprobs_from_launch(logits, lp, packed.logprobs, packed, window, tokens,
+                                        steps=steps, token_bitmask=token_bitmask)
 
 
 def logprob_table(
@@ -187,6 +196,8 @@ def logprob_table(
     packed: PackedParams,
     window: torch.Tensor | None,
     tokens: torch.Tensor,
+    steps: torch.Tensor | None = None,
+    token_bitmask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Every token's log-probability, float32 ``[B, V]``, from a launch's ``logprob_out``.
 
@@ -194,12 +205,14 @@ def logprob_table(
     process_logits`: the kernels' ``z`` bit for bit) masked by the launch's cut, with the
     launch's normaliser: the token's own value is the one the launch wrote. A greedy
     processed row is a point mass on its token. One extra pass over the logits, for the
-    top alternatives only.
+    top alternatives only. ``steps`` and ``token_bitmask`` are the launch's (``steps``
+    None: no ``min_tokens`` mask).
     """
     shift, norm, cut = lp[:, 1:2], lp[:, 2:3], lp[:, 3:4]
     x = logits.to(torch.float32)
     if bool(packed.processed.any()):
-        z = process_logits(logits, packed, window, openai=True)
+        z = process_logits(logits, packed, window, openai=True, steps=steps,
+                           token_bitmask=token_bitmask)
         z = torch.where(z >= cut, z, float("-inf"))
         x = torch.where(packed.processed.unsqueeze(1), z, x)
     x = torch.where(torch.isnan(x), float("-inf"), x)
@@ -220,10 +233,14 @@ def logprobs_from_launch(
     packed: PackedParams | None = None,
     window: torch.Tensor | None = None,
     tokens: torch.Tensor | None = None,
+    *,
+    steps: torch.Tensor | None = None,
+    token_bitmask: torch.Tensor | None = None,
 ) -> SampleLogprobs:
     """The kernels' token log-probabilities plus the top ``n`` alternatives of each row.
 
-    ``packed``, ``window`` and ``tokens`` (the launch's) are needed for ``n > 0``. The
+    ``packed``, ``window``, ``tokens``, ``steps`` and ``token_bitmask`` (the launch's) are
+    needed for ``n > 0``. The
     alternatives are ranked as :func:`lmgen_fast.reference.step_logprobs` ranks them
     (processed rows list their survivors only, id ``-1`` and ``-inf`` past them).
     """
@@ -236,7 +253,7 @@ def logprobs_from_launch(
     if packed is None or tokens is None:
         raise ValueError("logprobs_from_launch needs the launch's packed params and tokens "
                          f"for n={n} alternatives")
-    table = logprob_table(logits, lp, packed, window, tokens)
+    table = logprob_table(logits, lp, packed, window, tokens, steps, token_bitmask)
     top_ids, top_lp = top_logprobs(table, n)
     top_ids = torch.where(packed.processed.unsqueeze(1) & (top_lp == float("-inf")), -1,
                           top_ids)

@@ -209,6 +209,28 @@ def kernel_params(packed: PackedParams, dev: torch.device) -> tuple[torch.Tensor
     return tuple(out)
 
 
+def constraint_args(packed: PackedParams,
+                    token_bitmask: torch.Tensor | None) -> tuple[tuple, bool]:
+    """The chunk and merge kernels' SPEC section 7 arguments (``flags_ptr`` .. ``S``) and
+    their ``MASKS`` switch: on where ``packed`` has a bias or an allowed set or a
+    ``token_bitmask`` is given (host facts: tensor shapes, no sync). Absent tensors are
+    passed as a placeholder the kernels never read. ``min_tokens`` needs no switch: a row
+    reads its stop ids only while under it."""
+    none = packed.min_tokens  # a placeholder, never read where its size is 0 or MASKS off
+    k = packed.bias_ids.shape[1] if packed.bias_ids is not None else 0
+    words = packed.allowed.shape[1] if packed.allowed is not None else 0
+    bm_words = token_bitmask.shape[1] if token_bitmask is not None else 0
+    masks = bool(k or words or bm_words)
+    stop = packed.stop_ids.contiguous()
+    args = (packed.constraints if masks and packed.constraints is not None else none,
+            packed.min_tokens.contiguous(),
+            packed.bias_ids.contiguous() if k else none,
+            packed.bias_vals.contiguous() if k else none, k,
+            packed.allowed.contiguous() if words else none, words,
+            token_bitmask if bm_words else none, bm_words, stop, stop.shape[1])
+    return args, masks
+
+
 def kernel_calls(
     logits: torch.Tensor,
     packed: PackedParams,
@@ -219,13 +241,15 @@ def kernel_calls(
     logprob_out: torch.Tensor | None,
     cuda: bool,
     pow_table: torch.Tensor | None = None,
+    token_bitmask: torch.Tensor | None = None,
 ) -> tuple[list[KernelCall], torch.Tensor, torch.Tensor]:
     """The launches of one sampling step, with their buffers allocated on ``logits.device``.
 
     Returns ``(calls, tokens, status)``; running ``calls`` in order fills the last two
     (``[B]`` int64 and int32). Only fixed-shape torch ops run here, so it works on the
     ``meta`` device too. The first call is the set-up (:func:`setup_call`); ``pow_table`` is
-    :func:`penalty_powers` of the window's width, computed here when not given.
+    :func:`penalty_powers` of the window's width, computed here when not given;
+    ``token_bitmask`` the step's int32 ``[B, ceil(V / 32)]`` mask (:func:`constraint_args`).
     """
     batch, vocab = logits.shape
     dev = logits.device
@@ -237,25 +261,27 @@ def kernel_calls(
     scratch, logprob_out = _scratch(batch, lp, dev, logprob_out)
     tokens = torch.empty(batch, dtype=torch.int64, device=dev)
     temp, top_k, once, top_p, mlog, fpen, ppen, proc = kernel_params(packed, dev)
+    cons, masks = constraint_args(packed, token_bitmask)
     steps = steps.contiguous()
     # No multiply-add contraction: the reference rounds every float32 op. WT: window
     # entries counted per histogram, one per thread (kernels/sampling_common.py).
     chunk_call = KernelCall(
         "chunk_kernel", (batch, lp.n_chunks),
         (logits, logits.stride(0), vocab, temp, top_k, once, seed, steps,
-         top_p, mlog, fpen, ppen, proc, win, width, wrange, pow_table, *scratch, status),
+         top_p, mlog, fpen, ppen, proc, win, width, wrange, pow_table, *cons, *scratch,
+         status),
         dict(CHUNK=lp.chunk, CAP=lp.cap, LOGPROBS=want_lp, ACC=cuda,
-             WT=WARP_SIZE * lp.chunk_warps),
+             WT=WARP_SIZE * lp.chunk_warps, MASKS=masks),
         dict(num_warps=lp.chunk_warps, enable_fp_fusion=False),
     )
     merge_call = KernelCall(
         "merge_kernel", (batch,),
         (logits, logits.stride(0), vocab, lp.n_chunks, temp, top_k, seed, steps,
-         top_p, mlog, once, fpen, ppen, proc, win, width, wrange, pow_table, *scratch,
-         tokens, status, logprob_out),
+         top_p, mlog, once, fpen, ppen, proc, win, width, wrange, pow_table, *cons,
+         *scratch, tokens, status, logprob_out),
         dict(CAP=lp.cap, CP=lp.cp, TILE=lp.tile, ONE_TILE=lp.one_tile, CHUNK=lp.chunk,
              SUB=lp.sub, RB=RADIX_BITS, NBINS=1 << RADIX_BITS, LOGPROBS=want_lp, ACC=cuda,
-             WT=WARP_SIZE * lp.merge_warps),
+             WT=WARP_SIZE * lp.merge_warps, MASKS=masks),
         dict(num_warps=lp.merge_warps, enable_fp_fusion=False),
     )
     return [setup, chunk_call, merge_call], tokens, status
@@ -274,6 +300,7 @@ def launch(
     logprob_out: torch.Tensor | None = None,
     chunk_warps: int | None = None,
     pow_table: torch.Tensor | None = None,
+    token_bitmask: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Run the kernels without any host synchronisation (CUDA-graph capturable).
 
@@ -314,6 +341,11 @@ def launch(
     pow_table : Tensor, optional
         :func:`penalty_powers` of ``packed.penalty`` and the window's width, when the
         caller keeps it across steps (else two torch ops compute it here).
+    token_bitmask : IntTensor, optional
+        int32 ``[B, ceil(V / 32)]`` contiguous, bit set = allowed: the step's grammar mask,
+        applied by the chunk kernel as it reads the logits (not checked here). The rows'
+        bias, allowed set and ``min_tokens`` come with ``packed``; ``steps`` counts the
+        tokens a row has for ``min_tokens``.
 
     Returns
     -------
@@ -333,7 +365,7 @@ def launch(
     if draw_seeds:
         seed = fill_unseeded(packed.seed, packed.seeded)
     calls, tokens, status = kernel_calls(logits, packed, window, steps, seed, lp,
-                                         logprob_out, cuda, pow_table)
+                                         logprob_out, cuda, pow_table, token_bitmask)
     for call in calls:
         kernel(call.name)[call.grid](*call.args, **call.constexprs, **call.options)
     return tokens, status

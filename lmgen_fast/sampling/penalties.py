@@ -1,12 +1,14 @@
-"""Steps 1 and 2 of a sampling step (:mod:`lmgen_fast.sampling.reference` states the rules):
-the temperature, then the repetition, frequency and presence penalties over each row's
-window. Shared by the CPU path, the fixed-shape device path and the Triton launcher (which
-takes the processed ``z`` of log-probability tables from here)."""
+"""Steps 0 to 2 of a sampling step (:mod:`lmgen_fast.sampling.reference` states the rules):
+SPEC section 7's logit bias and masks, the temperature, then the repetition, frequency and
+presence penalties over each row's window. Shared by the CPU path, the fixed-shape device
+path and the Triton launcher (which takes the processed ``z`` of log-probability tables
+from here)."""
 
 from __future__ import annotations
 
 import torch
 
+from lmgen_fast.core.bitmask import unpack_bitmask
 from lmgen_fast.core.params import PackedParams
 
 NEG_INF = float("-inf")
@@ -69,21 +71,72 @@ def apply_penalty(
     z.scatter_(1, idx, vals)
 
 
+def apply_bias(z: torch.Tensor, x: torch.Tensor, temperature: torch.Tensor,
+               packed: PackedParams) -> None:
+    """SPEC section 7's step 1 in place on ``z = x / T``: ``z[t] = (x[t] + b) / T`` (one
+    float32 add, one division) for each ``(t, b)`` of a row's ``logit_bias``.
+
+    ``x`` float32 ``[B, V]`` the raw logits, ``temperature`` float32 ``[B]`` (1 for greedy
+    rows). Fixed-shape ops; a row's padding writes the value its first entry writes (or
+    token 0's own ``z``), so no two writes to one token differ.
+    """
+    ids = packed.bias_ids
+    if ids is None or not ids.shape[1]:
+        return
+    valid = ids >= 0
+    first, first_b = ids[:, :1], torch.where(ids[:, :1] >= 0, packed.bias_vals[:, :1], 0.0)
+    idx = torch.where(valid, ids, first.clamp_min(0))
+    b = torch.where(valid, packed.bias_vals, first_b)
+    z.scatter_(1, idx, (x.gather(1, idx) + b) / temperature.unsqueeze(1))
+
+
+def apply_masks(z: torch.Tensor, packed: PackedParams, steps: torch.Tensor | None,
+                token_bitmask: torch.Tensor | None) -> None:
+    """SPEC section 7's step 2 in place on float32 ``z`` ``[B, V]``: ``-inf`` for tokens
+    outside a row's ``allowed_token_ids``, tokens ``token_bitmask`` (int32
+    ``[B, ceil(V / 32)]``, bit set = allowed) forbids, and, while ``steps[r] <
+    min_tokens[r]`` (``steps`` int64 ``[B]``; None skips this mask), the row's ``stop_ids``.
+    Fixed-shape ops only (no host wait)."""
+    vocab = z.shape[1]
+    keep = None
+    if packed.allowed is not None:
+        keep = unpack_bitmask(packed.allowed, vocab)
+    if token_bitmask is not None:
+        step_keep = unpack_bitmask(token_bitmask, vocab)
+        keep = step_keep if keep is None else keep & step_keep
+    if keep is not None:
+        z.masked_fill_(~keep, NEG_INF)
+    if steps is not None:
+        ids = packed.stop_ids
+        on = (ids >= 0) & (steps < packed.min_tokens).unsqueeze(1)
+        # amin with +inf leaves a value as it is (NaN too, -inf later): every write agrees.
+        z.scatter_reduce_(1, ids.clamp_min(0), torch.where(on, NEG_INF, POS_INF),
+                          reduce="amin")
+
+
 def process_logits(
     logits: torch.Tensor,
     packed: PackedParams,
     window: torch.Tensor | None,
     *,
     openai: bool | None = None,
+    steps: torch.Tensor | None = None,
+    token_bitmask: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Steps 1 and 2: tempered, penalized float32 logits ``[B, V]`` with NaN as ``-inf``.
+    """Steps 0 to 2: biased, masked (:func:`apply_bias`, :func:`apply_masks`), tempered,
+    penalized float32 logits ``[B, V]`` with NaN as ``-inf``.
 
     ``openai`` says whether to apply the frequency and presence penalties; None looks at
     the parameters (a host sync). Applying zero penalties subtracts exactly zero, so
     ``True`` gives the same bits for rows without them: the device path passes it.
+    ``steps`` (int64 ``[B]``) turns the ``min_tokens`` mask on; ``token_bitmask`` is a
+    per-step grammar mask (see :func:`apply_masks`).
     """
     temperature = torch.where(packed.temperature == 0, 1.0, packed.temperature)
-    z = logits.to(torch.float32) / temperature.unsqueeze(1)  # always a new tensor
+    x = logits.to(torch.float32)
+    z = x / temperature.unsqueeze(1)  # always a new tensor
+    apply_bias(z, x, temperature, packed)
+    apply_masks(z, packed, steps, token_bitmask)
     z.nan_to_num_(nan=NEG_INF, posinf=POS_INF, neginf=NEG_INF)
     if window is not None and window.shape[1] > 0:
         if openai is None:

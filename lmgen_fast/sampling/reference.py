@@ -60,6 +60,7 @@ from dataclasses import replace
 
 import torch
 
+from lmgen_fast.core.bitmask import bitmask_words, check_bitmask
 from lmgen_fast.core.errors import STATUS_EMPTY, EmptyRowError
 from lmgen_fast.core.params import PackedParams, SamplingParams, as_row_params
 from lmgen_fast.sampling.filters import (
@@ -108,17 +109,27 @@ __all__ = [
 ]
 
 
-def pack(params: ParamsLike, batch: int, device: torch.device) -> PackedParams:
-    """Per-row parameters as tensors on ``device`` (a PackedParams is checked and moved)."""
+def pack(params: ParamsLike, batch: int, device: torch.device,
+         vocab: int | None = None) -> PackedParams:
+    """Per-row parameters as tensors on ``device`` (a PackedParams is checked and moved).
+
+    ``vocab`` (the logits' width) checks the rows' token ids and sizes the bitmask of
+    their ``allowed_token_ids``, or checks a PackedParams' bitmask against it.
+    """
     if isinstance(params, PackedParams):
         if params.temperature.shape != (batch,):
             raise ValueError(
                 f"packed params have {params.temperature.shape[0]} rows for a batch of {batch}"
             )
+        allowed = params.allowed
+        if vocab is not None and allowed is not None \
+                and allowed.shape[1] != bitmask_words(vocab):
+            raise ValueError(f"packed params' allowed bitmask has {allowed.shape[1]} words "
+                             f"per row for a vocabulary of {vocab}")
         if params.temperature.device != device:
             params = params.to(device)
         return params
-    return PackedParams.from_rows(as_row_params(params, batch), device)
+    return PackedParams.from_rows(as_row_params(params, batch), device, vocab_size=vocab)
 
 
 def check_inputs(
@@ -156,15 +167,23 @@ def filtered_logits(
     logits: torch.Tensor,
     params: ParamsLike,
     window: torch.Tensor | None = None,
+    *,
+    step: int | torch.Tensor = 0,
+    token_bitmask: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Steps 1 to 5 of one sampling step, float32 ``[B, V]`` (removed tokens are ``-inf``).
+    """Steps 0 to 5 of one sampling step, float32 ``[B, V]`` (removed tokens are ``-inf``).
 
     For a sampled (non-greedy) row, ``softmax`` of its output row is the exact distribution
     of the next token, up to the ``+inf`` rule (those tokens share all the mass). Greedy rows
-    get top-k but not top-p or min-p (their token is the argmax of step 2 anyway).
+    get top-k but not top-p or min-p (their token is the argmax of step 2 anyway). ``step``
+    and ``token_bitmask`` as for :func:`sample`.
     """
-    packed = pack(params, logits.shape[0], logits.device)
-    return apply_filters(process_logits(logits, packed, window), packed)
+    steps = check_inputs(logits, window, step)
+    packed = pack(params, logits.shape[0], logits.device, logits.shape[1])
+    if token_bitmask is not None:
+        check_bitmask(token_bitmask, *logits.shape, logits.device)
+    return apply_filters(process_logits(logits, packed, window, steps=steps,
+                                        token_bitmask=token_bitmask), packed)
 
 
 def sample(
@@ -177,8 +196,9 @@ def sample(
     return_logprobs: bool = False,
     check: bool = True,
     on_device: bool | None = None,
+    token_bitmask: torch.Tensor | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, SampleLogprobs] | SampleResult:
-    """Draw one token per row, exactly as SPEC sections 2 to 4 and issue 8 define it.
+    """Draw one token per row, exactly as SPEC sections 2 to 4 and 7 define it.
 
     Parameters
     ----------
@@ -190,7 +210,8 @@ def sample(
         ``[B, W]`` int64: the tokens the penalties apply to, one entry per occurrence, ``-1``
         for an empty slot. The caller cuts it to the range and scope.
     step : int or LongTensor
-        Decode step (``[B]`` or scalar) that keys the noise of seeded rows, in ``[0, 2**32)``.
+        Decode step (``[B]`` or scalar) that keys the noise of seeded rows, in ``[0, 2**32)``;
+        also the count of tokens a row has, which ``min_tokens`` compares.
     backend : str
         Accepted for signature parity with :func:`lmgen_fast.sample`; must be "reference"
         or "auto".
@@ -208,6 +229,11 @@ def sample(
         log-probabilities, except for unseeded rows in a batch of one: the CPU path draws
         them with ``torch.multinomial`` as the article does, the device path by the race
         with a seed from torch's generator (the same distribution, as on the Triton sampler).
+    token_bitmask : IntTensor, optional
+        int32 ``[B, ceil(V / 32)]`` on the logits' device, contiguous: bit ``t % 32`` of
+        word ``t // 32`` set where token ``t`` is allowed this step (a grammar's mask, in
+        xgrammar's layout); the others are ``-inf`` before the temperature, as
+        ``allowed_token_ids`` are (SPEC section 7).
 
     Returns
     -------
@@ -237,7 +263,9 @@ def sample(
         raise ValueError(f"reference.sample runs backend 'reference', got backend={backend!r}")
     steps = check_inputs(logits, window, step)
     batch, vocab = logits.shape
-    packed = pack(params, batch, logits.device)
+    packed = pack(params, batch, logits.device, vocab)
+    if token_bitmask is not None:
+        check_bitmask(token_bitmask, batch, vocab, logits.device)
     if check and window is not None:
         check_window_values(window, vocab)
     if on_device is None:
@@ -245,7 +273,7 @@ def sample(
     logprobs = None
     if on_device:
         tokens, status, filtered = sample_fixed(logits, packed, window, steps,
-                                                 _draws_seeds(params, packed))
+                                                 _draws_seeds(params, packed), token_bitmask)
         if return_logprobs:
             logprobs = step_logprobs(logits, filtered, tokens, packed, packed.logprobs,
                                      on_device=True)
@@ -254,7 +282,7 @@ def sample(
             if bool(empty.any()):
                 raise EmptyRowError(empty.nonzero().flatten().tolist())
     else:
-        z = process_logits(logits, packed, window)
+        z = process_logits(logits, packed, window, steps=steps, token_bitmask=token_bitmask)
         filtered, draw_params = None, packed
         if return_logprobs and bool(packed.processed.any()):
             # Processed log-probabilities describe the z the draw uses: filter once, then
