@@ -14,8 +14,9 @@ The three calls sit on lmgen-fast's own functions: ``loglikelihood`` on
 :func:`~lmgen_fast.score` (float32 log-probabilities of the raw logits, the harness's rule for
 splitting context and continuation), ``loglikelihood_rolling`` on
 :func:`~lmgen_fast.score_rolling` (windows of the model's positions) and ``generate_until`` on
-:func:`~lmgen_fast.generate_batch` (greedy unless the task samples), its text cut at the
-first ``until`` string as the harness's ``hf`` backend cuts it.
+:func:`~lmgen_fast.generate_batch` (greedy unless the task samples) with the ``until`` strings
+as stop strings: a row stops at the first, its text ends before it, as the harness's ``hf``
+backend cuts it.
 """
 
 from __future__ import annotations
@@ -167,10 +168,12 @@ class LmgenFastLM(LM):
             cap, temperature, keywords, until = generation_settings(
                 requests[members[0]].args[1], self.max_gen_toks)
             contexts = [requests[i].args[0] for i in members]
+            # The rows stop at their first until string; the harness's own cut then leaves
+            # their text as it is.
             texts = generate_batch(self.model, self.tokenizer, contexts, max_tokens=cap,
                                    temperature=temperature, seed=self.seed,
                                    backend=self.backend, max_batch_size=self.batch_size,
-                                   **keywords)
+                                   stop=[u for u in until if u] or None, **keywords)
             for i, text in zip(members, texts, strict=True):
                 out[i] = cut_at_stops(text, until)
                 self.cache_hook.add_partial("generate_until", requests[i].args, out[i])

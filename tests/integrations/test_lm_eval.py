@@ -61,7 +61,7 @@ def write_tasks(directory) -> None:
     (directory / "gen.yaml").write_text(
         "task: lmgen_test_gen\n" + common.format(path=directory / "gen.jsonl")
         + "output_type: generate_until\ndoc_to_text: prompt\ndoc_to_target: target\n"
-          "generation_kwargs:\n  until: [\".\", \"\\n\"]\n  max_gen_toks: 6\n"
+          "generation_kwargs:\n  until: [\"e\", \"\\n\"]\n  max_gen_toks: 6\n"
           "  do_sample: false\nmetric_list:\n  - metric: exact_match\n")
 
 
@@ -103,6 +103,7 @@ def test_lmgen_fast_backend_matches_the_hf_backend(tmp_path, monkeypatch):
                 assert [g[1] for g in got] == [w[1] for w in want]
             else:
                 assert x["resps"] == y["resps"]
-                assert x["resps"][0][0]  # something was generated
+        if task.endswith("gen"):  # something was generated (until "e": a common letter)
+            assert any(x["resps"][0][0] for x in a)
         metric = "acc,none" if task.endswith("mc") else "exact_match,none"
         assert ours["results"][task][metric] == theirs["results"][task][metric]
