@@ -12,6 +12,9 @@ every rerun. Compared (a difference refuses the run, exit status 2):
 * ``model``: the embedded model's version and the digest of its files, or the digest of a
   ``--model`` directory's config, weight and tokenizer files, and of ``--tokenizer``.
 
+``lmgen-fast score`` writes the same manifest with its own settings and ``"command":
+"score"``: an output of one command is never resumed by the other.
+
 Recorded, not compared: the lmgen-fast version (another version warns), the device and the
 backend (a job may move between machines; seeded rows sample the same tokens on every
 backend).

@@ -107,3 +107,30 @@ def test_lmgen_fast_backend_matches_the_hf_backend(tmp_path, monkeypatch):
             assert any(x["resps"][0][0] for x in a)
         metric = "acc,none" if task.endswith("mc") else "exact_match,none"
         assert ours["results"][task][metric] == theirs["results"][task][metric]
+
+
+def test_backend_calls_truncate_long_contexts_and_roll_long_texts(tmp_path):
+    """generate_until keeps a long context's last max_length - max_gen_toks tokens (the
+    harness's rule); loglikelihood_rolling is score_rolling's total over windows; options
+    are checked by name."""
+    from lm_eval.api.instance import Instance
+
+    from lmgen_fast import generate_batch, score_rolling
+    from lmgen_fast.integrations.lm_eval import LmgenFastLM
+
+    save_model(tmp_path)
+    lm = LmgenFastLM(pretrained=str(tmp_path), device="cpu", batch_size="auto",
+                     dtype="float32")
+    long = " ".join(["the list type holds items in order"] * 30)
+    ids = lm.adapter.encode_prompt(long)
+    assert len(ids) > 128
+    kwargs = {"until": ["\n"], "max_gen_toks": 5, "do_sample": False}
+    [text] = lm.generate_until([Instance("generate_until", {}, (long, kwargs), 0)])
+    [want] = generate_batch(lm.model, lm.tokenizer, prompt_token_ids=[ids[-(128 - 5):]],
+                            max_tokens=5, temperature=0.0, stop=["\n"])
+    assert text == want
+    [total] = lm.loglikelihood_rolling([Instance("loglikelihood_rolling", {}, (long,), 0)])
+    assert total == pytest.approx(score_rolling(lm.model, lm.tokenizer, [long])[0].total,
+                                  abs=1e-4)
+    with pytest.raises(ValueError, match="dtype='float64'"):
+        LmgenFastLM(pretrained=str(tmp_path), device="cpu", dtype="float64")
