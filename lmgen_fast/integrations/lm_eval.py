@@ -97,6 +97,20 @@ def generation_settings(gen_kwargs: dict, default_cap: int) -> tuple[int, float,
     return cap, temperature, keywords, until
 
 
+def context_ids(adapter, model, context: str, cap: int) -> list[int]:
+    """The prompt ids of ``context``, only its last ``max_length - cap`` kept where the
+    model's positions (``max_position_embeddings``) are fewer than it and ``cap`` new
+    tokens need (the harness's left truncation)."""
+    ids = adapter.encode_prompt(context)
+    limit = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    if limit is None or len(ids) + cap <= limit:
+        return ids
+    if cap >= limit:
+        raise ValueError(f"max_gen_toks={cap} leaves no room for a context in the model's "
+                         f"max_position_embeddings={limit}")
+    return ids[len(ids) - (limit - cap):]
+
+
 @register_model(NAME)
 class LmgenFastLM(LM):
     """lmgen-fast as an lm-evaluation-harness model.
@@ -167,7 +181,8 @@ class LmgenFastLM(LM):
         for members in groups.values():
             cap, temperature, keywords, until = generation_settings(
                 requests[members[0]].args[1], self.max_gen_toks)
-            contexts = [self._context_ids(requests[i].args[0], cap) for i in members]
+            contexts = [context_ids(self.adapter, self.model, requests[i].args[0], cap)
+                        for i in members]
             # The rows stop at their first until string; the harness's own cut then leaves
             # their text as it is.
             texts = generate_batch(self.model, self.tokenizer, prompt_token_ids=contexts,
@@ -179,19 +194,6 @@ class LmgenFastLM(LM):
                 out[i] = cut_at_stops(text, until)
                 self.cache_hook.add_partial("generate_until", requests[i].args, out[i])
         return out
-
-    def _context_ids(self, context: str, cap: int) -> list[int]:
-        """The prompt ids of ``context``, its last ``max_length - cap`` kept where the
-        model's positions are fewer than it and ``cap`` new tokens need (the harness's
-        left truncation)."""
-        ids = self.adapter.encode_prompt(context)
-        limit = getattr(getattr(self.model, "config", None), "max_position_embeddings", None)
-        if limit is None or len(ids) + cap <= limit:
-            return ids
-        if cap >= limit:
-            raise ValueError(f"max_gen_toks={cap} leaves no room for a context in the model's "
-                             f"max_position_embeddings={limit}")
-        return ids[len(ids) - (limit - cap):]
 
     @property
     def tokenizer_name(self) -> str:
