@@ -149,6 +149,8 @@ MARKS: list[tuple[str, str, tuple[str, ...]]] = [
      ("slow",)),
     ("engine/test_engine.py", "test_graphs_for_article_and_transformers_modules*", ("slow",)),
     ("engine/test_engine.py", "test_batch_with_streaming*", ("slow",)),
+    ("api/test_score.py", "test_scores_match_transformers*", ("slow",)),
+    ("integrations/test_lm_eval.py", "*", ("slow",)),
     # Frequency tests.
     ("*", "*chi_square*", ("statistical",)),
     ("*", "test_unseeded_rows*_draw*_the_exact_distribution*", ("statistical",)),

@@ -25,6 +25,7 @@ from lmgen_fast.api.baseline import article_generate_ids as article_generate
 from lmgen_fast.api.default_model import load_default
 from lmgen_fast.api.generate import generate
 from lmgen_fast.cli import run as jobs
+from lmgen_fast.cli import score as scoring
 from lmgen_fast.cli.bench_plot import bench_plot, check_plot_arguments
 from lmgen_fast.cli.generate import (  # noqa: F401  (StreamPrinter re-exported)
     StreamPrinter,
@@ -243,6 +244,12 @@ register(Command("run", "batch generation: JSONL prompts in, JSONL results out, 
                  "Generate a continuation for every prompt of a JSONL file into a JSONL file. "
                  "Rerunning the same command resumes an interrupted run; under `torchrun "
                  "--nproc-per-node N` the rows are shared between the ranks."))
+
+
+register(Command("score", "log-likelihoods of given text: JSONL pairs in, JSONL scores out, "
+                          "resumable", scoring.add_score_arguments, scoring.cmd_score,
+                 "Score each line's continuation after its context (or every token of its "
+                 "text) into a JSONL file. Rerunning the same command resumes it."))
 
 
 # --------------------------------------------------------------------------- entry point
