@@ -161,7 +161,32 @@ def sampler_variants() -> list[Variant]:
                     for call in calls:
                         v = _variant(kernel_launch.kernel(call.name), call)
                         seen.setdefault((v.kernel, v.signature, v.constexprs, v.options), v)
+    for call in masked_calls(batch):
+        v = _variant(kernel_launch.kernel(call.name), call)
+        seen.setdefault((v.kernel, v.signature, v.constexprs, v.options), v)
     return list(seen.values())
+
+
+def masked_calls(batch: int) -> list[KernelCall]:
+    """The chunk and merge kernels with SPEC section 7's bias and masks compiled in
+    (``MASKS``), in their heaviest branch (log-probabilities on), for the default plan
+    (top-k 50) of the largest vocabulary, per logits dtype: the code a bias, an allowed set
+    or a token bitmask adds, checked for registers and spills without doubling the list."""
+    vocab = VOCABS[-1]
+    lp = launch_plan.plan_launch(vocab, 50, cuda=True)
+    rows = [SamplingParams(top_k=50, seed=0, logit_bias={1: 1.0, 2: 1.0},
+                           allowed_token_ids=[1, 2], stop_token_ids=[3, 4])] * batch
+    packed = PackedParams.from_rows(rows, "meta", vocab_size=vocab)
+    steps = torch.zeros(batch, dtype=torch.int64, device="meta")
+    window = torch.full((batch, 8), -1, dtype=torch.int64, device="meta")
+    bitmask = torch.empty(batch, -(-vocab // 32), dtype=torch.int32, device="meta")
+    out = torch.empty(batch, 4, device="meta")
+    calls = []
+    for dtype in DTYPES:
+        logits = torch.empty(batch, vocab, dtype=dtype, device="meta")
+        calls += kernel_launch.kernel_calls(logits, packed, window, steps, packed.seed, lp, out,
+                                            cuda=True, token_bitmask=bitmask)[0][1:]
+    return calls
 
 
 def bookkeeping_variants() -> list[Variant]:

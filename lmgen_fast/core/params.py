@@ -337,8 +337,10 @@ class PackedParams:
     float32 ``[B, K]`` (their biases); ``allowed`` int32 ``[B, ceil(V / 32)]``, the allowed
     set as a token bitmask (:mod:`lmgen_fast.core.bitmask`; all bits set for a row without
     one), built by :meth:`from_rows` from its ``vocab_size``, the only place that knows
-    ``V``; ``constraints`` int32 ``[B]``, bit 1 for a row with a bias, bit 2 for a row with
-    an allowed set (the kernels read the lists of those rows only).
+    ``V``; ``constraints`` int32 ``[B]``, present where some row has a bias, an allowed set,
+    ``min_tokens`` or a grammar (the kernels compile their mask code in only then): bit 1
+    for a row with a bias, 2 with an allowed set, 4 with ``min_tokens``, 8 with a grammar
+    (the kernels read the lists of those rows only).
     """
 
     temperature: torch.Tensor

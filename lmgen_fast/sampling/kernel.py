@@ -18,6 +18,13 @@ largest values; when the nucleus (or the min-p survivors) lies among them the lo
 still read once, otherwise the merge re-reads that row ``32 / RB + 1`` times (a radix
 search for the top-p cutoff, then the race): exact either way, never a sort.
 
+SPEC section 7's bias and masks cost no launch and no pass: the chunk kernel reads, beside
+its logits, one int32 word per 32 logits of each bitmask in use (the row's allowed set, the
+step's token bitmask) and the row's bias entries that fall in its chunk (a binary search
+of the row's sorted list, then 12 bytes per entry); rows without them read one int32 of
+flags (launches without any compile that code out: ``MASKS``), and every row one int64
+``min_tokens``, its stop ids only while under it.
+
 Launches: three per step (:mod:`lmgen_fast.sampling.kernel_launch`), and no torch op
 besides allocations when the caller keeps the penalty powers (``penalty_powers``): the
 set-up kernel (:mod:`lmgen_fast.kernels.window`: the penalty window grouped by vocabulary

@@ -3,6 +3,10 @@
 It is the CPU path of ``lmgen_fast.sample`` and the oracle every kernel is tested against.
 One step for row ``r`` (logits ``l``, window ``w``):
 
+0. SPEC section 7 (:func:`~lmgen_fast.sampling.penalties.apply_bias`,
+   :func:`~lmgen_fast.sampling.penalties.apply_masks`): ``l[t] + b`` for each ``(t, b)`` of
+   ``logit_bias``, then ``-inf`` for tokens outside ``allowed_token_ids``, tokens the
+   step's ``token_bitmask`` forbids and, while ``step < min_tokens``, the row's stop ids.
 1. ``z = l / T`` in float32 (``T == 0``: ``z = l``, the row is greedy); NaN becomes ``-inf``.
 2. Every token ``t`` that occurs ``c`` times in ``w`` (``c = 1`` in "once" mode):
    ``z[t] / p**c`` if ``z[t] > 0`` else ``z[t] * p**c``. Then the OpenAI penalties, with
@@ -32,9 +36,10 @@ One step for row ``r`` (logits ``l``, window ``w``):
    seed drawn from torch's generator.
 
 Log-probabilities (:func:`step_logprobs`) follow each row's ``logprobs_mode``: "raw" those of
-the raw logits, before any of the steps (:func:`raw_logprobs`); "processed" those of the final
-``z`` of step 5 that the draw uses (:func:`processed_table`: ``log_softmax``, ``-inf`` for
-removed tokens, a share ``-log(count)`` for ``+inf`` survivors, 0 for a greedy row's token).
+the raw logits, before any of the steps, step 0 included (:func:`raw_logprobs`); "processed"
+those of the final ``z`` of step 5 that the draw uses (:func:`processed_table`:
+``log_softmax``, ``-inf`` for removed tokens, a share ``-log(count)`` for ``+inf`` survivors,
+0 for a greedy row's token).
 
 Two paths compute this. The CPU path works on the rows each step applies to, found on the
 host (``bool(t.any())``, ``nonzero``, ``k.max()``): cheap on the CPU, a wait for the device
@@ -46,7 +51,7 @@ Both share the rules (:func:`process_logits`, :func:`kth_value`, :func:`top_p_ke
 :func:`min_p_removes`, the race's helpers and :mod:`lmgen_fast.core.philox`) and give the same
 tokens, except for an unseeded batch of one (see :func:`sample`).
 
-Where each part lives: steps 1 and 2 in :mod:`lmgen_fast.sampling.penalties`, 3 to 5 in
+Where each part lives: steps 0 to 2 in :mod:`lmgen_fast.sampling.penalties`, 3 to 5 in
 :mod:`lmgen_fast.sampling.filters`, 6 in :mod:`lmgen_fast.sampling.race`, the
 log-probabilities in :mod:`lmgen_fast.sampling.logprobs` and the device path in
 :mod:`lmgen_fast.sampling.fixed`. This module holds the entry point (:func:`sample`), the

@@ -38,7 +38,7 @@ def rows_across_chunks(gen, batch, vocab, chunk):
     for r in range(batch):
         ids = torch.randperm(vocab, generator=gen)[:12].tolist()
         bias = {t: float(b) for t, b in zip(edges[r % 3:] + ids[:r % 5],
-                                             torch.randn(12, generator=gen) * 5)}
+                                             torch.randn(12, generator=gen) * 5, strict=False)}
         allowed = sorted(set(ids[:10]) | set(edges)) if r % 3 == 1 else None
         if r % 4 == 3:
             allowed = list(range(r, vocab, 2))
