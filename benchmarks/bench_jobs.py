@@ -1,7 +1,10 @@
-"""A mixed-length batch job, static batches against continuous batching, in one run.
+"""A mixed-length batch job, static batches against continuous batching, in one run; or a
+rollout job, n samples per prompt in one call against n seeded calls.
 
     python benchmarks/bench_jobs.py [--prompts 128] [--batch-size 32] [--device cpu]
                                     [--threads N] [--max-tokens 16 64 256]
+    python benchmarks/bench_jobs.py --job rollout [--prompts 64] [--n 8] [--repeats 3]
+                                    [--threads N] [--max-tokens 16 32]
 
 The embedded model (``lmgen_fast.api.default_model.load_default``) and the job of ``lmgen-fast
 run``: ``--prompts`` prompts, each with ``max_tokens`` drawn from ``--max-tokens`` and its own
@@ -11,12 +14,23 @@ similar prompt length, each run until its longest row is done, against slots tha
 next prompt as soon as a row finishes. Reported per mode: decode steps, slot-steps (rows
 times steps), slot utilization (kept tokens over slot-steps), tokens per second (wall time
 of the whole job, prefills included), and whether every row's tokens agree between modes.
+
+The rollout job (``--job rollout``, as a GRPO trainer asks for): ``--prompts`` prompts of
+mixed lengths (3 to 60 words), each with ``max_tokens`` drawn from ``--max-tokens`` and its
+own seed ``s``, ``--n`` samples each. One call of ``generate_batch(..., n=N, seeds=...)``
+(each prompt prefilled once, its cache rows copied to its samples) against N calls
+``generate_batch(..., seeds=[s + j])``, j = 0 .. N-1 (each prompt prefilled N times): the
+same rows, sample j of a prompt being call j's row (checked token for token). Reported per
+mode: calls, prefill positions (positions the model ran outside decode steps), returned
+tokens, and the median over ``--repeats`` runs (the modes alternate) of the wall time and
+tokens per second.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
 import tempfile
 import time
@@ -26,11 +40,12 @@ import torch
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
 from lmgen_fast.api.default_model import load_default  # noqa: E402
+from lmgen_fast.api.generate import generate_batch  # noqa: E402
 from lmgen_fast.api.tokenization import adapt_tokenizer  # noqa: E402
 from lmgen_fast.cli.run import JobRow, encode_prompts, run_rows  # noqa: E402
 from lmgen_fast.core.params import SamplingParams  # noqa: E402
 from lmgen_fast.jobs.jsonl import ResultWriter  # noqa: E402
-from lmgen_fast.models.decoder import wrap  # noqa: E402
+from lmgen_fast.models.decoder import decoder_for, wrap  # noqa: E402
 
 from _common import run_info, write_json  # noqa: E402
 
@@ -67,22 +82,133 @@ def run_mode(decoder, adapter, rows, prompt_ids, batch_size: int, static: bool) 
             "_ids": ids}
 
 
+class PrefillCounter:
+    """Counts the positions the model runs outside decode steps (prefills, refills)."""
+
+    def __init__(self, decoder):
+        self.positions, self.stepping = 0, False
+        forward, step = decoder.model.forward_cached, decoder.step
+
+        def counted(ids, *args, **kwargs):
+            if not self.stepping:
+                self.positions += ids.numel()
+            return forward(ids, *args, **kwargs)
+
+        def stepped(*args, **kwargs):
+            self.stepping = True
+            try:
+                return step(*args, **kwargs)
+            finally:
+                self.stepping = False
+
+        decoder.model.forward_cached, decoder.step = counted, stepped
+
+
+def rollout_prompts(n: int, seed: int) -> list[str]:
+    """``n`` prompts of 3 to 60 words, lengths mixed."""
+    gen = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(3, 61, (n,), generator=gen).tolist()
+    words = [w for s in SUBJECTS for w in s.split()] + [w for v in VERBS for w in v.split()]
+    return [" ".join(words[(i * 7 + k * 3) % len(words)] for k in range(length))
+            for i, length in enumerate(lengths)]
+
+
+def rollout(args, model, tokenizer) -> None:
+    """n samples per prompt in one call against n seeded calls (see the module docstring)."""
+    prompts = rollout_prompts(args.prompts, args.seed)
+    gen = torch.Generator().manual_seed(args.seed + 1)
+    caps = torch.tensor(args.max_tokens)[
+        torch.randint(0, len(args.max_tokens), (args.prompts,), generator=gen)].tolist()
+    seeds = [args.seed * 1000 + 16 * i for i in range(args.prompts)]
+    counter = PrefillCounter(decoder_for(model))
+    kw = dict(max_tokens=caps, return_details=True, device=args.device)
+
+    def one_call():
+        got = generate_batch(model, tokenizer, prompts, n=args.n, seeds=seeds, **kw)
+        return 1, [g.token_ids for g in got]
+
+    def seeded_calls():
+        calls = [generate_batch(model, tokenizer, prompts, seeds=[s + j for s in seeds], **kw)
+                 for j in range(args.n)]
+        # Prompt-major, as one call returns them: prompt i's sample j is call j's row i.
+        return args.n, [calls[j][i].token_ids for i in range(args.prompts)
+                        for j in range(args.n)]
+
+    generate_batch(model, tokenizer, prompts[:4], n=2, seeds=seeds[:4], max_tokens=4)  # warm-up
+    modes = {f"n={args.n} in one call": one_call,
+             f"{args.n} seeded calls (n=1)": seeded_calls}
+    times: dict[str, list[float]] = {name: [] for name in modes}
+    facts: dict[str, dict] = {}
+    for _ in range(args.repeats):
+        for name, fn in modes.items():
+            counter.positions = 0
+            t0 = time.perf_counter()
+            calls, ids = fn()
+            times[name].append(time.perf_counter() - t0)
+            facts[name] = {"calls": calls, "prefill_positions": counter.positions,
+                           "tokens": sum(map(len, ids)), "_ids": ids}
+    names = list(modes)
+    same = facts[names[0]]["_ids"] == facts[names[1]]["_ids"]
+    runs = []
+    for name in names:
+        f = facts[name]
+        seconds = statistics.median(times[name])
+        runs.append({"mode": name, "calls": f["calls"],
+                     "prefill_positions": f["prefill_positions"], "tokens": f["tokens"],
+                     "seconds": round(seconds, 2),
+                     "tokens_per_s": round(f["tokens"] / seconds, 1),
+                     "all_seconds": [round(t, 2) for t in times[name]]})
+    info = run_info(args.device)
+    print(f"# {info['command']}")
+    caps_text = ", ".join(map(str, args.max_tokens))
+    print(f"# {info['device']}, torch {info['torch']}; {args.prompts} prompts of 3 to 60 "
+          f"words, n={args.n}, max_tokens from {{{caps_text}}}, embedded model, medians of "
+          f"{args.repeats} alternating runs")
+    print("| mode | calls | prefill positions | tokens | seconds | tokens/s |")
+    print("|---|---:|---:|---:|---:|---:|")
+    for r in runs:
+        print(f"| {r['mode']} | {r['calls']} | {r['prefill_positions']} | {r['tokens']} | "
+              f"{r['seconds']} | {r['tokens_per_s']} |")
+    ratio = runs[0]["tokens_per_s"] / runs[1]["tokens_per_s"]
+    share = runs[0]["prefill_positions"] / runs[1]["prefill_positions"]
+    print(f"one call / seeded calls: {ratio:.2f}x the tokens/s, {share:.3f} of the prefill "
+          f"positions; every sample's tokens identical: {same}")
+    write_json(args.out, {"kind": "bench_jobs_rollout", **info, "prompts": args.prompts,
+                          "n": args.n, "max_tokens": args.max_tokens, "repeats": args.repeats,
+                          "runs": runs, "speedup": round(ratio, 2), "identical": same})
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--prompts", type=int, default=128)
+    ap.add_argument("--job", choices=("mixed", "rollout"), default="mixed",
+                    help="mixed: static against continuous batching; rollout: n samples "
+                         "per prompt in one call against n seeded calls")
+    ap.add_argument("--prompts", type=int, default=None,
+                    help="prompts (default: 128 mixed, 64 rollout)")
     ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--n", type=int, default=8, help="rollout: samples per prompt")
+    ap.add_argument("--repeats", type=int, default=3, help="rollout: runs of each mode")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--max-tokens", type=int, nargs="+", default=[16, 64, 256],
-                    help="the caps each prompt's max_tokens is drawn from")
-    ap.add_argument("--out", default="bench_jobs")
+    ap.add_argument("--max-tokens", type=int, nargs="+", default=None,
+                    help="the caps each prompt's max_tokens is drawn from (default: 16 64 "
+                         "256 mixed, 16 32 rollout)")
+    ap.add_argument("--out", default=None,
+                    help="results/NAME.json (default: bench_jobs, bench_jobs_rollout)")
     ap.add_argument("--threads", type=int, default=None,
                     help="torch threads (default: torch's); on a shared, loaded CPU one "
                          "thread avoids threads spinning on each other")
     args = ap.parse_args()
+    mixed = args.job == "mixed"
+    args.prompts = args.prompts or (128 if mixed else 64)
+    args.max_tokens = args.max_tokens or ([16, 64, 256] if mixed else [16, 32])
+    args.out = args.out or ("bench_jobs" if mixed else "bench_jobs_rollout")
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     model, tokenizer = load_default(args.device)
+    if not mixed:
+        rollout(args, model, tokenizer)
+        return
     adapter = adapt_tokenizer(tokenizer)
     rows = job(args.prompts, args.seed, args.max_tokens)
     prompt_ids = encode_prompts(adapter, rows)

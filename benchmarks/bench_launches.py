@@ -469,6 +469,8 @@ def main(argv: list[str] | None = None) -> dict:
                     help="prompt lengths, the slots the attention reads (default --prompt-len)")
     ap.add_argument("--tiny", action="store_true", help="a 2-layer model for a smoke run")
     ap.add_argument("--layers", type=int, help="override num_hidden_layers")
+    ap.add_argument("--qk-norm", action="store_true",
+                    help="Qwen3's per-head q/k RMSNorm on every layer")
     ap.add_argument("--prompt-len", type=int, default=16)
     ap.add_argument("--tokens", type=int, default=3, help="tokens per row (steps + 1)")
     ap.add_argument("--predict", choices=sorted(launch_model.BANDWIDTH),
@@ -482,6 +484,8 @@ def main(argv: list[str] | None = None) -> dict:
     fields = dict(ARTICLE.to_dict(), **(TINY if args.tiny else {}))
     if args.layers:
         fields["num_hidden_layers"] = args.layers
+    if args.qk_norm:
+        fields["qk_norm"] = True
     config = LlamaConfig.from_dict(fields)
     count = not args.predict or args.measure or args.batches or args.contexts
     results = []

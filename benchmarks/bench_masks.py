@@ -11,12 +11,13 @@ Bytes per row, from what the chunk kernel loads (``kernels/sampling_common.py``'
 ``constrain``): each bitmask in use (the row's allowed set, the step's token bitmask) is
 one int32 word per 32 logits; a bias list of ``K`` entries costs each of the row's chunk
 programs a binary search (``ceil(log2(K + 1))`` int64 loads) and one more id, plus 12
-bytes per entry once; every program reads its row's int32 flags (only where the launch
-has masks) and int64 ``min_tokens``. The merge re-reads these only on the multi-pass path
-and for one token's log-probability. Bytes, not time: on a GPU these words are read beside
-the logits by the same program, and a bitmask's 64 words per chunk of 2048 logits come in
-one cache line pair. On a GPU the time is to be measured by ``bench_sampler.py``; nothing
-here ran on one.
+bytes per entry once; where the launch has masks (some row has a constraint), every
+program reads its row's int32 flags and int64 ``min_tokens``, and its stop ids while under
+``min_tokens``; a launch without them reads nothing more than before. The merge re-reads
+these only on the multi-pass path and for one token's log-probability. Bytes, not time:
+on a GPU these words are read beside the logits by the same program, and a bitmask's 64
+words per chunk of 2048 logits come in one cache line pair. Time is for
+``bench_sampler.py`` to measure on a GPU; nothing here ran on one.
 """
 
 from __future__ import annotations
@@ -55,7 +56,7 @@ def extra_bytes(vocab: int, bias: int, *, allowed: bool, bitmask: bool, masked: 
     """Bytes one row's chunk programs read for the constraints (module docstring)."""
     n_chunks = cdiv(vocab, launch_plan.CUDA_CHUNK)
     words = 4 * cdiv(vocab, 32)
-    total = n_chunks * (8 + (4 if masked else 0))  # min_tokens, flags
+    total = n_chunks * 12 if masked else 0  # each program's flags and min_tokens
     total += words * (int(allowed) + int(bitmask))
     if bias:
         total += n_chunks * 8 * (math.ceil(math.log2(bias + 1)) + 1) + 12 * bias

@@ -7,8 +7,10 @@ what the eager engine does with about thirty torch ops:
   such step goes to ``bad_step``, the flags are OR-ed into ``bad_bits``, and the row stops;
 * ``out[r, s] = tok``; with log-probabilities ``token_lp[r, s]`` and, with top
   alternatives, ``top_ids[r, s, :]`` and ``top_lp[r, s, :]``;
-* ``count[r]`` grows by one for a running row whose token is not EOT; ``done[r]`` is set
-  by a bad row, EOT or ``count >= max_tokens``;
+* ``count[r]`` grows by one for a running row whose token does not end it; ``done[r]`` is
+  set by a bad row, an ending token or ``count >= max_tokens``. The ending tokens are
+  ``eos`` and, with ``STOPS > 0``, the row's ``stop_ids[r, :STOPS]`` (``-1`` padded: the
+  end ids, then the row's ``stop_token_ids``);
 * ``hist[r, hlen[r]] = tok``, ``hlen += 1``, ``tokens[r] = tok`` (the next step's input)
   and ``step += 1``.
 
@@ -28,8 +30,9 @@ def bookkeeping_kernel(
     out_ptr, token_lp_ptr, top_ids_ptr, top_lp_ptr, cols,
     hist_ptr, hist_cols, hlen_ptr, tokens_ptr, step_ptr,
     count_ptr, max_ptr, done_ptr, bad_step_ptr, bad_bits_ptr,
-    eos, ignore_bits,
+    eos, ignore_bits, stop_ptr, stop_cols,
     LOGPROBS: tl.constexpr, TOP_N: tl.constexpr, NB: tl.constexpr,
+    STOPS: tl.constexpr, SB: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     tok = tl.load(tok_ptr + row)
@@ -54,6 +57,10 @@ def bookkeeping_kernel(
         tl.store(top_ids_ptr + at, tl.load(top_ids_src + row * TOP_N + k, mask=ok), mask=put)
         tl.store(top_lp_ptr + at, tl.load(top_lp_src + row * TOP_N + k, mask=ok), mask=put)
     eot = tok == eos
+    if STOPS > 0:
+        j = tl.arange(0, SB)
+        ids = tl.load(stop_ptr + row * stop_cols + j, mask=j < STOPS, other=-1)
+        eot = eot | (tl.sum((ids == tok).to(tl.int32), axis=0) > 0)
     count = tl.load(count_ptr + row) + (active & ~eot).to(tl.int64)
     tl.store(count_ptr + row, count)
     done = ~active | eot | (count >= tl.load(max_ptr + row))

@@ -28,7 +28,14 @@ from __future__ import annotations
 
 import triton
 import triton.language as tl
-from lmgen_fast.kernels.sampling_common import device_exp, gumbel, race_best, row_z, to_key
+from lmgen_fast.kernels.sampling_common import (
+    device_exp,
+    gumbel,
+    race_best,
+    row_masks,
+    row_z,
+    to_key,
+)
 
 
 @triton.jit
@@ -64,10 +71,7 @@ def chunk_kernel(
     temp = tl.load(temp_ptr + row)
     step = tl.load(step_ptr + row)
     # SPEC section 7's bias and masks, read beside the logits (MASKS: some row has them).
-    flags = tl.zeros([], dtype=tl.int32)
-    if MASKS:
-        flags = tl.load(flags_ptr + row)
-    under = step < tl.load(mint_ptr + row)
+    flags, under = row_masks(flags_ptr, mint_ptr, row, step, MASKS)
     # The window is grouped by chunk and wrange gives the slice of it that falls in this
     # chunk, so a chunk only counts its own window entries (WT at a time).
     w_lo = tl.load(wrange_ptr + row * (n_chunks + 1) + chunk)

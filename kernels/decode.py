@@ -10,6 +10,9 @@ the one-token step is four matmuls and four of these launches:
   float32, rounded, times the weight and rounded again: the eager module's order. With a
   positions pointer it also advances ``pos[row]`` by one (the step's last read of them is
   behind it);
+* ``qk_rmsnorm_kernel`` (grid ``[R, H + KV]``): the per-head RMSNorm of the query and key
+  heads (Qwen3's ``q_norm``/``k_norm``) in place in the fused q/k/v product, before the
+  rotary; the eager module's roundings;
 * ``rope_cache_kernel`` (grid ``[R, H + KV]``): one head per program, "rotate half" with
   each product and the sum rounded as eager does; query heads go to a ``[R, H, D]`` buffer,
   key heads and their value heads into the static cache at the row's position (several
@@ -83,6 +86,21 @@ def add_rmsnorm_kernel(x_ptr, res_ptr, w_ptr, out_ptr, pos_ptr, n, eps,
     if HAS_POS:
         # The step's last launch that reads positions ran before this one.
         tl.store(pos_ptr + row, tl.load(pos_ptr + row) + 1)
+
+
+@triton.jit
+def qk_rmsnorm_kernel(qkv_ptr, qw_ptr, kw_ptr, qkv_stride, n_heads, eps,
+                      HEAD_DIM: tl.constexpr):
+    # One query or key head of one row, normed in place in the fused q/k/v product.
+    r = tl.program_id(0).to(tl.int64)
+    head = tl.program_id(1)
+    d = tl.arange(0, HEAD_DIM)
+    src = qkv_ptr + r * qkv_stride + head * HEAD_DIM
+    x = tl.load(src + d)
+    if head < n_heads:
+        rms_norm_store(x, qw_ptr, src, HEAD_DIM, eps, d, d < HEAD_DIM)
+    else:
+        rms_norm_store(x, kw_ptr, src, HEAD_DIM, eps, d, d < HEAD_DIM)
 
 
 @triton.jit

@@ -38,6 +38,7 @@ from lmgen_fast.kernels.sampling_common import (
     gumbel,
     race_best,
     race_combine,
+    row_masks,
     row_z,
     to_key,
 )
@@ -256,12 +257,13 @@ def merge_kernel(
             p_cut = tl.minimum(p_cut, tl.min(tl.where(g_ok, from_key(gkey), float("inf")),
                                              axis=0))
         if slow:
+            m_flags, m_under = row_masks(flags_ptr, mint_ptr, row, step, MASKS)
             out, p_sum, p_cut = _slow_path(
                 logits_ptr, stride_row, V, n_chunks, row, row64, temp,
                 tl.load(once_ptr + row) != 0, tl.load(fpen_ptr + row), tl.load(ppen_ptr + row),
                 win_ptr, W, wrange_ptr, pow_ptr, seed, step,
                 row_max, s_row, top_p, top_p_on, mlog,
-                _flags(flags_ptr, row, MASKS), step < tl.load(mint_ptr + row), bias_ids_ptr,
+                m_flags, m_under, bias_ids_ptr,
                 bias_vals_ptr, K, allowed_ptr, A, bm_ptr, BM, stop_ptr, S,
                 CHUNK, SUB, RB, NBINS, ACC, LOGPROBS, WT, MASKS,
             )
@@ -305,11 +307,12 @@ def merge_kernel(
             # The +inf tokens all survive every filter and share the mass.
             p_inf = tl.sum(tl.where(cm & (cmax == float("inf")), csum, 0.0), axis=0)
             p_share = -tl.log(tl.maximum(p_inf, 1.0))
+            m_flags, m_under = row_masks(flags_ptr, mint_ptr, row, tl.load(step_ptr + row),
+                                         MASKS)
             z_out = _token_z(logits_ptr, row64, stride_row, V, n_chunks, row, out, temp,
                              tl.load(once_ptr + row) != 0, tl.load(fpen_ptr + row),
                              tl.load(ppen_ptr + row), win_ptr, W, wrange_ptr, pow_ptr,
-                             _flags(flags_ptr, row, MASKS),
-                             tl.load(step_ptr + row) < tl.load(mint_ptr + row), bias_ids_ptr,
+                             m_flags, m_under, bias_ids_ptr,
                              bias_vals_ptr, K, allowed_ptr, A, bm_ptr, BM, stop_ptr, S,
                              CHUNK, WT, MASKS)
             # p_sum is 0 only in greedy and empty rows, whose norm is never read.
@@ -415,15 +418,6 @@ def _slow_path(
                 p_sum += tl.sum(tl.where(ok, device_exp(z - row_max, ACC), 0.0), axis=0)
                 p_cut = tl.minimum(p_cut, tl.min(tl.where(ok, z, float("inf")), axis=0))
     return best_at, p_sum, p_cut
-
-
-@triton.jit
-def _flags(flags_ptr, row, MASKS: tl.constexpr):
-    """The row's constraint bits (PackedParams.constraints), 0 in a launch without masks."""
-    flags = tl.zeros([], dtype=tl.int32)
-    if MASKS:
-        flags = tl.load(flags_ptr + row)
-    return flags
 
 
 @triton.jit

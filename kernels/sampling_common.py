@@ -131,14 +131,27 @@ def _bias(x, offs, ids_ptr, vals_ptr, K, base, BLOCK: tl.constexpr):
 
 
 @triton.jit
+def row_masks(flags_ptr, mint_ptr, row, step, MASKS: tl.constexpr):
+    """``(flags, under)`` of one row for :func:`constrain`: its PackedParams.constraints
+    bits and whether its ``step`` is below its ``min_tokens``; ``(0, False)`` in a launch
+    without masks, which reads neither."""
+    flags = tl.zeros([], dtype=tl.int32)
+    under = tl.zeros([], dtype=tl.int1)
+    if MASKS:
+        flags = tl.load(flags_ptr + row)
+        under = step < tl.load(mint_ptr + row)
+    return flags, under
+
+
+@triton.jit
 def constrain(x, offs, inb, row64, flags, under, bias_ids_ptr, bias_vals_ptr, K,
               allowed_ptr, A, bm_ptr, BM, stop_ptr, S, base,
               BLOCK: tl.constexpr, MASKS: tl.constexpr):
     """SPEC section 7 on the raw float32 logits ``x`` of tokens ``offs`` of one row: the
     row's biases added (``flags`` bit 1), then ``-inf`` for tokens outside its allowed
     bitmask (bit 2), tokens the step's bitmask forbids (``BM`` words per row; 0: none)
-    and, while ``under`` (step < min_tokens), its ``S`` stop ids. ``MASKS`` compiles the
-    first three in; a launch without them has no code for them."""
+    and, while ``under`` (step < min_tokens), its ``S`` stop ids. ``MASKS`` compiles this
+    in; a launch without any of them has no code for them (:func:`row_masks`)."""
     if MASKS:
         if (flags & 1) != 0:
             x = _bias(x, offs, bias_ids_ptr + row64 * K, bias_vals_ptr + row64 * K, K, base,
@@ -147,9 +160,9 @@ def constrain(x, offs, inb, row64, flags, under, bias_ids_ptr, bias_vals_ptr, K,
             x = tl.where(_bits(allowed_ptr + row64 * A, offs, inb), x, float("-inf"))
         if BM > 0:
             x = tl.where(_bits(bm_ptr + row64 * BM, offs, inb), x, float("-inf"))
-    if under:
-        for j in range(S):
-            x = tl.where(offs == tl.load(stop_ptr + row64 * S + j), float("-inf"), x)
+        if under:
+            for j in range(S):
+                x = tl.where(offs == tl.load(stop_ptr + row64 * S + j), float("-inf"), x)
     return x
 
 

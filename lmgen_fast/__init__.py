@@ -1,7 +1,8 @@
 """lmgen-fast: the article's generate() loop, exact and fast.
 
 Public names: :func:`generate`, :func:`generate_batch`, :func:`sample`, :class:`SamplingParams`,
-:func:`wrap`, ``lmgen_fast.reference.sample`` and ``lmgen_fast.models``.
+:func:`wrap`, :func:`score` (:class:`Score`), :func:`score_rolling`,
+``lmgen_fast.reference.sample`` and ``lmgen_fast.models``.
 """
 
 from lmgen_fast import reference
@@ -13,6 +14,7 @@ from lmgen_fast.api.generate import (
     generate,
     generate_batch,
 )
+from lmgen_fast.api.score import Score, score, score_rolling
 from lmgen_fast.core.params import SamplingParams
 from lmgen_fast.core.version import __version__  # noqa: F401  (lmgen_fast.__version__)
 from lmgen_fast.models.decoder import release, wrap
@@ -25,11 +27,14 @@ __all__ = [
     "Generation",
     "GenerationError",
     "SamplingParams",
+    "Score",
     "generate",
     "generate_batch",
     "load_default",
     "reference",
     "release",
     "sample",
+    "score",
+    "score_rolling",
     "wrap",
 ]

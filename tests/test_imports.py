@@ -28,7 +28,7 @@ ROOT = Path(__file__).resolve().parents[1]
 # Bottom to top: a module imports modules of its own layer (without a cycle) or of the
 # layers below it. The package itself and its public alias modules sit on top.
 LAYERS = ("core", "runtime", "kernels", "sampling", "models", "engine", "speculative", "api",
-          "jobs", "cli", "train", "")
+          "jobs", "cli", "train", "integrations", "")
 # The training code builds on these layers only (it never runs the decoder).
 TRAIN_IMPORTS = {"core", "models", "train"}
 
@@ -349,3 +349,16 @@ def test_long_functions_and_classes_say_why(name):
     long = list(_long_definitions(MODULES[name]))
     assert not long, (f"{name}: {long}: split them, or give the reason in a docstring line "
                       f"starting with {LONG_REASON!r}")
+
+
+def test_only_the_harness_plugin_imports_lm_eval():
+    """lm_eval (the eval extra) is imported by lmgen_fast.integrations.lm_eval alone, which
+    nothing imports: the plugin registers itself when the user imports it."""
+    found = {name for name, path in MODULES.items()
+             for node in ast.walk(ast.parse(path.read_text(encoding="utf-8")))
+             if (isinstance(node, ast.Import)
+                 and any(a.name.split(".")[0] == "lm_eval" for a in node.names))
+             or (isinstance(node, ast.ImportFrom) and not node.level
+                 and (node.module or "").split(".")[0] == "lm_eval")}
+    assert found == {"lmgen_fast.integrations.lm_eval"}
+    assert not [e for e in _edges() if e[1].startswith("lmgen_fast.integrations")]

@@ -148,7 +148,7 @@ def find_weights(directory: str | Path) -> Path:
 def load_model(
     path: str | Path,
     device: torch.device | str | None = None,
-    dtype: torch.dtype = torch.float32,
+    dtype: torch.dtype | None = None,
 ):
     """Load a checkpoint directory: the article's layout, or a transformers one.
 
@@ -161,12 +161,13 @@ def load_model(
         ``lmgen_fast.models.hf.load_hf_checkpoint`` when that adapter is installed.
     device : torch.device or str, optional
         Where to put the model (default: the CPU).
-    dtype : torch.dtype
-        The model's dtype.
+    dtype : torch.dtype, optional
+        The model's dtype; by default float32 for the article's layout and the checkpoint's
+        own dtype for a transformers checkpoint (bfloat16 runs on the CPU too).
 
     Returns
     -------
-    LlamaForPretraining (or what the transformers adapter returns)
+    LlamaForPretraining, or (model, tokenizer) from the transformers adapter
         In eval mode, weights loaded strictly.
 
     Raises
@@ -205,4 +206,5 @@ def load_model(
     except TypeError as err:
         raise ValueError(f"{config_path} is not an article LlamaConfig: {err}") from None
     weights = find_weights(directory)
-    return _build(config, _read_state_dict(weights), device, dtype, str(weights))
+    return _build(config, _read_state_dict(weights), device, dtype or torch.float32,
+                  str(weights))

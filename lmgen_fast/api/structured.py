@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from lmgen_fast.api.requests import vocab_size
 from lmgen_fast.api.tokenization import TokenizerAdapter
 from lmgen_fast.core.params import SamplingParams
 from lmgen_fast.engine.grammar import compile_rows
@@ -13,18 +14,18 @@ from lmgen_fast.engine.grammar import compile_rows
 def logits_width(decoder, tokenizer: TokenizerAdapter) -> int:
     """The width of the model's logits: its config's ``vocab_size`` where it has one, else
     the tokenizer's vocabulary size (a bare callable model)."""
-    config = getattr(getattr(decoder, "model", None), "config", None)
-    width = getattr(config, "vocab_size", None)
+    width = vocab_size(decoder, None)
     if width is not None:
-        return int(width)
+        return width
     tok = tokenizer.tokenizer
     return int(tok.get_vocab_size() if hasattr(tok, "get_vocab_size") else len(tok))
 
 
 def row_grammars(decoder, tokenizer: TokenizerAdapter, rows: Sequence[SamplingParams],
-                 speculative: bool = False) -> list | None:
-    """Every row's compiled grammar for ``decoder``'s model and ``tokenizer`` (its end
-    token the grammar's stop token), or None when no row has one.
+                 end_ids: Sequence[int], speculative: bool = False) -> list | None:
+    """Every row's compiled grammar for ``decoder``'s model and ``tokenizer``, with
+    ``end_ids`` (every id that ends the call's rows) as the grammar's stop tokens, or None
+    when no row has one.
 
     Raises
     ------
@@ -37,5 +38,4 @@ def row_grammars(decoder, tokenizer: TokenizerAdapter, rows: Sequence[SamplingPa
     if speculative:
         raise ValueError("json_schema, regex and grammar are not supported with speculative "
                          "decoding; run those rows without speculative=")
-    return compile_rows(rows, tokenizer.tokenizer, logits_width(decoder, tokenizer),
-                        [tokenizer.eos_id])
+    return compile_rows(rows, tokenizer.tokenizer, logits_width(decoder, tokenizer), end_ids)

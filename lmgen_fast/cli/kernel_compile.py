@@ -191,7 +191,8 @@ def masked_calls(batch: int) -> list[KernelCall]:
 
 def bookkeeping_variants() -> list[Variant]:
     """The bookkeeping kernel's specialisations (:mod:`lmgen_fast.engine.bookkeeping`): without
-    log-probabilities, with them, and with top alternatives."""
+    log-probabilities, with them, and with top alternatives; each with the per-row stop ids
+    the engine passes (one column: the end id alone)."""
     batch, cols, dev = 2, 64, "meta"
 
     def t(*shape, dtype=torch.int64):
@@ -206,7 +207,7 @@ def bookkeeping_variants() -> list[Variant]:
             hist=t(cols), hlen=t(), tokens=t(), step=t(), count=t(), max_tokens=t(),
             done=t(dtype=torch.bool), bad_step=t(), bad_bits=t(dtype=torch.int32))
         lp = t(3, dtype=torch.float32)
-        call = bk.book_call(led, t(), t(dtype=torch.int32), 2, lp[:, 0] if logprobs else None,
+        call = bk.book_call(led, t(), t(dtype=torch.int32), t(1), lp[:, 0] if logprobs else None,
                             t(top_n) if top_n else None,
                             t(top_n, dtype=torch.float32) if top_n else None)
         v = _variant(_kernel_fn(call.name), call)

@@ -23,9 +23,15 @@ import torch
 
 from lmgen_fast.api.baseline import article_generate_ids as article_generate
 from lmgen_fast.api.default_model import load_default
-from lmgen_fast.api.generate import generate, generate_batch
+from lmgen_fast.api.generate import generate
 from lmgen_fast.cli import run as jobs
+from lmgen_fast.cli import score as scoring
 from lmgen_fast.cli.bench_plot import bench_plot, check_plot_arguments
+from lmgen_fast.cli.generate import (  # noqa: F401  (StreamPrinter re-exported)
+    StreamPrinter,
+    add_generate_arguments,
+    cmd_generate,
+)
 from lmgen_fast.cli.options import (  # noqa: F401  (re-exported: benchmarks and users import them from here)
     EXIT_FAILURE,
     EXIT_INTERRUPTED,
@@ -35,6 +41,7 @@ from lmgen_fast.cli.options import (  # noqa: F401  (re-exported: benchmarks and
     PROG,
     CLIError,
     add_sampling_arguments,
+    add_threads_argument,
     check_utf8,
     device_name,
     load_model_and_tokenizer,
@@ -42,6 +49,8 @@ from lmgen_fast.cli.options import (  # noqa: F401  (re-exported: benchmarks and
     sampling_params_from_args,
     speculative_from_args,
     speculative_summary,
+    threads_note,
+    torch_threads,
 )
 from lmgen_fast.core.params import SamplingParams
 from lmgen_fast.core.plot import PLOT_EXTRA
@@ -57,9 +66,6 @@ class _Parser(argparse.ArgumentParser):
     # every error, so raise and let main() print it.
     def error(self, message: str):
         raise CLIError(f"{message} (see `{self.prog} --help`)")
-
-
-
 
 
 @dataclass(frozen=True)
@@ -82,113 +88,8 @@ def register(command: Command) -> Command:
     return command
 
 
-class StreamPrinter:
-    """Prints the text of a growing list of token ids as it grows.
-
-    Byte-level tokens can split a character; a suffix that decodes to the replacement
-    character is held back until the next token completes it.
-    """
-
-    def __init__(self, tokenizer, out=None):
-        self.tokenizer = tokenizer
-        self.out = out if out is not None else sys.stdout
-        self.ids: list[int] = []
-        self.printed = ""
-
-    def __call__(self, token_id: int) -> None:
-        self.ids.append(int(token_id))
-        text = self.tokenizer.decode(self.ids)
-        if not text.endswith("\ufffd") and text.startswith(self.printed):
-            self.out.write(text[len(self.printed) :])
-            self.out.flush()
-            self.printed = text
-
-    def finish(self, final: str) -> None:
-        """Print what is left of ``final`` (the text the call returned) and a newline."""
-        if final.startswith(self.printed):
-            self.out.write(final[len(self.printed) :])
-        else:  # a decode that rewrote earlier text: rare; print the whole result once more
-            self.out.write("\n" + final)
-        self.out.write("\n")
-        self.out.flush()
-
-
 # --------------------------------------------------------------------------- generate
 
-
-def _add_generate_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("prompt", help="the text to continue (encoded as [BOT] + ' ' + PROMPT)")
-    add_sampling_arguments(
-        p,
-        seed_help="seed for reproducible output: the same seed, settings, device and "
-                  "backend give the same text (default: random)",
-        device_help="auto, cpu, cuda, cuda:N or mps; auto picks CUDA when available "
-                    "(default: auto)",
-    )
-    p.add_argument("--stream", action="store_true",
-                   help="print tokens to stdout as they are generated")
-    p.add_argument("--logprobs", type=int, default=None, metavar="N",
-                   help="also print, as one JSON line on stderr, each generated token's "
-                        "log-probability (see --logprobs-mode) and, for N > 0, its N most "
-                        "likely alternatives (N from 0 to 20; default: print none)")
-
-
-def cmd_generate(args: argparse.Namespace) -> int:
-    """Run ``lmgen-fast generate``: print the continuation of the prompt."""
-    check_utf8(args.prompt, "the prompt")
-    params = sampling_params_from_args(args)
-    # The constraint options have no keyword of generate(): the row goes as params.
-    constrained = (params.structured is not None or bool(params.logit_bias)
-                   or params.allowed_token_ids is not None)
-    device = resolve_device(args.device)
-    model, tokenizer = load_model_and_tokenizer(args.model, args.tokenizer, device)
-    count = 0
-    printer = StreamPrinter(tokenizer) if args.stream else None
-
-    def on_token(token_id: int) -> None:
-        nonlocal count
-        count += 1
-        if printer is not None:
-            printer(token_id)
-
-    settings = dict(
-        max_tokens=args.max_tokens, temperature=args.temperature,
-        repetition_penalty=args.repetition_penalty, repetition_penalty_range=args.penalty_range,
-        top_k=args.top_k, device=device, seed=args.seed, backend=args.backend,
-        penalty_scope=args.penalty_scope, penalty_mode=args.penalty_mode, top_p=args.top_p,
-        min_p=args.min_p, frequency_penalty=args.frequency_penalty,
-        presence_penalty=args.presence_penalty, cuda_graph=not args.no_cuda_graph,
-        sync_every=args.sync_every,
-    )
-    speculative = speculative_from_args(args, device, model)
-    start = time.perf_counter()
-    details = None
-    if args.logprobs is not None or speculative is not None or constrained:
-        [details] = generate_batch(
-            model, tokenizer, [args.prompt], **settings, logprobs=args.logprobs or 0,
-            logprobs_mode=args.logprobs_mode, params=[params] if constrained else None,
-            callback=lambda _row, t: on_token(t), return_details=True,
-            speculative=speculative, num_speculative_tokens=args.num_speculative_tokens,
-        )
-        text = details.text
-    else:
-        text = generate(model, tokenizer, args.prompt, **settings, callback=on_token)
-    elapsed = time.perf_counter() - start
-    if printer is not None:
-        printer.finish(text)
-    else:
-        sys.stdout.write(text + "\n")
-        sys.stdout.flush()
-    if args.logprobs is not None:
-        print(json.dumps({"token_ids": details.token_ids, "logprobs": details.logprobs,
-                          "top_logprobs": details.top_logprobs,
-                          "logprobs_mode": args.logprobs_mode}), file=sys.stderr)
-    rate = count / elapsed if elapsed > 0 else float("inf")
-    print(f"{count} tokens in {elapsed:.2f} s: {rate:.1f} tokens/s on {device}", file=sys.stderr)
-    if speculative is not None:
-        print(speculative_summary(count, details.target_forwards, details.accepted_drafts,
-                                  details.proposed_drafts), file=sys.stderr)
-    return 0
 
 
 # --------------------------------------------------------------------------- bench
@@ -258,7 +159,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     command = _bench_command(args)
     print(f"command: {command}")
     print(f"device: {device_name(device)} ({device}, torch {torch.__version__}, "
-          f"{torch.get_num_threads()} CPU threads)")
+          f"{threads_note()})")
     print(f"model: embedded default, {params / 1e6:.1f}M parameters, float32; "
           f"{args.max_tokens} new tokens, top_k=50, temperature=1")
     print()
@@ -326,7 +227,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 register(Command("generate", "continue a prompt with the embedded model or a checkpoint",
-                 _add_generate_arguments, cmd_generate,
+                 add_generate_arguments, cmd_generate,
                  "Generate text. Prints the continuation (prompt excluded) to stdout and the "
                  "speed to stderr."))
 register(Command("bench", "time the article's loop against lmgen-fast on this device",
@@ -343,6 +244,12 @@ register(Command("run", "batch generation: JSONL prompts in, JSONL results out, 
                  "Generate a continuation for every prompt of a JSONL file into a JSONL file. "
                  "Rerunning the same command resumes an interrupted run; under `torchrun "
                  "--nproc-per-node N` the rows are shared between the ranks."))
+
+
+register(Command("score", "log-likelihoods of given text: JSONL pairs in, JSONL scores out, "
+                          "resumable", scoring.add_score_arguments, scoring.cmd_score,
+                 "Score each line's continuation after its context (or every token of its "
+                 "text) into a JSONL file. Rerunning the same command resumes it."))
 
 
 # --------------------------------------------------------------------------- entry point
@@ -362,6 +269,7 @@ def build_parser() -> argparse.ArgumentParser:
                            description=command.description or command.help,
                            epilog=EXIT_STATUS_HELP)
         command.add_arguments(p)
+        add_threads_argument(p)
         # The subparser rides along so that an unknown option is reported with its usage.
         p.set_defaults(_run=command.run, _parser=p)
     return parser
@@ -392,7 +300,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if getattr(args, "_run", None) is None:
             parser.print_help(sys.stderr)
             return EXIT_USAGE
-        return int(args._run(args))
+        with torch_threads(args.threads):
+            return int(args._run(args))
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED

@@ -16,6 +16,8 @@ import argparse
 import os
 import platform
 import re
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -84,6 +86,46 @@ def check_utf8(value: str, what: str) -> str:
             "terminal or LANG=C.UTF-8"
         ) from None
     return value
+
+
+def add_threads_argument(p: argparse.ArgumentParser) -> None:
+    """Add ``--threads N``, which every subcommand takes (see :func:`torch_threads`)."""
+    p.add_argument("--threads", type=int, default=None, metavar="N",
+                   help="torch CPU threads (torch.set_num_threads); on a small or shared CPU "
+                        "machine, 1 can be many times faster than the default, which starts "
+                        "one thread per core and lets them wait on each other (default: "
+                        "torch's)")
+
+
+@contextmanager
+def torch_threads(threads: int | None) -> Iterator[None]:
+    """Run the body with ``threads`` torch CPU threads (None: unchanged), then restore them.
+
+    The count is restored so that an in-process :func:`lmgen_fast.cli.main.main` call
+    leaves its caller's setting alone.
+
+    Raises
+    ------
+    CLIError
+        ``threads`` below 1.
+    """
+    if threads is None:
+        yield
+        return
+    if threads < 1:
+        raise CLIError(f"--threads must be >= 1, got {threads}")
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def threads_note() -> str:
+    """``"N CPU thread(s)"``: the torch thread count, for a speed line."""
+    n = torch.get_num_threads()
+    return f"{n} CPU thread{'s' * (n != 1)}"
 
 
 def resolve_device(name: str):
@@ -242,7 +284,26 @@ def add_sampling_arguments(
                         "with the same tokenizer (default: off)")
     p.add_argument("--num-speculative-tokens", type=int, default=4, metavar="K",
                    help="with --speculative: tokens drafted per row and round (default: 4)")
+    add_ending_arguments(p)
     add_structured_arguments(p)
+
+
+def add_ending_arguments(p: argparse.ArgumentParser) -> None:
+    """The research-job options (SPEC section 7): samples per prompt and how rows end."""
+    p.add_argument("--n", type=int, default=None, metavar="N",
+                   help="samples per prompt, from one prefill; sample j of a prompt seeded S "
+                        "is its result with --n 1 and seed S+j (default: 1)")
+    p.add_argument("--stop", action="append", default=None, metavar="TEXT",
+                   help="end a row once its text contains TEXT, which is cut off (see "
+                        "--include-stop-str); repeat for several (default: none)")
+    p.add_argument("--stop-token-id", action="append", type=int, default=None, metavar="ID",
+                   help="end a row when it draws token ID, like the end token (not returned); "
+                        "repeat for several (default: none)")
+    p.add_argument("--min-tokens", type=int, default=0, metavar="N",
+                   help="no end token, stop id or stop string before a row has N tokens "
+                        "(default: 0)")
+    p.add_argument("--include-stop-str", action="store_true",
+                   help="keep the matched stop string at the end of the text")
 
 
 _OPTION_NAMES = (
@@ -256,6 +317,11 @@ _OPTION_NAMES = (
     ("presence_penalty", "--presence-penalty"),
     ("logprobs", "--logprobs"),
     ("seed", "--seed"),
+    ("stop_token_ids", "--stop-token-id"),
+    ("stop", "--stop"),
+    ("min_tokens", "--min-tokens"),
+    ("include_stop_str_in_output", "--include-stop-str"),
+    ("n", "--n"),
     *STRUCTURED_OPTION_NAMES,
 )
 
@@ -275,15 +341,22 @@ def sampling_params_from_args(args: argparse.Namespace):
             top_p=args.top_p, min_p=args.min_p, frequency_penalty=args.frequency_penalty,
             presence_penalty=args.presence_penalty,
             logprobs=getattr(args, "logprobs", None) or 0,  # an option of `generate` only
-            logprobs_mode=args.logprobs_mode, **structured_params(args),
+            logprobs_mode=args.logprobs_mode, n=1 if args.n is None else args.n,
+            stop=tuple(args.stop or ()),
+            stop_token_ids=tuple(args.stop_token_id or ()), min_tokens=args.min_tokens,
+            include_stop_str_in_output=args.include_stop_str, **structured_params(args),
         )
     except ValueError as err:
-        message = str(err)
-        for keyword, option in _OPTION_NAMES:
-            message = re.sub(rf"\b{keyword}\b", option, message)
+        # One pass, so that an option's name (--stop-token-id) is not renamed again.
+        names = dict(_OPTION_NAMES)
+        pattern = "|".join(rf"\b{keyword}\b" for keyword in names)
+        message = re.sub(pattern, lambda m: names[m.group(0)], str(err))
         raise CLIError(message) from None
     if args.max_tokens < 0:
         raise CLIError(f"--max-tokens must be >= 0, got {args.max_tokens}")
+    if params.min_tokens > args.max_tokens:
+        raise CLIError(f"--min-tokens {params.min_tokens} is above --max-tokens "
+                       f"{args.max_tokens}")
     if args.sync_every is not None and args.sync_every < 1:
         raise CLIError(f"--sync-every must be >= 1, got {args.sync_every}")
     if args.num_speculative_tokens < 1:

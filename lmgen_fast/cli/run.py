@@ -18,12 +18,13 @@ import json
 import os
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 from pathlib import Path
 
 import torch
 
+from lmgen_fast.api.requests import end_ids, vocab_size
 from lmgen_fast.api.tokenization import adapt_tokenizer
 from lmgen_fast.cli.options import (
     EXIT_INTERRUPTED,
@@ -35,12 +36,13 @@ from lmgen_fast.cli.options import (
     sampling_params_from_args,
     speculative_from_args,
     speculative_summary,
+    threads_note,
 )
 from lmgen_fast.core.params import SamplingParams
 from lmgen_fast.core.progress import Progress
 from lmgen_fast.core.rows import positions_needed
 from lmgen_fast.engine import supports_slots
-from lmgen_fast.jobs.constraints import constraint_errors
+from lmgen_fast.jobs.constraints import grammar_problem
 from lmgen_fast.jobs.inputs import (  # noqa: F401  (re-exported: the names users import from here)
     KNOWN_FIELDS,
     PARAM_FIELDS,
@@ -52,6 +54,7 @@ from lmgen_fast.jobs.inputs import (  # noqa: F401  (re-exported: the names user
     LineError,
     derive_seed,
     encode_prompts,
+    outside_vocab,
     parse_line,
     plan_batches,
     read_jobs,
@@ -101,18 +104,24 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
     """Add the arguments of ``lmgen-fast run`` to ``p``."""
     p.add_argument("--input", required=True, metavar="FILE",
                    help="JSONL prompts: one object per line with a unique 'id' (string or "
-                        "integer) and a 'prompt', and optionally max_tokens, temperature, "
-                        "top_k, repetition_penalty, repetition_penalty_range, seed, "
-                        "penalty_scope, penalty_mode, top_p, min_p, frequency_penalty, "
-                        "presence_penalty, logprobs_mode to override the options for that row, "
-                        "and logprobs (0 to 20) to get that row's token log-probabilities; "
-                        "json_schema (an object), regex, grammar (EBNF text), logit_bias "
-                        "({\"ID\": BIAS}) and allowed_token_ids ([IDs]) constrain the row")
+                        "integer) and one of 'prompt' (text), 'prompt_token_ids' (a list of "
+                        "ids, used as given) and 'messages' (a list of {role, content} "
+                        "objects, through the tokenizer's chat template), and optionally "
+                        "max_tokens, temperature, top_k, repetition_penalty, "
+                        "repetition_penalty_range, seed, penalty_scope, penalty_mode, top_p, "
+                        "min_p, frequency_penalty, presence_penalty, logprobs_mode, n, stop, "
+                        "stop_token_ids, min_tokens, include_stop_str_in_output to override "
+                        "the options for that row, and logprobs (0 to 20) to get that row's "
+                        "token log-probabilities; json_schema (an object), regex, grammar "
+                        "(EBNF text), logit_bias ({\"ID\": BIAS}) and allowed_token_ids "
+                        "([IDs]) constrain the row")
     p.add_argument("--output", required=True, metavar="FILE",
                    help="JSONL results, one line per id: id, text, token_ids, finish_reason "
-                        "(eot, stop or length), num_tokens, and for rows with logprobs > 0 "
-                        "logprobs, top_logprobs ([id, logprob] pairs) and logprobs_mode; "
-                        "rerunning the command resumes it")
+                        "(eot, stop or length), stop_reason (the stop string or id, where one "
+                        "fired), num_tokens, and for rows with logprobs > 0 logprobs, "
+                        "top_logprobs ([id, logprob] pairs) and logprobs_mode; a row with 'n' "
+                        "(or every row, with --n) has id and 'samples' instead, a list of n "
+                        "such results in sample order; rerunning the command resumes it")
     p.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE, metavar="N",
                    help=f"rows decoded at once: N slots, where a finished row's slot takes "
                         f"the next prompt (continuous batching; default: {DEFAULT_BATCH_SIZE})")
@@ -207,34 +216,44 @@ def _prepare_output(args: argparse.Namespace, env: DistEnv, output: Path) -> Non
             prepare_output(output, manifest, overwrite=False)
 
 
-def _drop_too_long(args: argparse.Namespace, rows: list[JobRow], prompt_ids: list[list[int]],
-                   invalid: list[InvalidLine], limit: int
-                   ) -> tuple[list[JobRow], list[list[int]]]:
-    """The rows (and their prompt ids) that fit in ``limit`` positions; the others go to
-    ``invalid`` (sorted by line), or stop the job without --skip-invalid."""
-    reasons = {}
+def _problem(row: JobRow, ids: list[int], limit: int | None, vocab: int | None) -> str | None:
+    """Why a row cannot run on this model (an id outside its vocabulary, more positions
+    than it has), or None."""
+    if vocab is not None:
+        try:
+            row.params.check_vocab(vocab)
+        except ValueError as err:
+            return str(err)
+        if row.kind == "prompt_token_ids" and outside_vocab(ids, vocab):
+            return outside_vocab(ids, vocab)
+    need = positions_needed(len(ids), row.max_tokens)
+    if limit is not None and need > limit:
+        return (f"prompt of {len(ids)} tokens plus max_tokens={row.max_tokens} needs {need} "
+                f"positions, beyond the model's max_position_embeddings={limit}")
+    return None
+
+
+def _drop_unfit(args: argparse.Namespace, rows: list[JobRow], prompt_ids: list[list[int]],
+                invalid: list[InvalidLine], limit: int | None, vocab: int | None,
+                grammar: Callable[[JobRow], str | None]
+                ) -> tuple[list[JobRow], list[list[int]]]:
+    """The rows (and their prompt ids) this model can run (see :func:`_problem`) and whose
+    grammar compiles (``grammar(row)``: why not, or None); the others go to ``invalid``
+    (sorted by line), or stop the job without --skip-invalid."""
+    keep = []
     for i, row in enumerate(rows):
-        need = positions_needed(len(prompt_ids[i]), row.max_tokens)
-        if need > limit:
-            reasons[i] = (f"prompt of {len(prompt_ids[i])} tokens plus max_tokens="
-                          f"{row.max_tokens} needs {need} positions, beyond the model's "
-                          f"max_position_embeddings={limit}")
-    return _drop_rows(args, rows, prompt_ids, invalid, reasons)
-
-
-def _drop_rows(args: argparse.Namespace, rows: list[JobRow], prompt_ids: list[list[int]],
-               invalid: list[InvalidLine], reasons: dict[int, str]
-               ) -> tuple[list[JobRow], list[list[int]]]:
-    """The rows (and their prompt ids) without a reason in ``reasons`` (by index); the
-    others go to ``invalid`` (sorted by line), or stop the job without --skip-invalid."""
-    if not reasons:
-        return rows, prompt_ids
-    invalid.extend(InvalidLine(rows[i].line, rows[i].id, why) for i, why in reasons.items())
-    invalid.sort(key=lambda bad: bad.line)
-    if not args.skip_invalid:
-        raise JobError(_first_error(args.input, invalid))
-    keep = [i for i in range(len(rows)) if i not in reasons]
-    return [rows[i] for i in keep], [prompt_ids[i] for i in keep]
+        problem = _problem(row, prompt_ids[i], limit, vocab) or grammar(row)
+        if problem is None:
+            keep.append(i)
+        else:
+            invalid.append(InvalidLine(row.line, row.id, problem))
+    if len(keep) < len(rows):
+        invalid.sort(key=lambda bad: bad.line)
+        if not args.skip_invalid:
+            raise JobError(_first_error(args.input, invalid))
+        rows = [rows[i] for i in keep]
+        prompt_ids = [prompt_ids[i] for i in keep]
+    return rows, prompt_ids
 
 
 def _report(args: argparse.Namespace, env: DistEnv, stats: RunStats, *, prefix: str,
@@ -250,7 +269,8 @@ def _report(args: argparse.Namespace, env: DistEnv, stats: RunStats, *, prefix: 
     slot_note = (f"{batching} batching, {stats.steps} steps, slot utilization "
                  f"{stats.slot_utilization:.1f}%; ") if stats.slot_steps else ""
     print(f"{prefix}{stats.rows} rows, {stats.tokens} tokens in {stats.seconds:.2f} s "
-          f"({rate:.1f} tokens/s) on {device}; {stats.already_done} already done{skipped}; "
+          f"({rate:.1f} tokens/s) on {device} ({threads_note()}); {stats.already_done} "
+          f"already done{skipped}; "
           f"{slot_note}{time.perf_counter() - wall:.1f} s in all; results in {target}",
           file=sys.stderr)
     if spec is not None:
@@ -260,7 +280,8 @@ def _report(args: argparse.Namespace, env: DistEnv, stats: RunStats, *, prefix: 
                    "tokens_per_s": rate, "already_done": stats.already_done,
                    "steps": stats.steps, "slot_steps": stats.slot_steps,
                    "slot_utilization": stats.slot_utilization, "batching": batching,
-                   "batch_size": args.batch_size, "device": str(device), "rank": env.rank}
+                   "batch_size": args.batch_size, "device": str(device), "rank": env.rank,
+                   "threads": torch.get_num_threads()}
         # Under torchrun each rank writes its own summary beside the others.
         path = f"{args.summary}.rank{env.rank}" if env.distributed else args.summary
         write_atomic(path, [(json.dumps(summary) + "\n").encode()])
@@ -286,7 +307,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     defaults = _check_options(args)
     errors_path = (args.errors or args.output + ".errors.jsonl") if args.skip_invalid else None
 
-    rows, invalid = read_jobs(args.input, defaults, args.max_tokens, args.seed)
+    rows, invalid = read_jobs(args.input, defaults, args.max_tokens, args.seed,
+                              samples=args.n is not None)
     if invalid and not args.skip_invalid:
         raise JobError(_first_error(args.input, invalid))
 
@@ -299,11 +321,11 @@ def cmd_run(args: argparse.Namespace) -> int:
     decoder = wrap(model, device)
     limit = (decoder.model.config.max_position_embeddings
              if isinstance(decoder, CachedLlamaDecoder) else None)
-    prompt_ids = encode_prompts(adapter, rows)
-    if limit is not None:
-        rows, prompt_ids = _drop_too_long(args, rows, prompt_ids, invalid, limit)
-    rows, prompt_ids = _drop_rows(args, rows, prompt_ids, invalid,
-                                  constraint_errors(rows, decoder, adapter))
+    prompt_ids = encode_prompts(adapter, rows, args.input)
+    ends = end_ids(model, adapter, None)
+    rows, prompt_ids = _drop_unfit(
+        args, rows, prompt_ids, invalid, limit, vocab_size(decoder, model),
+        lambda row: grammar_problem(row, decoder, adapter, ends))
     if errors_path is not None and env.rank == 0:
         write_atomic(errors_path, [encode_record(bad.record()) for bad in invalid])
 
@@ -326,8 +348,8 @@ def cmd_run(args: argparse.Namespace) -> int:
                 decoder, adapter, [rows[i] for i in todo], [prompt_ids[i] for i in todo],
                 writer, batch_size=args.batch_size, backend=args.backend, limit=limit,
                 cuda_graph=not args.no_cuda_graph, sync_every=args.sync_every,
-                progress=progress, generate=spec,
-                static=args.static_batches,
+                progress=progress, generate=spec, static=args.static_batches,
+                end_ids=ends,
             )
         except KeyboardInterrupt:
             interrupted = True

@@ -67,11 +67,11 @@ def check_bitmask(bitmask: torch.Tensor, batch: int, vocab: int,
 def pack_constraints(rows: Sequence, device: torch.device | str,
                      vocab_size: int | None) -> dict[str, torch.Tensor]:
     """PackedParams' ``bias_ids``, ``bias_vals``, ``allowed`` and ``constraints`` for
-    ``rows`` (SamplingParams; none of the four where no row has a bias or an allowed set),
-    as :class:`lmgen_fast.core.params.PackedParams` documents them."""
+    ``rows`` (SamplingParams), as :class:`lmgen_fast.core.params.PackedParams` documents
+    them: none where no row has a bias, an allowed set, ``min_tokens`` or a grammar."""
     width = max((len(p.logit_bias) for p in rows), default=0)
     allowing = any(p.allowed_token_ids is not None for p in rows)
-    if not width and not allowing:
+    if not (width or allowing or any(p.min_tokens or p.structured for p in rows)):
         return {}
     if allowing and vocab_size is None:
         raise ValueError("allowed_token_ids needs the vocabulary size: pass vocab_size to "
@@ -87,6 +87,6 @@ def pack_constraints(rows: Sequence, device: torch.device | str,
         if allowing else None,
     )
     flags = [(1 if p.logit_bias else 0) | (2 if p.allowed_token_ids is not None else 0)
-             for p in rows]
+             | (4 if p.min_tokens else 0) | (8 if p.structured else 0) for p in rows]
     out["constraints"] = torch.tensor(flags, dtype=torch.int32, device=device)
     return out

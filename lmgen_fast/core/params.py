@@ -115,6 +115,8 @@ class SamplingParams:
 
     Ids are checked against the vocabulary by :meth:`check_vocab` once the model is known.
 
+    Length: one validated field per sampling control, each normalised where it is stored.
+
     Examples
     --------
     >>> SamplingParams(temperature=0.8, top_k=40, seed=1)
@@ -338,8 +340,10 @@ class PackedParams:
     float32 ``[B, K]`` (their biases); ``allowed`` int32 ``[B, ceil(V / 32)]``, the allowed
     set as a token bitmask (:mod:`lmgen_fast.core.bitmask`; all bits set for a row without
     one), built by :meth:`from_rows` from its ``vocab_size``, the only place that knows
-    ``V``; ``constraints`` int32 ``[B]``, bit 1 for a row with a bias, bit 2 for a row with
-    an allowed set (the kernels read the lists of those rows only).
+    ``V``; ``constraints`` int32 ``[B]``, present where some row has a bias, an allowed set,
+    ``min_tokens`` or a grammar (the kernels compile their mask code in only then): bit 1
+    for a row with a bias, 2 with an allowed set, 4 with ``min_tokens``, 8 with a grammar
+    (the kernels read the lists of those rows only).
     """
 
     temperature: torch.Tensor
@@ -394,9 +398,8 @@ class PackedParams:
         def t(values, dtype):
             return torch.tensor(values, dtype=dtype, device=device)
 
-        stops = [list(end_ids) + [i for i in p.stop_token_ids if i not in end_ids]
-                 for p in rows]
-        width = max((len(s) for s in stops), default=0) or 1
+        stops = [row_stop_ids(p, end_ids) for p in rows]
+        width = stop_width(rows, end_ids)
 
         return PackedParams(
             temperature=t([p.temperature for p in rows], torch.float32),
@@ -417,6 +420,16 @@ class PackedParams:
             logprobs=max((p.logprobs for p in rows), default=0),
             **pack_constraints(rows, device, vocab_size),
         )
+
+
+def row_stop_ids(row: SamplingParams, end_ids: Sequence[int]) -> list[int]:
+    """The ids that end ``row`` when drawn: ``end_ids``, then its other ``stop_token_ids``."""
+    return list(end_ids) + [i for i in row.stop_token_ids if i not in end_ids]
+
+
+def stop_width(rows: Sequence[SamplingParams], end_ids: Sequence[int]) -> int:
+    """``S``, the width of :attr:`PackedParams.stop_ids` for ``rows`` (at least 1)."""
+    return max((len(row_stop_ids(p, end_ids)) for p in rows), default=0) or 1
 
 
 def min_p_threshold(min_p: Sequence[float]) -> torch.Tensor:

@@ -19,6 +19,8 @@ from lmgen_fast.engine.results import (
     DecodeStats,
     RowCallback,
     RowLogprobs,
+    RowPair,
+    StopCheck,
     TokenCallback,
     TopLogprobs,
     check_max_batch_size,
@@ -27,6 +29,7 @@ from lmgen_fast.engine.results import (
 from lmgen_fast.engine.slots import supports_slots
 
 __all__ = ["DEFAULT_SLOTS", "SYNC_EVERY_CUDA", "DecodeOutOfMemory", "DecodeStats",
-           "GenerationError", "RowCallback", "RowLogprobs", "RunOptions", "TokenCallback",
+           "GenerationError", "RowCallback", "RowLogprobs", "RowPair", "RunOptions", "StopCheck",
+           "TokenCallback",
            "TopLogprobs", "check_max_batch_size", "check_sync_every", "default_slots",
            "generate_ids", "supports_slots"]

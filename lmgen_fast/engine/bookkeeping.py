@@ -50,8 +50,9 @@ class Ledger(NamedTuple):
     bad_bits: torch.Tensor
 
 
-def book_call(led: Ledger, tokens: torch.Tensor, status: torch.Tensor | None, eos: int,
-              token_lp: torch.Tensor | None = None, top_ids: torch.Tensor | None = None,
+def book_call(led: Ledger, tokens: torch.Tensor, status: torch.Tensor | None,
+              eos: int | torch.Tensor, token_lp: torch.Tensor | None = None,
+              top_ids: torch.Tensor | None = None,
               top_lp: torch.Tensor | None = None) -> KernelCall:
     """The launch of :func:`book`, checked; no torch op runs (it works on ``meta``)."""
     batch, cols = led.out.shape
@@ -80,6 +81,13 @@ def book_call(led: Ledger, tokens: torch.Tensor, status: torch.Tensor | None, eo
             raise ValueError(f"top_ids and top_lp must be [{batch}, {n}] tensors")
         top_ids, top_lp = top_ids.contiguous(), top_lp.float().contiguous()
     dummy = led.out
+    stops, end = 0, eos
+    if isinstance(eos, torch.Tensor):
+        if eos.dim() != 2 or eos.shape[0] != batch or eos.dtype != torch.int64 \
+                or not eos.is_contiguous():
+            raise ValueError(f"stop ids must be a contiguous int64 [{batch}, S] tensor, got "
+                             f"{tuple(eos.shape)} {eos.dtype}")
+        stops, end = eos.shape[1], -1
     return KernelCall(
         "bookkeeping_kernel", (batch,),
         (tokens.contiguous(), status,
@@ -90,15 +98,15 @@ def book_call(led: Ledger, tokens: torch.Tensor, status: torch.Tensor | None, eo
          led.top_lp if n else dummy, cols,
          led.hist, led.hist.shape[1], led.hlen, led.tokens, led.step,
          led.count, led.max_tokens, led.done, led.bad_step, led.bad_bits,
-         int(eos), ignore),
-        dict(LOGPROBS=logprobs, TOP_N=n, NB=next_pow2(n)),
+         int(end), ignore, eos if stops else dummy, max(stops, 1)),
+        dict(LOGPROBS=logprobs, TOP_N=n, NB=next_pow2(n), STOPS=stops, SB=next_pow2(stops)),
         dict(num_warps=1),
     )
 
 
-def book(led: Ledger, tokens: torch.Tensor, status: torch.Tensor | None, eos: int,
-         token_lp: torch.Tensor | None = None, top_ids: torch.Tensor | None = None,
-         top_lp: torch.Tensor | None = None) -> None:
+def book(led: Ledger, tokens: torch.Tensor, status: torch.Tensor | None,
+         eos: int | torch.Tensor, token_lp: torch.Tensor | None = None,
+         top_ids: torch.Tensor | None = None, top_lp: torch.Tensor | None = None) -> None:
     """Book one step's draws into ``led``, in place, in one Triton launch.
 
     Parameters
@@ -110,8 +118,10 @@ def book(led: Ledger, tokens: torch.Tensor, status: torch.Tensor | None, eos: in
     status : IntTensor or None
         ``[B]`` int32 sampler status (:mod:`lmgen_fast.sampling.kernel`); a running row with
         a flag other than ``STATUS_SLOW`` is marked bad and stops. None: no flags.
-    eos : int
-        The id that ends a row (any int; one no token has never matches).
+    eos : int or LongTensor
+        The id that ends every row (any int; one no token has never matches), or int64
+        ``[B, S]`` ids per row (``PackedParams.stop_ids``: the end ids, then the row's
+        ``stop_token_ids``, ``-1`` padded), any of which ends row ``r``.
     token_lp : Tensor, optional
         ``[B]`` float32 (a strided view is fine), when the ledger keeps log-probs.
     top_ids, top_lp : Tensor, optional
@@ -121,9 +131,10 @@ def book(led: Ledger, tokens: torch.Tensor, status: torch.Tensor | None, eos: in
     getattr(_kernels(), call.name)[call.grid](*call.args, **call.constexprs, **call.options)
 
 
-def book_eager(led: Ledger, tokens: torch.Tensor, status: torch.Tensor | None, eos: int,
-               token_lp: torch.Tensor | None = None, top_ids: torch.Tensor | None = None,
-               top_lp: torch.Tensor | None = None, rows: torch.Tensor | None = None) -> None:
+def book_eager(led: Ledger, tokens: torch.Tensor, status: torch.Tensor | None,
+               eos: int | torch.Tensor, token_lp: torch.Tensor | None = None,
+               top_ids: torch.Tensor | None = None, top_lp: torch.Tensor | None = None,
+               rows: torch.Tensor | None = None) -> None:
     """:func:`book` in torch ops: the reference path's bookkeeping, bit for bit today's.
 
     ``rows`` is ``arange(B)`` on the ledger's device (made here when not given).
@@ -137,7 +148,7 @@ def book_eager(led: Ledger, tokens: torch.Tensor, status: torch.Tensor | None, e
         led.bad_step.copy_(torch.where(newly & (led.bad_step < 0), led.step, led.bad_step))
         led.bad_bits.bitwise_or_(torch.where(newly, bits, 0))
         active = active & (bits == 0)
-    eot = tokens == eos
+    eot = ending(tokens, eos)
     at = (rows, led.step)
     led.out.index_put_(at, tokens)
     if token_lp is not None:
@@ -151,3 +162,11 @@ def book_eager(led: Ledger, tokens: torch.Tensor, status: torch.Tensor | None, e
     led.hlen.add_(1)
     led.tokens.copy_(tokens)
     led.step.add_(1)
+
+
+def ending(tokens: torch.Tensor, eos: int | torch.Tensor) -> torch.Tensor:
+    """bool ``[B]``: whether each row's token ``tokens`` (int64 ``[B]``) ends it; ``eos``
+    as for :func:`book`."""
+    if isinstance(eos, torch.Tensor):
+        return (tokens.unsqueeze(1) == eos).any(dim=1)
+    return tokens == eos

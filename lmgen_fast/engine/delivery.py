@@ -15,7 +15,13 @@ import torch
 from lmgen_fast.core.errors import STATUS_EMPTY, EmptyRowError, GenerationError
 from lmgen_fast.core.params import SamplingParams
 from lmgen_fast.core.rows import finish_reason, listed_alternatives
-from lmgen_fast.engine.results import RowCallback, RowLogprobs, RowPair, TokenCallback
+from lmgen_fast.engine.results import (
+    RowCallback,
+    RowLogprobs,
+    RowPair,
+    StopCheck,
+    TokenCallback,
+)
 from lmgen_fast.engine.state import DeviceState
 
 
@@ -56,20 +62,35 @@ class Streamer:
 class Handover:
     """The finished rows of a call: each handed to ``on_row`` as soon as it is finished,
     and all of them returned by :meth:`results` (rows numbered as the caller's).
-    :attr:`stopped` holds the rows (the caller's numbers) that something besides their
-    tokens ended with "stop" (a grammar), each with its stop reason (None for a grammar)."""
+
+    ``end_ids`` are the ids that end a row with "eot"; another id that ended one is a
+    stop id ("stop"); :attr:`stopped` maps the rows that something besides their tokens
+    ended with "stop" to the stop reason: a stop string (found by ``stop_check``, see
+    :class:`StopWatch`), or None for a completed grammar (see
+    :func:`lmgen_fast.engine.grammar.check_rows`).
+    """
 
     def __init__(self, rows: Sequence[SamplingParams], max_tokens: Sequence[int],
-                 on_row: RowCallback | None, return_logprobs: bool):
+                 on_row: RowCallback | None, return_logprobs: bool,
+                 end_ids: Sequence[int] = (), stop_check: StopCheck | None = None):
         self.rows, self.max_tokens = rows, max_tokens
         self.on_row, self.return_logprobs = on_row, return_logprobs
+        self.end_ids, self.stop_check = tuple(end_ids), stop_check
         self.finished: dict[int, tuple[RowPair, RowLogprobs | None]] = {}
-        self.stopped: dict[int, str | int | None] = {}
+        self.stopped: dict[int, str | None] = {}
 
-    def finish(self, i: int, ids: list[int], lp: RowLogprobs | None) -> None:
-        """Row ``i`` is finished with tokens ``ids`` (and log-probabilities ``lp``)."""
-        reason = "stop" if i in self.stopped else finish_reason(len(ids), self.max_tokens[i])
-        pair = (ids, reason)
+    def finish(self, i: int, ids: list[int], lp: RowLogprobs | None,
+               ended_on: int | None = None) -> None:
+        """Row ``i`` is finished with tokens ``ids`` (and log-probabilities ``lp``), on the
+        id ``ended_on`` where an end or stop id ended it (None: unknown, taken as "eot")."""
+        if i in self.stopped:
+            pair = RowPair(ids, "stop", self.stopped[i])
+        elif finish_reason(len(ids), self.max_tokens[i]) == "length":
+            pair = RowPair(ids, "length")
+        elif ended_on is None or ended_on in self.end_ids:
+            pair = RowPair(ids, "eot")
+        else:
+            pair = RowPair(ids, "stop", ended_on)
         self.finished[i] = (pair, lp)
         if self.on_row is not None:
             self.on_row(i, pair, lp if self.return_logprobs else None)
@@ -80,18 +101,59 @@ class Handover:
         ``count`` is ``st.count`` read back."""
         counts = [count[s] for s in slots]
         index = torch.tensor(slots, device=st.out.device)
-        ids = st.out[index, : max(counts)].tolist()
+        # One column more: the id that ended a row that stopped before its cap.
+        ids = st.out[index, : min(max(counts) + 1, st.out.shape[1])].tolist()
         lps: list[RowLogprobs | None] = [None] * len(slots)
         if self.return_logprobs:
             lps = row_logprobs(st, slots, counts, [self.rows[i] for i in inputs])
         for j, i in enumerate(inputs):
-            self.finish(i, ids[j][: counts[j]], lps[j])
+            c = counts[j]
+            self.finish(i, ids[j][:c], lps[j], ids[j][c] if c < len(ids[j]) else None)
 
     def results(self) -> tuple[list[RowPair], list[RowLogprobs | None]]:
         """Every row's ``(token_ids, finish_reason)`` and log-probabilities (None without
         ``return_logprobs``), in the caller's order."""
         got = [self.finished[i] for i in range(len(self.rows))]
         return [pair for pair, _ in got], [lp for _, lp in got]
+
+
+class StopWatch:
+    """Stop strings at host checks: rows whose tokens complete one end there, their later
+    tokens dropped (SPEC section 7). ``stop_check`` decides (see
+    :data:`~lmgen_fast.engine.results.StopCheck`); a row is asked again only when it has
+    new tokens."""
+
+    def __init__(self, stop_check: StopCheck | None, rows: Sequence[SamplingParams],
+                 handover: Handover):
+        self.stop_check, self.rows, self.handover = stop_check, rows, handover
+        self.seen: dict[int, int] = {}
+
+    def cut(self, st: DeviceState, count: list[int], occupant: Sequence[int | None]) -> None:
+        """End the state rows whose tokens complete a stop string: their ``count`` (the list
+        read back, and ``st.count``) cut to the completing token, ``done`` set."""
+        if self.stop_check is None:
+            return
+        ask = [s for s, i in enumerate(occupant)
+               if i is not None and self.rows[i].stop and i not in self.handover.stopped
+               and count[s] > 0 and self.seen.get(i) != count[s]]
+        if not ask:
+            return
+        index = torch.tensor(ask, device=st.out.device)
+        ids = st.out[index, : max(count[s] for s in ask)].tolist()
+        ended, kept = [], []
+        for j, s in enumerate(ask):
+            i = occupant[s]
+            self.seen[i] = count[s]
+            got = self.stop_check(i, ids[j][: count[s]])
+            if got is not None:
+                ended.append(s)
+                kept.append(got[0])
+                count[s] = got[0]
+                self.handover.stopped[i] = got[1]
+        if ended:
+            at = torch.tensor(ended, device=st.out.device)
+            st.count.index_copy_(0, at, torch.tensor(kept, device=st.out.device))
+            st.done.index_fill_(0, at, True)
 
 
 def raise_bad_rows(st: DeviceState, input_rows: Callable[[list[int]], list[int]],

@@ -36,6 +36,7 @@ from lmgen_fast.engine.results import (
     RowCallback,
     RowLogprobs,
     RowPair,
+    StopCheck,
     TokenCallback,
     check_max_batch_size,
     check_sync_every,
@@ -75,7 +76,8 @@ def decode(decoder, prompts: Sequence[Sequence[int]], rows: Sequence[SamplingPar
     batch (None). Adds its steps to ``options.stats`` and a failed capture to
     ``captures``; any failure propagates."""
     if max(max_tokens, default=0) == 0:
-        done = Handover(rows, max_tokens, options.on_row, options.return_logprobs)
+        done = Handover(rows, max_tokens, options.on_row, options.return_logprobs,
+                        options.end_ids)
         for i, row in enumerate(rows):
             done.finish(i, [], empty_logprobs(row.logprobs))  # each row empty, at once
         return done.results()
@@ -137,7 +139,11 @@ class Handout:
             grammars = None  # this part's rows pay nothing for the others' grammars
         return replace(o, backend=backend, grammars=grammars,
                        callback=None if o.callback is None else self.callback,
-                       on_row=None if o.on_row is None else self.on_row)
+                       on_row=None if o.on_row is None else self.on_row,
+                       stop_check=None if o.stop_check is None else self.stop_check)
+
+    def stop_check(self, row: int, ids: list[int]) -> tuple[int, str] | None:
+        return self.options.stop_check(row + self.lo, ids)
 
 
 def first_parts(decoder, n: int, max_batch_size: int | None, backend: str) -> list[Part]:
@@ -221,7 +227,7 @@ def generate_ids(
     prompts: Sequence[Sequence[int]],
     rows: Sequence[SamplingParams],
     max_tokens: Sequence[int],
-    eos_id: int,
+    eos_id: int | Sequence[int],
     *,
     backend: str = "auto",
     callback: TokenCallback | None = None,
@@ -231,6 +237,7 @@ def generate_ids(
     max_batch_size: int | None = None,
     on_row: RowCallback | None = None,
     stats: DecodeStats | None = None,
+    stop_check: StopCheck | None = None,
     grammars: Sequence | None = None,
 ) -> list[RowPair] | tuple[list[RowPair], list[RowLogprobs]]:
     """Sample up to ``max_tokens[r]`` tokens for each prompt (lists of ids) on ``decoder``.
@@ -245,8 +252,9 @@ def generate_ids(
         One per prompt.
     max_tokens : sequence of int
         Per-row caps (already validated, ``>= 0``).
-    eos_id : int
-        The token that ends a row (not returned).
+    eos_id : int or sequence of int
+        The token (or tokens) that end a row, "eot" (not returned). A row's own
+        ``stop_token_ids`` end it too, "stop" (decided on the device, not returned).
     backend : str
         "auto", "reference" or "triton" (see :func:`lmgen_fast.sample`).
     callback : callable, optional
@@ -269,22 +277,28 @@ def generate_ids(
         is finished (``row_logprobs`` None without ``return_logprobs``).
     stats : DecodeStats, optional
         Steps and slot-steps of the call are added to it.
+    stop_check : callable, optional
+        Stop strings: ``stop_check(row, token_ids)`` at each host check for every row with
+        ``stop`` and new tokens; ``(kept, string)`` ends the row there with its first
+        ``kept`` tokens (the later ones, computed before the check, are dropped, never
+        streamed), "stop" (see :class:`lmgen_fast.api.stops.StopStrings`).
     grammars : sequence, optional
         Each row's compiled grammar (None: the row has none), from
         :func:`lmgen_fast.engine.grammar.compile_rows`; None when no row has one (a row
         whose grammar is not given here samples under whatever the state's bitmask holds:
         every token, unless the caller writes it, as ``generate_batch`` and ``lmgen-fast
-        run`` always give the grammars). A run
-        with grammars checks on the host every step and runs its steps eagerly: the host
-        fills each grammar row's token bitmask while the model's forward runs, and a row
-        its grammar completes ends with finish reason "stop".
+        run`` always give the grammars). A run with grammars checks on the host every step
+        and runs its steps eagerly: the host fills each grammar row's token bitmask while
+        the model's forward runs, and a row its grammar completes ends with finish reason
+        "stop" (stop reason None).
 
     Returns
     -------
-    list of (token_ids, finish_reason)
-        Per row, in the order of ``prompts``, ``finish_reason`` "eot", "stop" (its grammar
-        ended it) or "length"; with
-        ``return_logprobs`` also the list of :class:`RowLogprobs`.
+    list of RowPair
+        Per row, in the order of ``prompts``, ``(token_ids, finish_reason)`` with
+        ``finish_reason`` "eot", "stop" or "length" and ``stop_reason`` the stop id or
+        string (None where a grammar ended the row); with ``return_logprobs`` also the
+        list of :class:`RowLogprobs`.
 
     Raises
     ------
@@ -307,7 +321,8 @@ def generate_ids(
     check_max_batch_size(max_batch_size)
     if grammars is not None and len(grammars) != len(prompts):
         raise ValueError(f"grammars has {len(grammars)} entries for {len(prompts)} prompts")
-    options = RunOptions(eos_id, backend, callback, return_logprobs, cuda_graph, sync_every,
-                         on_row, stats, grammars)
+    ends = (eos_id,) if isinstance(eos_id, int) else tuple(int(e) for e in eos_id)
+    options = RunOptions(ends, backend, callback, return_logprobs, cuda_graph, sync_every,
+                         on_row, stats, stop_check, grammars)
     pairs, lps = run_parts(decoder, prompts, rows, max_tokens, options, max_batch_size)
     return (pairs, lps) if return_logprobs else pairs

@@ -289,7 +289,7 @@ def open_rows(grammars: Sequence | None, batch: int, vocab_size: int,
 
 
 def check_rows(grammar: GrammarRows | None, st: DeviceState, count: list[int],
-               stopped: dict[int, str | int | None],
+               stopped: dict[int, str | None],
                occupant: Sequence[int | None]) -> None:
     """At a host check of ``st`` (``count``: its tokens per row, read back): advance the
     matchers, drop those of finished rows, and end the rows whose grammar admits nothing
@@ -305,4 +305,5 @@ def check_rows(grammar: GrammarRows | None, st: DeviceState, count: list[int],
     if ended:
         st.done.index_fill_(0, torch.tensor(ended, device=st.done.device), True)
         for s in ended:
-            stopped[occupant[s]] = None
+            # A stop string completed by the same token keeps its reason.
+            stopped.setdefault(occupant[s], None)

@@ -14,8 +14,8 @@ from dataclasses import dataclass
 import torch
 
 from lmgen_fast.core.intmath import round_up
-from lmgen_fast.core.params import SamplingParams
-from lmgen_fast.engine.results import DecodeStats, RowCallback, TokenCallback
+from lmgen_fast.core.params import SamplingParams, stop_width
+from lmgen_fast.engine.results import DecodeStats, RowCallback, StopCheck, TokenCallback
 from lmgen_fast.engine.state import Layout, resident
 from lmgen_fast.sampling import kernel as kernel_sampler
 
@@ -30,12 +30,13 @@ STEP_ROUND = 64
 @dataclass(frozen=True)
 class RunOptions:
     """How a call of :func:`lmgen_fast.engine.generate_ids` runs, besides its rows (see
-    there): ``eos_id``, ``backend``, the callbacks, ``return_logprobs``, ``cuda_graph``,
-    ``sync_every`` (None: the device's default) and the ``stats`` to add to.
+    there): ``eos_id`` (one end id or several), ``backend``, the callbacks,
+    ``return_logprobs``, ``cuda_graph``, ``sync_every`` (None: the device's default), the
+    ``stats`` to add to and ``stop_check`` (stop strings, at host checks).
     ``grammars``: each row's compiled grammar (None: none) from
     :func:`lmgen_fast.engine.grammar.compile_rows`, or None when no row has one."""
 
-    eos_id: int
+    eos_id: int | tuple[int, ...]
     backend: str = "auto"
     callback: TokenCallback | None = None
     return_logprobs: bool = False
@@ -43,7 +44,13 @@ class RunOptions:
     sync_every: int | None = None
     on_row: RowCallback | None = None
     stats: DecodeStats | None = None
+    stop_check: StopCheck | None = None
     grammars: Sequence | None = None
+
+    @property
+    def end_ids(self) -> tuple[int, ...]:
+        """The ids that end every row (``eos_id`` as a tuple)."""
+        return (self.eos_id,) if isinstance(self.eos_id, int) else tuple(self.eos_id)
 
 
 @dataclass(frozen=True)
@@ -119,7 +126,7 @@ def plan_run(rows: Sequence[SamplingParams], max_tokens: Sequence[int], base: Se
         max_top_k, draw, nucleus_rows = kernel_sampler.host_hints(rows, None, len(rows))
         nucleus = kernel_sampler.NUCLEUS_CANDIDATES if nucleus_rows else 0
     lay = Layout(batch, cols, hist, width, max_top_k, nucleus, top_n, options.return_logprobs,
-                 options.eos_id, kernel, device,
+                 stop_width(rows, options.end_ids), kernel, device,
                  bitmask=any(r.structured is not None for r in rows))
     fused = None if facts.fused is None else kernel and facts.fused
     return Plan(lay, graph_cls, sync_every, penalized, fused, draw)

@@ -73,7 +73,7 @@ def prepare(decoder, rows: Sequence[SamplingParams], max_tokens: Sequence[int],
     plan = plan_run(rows, max_tokens, base, options, facts, device, batch)
     if plan.fused is not None:
         decoder.fused = plan.fused
-    packed = PackedParams.from_rows(rows, device, end_ids=(options.eos_id,), vocab_size=vocab)
+    packed = PackedParams.from_rows(rows, device, end_ids=options.end_ids, vocab_size=vocab)
     if plan.draw_seeds:
         packed = replace(packed, seed=fill_unseeded(packed.seed, packed.seeded))
     return Prepared(plan, packed, take_state(decoder, plan.layout, packed, vocab))

@@ -9,8 +9,36 @@ from typing import NamedTuple
 
 TokenCallback = Callable[[int, int], None]
 TopLogprobs = list[list[tuple[int, float]]]
-# One row's (token ids, finish reason).
-RowPair = tuple[list[int], str]
+# Stop strings, asked at host checks: ``stop_check(row, token_ids)`` gives ``(kept, string)``
+# where the row's tokens so far complete a stop string (it keeps ``token_ids[:kept]``), else
+# None.
+StopCheck = Callable[[int, list[int]], "tuple[int, str] | None"]
+
+
+class RowPair(tuple):
+    """One row's ``(token_ids, finish_reason)``, a pair (it unpacks and compares as one),
+    with the ``stop_reason`` as an attribute: the stop string or stop id that ended the row
+    (``finish_reason`` "stop"), else None. ``finish_reason`` is "eot" (an end id), "stop"
+    or "length" (``max_tokens``)."""
+
+    stop_reason: str | int | None
+
+    def __new__(cls, token_ids: list[int], finish_reason: str,
+                stop_reason: str | int | None = None) -> RowPair:
+        pair = super().__new__(cls, (token_ids, finish_reason))
+        pair.stop_reason = stop_reason
+        return pair
+
+    def __getnewargs__(self) -> tuple:
+        return (*self, self.stop_reason)
+
+    @property
+    def token_ids(self) -> list[int]:
+        return self[0]
+
+    @property
+    def finish_reason(self) -> str:
+        return self[1]
 
 
 class RowLogprobs(NamedTuple):

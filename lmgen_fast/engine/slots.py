@@ -7,9 +7,11 @@ state rows reset (:func:`~lmgen_fast.engine.state.admit`), while the other rows 
 The step keeps its shape (its CUDA graphs are reused), and a row's noise and output
 column follow its own step counter, so a seeded row's tokens do not depend on its slot or
 on when it entered. Prompts are admitted longest ``max_tokens`` first, so that the run
-ends on short rows. Once the queue is empty, the batch halves whenever the live rows fit
-in half of it (:meth:`Seating.compact`): the tail's long rows do not keep computing empty
-slots, and the step takes at most one shape per halving.
+ends on short rows. A prompt whose keys and values a slot still holds (another sample of
+it, running or just finished) is copied there, not prefilled again. Once the queue is
+empty, the batch halves whenever the live rows fit in half of it
+(:meth:`Seating.compact`): the tail's long rows do not keep computing empty slots, and the
+step takes at most one shape per halving.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ import torch
 from lmgen_fast.core.errors import EmptyRowError, GenerationError
 from lmgen_fast.core.params import PackedParams, SamplingParams
 from lmgen_fast.core.rows import positions_needed, prompt_base, prompt_history, window_width
-from lmgen_fast.engine.delivery import Handover, Streamer, raise_bad_rows
+from lmgen_fast.engine.delivery import Handover, StopWatch, Streamer, raise_bad_rows
 from lmgen_fast.engine.grammar import GrammarRows, check_rows, open_rows
 from lmgen_fast.engine.plan import Plan, RunOptions
 from lmgen_fast.engine.prepare import prepare
@@ -46,6 +48,9 @@ class Seating:
     rows writes their cache rows (``decoder.refill``) and state rows; a :class:`Streamer`
     follows the slots' rows (``streamer``), and so do the grammar matchers (``grammar``,
     None where no row has a grammar; ``grammars`` holds each input row's).
+
+    Length: every refill, park and compaction moves the slot table, the prompts' cache
+    holders and the grammar matchers together, in one place.
     """
 
     def __init__(self, decoder, prompts: Sequence[Sequence[int]],
@@ -60,6 +65,9 @@ class Seating:
         self.origin = [0] * slots
         self.grammar: GrammarRows | None = None
         self.grammars: Sequence | None = None
+        # Prompt -> a slot whose cache holds its keys and values (the last row admitted
+        # with it, running or just finished, until the slot is parked or taken).
+        self.held: dict[tuple[int, ...], int] = {}
 
     def live(self) -> list[int]:
         """The slots that hold a row."""
@@ -84,9 +92,12 @@ class Seating:
                   prompt_history([self.prompts[i] for i in take], base),
                   [self.rows[i].repetition_penalty_range for i in take],
                   [self.max_tokens[i] for i in take], base, [self.prompts[i][-1] for i in take])
-            self.decoder.refill(slots, [self.prompts[i] for i in take], bound)
+            holders = [self.held.get(tuple(self.prompts[i])) for i in take]
+            shared = {"copy_from": holders} if any(h is not None for h in holders) else {}
+            self.decoder.refill(slots, [self.prompts[i] for i in take], bound, **shared)
             if self.grammar is not None:
                 self.grammar.admit(slots, [self.grammars[i] for i in take])
+        self.hold(slots, take, idle)
         if idle:
             # Re-parked at every check: their positions, history and columns restart at 0.
             park(st, torch.tensor(idle, device=dev))
@@ -94,6 +105,14 @@ class Seating:
             if self.grammar is not None:
                 self.grammar.park(idle)
         self.decoder.kv_len = bound
+
+    def hold(self, slots: list[int], take: list[int], idle: list[int]) -> None:
+        """Follow which slot holds which prompt's keys and values: ``slots`` took the rows
+        ``take``, ``idle`` were parked (their cache is written from position 0 on)."""
+        gone = set(slots) | set(idle)
+        self.held = {p: s for p, s in self.held.items() if s not in gone}
+        for s, i in zip(slots, take, strict=True):
+            self.held[tuple(self.prompts[i])] = s
 
     def compact(self, st: DeviceState) -> DeviceState:
         """``st`` halved while the live rows fit in half of it: their cache rows, state rows
@@ -114,6 +133,8 @@ class Seating:
             self.grammar.keep(keep)
         for name in ("occupant", "entered", "origin"):
             setattr(self, name, [getattr(self, name)[s] for s in keep])
+        where = {s: j for j, s in enumerate(keep)}
+        self.held = {p: where[s] for p, s in self.held.items() if s in where}
         return small
 
 
@@ -125,9 +146,9 @@ class SlotRun:
     rows."""
 
     def __init__(self, plan: Plan, state: DeviceState, stepper: Stepper, seating: Seating,
-                 handover: Handover):
+                 handover: Handover, stops: StopWatch):
         self.plan, self.state, self.stepper, self.seating = plan, state, stepper, seating
-        self.streamer, self.handover = seating.streamer, handover
+        self.streamer, self.handover, self.stops = seating.streamer, handover, stops
         self.rows, self.max_tokens, self.base = seating.rows, seating.max_tokens, seating.base
         self.steps = self.slot_steps = 0
 
@@ -145,10 +166,12 @@ class SlotRun:
         self.stepper.advance(self.state, lambda: self.width(step))
 
     def check(self, step: int) -> bool:
-        """Wait for the device at run step ``step``: stream new tokens, raise for bad rows,
-        harvest finished rows and refill their slots. Returns True when all is done."""
+        """Wait for the device at run step ``step``: end rows on their stop strings, stream
+        new tokens, raise for bad rows, end rows their grammar completes, harvest finished
+        rows and refill their slots. Returns True when all is done."""
         st, seat = self.state, self.seating
         count = st.count.tolist()
+        self.stops.cut(st, count, seat.occupant)
         self.streamer.stream(st, count, seat.occupant)
         raise_bad_rows(st, lambda rows: [seat.occupant[r] for r in rows], self.partial)
         check_rows(seat.grammar, st, count, self.handover.stopped, seat.occupant)
@@ -228,10 +251,11 @@ def open_slots(decoder, prompts: Sequence[Sequence[int]], rows: Sequence[Samplin
     seating.grammar = grammar = open_rows(options.grammars, slots,
                                           decoder.model.config.vocab_size, device)
     seating.grammars = options.grammars
-    handover = Handover(rows, max_tokens, options.on_row, options.return_logprobs)
+    handover = Handover(rows, max_tokens, options.on_row, options.return_logprobs,
+                        options.end_ids)
     for i, m in enumerate(max_tokens):
         if m == 0:
             handover.finish(i, [], empty_logprobs(rows[i].logprobs))
     return SlotRun(got.plan, got.state,
                    Stepper(decoder, got.plan.graph_cls, grammar and grammar.prepare), seating,
-                   handover)
+                   handover, StopWatch(options.stop_check, rows, handover))

@@ -37,7 +37,7 @@ class Layout:
     nucleus: int
     top_n: int  # top alternatives kept per token (0: none)
     logprobs: bool
-    eos: int
+    stops: int  # width of the packed stop ids (the end ids, then each row's stop ids)
     kernel: bool
     device: torch.device
     bitmask: bool = False  # the state holds a per-step token bitmask (a grammar row runs)
@@ -261,7 +261,7 @@ def sample_reference(st: DeviceState, logits: torch.Tensor, width: int) -> None:
         got = reference.sample(logits, st.packed, window, step=st.step,
                                return_logprobs=lay.logprobs, token_bitmask=st.bitmask)
         tokens, slp = got if lay.logprobs else (got, None)
-    bookkeeping.book_eager(st.ledger, tokens, status, lay.eos,
+    bookkeeping.book_eager(st.ledger, tokens, status, st.packed.stop_ids,
                            *((slp.token_logprob, slp.top_ids, slp.top_logprobs)
                              if slp is not None else ()), rows=st.rows)
 
@@ -295,4 +295,4 @@ def sample_kernels(st: DeviceState, logits: torch.Tensor) -> None:
         top = (slp.token_logprob,) + ((slp.top_ids, slp.top_logprobs)
                                       if st.top_ids is not None else ())
     # A bookkeeping kernel that fails to build falls back as the sampler's would.
-    guarded(bookkeeping.book, st.ledger, tokens, status, lay.eos, *top)
+    guarded(bookkeeping.book, st.ledger, tokens, status, st.packed.stop_ids, *top)

@@ -10,7 +10,7 @@ import torch
 from lmgen_fast.core.errors import EmptyRowError, GenerationError
 from lmgen_fast.core.params import SamplingParams
 from lmgen_fast.core.rows import prompt_base, prompt_history, window_width
-from lmgen_fast.engine.delivery import Handover, Streamer, raise_bad_rows
+from lmgen_fast.engine.delivery import Handover, StopWatch, Streamer, raise_bad_rows
 from lmgen_fast.engine.grammar import check_rows, open_rows
 from lmgen_fast.engine.plan import RunOptions
 from lmgen_fast.engine.prepare import prepare
@@ -40,7 +40,9 @@ class StaticRun:
                                  admit=True)
         self.stepper = Stepper(decoder, got.plan.graph_cls, self.grammar and self.grammar.prepare)
         self.streamer = Streamer(options.callback, batch)
-        self.handover = Handover(rows, max_tokens, options.on_row, options.return_logprobs)
+        self.handover = Handover(rows, max_tokens, options.on_row, options.return_logprobs,
+                                 options.end_ids)
+        self.stops = StopWatch(options.stop_check, rows, self.handover)
         self.identity = list(range(batch))
         hist0 = prompt_history(prompts, self.base)
         load(self.state, got.packed, hist0.to(self.state.layout.device),
@@ -59,12 +61,11 @@ class StaticRun:
         self.stepper.advance(self.state, lambda: self.width(step))
 
     def check(self) -> bool:
-        """Wait for the device: hand new tokens to the callback, raise for bad rows.
-
-        Returns True when every row is done.
-        """
+        """Wait for the device: end rows on their stop strings, hand new tokens to the
+        callback, raise for bad rows, end rows their grammar completes; True when all done."""
         st = self.state
         count = st.count.tolist()
+        self.stops.cut(st, count, self.identity)
         self.streamer.stream(st, count, self.identity)
         raise_bad_rows(st, lambda rows: rows, self.partial)
         check_rows(self.grammar, st, count, self.handover.stopped, self.identity)

@@ -1,6 +1,6 @@
-"""A job's rows checked against the model before generating: token ids inside its
-vocabulary (``stop_token_ids``, ``logit_bias``, ``allowed_token_ids``) and a
-``json_schema``, ``regex`` or ``grammar`` that compiles for its tokenizer."""
+"""A job row's ``json_schema``, ``regex`` or ``grammar`` checked against the model before
+generating: it must compile for the model's tokenizer and logits (ids inside the
+vocabulary are checked with the other per-model problems, by ``lmgen-fast run``)."""
 
 from __future__ import annotations
 
@@ -12,20 +12,16 @@ from lmgen_fast.engine.grammar import compile_grammar
 from lmgen_fast.jobs.inputs import JobRow
 
 
-def constraint_errors(rows: Sequence[JobRow], decoder,
-                      adapter: TokenizerAdapter) -> dict[int, str]:
-    """The rows (by index) that cannot run on ``decoder``'s model with ``adapter``'s
-    tokenizer, each with the reason: an id outside the vocabulary, or a grammar that does
-    not compile (the source and xgrammar's reason). Compiled grammars stay cached for the
-    run."""
-    width = logits_width(decoder, adapter)
-    bad = {}
-    for i, row in enumerate(rows):
-        try:
-            row.params.check_vocab(width)
-            if row.params.structured is not None:
-                compile_grammar(*row.params.structured, adapter.tokenizer, width,
-                                [adapter.eos_id])
-        except ValueError as err:
-            bad[i] = str(err)
-    return bad
+def grammar_problem(row: JobRow, decoder, adapter: TokenizerAdapter,
+                    end_ids: Sequence[int]) -> str | None:
+    """Why ``row``'s grammar does not compile for ``decoder``'s model and ``adapter``'s
+    tokenizer with ``end_ids`` as its stop tokens (the source and xgrammar's reason), or
+    None (no grammar, or one that compiles: it stays cached for the run)."""
+    if row.params.structured is None:
+        return None
+    try:
+        compile_grammar(*row.params.structured, adapter.tokenizer,
+                        logits_width(decoder, adapter), end_ids)
+    except ValueError as err:
+        return str(err)
+    return None

@@ -14,14 +14,21 @@ from collections.abc import Sequence
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
-from lmgen_fast.api.tokenization import TokenizerAdapter
+from lmgen_fast.api.tokenization import (
+    TokenizerAdapter,
+    check_messages,
+    encode_messages,
+    encode_token_ids,
+)
 from lmgen_fast.core.errors import CLIError
 from lmgen_fast.core.params import STRUCTURED_FIELDS, SamplingParams
 from lmgen_fast.core.rows import positions_needed
 from lmgen_fast.jobs.jsonl import id_key
 
 PARAM_FIELDS = tuple(f.name for f in fields(SamplingParams))
-KNOWN_FIELDS = ("id", "prompt", "max_tokens", *PARAM_FIELDS)
+# A line's prompt: exactly one of these (SPEC section 7's prompt forms).
+PROMPT_FIELDS = ("prompt", "prompt_token_ids", "messages")
+KNOWN_FIELDS = ("id", *PROMPT_FIELDS, "max_tokens", *PARAM_FIELDS)
 SEED_MASK = 2**63 - 1
 
 
@@ -46,13 +53,21 @@ class LineError(ValueError):
 
 @dataclass(frozen=True)
 class JobRow:
-    """One valid input line: its id, 1-based line number, prompt and sampling settings."""
+    """One valid input line: its id, 1-based line number, prompt and sampling settings.
+
+    ``kind`` names the prompt's form (one of :data:`PROMPT_FIELDS`): ``prompt`` is then a
+    str, a list of token ids, or a list of ``{"role", "content"}`` messages. ``samples``:
+    the result line holds ``"samples"``, a list of ``params.n`` results (the line, or the
+    run's ``--n``, asked for ``n``), instead of one result's fields.
+    """
 
     id: str | int
     line: int
-    prompt: str
+    prompt: str | list[int] | list[dict]
     params: SamplingParams
     max_tokens: int
+    kind: str = "prompt"
+    samples: bool = False
 
     @property
     def key(self) -> str:
@@ -144,10 +159,34 @@ def structured_overrides(overrides: dict) -> dict:
     return overrides
 
 
+def _prompt(obj: dict, row_id: str | int) -> tuple[str, str | list]:
+    """The line's prompt field and its value, checked: exactly one of PROMPT_FIELDS."""
+    given = [k for k in PROMPT_FIELDS if k in obj]
+    if not given:
+        raise LineError("missing prompt (give one of prompt, prompt_token_ids, messages)",
+                        row_id)
+    if len(given) > 1:
+        raise LineError(f"give one of prompt, prompt_token_ids and messages, got "
+                        f"{' and '.join(given)}", row_id)
+    kind, value = given[0], obj[given[0]]
+    try:
+        if kind == "prompt_token_ids":
+            return kind, encode_token_ids(value, 0)
+        if kind == "messages":
+            return kind, check_messages(value, 0)
+    except ValueError as err:
+        # The library names the call's n-th prompt; a line has one.
+        raise LineError(str(err).replace(f"{kind}[0]", kind), row_id) from None
+    if not isinstance(value, str):
+        raise LineError(f"prompt must be a string, got {_json_type(value)}", row_id)
+    return kind, value
+
+
 def parse_line(
-    obj: object, defaults: SamplingParams, max_tokens: int, run_seed: int | None
-) -> tuple[str | int, str, SamplingParams, int]:
-    """Check one decoded input object; return its id, prompt, parameters and max_tokens.
+    obj: object, defaults: SamplingParams, max_tokens: int, run_seed: int | None,
+    samples: bool = False,
+) -> JobRow:
+    """Check one decoded input object; return its row (``line`` 0: the caller's to set).
 
     Parameters
     ----------
@@ -159,6 +198,8 @@ def parse_line(
         The command line's ``--max-tokens``.
     run_seed : int or None
         The command line's ``--seed``: rows without a ``seed`` get :func:`derive_seed`.
+    samples : bool
+        The run's ``--n`` was given: every line's result holds ``"samples"``.
 
     Raises
     ------
@@ -179,11 +220,8 @@ def parse_line(
             f"unknown field{'s' if len(unknown) > 1 else ''} {names} "
             f"(known: {', '.join(KNOWN_FIELDS)})", row_id,
         )
-    if "prompt" not in obj:
-        raise LineError("missing prompt", row_id)
-    prompt = obj["prompt"]
-    if not isinstance(prompt, str):
-        raise LineError(f"prompt must be a string, got {_json_type(prompt)}", row_id)
+    kind, prompt = _prompt(obj, row_id)
+    # logit_bias keyed by JSON strings ("5": token 5) is SamplingParams' to read.
     overrides = structured_overrides({k: obj[k] for k in PARAM_FIELDS if k in obj})
     if "seed" not in overrides and run_seed is not None:
         overrides["seed"] = derive_seed(run_seed, row_id)
@@ -192,7 +230,13 @@ def parse_line(
         cap = _check_max_tokens(obj["max_tokens"]) if "max_tokens" in obj else max_tokens
     except ValueError as err:
         raise LineError(str(err), row_id) from None
-    return row_id, prompt, params, cap
+    if params.min_tokens > cap:
+        raise LineError(f"min_tokens {params.min_tokens} is above max_tokens {cap}", row_id)
+    if params.seed is not None and params.seed + params.n > SEED_MASK + 1:
+        # Sample j is seeded seed + j, which must stay a seed.
+        raise LineError(f"seed {params.seed} leaves no room for n={params.n} samples (seed + "
+                        "n - 1 must stay below 2**63)", row_id)
+    return JobRow(row_id, 0, prompt, params, cap, kind, samples or "n" in obj)
 
 
 def read_jobs(
@@ -200,19 +244,22 @@ def read_jobs(
     defaults: SamplingParams,
     max_tokens: int,
     run_seed: int | None = None,
+    samples: bool = False,
 ) -> tuple[list[JobRow], list[InvalidLine]]:
     """Read and validate every line of a JSONL input file.
 
     Blank lines are ignored. A line is invalid when it is not UTF-8 or not JSON, is not an
-    object, lacks an ``id`` (string or integer) or a string ``prompt``, repeats an earlier id,
-    has a field other than ``id``, ``prompt``, ``max_tokens`` and the fields of
-    :class:`SamplingParams`, or has a value that those reject.
+    object, lacks an ``id`` (string or integer), has not exactly one of a string ``prompt``,
+    a ``prompt_token_ids`` list of ids and a ``messages`` list of ``{"role", "content"}``
+    objects, repeats an earlier id, has a field other than those, ``max_tokens`` and the
+    fields of :class:`SamplingParams`, has a value that those reject, or a ``min_tokens``
+    above its ``max_tokens``.
 
     Parameters
     ----------
     path : str or Path
         The input file.
-    defaults, max_tokens, run_seed
+    defaults, max_tokens, run_seed, samples
         As for :func:`parse_line`.
 
     Returns
@@ -252,23 +299,56 @@ def read_jobs(
                     continue
                 first_line[key] = number
             try:
-                row_id, prompt, params, cap = parse_line(obj, defaults, max_tokens, run_seed)
+                row = parse_line(obj, defaults, max_tokens, run_seed, samples)
             except LineError as err:
                 invalid.append(InvalidLine(number, err.row_id, str(err)))
                 continue
-            rows.append(JobRow(row_id, number, prompt, params, cap))
+            rows.append(replace(row, line=number))
     return rows, invalid
 
 
-def encode_prompts(adapter, rows: Sequence[JobRow]) -> list[list[int]]:
-    """Each row's prompt ids (``[BOT]`` + ids of ``" " + prompt``), batched when possible."""
+def outside_vocab(ids: Sequence[int], vocab: int | None) -> str | None:
+    """Why prompt token ids cannot run on a model of ``vocab`` tokens (the first id outside
+    ``[0, vocab)``), or None (also when ``vocab`` is unknown)."""
+    bad = next((t for t in ids if vocab is not None and not 0 <= t < vocab), None)
+    if bad is None:
+        return None
+    return f"prompt_token_ids has token id {bad}, outside the vocabulary [0, {vocab})"
+
+
+def encode_prompts(adapter, rows: Sequence[JobRow], path: str | Path | None = None
+                   ) -> list[list[int]]:
+    """Each row's prompt ids: the adapter's encoding for text (batched when
+    possible), token ids as given, messages through the tokenizer's chat template.
+
+    Raises
+    ------
+    JobError
+        A row with messages and a tokenizer without a chat template: ``PATH:LINE: why``
+        (``path``: the input file; without it ``line LINE: why``).
+    """
+    out: list[list[int]] = [[] for _ in rows]
+    text = [i for i, r in enumerate(rows) if r.kind == "prompt"]
     tokenizer = adapter.tokenizer
     if type(adapter) is TokenizerAdapter and hasattr(tokenizer, "encode_batch"):
         # Same ids as adapter.encode_prompt (tokenizers' encode and encode_batch share their
         # defaults), computed in parallel: it matters for inputs of millions of rows.
-        encoded = tokenizer.encode_batch([" " + r.prompt for r in rows])
-        return [[adapter.bos_id, *e.ids] for e in encoded]
-    return [adapter.encode_prompt(r.prompt) for r in rows]
+        encoded = tokenizer.encode_batch([" " + rows[i].prompt for i in text])
+        for i, e in zip(text, encoded, strict=True):
+            out[i] = [*adapter.prefix(), *e.ids]
+    else:
+        for i in text:
+            out[i] = adapter.encode_prompt(rows[i].prompt)
+    for i, row in enumerate(rows):
+        if row.kind == "prompt_token_ids":
+            out[i] = list(row.prompt)
+        elif row.kind == "messages":
+            try:
+                out[i] = encode_messages(adapter, row.prompt, 0)
+            except ValueError as err:
+                where = f"{path}:" if path is not None else "line "
+                raise JobError(f"{where}{row.line}: {err}") from None
+    return out
 
 
 def plan_batches(
@@ -279,7 +359,8 @@ def plan_batches(
 ) -> list[list[int]]:
     """Group row indices into batches of similar prompt length.
 
-    Rows are sorted by prompt length (then line) so that a batch pads little. A batch's
+    Rows are sorted by prompt length (then line) so that a batch pads little. A batch holds
+    at most ``batch_size`` samples (a row counts its ``n``; one row of more is a batch). A batch's
     cache is sized by its longest prompt plus its largest ``max_tokens``, so with a position
     ``limit`` a batch is also closed before that sum would exceed it.
 
@@ -291,15 +372,15 @@ def plan_batches(
     order = sorted(range(len(rows)), key=lambda i: (len(prompt_ids[i]), rows[i].line))
     batches: list[list[int]] = []
     current: list[int] = []
-    longest = cap = 0
+    longest = cap = size = 0
     for i in order:
-        n, m = len(prompt_ids[i]), rows[i].max_tokens
+        n, m, k = len(prompt_ids[i]), rows[i].max_tokens, rows[i].params.n
         fits = limit is None or positions_needed(max(longest, n), max(cap, m)) <= limit
-        if current and (len(current) >= batch_size or not fits):
+        if current and (size + k > batch_size or not fits):
             batches.append(current)
-            current, longest, cap = [], 0, 0
+            current, longest, cap, size = [], 0, 0, 0
         current.append(i)
-        longest, cap = max(longest, n), max(cap, m)
+        longest, cap, size = max(longest, n), max(cap, m), size + k
     if current:
         batches.append(current)
     return batches

@@ -5,12 +5,15 @@ sampling settings, another input file or another model would mix results silentl
 ``lmgen-fast run`` writes ``OUTPUT.manifest.json`` before its first row and compares it on
 every rerun. Compared (a difference refuses the run, exit status 2):
 
-* ``settings``: every option that changes a row's tokens (``--max-tokens``, the sampling
-  options, ``--seed``);
+* ``settings``: every option that changes a row's tokens or its result line
+  (``--max-tokens``, the sampling options, ``--seed``, ``--n``, the stop options);
 * ``input``: the SHA-256 of the input file's bytes (its path is recorded, not compared, so
   a job survives a moved input);
 * ``model``: the embedded model's version and the digest of its files, or the digest of a
   ``--model`` directory's config, weight and tokenizer files, and of ``--tokenizer``.
+
+``lmgen-fast score`` writes the same manifest with its own settings and ``"command":
+"score"``: an output of one command is never resumed by the other.
 
 Recorded, not compared: the lmgen-fast version (another version warns), the device and the
 backend (a job may move between machines; seeded rows sample the same tokens on every
@@ -23,7 +26,7 @@ import hashlib
 import json
 import os
 import sys
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from importlib import resources
 from pathlib import Path
 
@@ -38,13 +41,15 @@ SUFFIX = ".manifest.json"
 RESULT_OPTIONS = (
     "max_tokens", "temperature", "top_k", "repetition_penalty", "penalty_range",
     "penalty_scope", "penalty_mode", "top_p", "min_p", "frequency_penalty",
-    "presence_penalty", "seed", "logprobs_mode", "json_schema", "regex", "grammar",
-    "logit_bias", "allowed_token_ids",
+    "presence_penalty", "seed", "logprobs_mode", "n", "stop", "stop_token_id", "min_tokens",
+    "include_stop_str", "json_schema", "regex", "grammar", "logit_bias", "allowed_token_ids",
 )
 # Result-changing options added after format 1 was fixed, with the value that outputs made
 # before them were made with, so that those outputs still resume.
-_LATER_OPTIONS = {"logprobs_mode": "raw", "json_schema": None, "regex": None,
-                  "grammar": None, "logit_bias": None, "allowed_token_ids": None}
+_LATER_OPTIONS = {"logprobs_mode": "raw", "n": None, "stop": None, "stop_token_id": None,
+                  "min_tokens": 0, "include_stop_str": False, "json_schema": None,
+                  "regex": None, "grammar": None, "logit_bias": None,
+                  "allowed_token_ids": None}
 # Files of a checkpoint directory that decide its outputs; anything else (a README, logs,
 # optimizer state under another name) may change without changing the model.
 _MODEL_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json",
@@ -128,15 +133,21 @@ def model_identity(model_dir: str | None, tokenizer_file: str | None) -> dict:
     return {"model": model, "tokenizer": tokenizer}
 
 
-def build_manifest(args, identity: Mapping) -> dict:
+def build_manifest(args, identity: Mapping, *, options: Sequence[str] = RESULT_OPTIONS,
+                   command: str = "run") -> dict:
     """The manifest of a ``run`` with options ``args`` and :func:`model_identity` ``identity``.
 
     Parameters
     ----------
     args : argparse.Namespace
-        The options of ``lmgen-fast run``.
+        The options of ``lmgen-fast run`` (or of ``command``).
     identity : mapping
         From :func:`model_identity`.
+    options : sequence of str
+        The options (argparse dests) whose values change a result: ``settings``.
+    command : str
+        The command that writes the output; another command's output is never resumed
+        (recorded as ``command`` for any but ``run``).
 
     Returns
     -------
@@ -145,15 +156,18 @@ def build_manifest(args, identity: Mapping) -> dict:
         ``tokenizer`` and ``recorded`` (device and backend, never compared). Nothing in it
         depends on the output path or the rank, so every rank of a job writes the same one.
     """
-    return {
+    manifest = {
         "format": FORMAT,
         "lmgen_fast": __version__,
-        "settings": {name: getattr(args, name) for name in RESULT_OPTIONS},
+        "settings": {name: getattr(args, name) for name in options},
         "input": {"path": str(Path(args.input).resolve()), "sha256": file_digest(args.input)},
         "model": dict(identity["model"]),
         "tokenizer": None if identity["tokenizer"] is None else dict(identity["tokenizer"]),
-        "recorded": {"device": args.device, "backend": args.backend},
+        "recorded": {"device": args.device, "backend": getattr(args, "backend", None)},
     }
+    if command != "run":
+        manifest["command"] = command
+    return manifest
 
 
 def read_manifest(output: str | Path) -> dict | None:
@@ -204,7 +218,10 @@ def differences(old: Mapping, new: Mapping) -> list[str]:
         tokenizer bytes.
     """
     found = []
-    for name in RESULT_OPTIONS:
+    was_made, now_made = old.get("command", "run"), new.get("command", "run")
+    if was_made != now_made:
+        found.append(f"the output was made by `{PROG} {was_made}`, not `{PROG} {now_made}`")
+    for name in new["settings"]:
         was = old.get("settings", {}).get(name, _LATER_OPTIONS.get(name))
         now = new["settings"][name]
         if was != now:

@@ -90,6 +90,8 @@ class StaticCache:
     size when they are large enough, so that graphs captured on them stay valid
     (``cache_version`` changes whenever they are replaced). Cache lengths are multiples of
     ``kv_block`` (:meth:`round_len`).
+
+    Length: every operation on the kept cache (reserve, park, compact, copy, release).
     """
 
     def __init__(self, model: torch.nn.Module):
@@ -154,6 +156,17 @@ class StaticCache:
             new.copy_(kept.index_select(0, index))
         self.positions = positions
         self.cache_version += 1
+
+    def copy_rows(self, src: Sequence[int], dst: Sequence[int], length: int) -> None:
+        """Copy the first ``length`` slots of cache rows ``src`` into rows ``dst`` (every
+        layer's keys and values; all sources read before any row is written): the samples
+        of one prompt share its prefill."""
+        if not dst:
+            return
+        at = torch.as_tensor(list(src), dtype=torch.int64, device=self.device)
+        to = torch.as_tensor(list(dst), dtype=torch.int64, device=self.device)
+        for t in self.cache.k + self.cache.v:
+            t[to, :, :length] = t[at, :, :length]
 
     def release_cache(self) -> None:
         """Drop the cache, its positions and the one set aside (the next run allocates)."""

@@ -195,6 +195,11 @@ class CachedLlamaDecoder(StaticCache, FusedSteps, PositionsForward, Decoder):
         FusedSteps.__init__(self)
 
     def prefill(self, prompts: Sequence[Sequence[int]], max_new_tokens: int) -> torch.Tensor:
+        """Every prompt into its cache row; the logits ``[B, V]`` of each row's next token.
+
+        Identical prompts (the samples of one prompt) go through the model once: the first
+        one's keys and values are copied into the others' rows (:meth:`copy_rows`).
+        """
         lengths = [len(p) for p in prompts]
         if min(lengths) == 0:
             raise ValueError(f"prompt {lengths.index(0)} has no tokens")
@@ -202,29 +207,59 @@ class CachedLlamaDecoder(StaticCache, FusedSteps, PositionsForward, Decoder):
         need = checked_positions(longest, max_new_tokens,
                                  self.model.config.max_position_embeddings)
         batch = len(prompts)
-        ids = _right_padded(prompts, self.device)
+        first = first_copies(prompts)
+        unique = sorted(set(first))
+        ids = _right_padded([prompts[u] for u in unique], self.device)
         self.ensure_cache(batch, self.round_len(max(need, longest)))
-        positions = torch.arange(longest, device=self.device).expand(batch, longest)
-        hidden = self.model.forward_cached(ids, positions, self.cache, kv_len=longest)
-        last = torch.as_tensor(lengths, device=self.device) - 1
-        self.positions.copy_(last + 1)  # where each row's next token goes
+        positions = torch.arange(longest, device=self.device).expand(len(unique), longest)
+        cache = self.cache
+        if len(unique) < batch:
+            cache = RowsView(self.cache, torch.as_tensor(unique, device=self.device))
+        hidden = self.model.forward_cached(ids, positions, cache, kv_len=longest)
+        self.copy_rows([first[i] for i in range(batch) if first[i] != i],
+                       [i for i in range(batch) if first[i] != i], longest)
+        last = torch.as_tensor([lengths[u] for u in unique], device=self.device) - 1
+        self.positions.copy_(torch.as_tensor(lengths, device=self.device))  # next positions
         self.kv_len = longest  # host-side bound on the slots in use, to avoid a device sync
-        return self.model.lm_head(hidden[torch.arange(batch, device=self.device), last])
+        logits = self.model.lm_head(hidden[torch.arange(len(unique), device=self.device), last])
+        if len(unique) == batch:
+            return logits
+        where = {u: j for j, u in enumerate(unique)}
+        return logits[torch.as_tensor([where[f] for f in first], device=self.device)]
 
     def refill(self, slots: Sequence[int], prompts: Sequence[Sequence[int]],
-               kv_len: int) -> None:
+               kv_len: int, copy_from: Sequence[int | None] | None = None) -> None:
         """Put prompt ``i`` into cache row ``slots[i]``; other rows keep their cache.
 
-        All but the last token of each prompt are prefilled in one batch; the row's next
-        position is ``len - 1``, where the next :meth:`step`, fed the last token, gives the
-        logits of its first new token. ``kv_len``: the caller's new bound on every row's
-        next position.
+        All but the last token of each prompt are prefilled in one batch (identical prompts
+        once, copied to the others' rows); the row's next position is ``len - 1``, where the
+        next :meth:`step`, fed the last token, gives the logits of its first new token.
+        ``kv_len``: the caller's new bound on every row's next position. ``copy_from[i]``
+        (where not None) is a cache row that holds prompt ``i``'s keys and values before
+        this call (it may be among ``slots``): they are copied, not computed.
         """
         dev = self.device
         self.positions.index_copy_(0, torch.as_tensor(list(slots), device=dev),
                                    torch.as_tensor([len(p) - 1 for p in prompts], device=dev))
         self.kv_len = kv_len
-        heads = [(s, p[:-1]) for s, p in zip(slots, prompts, strict=True) if len(p) > 1]
+        given = list(copy_from) if copy_from is not None else [None] * len(slots)
+        first = first_copies(prompts)
+        held, twins, heads = ([], []), ([], []), []
+        for i, (s, p) in enumerate(zip(slots, prompts, strict=True)):
+            src = given[i] if given[i] is not None else given[first[i]]
+            if len(p) < 2:
+                continue
+            if src is not None:
+                held[0].append(src)
+                held[1].append(s)
+            elif first[i] != i:
+                twins[0].append(slots[first[i]])
+                twins[1].append(s)
+            else:
+                heads.append((s, p[:-1]))
+        longest = max(len(p) for p in prompts)
+        # Rows that already hold a prompt are read before this refill writes any row.
+        self.copy_rows(*held, longest)
         if heads:
             ids = _right_padded([p for _, p in heads], dev)
             rows = torch.as_tensor([s for s, _ in heads], device=dev)
@@ -232,6 +267,7 @@ class CachedLlamaDecoder(StaticCache, FusedSteps, PositionsForward, Decoder):
             # before attending to them (the mask stops at each row's position), as in prefill.
             self.model.forward_cached(ids, torch.arange(ids.shape[1], device=dev).expand_as(ids),
                                       RowsView(self.cache, rows), kv_len=ids.shape[1])
+        self.copy_rows(*twins, longest)
 
     def release(self) -> None:
         """Free the cache and the fused step's weight copies (rebuilt when next used)."""
@@ -258,6 +294,12 @@ class CachedLlamaDecoder(StaticCache, FusedSteps, PositionsForward, Decoder):
 
     def decode(self, tokens: torch.Tensor) -> torch.Tensor:
         return self.step(tokens, self.advance())
+
+
+def first_copies(prompts: Sequence[Sequence[int]]) -> list[int]:
+    """For each prompt, the index of the first prompt equal to it (itself if none before)."""
+    seen: dict[tuple[int, ...], int] = {}
+    return [seen.setdefault(tuple(p), i) for i, p in enumerate(prompts)]
 
 
 def _right_padded(prompts: Sequence[Sequence[int]], device) -> torch.Tensor:

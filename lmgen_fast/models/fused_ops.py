@@ -113,6 +113,43 @@ def add_rmsnorm(
     return out
 
 
+def qk_rmsnorm_call(qkv: torch.Tensor, q_weight: torch.Tensor, k_weight: torch.Tensor,
+                    eps: float, n_heads: int, n_kv_heads: int) -> KernelCall:
+    """The launch of :func:`qk_rmsnorm` (it writes into ``qkv``)."""
+    check_float("qkv", qkv)
+    d = q_weight.shape[0]
+    check_head_dim(d)
+    if (qkv.dim() != 2 or qkv.shape[1] != (n_heads + 2 * n_kv_heads) * d or qkv.stride(1) != 1
+            or k_weight.shape != (d,) or not q_weight.is_contiguous()
+            or not k_weight.is_contiguous()):
+        raise ValueError(f"qkv must be [R, {(n_heads + 2 * n_kv_heads) * d}] with unit last "
+                         f"stride and the weights contiguous [{d}]")
+    return KernelCall(
+        "qk_rmsnorm_kernel", (qkv.shape[0], n_heads + n_kv_heads),
+        (qkv, q_weight, k_weight, qkv.stride(0), n_heads, float(eps)),
+        dict(HEAD_DIM=d),
+        dict(num_warps=norm_warps(d), enable_fp_fusion=False),
+    )
+
+
+def qk_rmsnorm(qkv: torch.Tensor, q_weight: torch.Tensor, k_weight: torch.Tensor,
+               eps: float, n_heads: int, n_kv_heads: int) -> None:
+    """Qwen3's per-head RMSNorm of the query and key heads, in place, one launch.
+
+    Parameters
+    ----------
+    qkv : Tensor
+        ``[R, (H + 2 KV) * D]`` the fused q/k/v product (unit last stride), float32,
+        bfloat16 or float16; its q and k heads become ``weight * rms_norm(head.float())
+        .to(dtype)`` (``q_weight`` for the H query heads, ``k_weight`` for the KV key heads).
+    q_weight, k_weight : Tensor
+        ``[D]``, the model's dtype.
+    eps : float
+    n_heads, n_kv_heads : int
+    """
+    run([qk_rmsnorm_call(qkv, q_weight, k_weight, eps, n_heads, n_kv_heads)])
+
+
 def embed_rmsnorm_call(
     ids: torch.Tensor, embedding: torch.Tensor, weight: torch.Tensor, eps: float,
 ) -> tuple[KernelCall, torch.Tensor, torch.Tensor]:
@@ -381,6 +418,8 @@ def compile_calls() -> list[KernelCall]:
             calls.append(swiglu_call(torch.empty(2, 2 * hidden, **t), accurate=True)[0])
         for head_dim in COMPILE_HEAD_DIMS:
             calls += _attention_compile_calls(dtype, head_dim)
+            w = torch.empty(head_dim, **t)
+            calls.append(qk_rmsnorm_call(torch.empty(2, 8 * head_dim, **t), w, w, 1e-6, 4, 2))
     return calls
 
 

@@ -52,7 +52,9 @@ def supported(model: object) -> bool:
     Needs a :class:`LlamaForPretraining` with our RMSNorm modules, head size a power of two
     ``>= 16`` (the kernels' tiles), every weight of one float dtype (float32, bfloat16 or
     float16) on one device where Triton runs (CUDA, or the CPU under ``TRITON_INTERPRET=1``),
-    rotary tables in float32 or that dtype. Biases are allowed (added by the matmuls).
+    rotary tables in float32 or that dtype. Biases are allowed (added by the matmuls), and
+    the per-head q/k norm (one launch before the attention's); a sliding window shorter
+    than ``max_position_embeddings`` is not (such a model takes the eager cached step).
     """
     if not isinstance(model, LlamaForPretraining):
         return False
@@ -69,6 +71,8 @@ def supported(model: object) -> bool:
     if not all(isinstance(n, RMSNorm) for n in norms):
         return False
     if any(p.dtype != weight.dtype or p.device != weight.device for p in model.parameters()):
+        return False
+    if c.windowed():  # the kernels attend to every slot up to the row's position
         return False
     cos, sin = base.rotary_emb.cos, base.rotary_emb.sin
     return (cos.dtype in (torch.float32, weight.dtype) and sin.dtype == cos.dtype
@@ -241,6 +245,9 @@ class FusedLlamaStep(StepGuard, FusedWeights):
         rot = self.model.base_model.rotary_emb
         counters = self._counters(h.shape[0], h.device)
         qkv = F.linear(h, self.w_qkv[i], self.b_qkv[i])
+        if self.model.config.qk_norm:
+            fo.qk_rmsnorm(qkv, att.q_norm.weight, att.k_norm.weight, att.q_norm.eps,
+                          self.n_heads, self.n_kv_heads)
         if per_row == 1:  # rotary and cache write inside the attention launch
             a = fo.rope_attention(qkv, positions, rot.cos, rot.sin, cache.k[i], cache.v[i],
                                   self.n_heads, kv_len, counters=counters)

@@ -6,22 +6,21 @@ Importing this module imports transformers (the ``hf`` extra) and registers
 ``LlamaForPretraining.from_hf`` / ``.to_hf`` import it by name when first needed, so this
 module depends on them and they never import it.
 
-* A ``LlamaForCausalLM`` that our Llama covers (SiLU MLP, plain or ``llama3`` RoPE, tied or
-  untied embeddings, optional biases, any ``head_dim``) runs our cached Llama on the model's
-  own weight tensors, shared and never copied.
+* A model of the Llama family (:data:`FAMILIES`: Llama, Mistral, Qwen2, Qwen3) that our
+  Llama covers (SiLU MLP, RoPE of :data:`~lmgen_fast.models.rope.ROPE_TYPES`, tied or untied
+  embeddings, q/k/v or all attention biases, per-head q/k norm, any ``head_dim``, sliding
+  windows) runs our cached Llama on the model's own weight tensors, shared and never copied.
 * Any other causal LM whose forward takes a cache (``past_key_values``, or ``cache`` from
-  transformers 5.2x on) runs a prefill, then one-token steps, on the model's own cache.
+  transformers 5.2x on) runs a prefill, then one-token steps, on the model's own cache
+  (:mod:`lmgen_fast.models.hf_cache`); a family model lands there with a warning naming the
+  setting our Llama lacks.
 * Anything else is recomputed in full every step.
-
-The transformers API moves between versions (cache classes, the cache keyword,
-``cache_position``, ``logits_to_keep``), so the cached path reads the forward's signature and
-never builds a cache object itself: it passes back whatever cache the model returned.
 """
 
 from __future__ import annotations
 
 import inspect
-from collections.abc import Sequence
+import warnings
 
 import torch
 import transformers
@@ -37,14 +36,18 @@ from lmgen_fast.models.decoder import (
     set_path,
     share_weights,
 )
+from lmgen_fast.models.hf_cache import HFCacheDecoder, forward_keywords, left_pad
 from lmgen_fast.models.llama import CONVERTERS, LlamaConfig, LlamaForPretraining
+from lmgen_fast.models.rope import ROPE_TYPES
 
 __all__ = [
+    "FAMILIES",
     "HFCacheDecoder",
     "config_from_hf",
     "config_to_hf",
     "from_hf",
     "hf_adapter",
+    "left_pad",
     "load_hf_checkpoint",
     "share_hf_weights",
     "to_hf",
@@ -52,6 +55,7 @@ __all__ = [
 
 _ATTN = ("q_proj", "k_proj", "v_proj", "o_proj")
 _MLP = ("gate_proj", "up_proj", "down_proj")
+_QK_NORM = ("q_norm", "k_norm")
 
 
 class UnsupportedConfig(ValueError):
@@ -90,16 +94,20 @@ def config_from_hf(cfg) -> LlamaConfig:
         raise UnsupportedConfig(f"hidden_act={act!r} (only 'silu')")
     theta, rope = _rope_parameters(cfg)
     kind = rope.get("rope_type", rope.get("type", "default"))
-    if kind not in ("default", "llama3"):
-        raise UnsupportedConfig(f"rope_type={kind!r} (only 'default' and 'llama3')")
+    if kind not in ROPE_TYPES:
+        raise UnsupportedConfig(f"rope_type={kind!r} (only {', '.join(ROPE_TYPES)})")
     partial = rope.get("partial_rotary_factor", getattr(cfg, "partial_rotary_factor", None))
     if partial not in (None, 1, 1.0):
         raise UnsupportedConfig(f"partial_rotary_factor={partial!r}")
     scaling = None
-    if kind == "llama3":
+    if kind != "default":
         scaling = dict(rope)
         # v5 fills this in when the checkpoint does not say; do the same for v4 configs.
         scaling.setdefault("original_max_position_embeddings", cfg.max_position_embeddings)
+        if kind == "yarn" and scaling.get("factor") is None:
+            scaling["factor"] = (cfg.max_position_embeddings
+                                 / scaling["original_max_position_embeddings"])
+    family = getattr(cfg, "model_type", "llama")
     return LlamaConfig(
         vocab_size=cfg.vocab_size,
         max_position_embeddings=cfg.max_position_embeddings,
@@ -115,7 +123,30 @@ def config_from_hf(cfg) -> LlamaConfig:
         mlp_bias=bool(getattr(cfg, "mlp_bias", False)),
         tie_word_embeddings=bool(getattr(cfg, "tie_word_embeddings", False)),
         rope_scaling=scaling,
+        qkv_bias=family == "qwen2",
+        qk_norm=family == "qwen3",
+        **_window(cfg),
     )
+
+
+def _window(cfg) -> dict:
+    """``sliding_window`` and ``sliding_layers`` of a transformers config: per layer from
+    ``layer_types`` where the config has them (Qwen2, Qwen3), else every layer (Mistral)."""
+    window = getattr(cfg, "sliding_window", None)
+    if getattr(cfg, "use_sliding_window", True) is False:
+        window = None  # transformers 4.x Qwen configs keep the size but turn it off
+    types = getattr(cfg, "layer_types", None)
+    if types is None:  # 4.x: Qwen windows the layers from max_window_layers on
+        first = getattr(cfg, "max_window_layers", None)
+        layers = None if first is None else list(range(first, cfg.num_hidden_layers))
+        return dict(sliding_window=window, sliding_layers=layers)
+    other = set(types) - {"full_attention", "sliding_attention"}
+    if other:
+        raise UnsupportedConfig(f"layer_types={sorted(other)!r}")
+    layers = [i for i, kind in enumerate(types) if kind == "sliding_attention"]
+    if layers and window is None:
+        raise UnsupportedConfig("layer_types name sliding layers, sliding_window=None")
+    return dict(sliding_window=window if layers else None, sliding_layers=layers)
 
 
 def config_to_hf(config: LlamaConfig) -> transformers.LlamaConfig:
@@ -160,9 +191,13 @@ def _is_transformers(obj) -> bool:
     return type(obj).__module__.startswith("transformers")
 
 
+# The transformers classes our Llama reproduces, with their options (LlamaConfig).
+FAMILIES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
+
+
 def _is_hf_llama(model) -> bool:
     # Exactly the class: a subclass may change the forward we reproduce.
-    return type(model) is transformers.LlamaForCausalLM
+    return any(type(model) is getattr(transformers, name, None) for name in FAMILIES)
 
 
 def _plain_modules(model) -> bool:
@@ -171,7 +206,8 @@ def _plain_modules(model) -> bool:
     base = model.model
     modules = [model.lm_head, base.embed_tokens, base.norm]
     for layer in base.layers:
-        modules += [getattr(layer.self_attn, n) for n in _ATTN]
+        modules += [getattr(layer.self_attn, n) for n in _ATTN + _QK_NORM
+                    if hasattr(layer.self_attn, n)]
         modules += [getattr(layer.mlp, n) for n in _MLP]
         modules += [layer.input_layernorm, layer.post_attention_layernorm]
     for m in modules:
@@ -201,12 +237,17 @@ def _llama_config(model) -> LlamaConfig:
         config.tie_word_embeddings = tied
     if len(base.layers) != config.num_hidden_layers:
         raise UnsupportedConfig("layer count does not match the config")
+    qkv = config.attention_bias or config.qkv_bias
     for layer in base.layers:
-        parts = [(layer.self_attn, n, config.attention_bias) for n in _ATTN]
+        parts = [(layer.self_attn, n, qkv) for n in _ATTN[:3]]
+        parts += [(layer.self_attn, "o_proj", config.attention_bias)]
         parts += [(layer.mlp, n, config.mlp_bias) for n in _MLP]
         for owner, n, flag in parts:
             if (getattr(owner, n).bias is not None) != flag:
                 raise UnsupportedConfig(f"{n} bias does not match the config")
+        norms = [hasattr(layer.self_attn, n) for n in _QK_NORM]
+        if norms != [config.qk_norm] * 2:
+            raise UnsupportedConfig("q_norm/k_norm do not match the config")
     return config
 
 
@@ -238,7 +279,7 @@ def from_hf(model) -> LlamaForPretraining:
 
     Parameters
     ----------
-    model : transformers.LlamaForCausalLM
+    model : transformers model of :data:`FAMILIES`
 
     Returns
     -------
@@ -247,11 +288,11 @@ def from_hf(model) -> LlamaForPretraining:
     Raises
     ------
     ValueError
-        If the model is not a ``LlamaForCausalLM`` or uses a setting our Llama lacks.
+        If the model is not of the Llama family or uses a setting our Llama lacks.
     """
-    if not isinstance(model, transformers.LlamaForCausalLM):
+    if not any(isinstance(model, getattr(transformers, n, ())) for n in FAMILIES):
         raise ValueError(
-            f"from_hf needs a transformers LlamaForCausalLM, got {type(model).__name__}"
+            f"from_hf needs a transformers model of {FAMILIES}, got {type(model).__name__}"
         )
     shared = share_hf_weights(model, _llama_config(model))
     copies: dict[int, nn.Parameter] = {}
@@ -278,6 +319,10 @@ def to_hf(model: LlamaForPretraining) -> transformers.LlamaForCausalLM:
     transformers.LlamaForCausalLM
         In eval mode, with ``model``'s dtype and device.
     """
+    c = model.config
+    extra = [n for n in ("qkv_bias", "qk_norm", "sliding_window") if getattr(c, n)]
+    if extra:
+        raise ValueError(f"to_hf makes a LlamaForCausalLM, which has no {extra[0]}")
     weight = model.lm_head.weight
     hf = transformers.LlamaForCausalLM(config_to_hf(model.config))
     hf = hf.to(device=weight.device, dtype=weight.dtype)
@@ -285,87 +330,6 @@ def to_hf(model: LlamaForPretraining) -> transformers.LlamaForCausalLM:
         for name, tensor in model.named_parameters(remove_duplicate=False):
             get_path(hf, _to_hf_name(name)).copy_(tensor)
     return hf.eval()
-
-
-def _forward_keywords(model) -> dict[str, str | None]:
-    """Names the forward uses, read from its signature (they vary across versions)."""
-    try:
-        params = inspect.signature(model.forward).parameters
-    except (TypeError, ValueError):
-        params = {}
-    cache = next((n for n in ("cache", "past_key_values") if n in params), None)
-    keep = next((n for n in ("logits_to_keep", "num_logits_to_keep") if n in params), None)
-    return {
-        "cache": cache,
-        "keep": keep,
-        "mask": "attention_mask" if "attention_mask" in params else None,
-        "positions": "position_ids" if "position_ids" in params else None,
-    }
-
-
-def left_pad(
-    prompts: Sequence[Sequence[int]], pad_id: int = 0
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Prompts of token ids left padded to the longest, as transformers' ``generate`` takes
-    them: int64 ``input_ids`` and ``attention_mask`` (1 = real token), ``[B, T]``, on the CPU."""
-    longest = max(len(p) for p in prompts)
-    ids = torch.full((len(prompts), longest), pad_id, dtype=torch.int64)
-    mask = torch.zeros(len(prompts), longest, dtype=torch.int64)
-    for i, p in enumerate(prompts):
-        ids[i, longest - len(p):] = torch.as_tensor(p, dtype=torch.int64)
-        mask[i, longest - len(p):] = 1
-    return ids, mask
-
-
-class HFCacheDecoder(Decoder):
-    """A transformers causal LM on its own KV cache: prefill once, then one token a step.
-
-    Rows of different lengths are left padded, with the attention mask and the position ids
-    (count of real tokens before each one) that transformers' own ``generate`` passes.
-    """
-
-    cached = True
-
-    def __init__(self, model, keywords: dict[str, str | None] | None = None):
-        self.model = model
-        self.kw = keywords or _forward_keywords(model)
-        if self.kw["cache"] is None:
-            raise ValueError(f"{type(model).__name__}.forward takes no cache argument")
-        self.device = model_device(model)
-
-    def _run(self, ids: torch.Tensor) -> torch.Tensor:
-        kwargs = {"input_ids": ids, "use_cache": True, self.kw["cache"]: self.cache}
-        if self.kw["mask"]:
-            kwargs[self.kw["mask"]] = self.mask
-        if self.kw["positions"]:
-            pos = (self.mask.cumsum(-1) - 1).masked_fill(self.mask == 0, 1)
-            kwargs[self.kw["positions"]] = pos[:, -ids.shape[1]:]
-        if self.kw["keep"]:
-            kwargs[self.kw["keep"]] = 1
-        out = self.model(**kwargs)
-        if isinstance(out, tuple):
-            logits, self.cache = out[0], out[1]
-        else:
-            logits = out.logits
-            cache = getattr(out, "cache", None)
-            self.cache = cache if cache is not None else getattr(out, "past_key_values", None)
-        if self.cache is None:
-            raise ValueError(f"{type(self.model).__name__} returned no cache with use_cache=True")
-        return logits[:, -1]
-
-    def prefill(self, prompts: Sequence[Sequence[int]], max_new_tokens: int) -> torch.Tensor:
-        lengths = [len(p) for p in prompts]
-        if min(lengths) == 0:
-            raise ValueError(f"prompt {lengths.index(0)} has no tokens")
-        ids, mask = left_pad(prompts)
-        self.mask = mask.to(self.device)
-        self.cache = None
-        return self._run(ids.to(self.device))
-
-    def decode(self, tokens: torch.Tensor) -> torch.Tensor:
-        ones = torch.ones(self.mask.shape[0], 1, dtype=self.mask.dtype, device=self.device)
-        self.mask = torch.cat([self.mask, ones], dim=1)
-        return self._run(tokens.view(-1, 1).to(self.device))
 
 
 def hf_adapter(model) -> Decoder | None:
@@ -387,14 +351,15 @@ def hf_adapter(model) -> Decoder | None:
         return None
     if getattr(getattr(model, "config", None), "is_encoder_decoder", False):
         return None
-    if _is_hf_llama(model) and _plain_modules(model):
+    if _is_hf_llama(model):
         try:
-            config = _llama_config(model)
-        except (UnsupportedConfig, ValueError):
-            config = None
-        if config is not None:
-            return CachedLlamaDecoder(share_hf_weights(model, config))
-    keywords = _forward_keywords(model)
+            if not _plain_modules(model):
+                raise UnsupportedConfig("weights (quantized, offloaded or not float tensors)")
+            return CachedLlamaDecoder(share_hf_weights(model, _llama_config(model)))
+        except ValueError as err:  # UnsupportedConfig, or LlamaConfig naming its field
+            warnings.warn(f"{type(model).__name__} runs on transformers' own cache: lmgen-fast's "
+                          f"Llama does not cover {err}", RuntimeWarning, stacklevel=3)
+    keywords = forward_keywords(model)
     if keywords["cache"] is not None:
         return HFCacheDecoder(model, keywords)
     return RecomputeDecoder(model, model_device(model))
@@ -407,25 +372,29 @@ if hf_adapter not in ADAPTERS:
 CONVERTERS.update(from_hf=from_hf, to_hf=to_hf)
 
 
-def load_hf_checkpoint(directory, device=None, dtype: torch.dtype = torch.float32):
+def load_hf_checkpoint(directory, device=None, dtype: torch.dtype | None = None):
     """A transformers checkpoint directory (``save_pretrained`` layout), read offline.
 
     Parameters
     ----------
     directory : str or Path
-        Holds ``config.json`` with ``model_type`` and the weights; a tokenizer saved beside
-        them is loaded too.
+        Holds ``config.json`` with ``model_type`` and the weights (safetensors or a state
+        dict); a tokenizer saved beside them is loaded too, and ``generation_config.json``
+        becomes the model's ``generation_config``.
     device, dtype
-        Where and in which dtype the model goes (default: the CPU, float32).
+        Where and in which dtype the model goes (default: the CPU, the checkpoint's own
+        dtype: bfloat16 weights stay bfloat16, and run on the CPU too).
 
     Returns
     -------
     (model, tokenizer)
         The transformers model in eval mode, and its tokenizer (None if none was saved).
     """
+    # "auto": the dtype the checkpoint was saved in (the keyword was renamed in 5.0).
+    auto = {"dtype" if int(transformers.__version__.split(".")[0]) >= 5 else "torch_dtype": "auto"}
     try:
         model = transformers.AutoModelForCausalLM.from_pretrained(
-            str(directory), local_files_only=True
+            str(directory), local_files_only=True, **auto
         )
     except (OSError, ValueError) as err:
         raise ValueError(f"cannot load the transformers checkpoint in {directory}: {err}") from None

@@ -19,6 +19,9 @@ from torch import nn
 
 from lmgen_fast.models.cache import KVCache
 
+# rotary_tables and llama3_inv_freq are imported from here by callers of the model.
+from lmgen_fast.models.rope import check_rope_scaling, llama3_inv_freq, rotary_tables  # noqa: F401
+
 _POSITIVE_INTS = (
     "vocab_size", "max_position_embeddings", "hidden_size", "intermediate_size",
     "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
@@ -29,11 +32,22 @@ _POSITIVE_INTS = (
 class LlamaConfig:
     """The article's configuration; the defaults are the article's.
 
-    The fields after ``rope_theta`` extend it to the Llama variants of Hugging Face
-    ``LlamaForCausalLM``; their defaults keep the article's model. ``head_dim=None`` means
-    ``hidden_size // num_attention_heads`` and is resolved on construction, so
-    ``config.head_dim`` is always an int. ``rope_scaling`` is ``None`` or a ``"llama3"`` dict
-    (``factor``, ``low_freq_factor``, ``high_freq_factor``, ``original_max_position_embeddings``).
+    The fields after ``rope_theta`` extend it to the Llama family of Hugging Face
+    (``LlamaForCausalLM``, Qwen2, Qwen3, Mistral); their defaults keep the article's model:
+    one model with options, not a class per family.
+
+    * ``head_dim=None`` means ``hidden_size // num_attention_heads`` and is resolved on
+      construction, so ``config.head_dim`` is always an int.
+    * ``attention_bias``: biases on q, k, v and o (Llama, Qwen3); ``qkv_bias``: on q, k and v
+      only (Qwen2). ``mlp_bias``: on the MLP's three projections.
+    * ``qk_norm``: an RMSNorm over ``head_dim`` of every query and key head before the
+      rotary (Qwen3), with weights ``self_attn.q_norm`` / ``self_attn.k_norm``.
+    * ``rope_scaling``: ``None`` or a dict of one of the types of
+      :data:`lmgen_fast.models.rope.ROPE_TYPES` (see :func:`~lmgen_fast.models.rope.
+      check_rope_scaling`).
+    * ``sliding_window``: a query at position ``p`` attends to positions ``> p - window``
+      only (Mistral, Qwen2 with ``use_sliding_window``), in the layers ``sliding_layers``
+      (``None``: every layer).
     """
 
     vocab_size: int = 50000
@@ -50,40 +64,29 @@ class LlamaConfig:
     mlp_bias: bool = False
     tie_word_embeddings: bool = False
     rope_scaling: dict | None = None
+    qkv_bias: bool = False
+    qk_norm: bool = False
+    sliding_window: int | None = None
+    sliding_layers: list[int] | None = None
 
     def __post_init__(self) -> None:
-        for name in _POSITIVE_INTS:
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                raise ValueError(f"LlamaConfig.{name} must be a positive int, got {value!r}")
-        for name in ("rms_norm_eps", "rope_theta"):
-            value = getattr(self, name)
-            if not isinstance(value, (int, float)) or isinstance(value, bool) or value <= 0:
-                raise ValueError(f"LlamaConfig.{name} must be a positive number, got {value!r}")
-        for name in ("attention_bias", "mlp_bias", "tie_word_embeddings"):
-            if not isinstance(getattr(self, name), bool):
-                raise ValueError(f"LlamaConfig.{name} must be a bool, got {getattr(self, name)!r}")
-        if self.head_dim is None:
-            if self.hidden_size % self.num_attention_heads:
-                raise ValueError(
-                    f"hidden_size {self.hidden_size} is not a multiple of "
-                    f"num_attention_heads {self.num_attention_heads}"
-                )
-            self.head_dim = self.hidden_size // self.num_attention_heads
-        elif (
-            not isinstance(self.head_dim, int) or isinstance(self.head_dim, bool)
-            or self.head_dim <= 0 or self.head_dim % 2
-        ):
-            raise ValueError(
-                f"LlamaConfig.head_dim must be a positive even int, got {self.head_dim!r}"
-            )
-        if self.num_attention_heads % self.num_key_value_heads:
-            raise ValueError(
-                f"num_attention_heads {self.num_attention_heads} is not a multiple of "
-                f"num_key_value_heads {self.num_key_value_heads}"
-            )
-        if self.rope_scaling is not None:
-            self.rope_scaling = _check_rope_scaling(self.rope_scaling)
+        _check_numbers(self)
+        self.rope_scaling = check_rope_scaling(self.rope_scaling)
+        _check_window(self)
+
+    def window_of(self, layer: int) -> int | None:
+        """The sliding window of layer ``layer``, or None where it attends to every
+        earlier position."""
+        if self.sliding_window is None:
+            return None
+        if self.sliding_layers is not None and layer not in self.sliding_layers:
+            return None
+        return self.sliding_window
+
+    def windowed(self) -> bool:
+        """Whether a sliding window can limit attention below ``max_position_embeddings``."""
+        limit = self.max_position_embeddings
+        return any((self.window_of(i) or limit) < limit for i in range(self.num_hidden_layers))
 
     def to_dict(self) -> dict:
         """The fields as a dict; extensions at their defaults are left out, so the article's
@@ -91,8 +94,9 @@ class LlamaConfig:
         data = asdict(self)
         if self.head_dim * self.num_attention_heads == self.hidden_size:
             data.pop("head_dim")
-        for name in ("attention_bias", "mlp_bias", "tie_word_embeddings", "rope_scaling"):
-            if not data[name]:
+        for name in ("attention_bias", "mlp_bias", "tie_word_embeddings", "rope_scaling",
+                     "qkv_bias", "qk_norm", "sliding_window", "sliding_layers"):
+            if data[name] is None or data[name] is False:
                 data.pop(name)
         return data
 
@@ -103,56 +107,45 @@ class LlamaConfig:
         return cls(**{k: v for k, v in data.items() if k in names})
 
 
-_LLAMA3_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+def _check_numbers(c: LlamaConfig) -> None:
+    for name in _POSITIVE_INTS:
+        value = getattr(c, name)
+        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+            raise ValueError(f"LlamaConfig.{name} must be a positive int, got {value!r}")
+    for name in ("rms_norm_eps", "rope_theta"):
+        value = getattr(c, name)
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or value <= 0:
+            raise ValueError(f"LlamaConfig.{name} must be a positive number, got {value!r}")
+    for name in ("attention_bias", "mlp_bias", "tie_word_embeddings", "qkv_bias", "qk_norm"):
+        if not isinstance(getattr(c, name), bool):
+            raise ValueError(f"LlamaConfig.{name} must be a bool, got {getattr(c, name)!r}")
+    if c.head_dim is None:
+        if c.hidden_size % c.num_attention_heads:
+            raise ValueError(f"hidden_size {c.hidden_size} is not a multiple of "
+                             f"num_attention_heads {c.num_attention_heads}")
+        c.head_dim = c.hidden_size // c.num_attention_heads
+    elif (
+        not isinstance(c.head_dim, int) or isinstance(c.head_dim, bool)
+        or c.head_dim <= 0 or c.head_dim % 2
+    ):
+        raise ValueError(f"LlamaConfig.head_dim must be a positive even int, got {c.head_dim!r}")
+    if c.num_attention_heads % c.num_key_value_heads:
+        raise ValueError(f"num_attention_heads {c.num_attention_heads} is not a multiple of "
+                         f"num_key_value_heads {c.num_key_value_heads}")
 
 
-def _check_rope_scaling(scaling: dict) -> dict | None:
-    """Normalise a rope scaling dict to ``None`` (plain RoPE) or the llama3 keys only."""
-    if not isinstance(scaling, dict):
-        raise ValueError(f"LlamaConfig.rope_scaling must be a dict or None, got {scaling!r}")
-    kind = scaling.get("rope_type", scaling.get("type", "default"))
-    if kind == "default":
-        return None
-    if kind != "llama3":
-        raise ValueError(
-            f"LlamaConfig.rope_scaling: rope_type {kind!r} is not supported (only 'llama3')"
-        )
-    missing = [k for k in _LLAMA3_KEYS if k not in scaling]
-    if missing:
-        raise ValueError(f"LlamaConfig.rope_scaling: llama3 needs {missing}")
-    out = {"rope_type": "llama3", **{k: scaling[k] for k in _LLAMA3_KEYS}}
-    if out["high_freq_factor"] == out["low_freq_factor"]:
-        raise ValueError("LlamaConfig.rope_scaling: high_freq_factor equals low_freq_factor")
-    return out
-
-
-def llama3_inv_freq(inv_freq: torch.Tensor, scaling: dict) -> torch.Tensor:
-    """Llama 3.1's frequency rescaling: long wavelengths slowed by ``factor``, short ones kept,
-    a linear blend (in ``context / wavelength``) in between."""
-    factor = scaling["factor"]
-    low, high = scaling["low_freq_factor"], scaling["high_freq_factor"]
-    context = scaling["original_max_position_embeddings"]
-    wavelen = 2 * math.pi / inv_freq
-    scaled = torch.where(wavelen > context / low, inv_freq / factor, inv_freq)
-    blend = (context / wavelen - low) / (high - low)
-    blended = (1 - blend) * scaled / factor + blend * scaled
-    middle = (wavelen >= context / high) & (wavelen <= context / low)
-    return torch.where(middle, blended, scaled)
-
-
-def rotary_tables(
-    head_dim: int, max_positions: int, theta: float = 10000.0, scaling: dict | None = None
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin, float32 ``[max_positions, head_dim]``, in the "rotate half" layout.
-
-    ``scaling``: ``None`` or a llama3 rope scaling dict (see :class:`LlamaConfig`).
-    """
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
-    if scaling is not None:
-        inv_freq = llama3_inv_freq(inv_freq, scaling)
-    angles = torch.outer(torch.arange(max_positions, dtype=torch.float32), inv_freq)
-    emb = torch.cat([angles, angles], dim=-1)
-    return emb.cos(), emb.sin()
+def _check_window(c: LlamaConfig) -> None:
+    window, layers = c.sliding_window, c.sliding_layers
+    if window is not None and (not isinstance(window, int) or isinstance(window, bool)
+                               or window <= 0):
+        raise ValueError(f"LlamaConfig.sliding_window must be a positive int or None, "
+                         f"got {window!r}")
+    if layers is not None:
+        layers = sorted(set(layers))
+        if any(not isinstance(i, int) or not 0 <= i < c.num_hidden_layers for i in layers):
+            raise ValueError(f"LlamaConfig.sliding_layers must be layer indices, got "
+                             f"{c.sliding_layers!r}")
+        c.sliding_layers = layers
 
 
 def signed_sin(sin: torch.Tensor) -> torch.Tensor:
@@ -221,16 +214,23 @@ class LlamaAttention(nn.Module):
         self.num_kv_heads = config.num_key_value_heads
         self.head_dim = config.head_dim
         hidden, kv_dim = config.hidden_size, self.num_kv_heads * self.head_dim
-        bias = config.attention_bias
+        bias = config.attention_bias or config.qkv_bias
         self.q_proj = nn.Linear(hidden, self.num_heads * self.head_dim, bias=bias)
         self.k_proj = nn.Linear(hidden, kv_dim, bias=bias)
         self.v_proj = nn.Linear(hidden, kv_dim, bias=bias)
-        self.o_proj = nn.Linear(self.num_heads * self.head_dim, hidden, bias=bias)
+        self.o_proj = nn.Linear(self.num_heads * self.head_dim, hidden,
+                                bias=config.attention_bias)
+        if config.qk_norm:
+            self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
+            self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
 
     def forward(self, x, cos, sin, mask, cache=None, layer=0, positions=None):
         b, t, _ = x.shape
-        q = self.q_proj(x).view(b, t, self.num_heads, self.head_dim).transpose(1, 2)
-        k = self.k_proj(x).view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        q = self.q_proj(x).view(b, t, self.num_heads, self.head_dim)
+        k = self.k_proj(x).view(b, t, self.num_kv_heads, self.head_dim)
+        if hasattr(self, "q_norm"):  # per head, before the rotary (Qwen3)
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = q.transpose(1, 2), k.transpose(1, 2)
         v = self.v_proj(x).view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         if cache is not None:
@@ -281,6 +281,7 @@ class LlamaDecoderLayer(nn.Module):
 class LlamaModel(nn.Module):
     def __init__(self, config: LlamaConfig):
         super().__init__()
+        self.windows = [config.window_of(i) for i in range(config.num_hidden_layers)]
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(
             [LlamaDecoderLayer(config) for _ in range(config.num_hidden_layers)]
@@ -289,15 +290,26 @@ class LlamaModel(nn.Module):
         self.rotary_emb = LlamaRotaryEmbedding(config)
 
     def forward(self, input_ids, positions, mask, cache=None):
+        """``mask``: boolean (True = attend) or additive ``[B or 1, 1, T, S]``, key slot
+        ``s`` holding position ``s``; the sliding-window layers also drop the slots
+        ``<= position - window``."""
         x = self.embed_tokens(input_ids)
         cos, sin = self.rotary_emb(positions, x.dtype)
         sin = signed_sin(sin)
-        if mask.dtype == torch.bool:
-            # Additive once here, rather than converted by attention in every layer.
-            mask = torch.zeros(mask.shape, dtype=x.dtype, device=x.device).masked_fill_(
-                ~mask, float("-inf"))
+        masks = {None: mask}
+        for window in set(self.windows) - {None}:
+            slots = torch.arange(mask.shape[-1], device=mask.device)
+            inside = slots.view(1, 1, 1, -1) > (positions - window).view(
+                positions.shape[0], 1, -1, 1)
+            masks[window] = (mask & inside if mask.dtype == torch.bool
+                             else torch.where(inside, mask, float("-inf")))
+        for key, m in masks.items():
+            if m.dtype == torch.bool:
+                # Additive once here, rather than converted by attention in every layer.
+                masks[key] = torch.zeros(m.shape, dtype=x.dtype, device=x.device).masked_fill_(
+                    ~m, float("-inf"))
         for i, layer in enumerate(self.layers):
-            x = layer(x, cos, sin, mask, cache, i, positions)
+            x = layer(x, cos, sin, masks[self.windows[i]], cache, i, positions)
         return self.norm(x)
 
 
@@ -344,10 +356,8 @@ def converter(name: str) -> Callable:
 
     Raises
     ------
-    ImportError
-        The providing module (e.g. transformers for ``lmgen_fast.models.hf``) is not installed.
-    KeyError
-        No module provides ``name``.
+    ImportError or KeyError
+        The providing module (e.g. transformers) is not installed, or none provides ``name``.
     """
     if name not in CONVERTERS and name in CONVERTER_MODULES:
         importlib.import_module(CONVERTER_MODULES[name])

@@ -31,6 +31,10 @@ from lmgen_fast.sampling.launch_plan import LOGPROB_COLUMNS, RADIX_BITS, LaunchP
 
 # Threads per warp of the GPUs the kernels are built for (NVIDIA).
 WARP_SIZE = 32
+# The merge's multi-pass path reads SUB / 4 logits per block where the launch has masks:
+# their code in its loops spilled 236 bytes at SUB = 1024 (sm_90a, 16 warps, Triton 3.9),
+# 60 at 512, none at 256. That path is the rare one (STATUS_SLOW), so fewer lanes do it.
+MASKED_SUB_SHRINK = 4
 
 INTERPRET_HINT = (
     "backend='triton' on CPU tensors runs the Triton kernels in the interpreter: set the "
@@ -212,17 +216,21 @@ def kernel_params(packed: PackedParams, dev: torch.device) -> tuple[torch.Tensor
 def constraint_args(packed: PackedParams,
                     token_bitmask: torch.Tensor | None) -> tuple[tuple, bool]:
     """The chunk and merge kernels' SPEC section 7 arguments (``flags_ptr`` .. ``S``) and
-    their ``MASKS`` switch: on where ``packed`` has a bias or an allowed set or a
-    ``token_bitmask`` is given (host facts: tensor shapes, no sync). Absent tensors are
-    passed as a placeholder the kernels never read. ``min_tokens`` needs no switch: a row
-    reads its stop ids only while under it."""
+    their ``MASKS`` switch: on where ``packed`` has ``constraints`` (some row has a bias,
+    an allowed set or ``min_tokens``) or a ``token_bitmask`` is given: host facts, no sync.
+    Absent tensors are passed as a placeholder the kernels never read."""
     none = packed.min_tokens  # a placeholder, never read where its size is 0 or MASKS off
     k = packed.bias_ids.shape[1] if packed.bias_ids is not None else 0
     words = packed.allowed.shape[1] if packed.allowed is not None else 0
     bm_words = token_bitmask.shape[1] if token_bitmask is not None else 0
-    masks = bool(k or words or bm_words)
+    masks = packed.constraints is not None or bm_words > 0
     stop = packed.stop_ids.contiguous()
-    args = (packed.constraints if masks and packed.constraints is not None else none,
+    # A bitmask with rows packed without constraints (a caller's own mask): flags 0, one
+    # allocation (the engine packs grammar rows with constraints: none there).
+    flags = packed.constraints
+    if flags is None:
+        flags = torch.zeros(packed.min_tokens.shape, dtype=torch.int32, device=none.device)
+    args = (flags,
             packed.min_tokens.contiguous(),
             packed.bias_ids.contiguous() if k else none,
             packed.bias_vals.contiguous() if k else none, k,
@@ -280,7 +288,8 @@ def kernel_calls(
          top_p, mlog, once, fpen, ppen, proc, win, width, wrange, pow_table, *cons,
          *scratch, tokens, status, logprob_out),
         dict(CAP=lp.cap, CP=lp.cp, TILE=lp.tile, ONE_TILE=lp.one_tile, CHUNK=lp.chunk,
-             SUB=lp.sub, RB=RADIX_BITS, NBINS=1 << RADIX_BITS, LOGPROBS=want_lp, ACC=cuda,
+             SUB=max(16, lp.sub // MASKED_SUB_SHRINK) if masks else lp.sub, RB=RADIX_BITS,
+             NBINS=1 << RADIX_BITS, LOGPROBS=want_lp, ACC=cuda,
              WT=WARP_SIZE * lp.merge_warps, MASKS=masks),
         dict(num_warps=lp.merge_warps, enable_fp_fusion=False),
     )

@@ -19,7 +19,7 @@ HostLogprobs = tuple[list[list[float]], list[list[list[int]]], list[list[list[fl
 
 
 def book_round(rows: Rows, got: reference.SampleResult, drafts: Sequence[Sequence[int]],
-               t: int, eos_id: int, callback: TokenCallback | None) -> None:
+               t: int, callback: TokenCallback | None) -> None:
     """Keep each active row's accepted drafts and the target's token after them.
 
     Parameters
@@ -33,8 +33,6 @@ def book_round(rows: Rows, got: reference.SampleResult, drafts: Sequence[Sequenc
         ``B`` rows of ``t - 1`` drafts, ``-1`` for none.
     t : int
         Positions per row this round.
-    eos_id : int
-        The token that ends a row (drawn, it is not kept).
     callback : callable, optional
         Called ``(row, token)`` for every kept token, in order.
 
@@ -52,7 +50,7 @@ def book_round(rows: Rows, got: reference.SampleResult, drafts: Sequence[Sequenc
         rows.proposed[r] += sum(d >= 0 for d in drafts[r])
         rows.retry[r] = False
         kept = len(rows.out[r])
-        _accept_row(rows, r, tokens[r], status[r], drafts[r], eos_id, lps, written)
+        _accept_row(rows, r, tokens[r], status[r], drafts[r], lps, written)
         if callback is not None:
             for tok in rows.out[r][kept:]:
                 callback(r, tok)
@@ -72,14 +70,15 @@ def _host_logprobs(got: reference.SampleResult, batch: int, t: int) -> HostLogpr
 
 
 def _accept_row(rows: Rows, r: int, tokens: list[int], status: list[int],
-                drafts: Sequence[int], eos_id: int, lps: HostLogprobs | None,
+                drafts: Sequence[int], lps: HostLogprobs | None,
                 written: list[tuple[int, int, int]]) -> None:
     """Book row ``r``'s positions in order until one ends its round: a rejected draft, a
-    stop, or a position with nothing to sample."""
+    stop, or a position with nothing to sample. An id of ``rows.ends[r]`` (the end ids and
+    the row's stop ids) ends it, not kept, recorded in ``rows.ended[r]``."""
     for j, tok in enumerate(tokens):
         bad = status[j] != 0
-        kept, _, stop = book_stop(False, bad, tok == eos_id, len(rows.out[r]),
-                                  rows.max_tokens[r])
+        ending = tok in rows.ends[r]
+        kept, _, stop = book_stop(False, bad, ending, len(rows.out[r]), rows.max_tokens[r])
         if bad:
             if len(tokens) > 1:
                 # A draft whose keys or values are not finite (a model that gives NaN for
@@ -104,6 +103,7 @@ def _accept_row(rows: Rows, r: int, tokens: list[int], status: list[int],
                                                        rows.top_n[r]))
         if stop:
             rows.done[r] = True
+            rows.ended[r] = tok if ending else None
             return
         if not hit:
             return

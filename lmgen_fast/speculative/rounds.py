@@ -39,7 +39,7 @@ import torch
 
 from lmgen_fast.core.params import SamplingParams, check_int
 from lmgen_fast.core.rows import finish_reason
-from lmgen_fast.engine import RowCallback, RowLogprobs, TokenCallback
+from lmgen_fast.engine import RowCallback, RowLogprobs, StopCheck, TokenCallback
 from lmgen_fast.engine.delivery import Handover
 from lmgen_fast.engine.prepare import read_facts
 from lmgen_fast.engine.results import empty_logprobs
@@ -73,10 +73,10 @@ class Rounds:
     forward and one sampler call, or one graph replay) and books what every row keeps."""
 
     def __init__(self, decoder: CachedLlamaDecoder, drafter: Drafter, state: Rows, k: int,
-                 eos_id: int, callback: TokenCallback | None, return_logprobs: bool,
+                 callback: TokenCallback | None, return_logprobs: bool,
                  verify: VerifyGraphs | None):
         self.decoder, self.drafter, self.state, self.k = decoder, drafter, state, k
-        self.eos_id, self.callback, self.return_logprobs = eos_id, callback, return_logprobs
+        self.callback, self.return_logprobs = callback, return_logprobs
         self.verify = verify
         self.none = torch.empty(state.batch, 0, dtype=torch.int64, device=state.device)
         self.cap = cache.capacity(decoder)
@@ -96,7 +96,7 @@ class Rounds:
                 kr = 0
                 cache.clear_slots(self.decoder, r, len(st.seqs[r]))
         drafts = self.drafter.propose(st, kr) if kr else self.none
-        drafts = st.usable(drafts, self.eos_id)
+        drafts = st.usable(drafts)
         # Positions past every active row's last proposal cannot be accepted: a round
         # without any proposal is a plain one-token step.
         proposed = (drafts >= 0).cumprod(dim=1).sum(dim=1).tolist()
@@ -116,7 +116,7 @@ class Rounds:
         else:
             logits = cache.forward(self.decoder, ids, positions, top)
             got = st.sample(logits, drafts, return_logprobs=self.return_logprobs)
-        book_round(st, got, drafts.tolist(), t, self.eos_id, self.callback)
+        book_round(st, got, drafts.tolist(), t, self.callback)
 
 
 def fast_path(decoder: CachedLlamaDecoder, state: Rows, rows: Sequence[SamplingParams],
@@ -136,6 +136,11 @@ def fast_path(decoder: CachedLlamaDecoder, state: Rows, rows: Sequence[SamplingP
     if graph_cls is None or any(r.logprobs for r in rows):
         return None
     return VerifyGraphs(graph_cls, decoder, state, return_logprobs)
+
+
+def end_tuple(eos_id: int | Sequence[int]) -> tuple[int, ...]:
+    """The end id (or ids) of a call as a tuple."""
+    return (eos_id,) if isinstance(eos_id, int) else tuple(int(e) for e in eos_id)
 
 
 def check_target(decoder: Decoder, drafter: Drafter) -> CachedLlamaDecoder:
@@ -162,15 +167,18 @@ def row_logprobs(state: Rows, r: int) -> RowLogprobs:
 
 
 def _hand_over(state: Rows, handover: Handover, told: set[int]) -> None:
-    """Hand every row that finished since the last call to ``handover`` (its ``on_row``)."""
+    """Hand every row that finished since the last call to ``handover`` (its ``on_row``),
+    after ending those whose tokens complete a stop string."""
+    state.cut_stops(handover, [r for r in range(state.batch) if r not in told])
     for r in range(state.batch):
         if state.done[r] and r not in told:
             told.add(r)
-            handover.finish(r, list(state.out[r]), row_logprobs(state, r))
+            handover.finish(r, list(state.out[r]), row_logprobs(state, r), state.ended[r])
 
 
 def _decode(decoder: CachedLlamaDecoder, drafter: Drafter, prompts: Sequence[Sequence[int]],
-            rows: Sequence[SamplingParams], max_tokens: Sequence[int], eos_id: int, k: int,
+            rows: Sequence[SamplingParams], max_tokens: Sequence[int], ends: tuple[int, ...],
+            k: int,
             callback: TokenCallback | None, return_logprobs: bool, cuda_graph: bool,
             backend: str, handover: Handover) -> Rows:
     """Prefill, book the prefill's tokens, then run rounds until every row is done, each
@@ -183,13 +191,13 @@ def _decode(decoder: CachedLlamaDecoder, drafter: Drafter, prompts: Sequence[Seq
     max_new = max(total, min(total + k, limit - longest + 1))
     logits = decoder.prefill(prompts, max_new)
     dev = logits.device
-    state = Rows(prompts, rows, max_tokens, dev, longest + total + k + 1)
+    state = Rows(prompts, rows, max_tokens, dev, longest + total + k + 1, end_ids=ends)
     verify = fast_path(decoder, state, rows, backend, cuda_graph, return_logprobs)
     drafter.start(state, prompts, max_new)
     none = torch.empty(state.batch, 0, dtype=torch.int64, device=dev)
     book_round(state, state.sample(logits.unsqueeze(1), none, return_logprobs=return_logprobs),
-               [[]] * state.batch, 1, eos_id, callback)
-    rounds = Rounds(decoder, drafter, state, k, eos_id, callback, return_logprobs, verify)
+               [[]] * state.batch, 1, callback)
+    rounds = Rounds(decoder, drafter, state, k, callback, return_logprobs, verify)
     told: set[int] = set()
     _hand_over(state, handover, told)
     while not all(state.done):
@@ -204,7 +212,7 @@ def generate_ids(
     prompts: Sequence[Sequence[int]],
     rows: Sequence[SamplingParams],
     max_tokens: Sequence[int],
-    eos_id: int,
+    eos_id: int | Sequence[int],
     *,
     speculative,
     num_speculative_tokens: int = 4,
@@ -213,6 +221,7 @@ def generate_ids(
     cuda_graph: bool = True,
     backend: str = "auto",
     on_row: RowCallback | None = None,
+    stop_check: StopCheck | None = None,
 ) -> tuple[list[tuple[list[int], str]], list[RowLogprobs], list[RowStats]]:
     """:func:`lmgen_fast.engine.generate_ids` by speculative rounds: the same tokens.
 
@@ -242,6 +251,8 @@ def generate_ids(
     on_row : callable, optional
         ``on_row(row, (token_ids, finish_reason), row_logprobs)`` once per row, after the
         round it finished in (``row_logprobs`` None without ``return_logprobs``).
+    stop_check : callable, optional
+        Stop strings, as for :func:`lmgen_fast.engine.generate_ids`, asked after every round.
 
     Returns
     -------
@@ -262,7 +273,8 @@ def generate_ids(
     decoder = check_target(decoder, drafter)
     batch = len(prompts)
     total = max(max_tokens, default=0)
-    handover = Handover(rows, max_tokens, on_row, return_logprobs)
+    ends = end_tuple(eos_id)
+    handover = Handover(rows, max_tokens, on_row, return_logprobs, ends, stop_check)
     if total == 0:
         for r, row in enumerate(rows):
             handover.finish(r, [], empty_logprobs(row.logprobs))
@@ -270,11 +282,11 @@ def generate_ids(
                 [empty_logprobs(r.logprobs) for r in rows], [RowStats(0, 0, 0)] * batch)
     decoder.busy = True
     try:
-        state = _decode(decoder, drafter, prompts, rows, max_tokens, eos_id, k, callback,
+        state = _decode(decoder, drafter, prompts, rows, max_tokens, ends, k, callback,
                         return_logprobs, cuda_graph, backend, handover)
     finally:
         decoder.busy = False
-    pairs = [(o, finish_reason(len(o), m)) for o, m in zip(state.out, max_tokens, strict=True)]
+    pairs = handover.results()[0]
     lps = [row_logprobs(state, r) for r in range(batch)]
     stats = [RowStats(*s) for s in zip(state.forwards, state.accepted, state.proposed,
                                        strict=True)]

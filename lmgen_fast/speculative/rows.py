@@ -11,7 +11,7 @@ from typing import NamedTuple
 import torch
 
 from lmgen_fast.core.errors import STATUS_SLOW
-from lmgen_fast.core.params import PackedParams, SamplingParams
+from lmgen_fast.core.params import PackedParams, SamplingParams, row_stop_ids
 from lmgen_fast.core.rows import (
     fill_unseeded,
     history_window,
@@ -141,8 +141,14 @@ class Rows:
 
     def __init__(self, prompts: Sequence[Sequence[int]], rows: Sequence[SamplingParams],
                  max_tokens: Sequence[int], device: torch.device, hist_len: int, *,
-                 penalized: bool | None = None):
+                 penalized: bool | None = None, end_ids: Sequence[int] = (),
+                 stops: int = 1):
         batch = len(prompts)
+        # The ids that end every row; each row's own ids that end it (``ends``, with its
+        # stop_token_ids) and the one that did (``ended``, None: none or not yet).
+        self.end_ids = tuple(end_ids)
+        self.ends: list[frozenset[int]] = [frozenset()] * batch
+        self.ended: list[int | None] = [None] * batch
         self.device = device
         self.seqs: list[list[int]] = [[] for _ in prompts]
         self.out: list[list[int]] = [[] for _ in prompts]
@@ -162,7 +168,10 @@ class Rows:
         self.hlen = [0] * batch
         # The caller's row that each row is (continuous batching seats others in turn).
         self.names = list(range(batch))
-        packed = PackedParams.from_rows(rows, device)
+        packed = PackedParams.from_rows(rows, device, self.end_ids)
+        # As wide as the widest row seated later (``stops``), so that seat() copies in place.
+        packed = replace(packed, stop_ids=_widen(packed.stop_ids,
+                                                 max(stops, packed.stop_ids.shape[1])))
         self.packed = replace(packed, seeded=torch.ones_like(packed.seeded))
         self.ranges = torch.zeros(batch, dtype=torch.int64, device=device)
         # Set by the caller where the Triton sampler applies (None: the reference samples).
@@ -181,7 +190,8 @@ class Rows:
         batching's admissions. Device tensors are written in place (graphs read them)."""
         dev = self.device
         index = torch.tensor(list(slots), dtype=torch.int64, device=dev)
-        packed = PackedParams.from_rows(rows, dev)
+        packed = PackedParams.from_rows(rows, dev, self.end_ids)
+        packed = replace(packed, stop_ids=_widen(packed.stop_ids, self.packed.stop_ids.shape[1]))
         # Unseeded rows draw their seed once (as the engine does on the GPU): each row then
         # races, so a draft can be checked against the target's own draw.
         if any(r.seed is None for r in rows):
@@ -206,6 +216,7 @@ class Rows:
             self.retry[s], self.top_n[s], self.token_lp[s], self.top[s] = (
                 False, row.logprobs, [], [])
             self.range_list[s], self.hlen[s] = rg, b
+            self.ends[s], self.ended[s] = frozenset(row_stop_ids(row, self.end_ids)), None
 
     @property
     def batch(self) -> int:
@@ -227,20 +238,48 @@ class Rows:
             for f in fields(PackedParams)
             if isinstance(getattr(self.packed, f.name), torch.Tensor)})
 
-    def usable(self, drafts: torch.Tensor, eos_id: int) -> torch.Tensor:
+    def cut_stops(self, handover, live: Sequence[int]) -> None:
+        """End rows ``live`` whose tokens complete a stop string (``handover.stop_check``,
+        asked with the caller's row): each keeps its tokens up to the completing one, and
+        ``handover.stopped`` records the string (the engine's host-check rule, here after
+        every round)."""
+        check = handover.stop_check
+        if check is None:
+            return
+        for r in live:
+            i = self.names[r]
+            if not self.out[r] or i in handover.stopped:
+                continue
+            got = check(i, self.out[r])
+            if got is not None:
+                kept, handover.stopped[i] = got
+                self.out[r], self.done[r] = self.out[r][:kept], True
+                self.token_lp[r], self.top[r] = self.token_lp[r][:kept], self.top[r][:kept]
+
+    def usable(self, drafts: torch.Tensor) -> torch.Tensor:
         """``drafts`` ``[B, k]`` with ``-1`` where a row could not use them: past its
-        ``max_tokens``, after a drafted EOT, and for finished rows."""
+        ``max_tokens``, after a drafted id that ends it, and for finished rows."""
         dev = drafts.device
         left = torch.tensor([0 if d else m - len(o) - 1 for d, m, o in
                              zip(self.done, self.max_tokens, self.out, strict=True)],
                             device=dev)
-        eos = (drafts == eos_id).to(torch.int64)
+        stops = self.packed.stop_ids.to(dev).unsqueeze(1)
+        eos = ((drafts.unsqueeze(2) == stops) & (stops >= 0)).any(dim=2).to(torch.int64)
         after_eos = (eos.cumsum(dim=1) - eos) > 0
         room = torch.arange(drafts.shape[1], device=dev) < left.unsqueeze(1)
         return torch.where(room & ~after_eos, drafts, -1)
 
     def partial(self) -> list[list[int]]:
         return [list(o) for o in self.out]
+
+
+def _widen(stop_ids: torch.Tensor, width: int) -> torch.Tensor:
+    """``stop_ids`` ``[n, S]`` padded with ``-1`` to ``width`` columns (ValueError where it
+    is wider)."""
+    if stop_ids.shape[1] > width:
+        raise ValueError(f"stop ids of width {stop_ids.shape[1]} do not fit {width} columns")
+    pad = stop_ids.new_full((stop_ids.shape[0], width - stop_ids.shape[1]), -1)
+    return torch.cat([stop_ids, pad], dim=1)
 
 
 def sample_rows(rows: Rows, logits: torch.Tensor, drafts: torch.Tensor, offset: int = 0,

@@ -24,8 +24,8 @@ from collections.abc import Sequence
 import torch
 
 from lmgen_fast.core.errors import GenerationError
-from lmgen_fast.core.params import SamplingParams
-from lmgen_fast.engine import RowCallback, RowLogprobs, TokenCallback
+from lmgen_fast.core.params import SamplingParams, stop_width
+from lmgen_fast.engine import RowCallback, RowLogprobs, StopCheck, TokenCallback
 from lmgen_fast.engine.delivery import Handover
 from lmgen_fast.engine.results import empty_logprobs
 from lmgen_fast.models.decoder import CachedLlamaDecoder, Decoder
@@ -35,6 +35,7 @@ from lmgen_fast.speculative.rounds import (
     RowStats,
     check_num_speculative_tokens,
     check_target,
+    end_tuple,
     fast_path,
     generate_ids,
     row_logprobs,
@@ -57,7 +58,7 @@ class SlotRounds:
 
     def __init__(self, decoder: CachedLlamaDecoder, drafter: Drafter,
                  prompts: Sequence[Sequence[int]], rows: Sequence[SamplingParams],
-                 max_tokens: Sequence[int], eos_id: int, k: int, slots: int,
+                 max_tokens: Sequence[int], ends: tuple[int, ...], k: int, slots: int,
                  handover: Handover, callback: TokenCallback | None, options: dict):
         self.decoder, self.drafter, self.handover = decoder, drafter, handover
         self.prompts, self.rows, self.max_tokens = prompts, rows, max_tokens
@@ -78,20 +79,23 @@ class SlotRounds:
         # Slots start empty: finished rows with nothing to do, until seated.
         self.state = st = Rows([[0]] * slots, [SamplingParams(seed=0)] * slots, [0] * slots,
                                torch.device(decoder.device), hist_len,
-                               penalized=any(r.penalized for r in rows))
+                               penalized=any(r.penalized for r in rows), end_ids=ends,
+                               stops=stop_width(rows, ends))
         verify = fast_path(decoder, st, rows, options["backend"], options["cuda_graph"],
                            options["return_logprobs"])
         told = None if callback is None else (lambda r, tok: callback(st.names[r], tok))
-        self.rounds = Rounds(decoder, drafter, st, k, eos_id, told,
+        self.rounds = Rounds(decoder, drafter, st, k, told,
                              options["return_logprobs"], verify)
 
     def harvest(self) -> None:
-        """Hand over the rows that finished, freeing their slots."""
+        """Hand over the rows that finished (or complete a stop string), freeing their
+        slots."""
         st = self.state
+        st.cut_stops(self.handover, [s for s, i in enumerate(self.occupant) if i is not None])
         for s, i in enumerate(self.occupant):
             if i is not None and st.done[s]:
                 self.stats[i] = RowStats(st.forwards[s], st.accepted[s], st.proposed[s])
-                self.handover.finish(i, list(st.out[s]), row_logprobs(st, s))
+                self.handover.finish(i, list(st.out[s]), row_logprobs(st, s), st.ended[s])
                 self.occupant[s] = None
 
     def refill(self) -> None:
@@ -138,7 +142,7 @@ def generate_slots(
     prompts: Sequence[Sequence[int]],
     rows: Sequence[SamplingParams],
     max_tokens: Sequence[int],
-    eos_id: int,
+    eos_id: int | Sequence[int],
     *,
     speculative,
     slots: int,
@@ -148,6 +152,7 @@ def generate_slots(
     cuda_graph: bool = True,
     backend: str = "auto",
     on_row: RowCallback | None = None,
+    stop_check: StopCheck | None = None,
 ) -> tuple[list[tuple[list[int], str]], list[RowLogprobs], list[RowStats]]:
     """:func:`~lmgen_fast.speculative.rounds.generate_ids` through ``slots`` slots: the
     same tokens, rows entering free slots between rounds and handed to ``on_row`` as they
@@ -171,7 +176,8 @@ def generate_slots(
     if not takes_slots(drafter):
         raise ValueError(f"this drafter ({type(drafter).__name__}) cannot run through slots: "
                          "it needs open() and seat()")
-    handover = Handover(rows, max_tokens, on_row, return_logprobs)
+    ends = end_tuple(eos_id)
+    handover = Handover(rows, max_tokens, on_row, return_logprobs, ends, stop_check)
     for i, (row, m) in enumerate(zip(rows, max_tokens, strict=True)):
         if m == 0:
             handover.finish(i, [], empty_logprobs(row.logprobs))
@@ -180,7 +186,7 @@ def generate_slots(
         decoder = check_target(decoder, drafter)
         decoder.busy = True
         try:
-            run = SlotRounds(decoder, drafter, prompts, rows, max_tokens, eos_id, k, slots,
+            run = SlotRounds(decoder, drafter, prompts, rows, max_tokens, ends, k, slots,
                              handover, callback, dict(backend=backend, cuda_graph=cuda_graph,
                                                       return_logprobs=return_logprobs))
             run.loop()
@@ -216,7 +222,8 @@ class SpeculativeRun:
         # every round, and rounds are not decode steps.
         options = dict(speculative=self.drafter, num_speculative_tokens=self.k,
                        callback=callback, return_logprobs=return_logprobs,
-                       cuda_graph=cuda_graph, backend=backend, on_row=on_row)
+                       cuda_graph=cuda_graph, backend=backend, on_row=on_row,
+                       stop_check=engine_options.get("stop_check"))
         if (max_batch_size is not None and len(prompts) > max_batch_size
                 and takes_slots(self.drafter)):
             pairs, lps, stats = generate_slots(decoder, prompts, rows, max_tokens, eos_id,

@@ -27,7 +27,11 @@ def test_constraints_add_no_launch_and_their_bytes_are_counted(capsys):
     with_allowed = bench_masks.extra_bytes(128256, 0, allowed=True, bitmask=False, masked=True)
     assert with_allowed - plain == packed.allowed.numel() * packed.allowed.element_size()
     _, off = kernel_launch.constraint_args(
-        PackedParams.from_rows([SamplingParams(min_tokens=3)], "meta"), None)
-    assert not off  # min_tokens alone compiles no mask code in
+        PackedParams.from_rows([SamplingParams(top_p=0.5)] * 2, "meta"), None)
+    _, on = kernel_launch.constraint_args(
+        PackedParams.from_rows([SamplingParams(min_tokens=3), SamplingParams()], "meta"), None)
+    assert on and not off  # rows without constraints compile no mask code in
+    assert bench_masks.extra_bytes(128256, 0, allowed=False, bitmask=False,
+                                   masked=False) == 0
     assert bench_masks.main(["--vocabs", "32000", "--bias", "16"]) == 0
     assert "| 32000 | token bitmask | 4192 | 64000 | 6.55% |" in capsys.readouterr().out

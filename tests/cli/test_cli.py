@@ -80,7 +80,7 @@ def test_main_matches_the_python_call_in_process(expected, capsys):
         (["generate", "x", "--device", "tpu9"], "unknown device 'tpu9'"),
         (["generate", "x", "--device", "cuda:99"], "device 'cuda:99' requested but"),
         (["generate", "x", "--backend", "nope"], "argument --backend: invalid choice: 'nope'"),
-        (["generate"], "the following arguments are required: prompt"),
+        (["generate"], "give exactly one of PROMPT, --chat and --prompt-token-ids"),
         (["frobnicate"], "invalid choice: 'frobnicate'"),
         (["bench", "--max-tokens", "0"], "--max-tokens must be > 0"),
         (["generate", "x", "--sync-every", "0"], "--sync-every must be >= 1, got 0"),

@@ -85,6 +85,28 @@ def test_kernel_books_exactly_as_the_eager_ops(seed, with_status, logprobs, top_
             assert not with_status or (want.bad_step >= 0).any()
 
 
+def test_stop_ids_per_row_end_rows_alike(kernel_device):
+    """Per-row stop ids (``PackedParams.stop_ids``: the end id, then each row's own ids, -1
+    padded): the kernel and the eager ops end the same rows, on the same ids."""
+    gen = torch.Generator().manual_seed(5)
+    batch = 24
+    want = random_ledger(gen, batch, cols=16, hist=24, top_n=4, logprobs=True,
+                         device=kernel_device)
+    got = clone(want)
+    own = torch.randint(0, 8, (batch, 2), generator=gen)
+    own[torch.rand(batch, 2, generator=gen) < 0.4] = -1
+    stop_ids = torch.cat([torch.full((batch, 1), EOS), own], dim=1).to(kernel_device)
+    for _ in range(3):
+        tokens, status, lp, top_ids, top_lp = draws(gen, batch, 4, True, kernel_device)
+        bk.book_eager(want, tokens, status, stop_ids, lp[:, 0], top_ids, top_lp)
+        bk.book(got, tokens, status, stop_ids, lp[:, 0], top_ids, top_lp)
+        for name, w, g in zip(bk.Ledger._fields, want, got, strict=True):
+            assert torch.equal(w, g), name
+    # Some row ended on an id of its own, which ends no other row.
+    ended_own = (tokens.unsqueeze(1).cpu() == own).any(1) & (tokens.cpu() != EOS)
+    assert ended_own.any() and not (ended_own & ~want.done.cpu()).any()
+
+
 def test_stops_at_eot_and_cap_and_marks_bad_rows_once(kernel_device):
     """Hand-made rows, one rule each, with the expected result written out."""
     batch, cols = 4, 8

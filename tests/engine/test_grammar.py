@@ -109,3 +109,23 @@ def test_end_token_only_where_the_grammar_may_end(default):
         assert c in _allowed(rows, 0) and max(_allowed(rows, 0)) < 4096
         assert seen[0][2] == set(range(vocab))  # a row without a grammar: every token
         assert rows.accept(out, out[:, 2], [3, 3]) == [0]
+
+
+def test_grammar_rows_take_samples_and_stop_strings(default):
+    """Through the jobs API: n samples of a schema row each validate and end "stop" with no
+    stop reason, sample j being the n=1 result seeded s + j; a regex row's stop string
+    still cuts it (the string is the stop reason)."""
+    model, tok = default
+    got = generate_batch(model, tok, ["The list type"], max_tokens=40, n=3, seed=5,
+                         json_schema=SCHEMA, temperature=1.2, return_details=True)
+    assert [(g.prompt_index, g.sample_index) for g in got] == [(0, 0), (0, 1), (0, 2)]
+    for g in got:
+        jsonschema.validate(json.loads(g.text), SCHEMA)
+        assert (g.finish_reason, g.stop_reason) == ("stop", None)
+    [alone] = generate_batch(model, tok, ["The list type"], max_tokens=40, seed=7,
+                             json_schema=SCHEMA, temperature=1.2, return_details=True)
+    assert alone.token_ids == got[2].token_ids
+    [cut] = generate_batch(model, tok, ["A dict"], max_tokens=40, seed=3, regex=REGEX,
+                           stop=[" "], return_details=True)
+    assert (cut.finish_reason, cut.stop_reason) == ("stop", " ")
+    assert re.fullmatch(r"[a-z]{2,6}", cut.text), cut.text

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from lmgen_fast import SamplingParams
+from lmgen_fast.core.params import stop_width
 from lmgen_fast.engine.generate import Part, first_parts
 from lmgen_fast.engine.plan import SYNC_EVERY_CUDA, Facts, RunOptions, plan_run
 from lmgen_fast.engine.state import resident
@@ -44,7 +45,8 @@ def test_sizes_widths_and_hints_follow_the_rows(seed):
     base = [rng.randint(0, 90) for _ in range(n)]
     plan = plan_run(rows, caps, base, RunOptions(2), facts(), CUDA, n + 1)
     lay = plan.layout
-    assert (lay.batch, lay.eos, lay.kernel, lay.device) == (n + 1, 2, True, CUDA)
+    assert (lay.batch, lay.stops, lay.kernel, lay.device) == (n + 1, stop_width(rows, (2,)),
+                                                               True, CUDA)
     # Buffers: multiples of 64 steps, just enough for the longest row and history.
     assert lay.cols % 64 == 0 and max(caps) <= lay.cols < max(caps) + 64
     assert lay.hist % 64 == 0 and max(base) + max(caps) <= lay.hist < max(base) + max(caps) + 64

@@ -43,6 +43,8 @@ SAMPLING_FIELDS = [f.name for f in dataclasses.fields(SamplingParams)]
 # SamplingParams field -> the `run` option's argparse dest, where the two names differ.
 DEST = {"repetition_penalty_range": "penalty_range", "stop_token_ids": "stop_token_id",
         "include_stop_str_in_output": "include_stop_str"}
+
+
 def _text_file(name: str, text: str) -> str:
     """The path of a file holding ``text``, made once for the module."""
     path = Path(tempfile.gettempdir()) / f"lmgen-fast-test-manifest-{os.getpid()}-{name}"

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import warnings
 
 import pytest
 import torch
@@ -118,9 +119,14 @@ def test_greedy_matches_hf_generate(llama, tokenizer, hf_tokenizer):
         ids = tok.encode_prompt(prompt)
         assert res.token_ids == hf_greedy(llama, ids, n, tok.eos_id)
         assert res.text == hf_tokenizer.decode(res.token_ids, skip_special_tokens=True)
-    # The article's tokenizer encodes the same ids, so it yields the same tokens.
+        assert ids == hf_tokenizer(prompt)["input_ids"]  # the tokenizer's own encoding
+    # The article's convention on its own tokenizer ([BOT], leading space) is add_bos=True
+    # and the space on the transformers one: the same ids, so the same tokens.
+    article = adapt_tokenizer(hf_tokenizer, add_bos=True)
     again = generate_batch(llama, tokenizer, PROMPTS, max_tokens=n, top_k=1, return_details=True)
-    assert [r.token_ids for r in again] == [r.token_ids for r in results]
+    spaced = generate_batch(llama, article, [" " + p for p in PROMPTS], max_tokens=n, top_k=1,
+                            return_details=True)
+    assert [r.token_ids for r in again] == [r.token_ids for r in spaced]
 
 
 @pytest.mark.parametrize("variant", list(VARIANTS))
@@ -196,14 +202,17 @@ def gpt2(vocab_size: int):
     return transformers.GPT2LMHeadModel(config).eval()
 
 
-@pytest.mark.parametrize("kind", ["gpt2", "llama-linear-rope"])
+@pytest.mark.parametrize("kind", ["gpt2", "llama-dynamic-rope"])
 def test_generic_cache_path_matches_hf_generate(kind, tokenizer, hf_tokenizer):
     vocab = tokenizer.get_vocab_size()
     if kind == "gpt2":
         model = gpt2(vocab)
-    else:  # a rope scaling our Llama lacks: the model's own cache instead
-        model = hf_llama(vocab, seed=5, rope_scaling={"rope_type": "linear", "factor": 2.0})
-    assert isinstance(wrap(model), HFCacheDecoder)
+    else:  # a rope scaling our Llama lacks: the model's own cache instead, with a warning
+        model = hf_llama(vocab, seed=5, rope_scaling={"rope_type": "dynamic", "factor": 2.0})
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert isinstance(wrap(model), HFCacheDecoder)
+    assert [str(w.message) for w in caught if "dynamic" in str(w.message)] or kind == "gpt2"
     n = 16
     results = generate_batch(model, hf_tokenizer, PROMPTS, max_tokens=n, top_k=1,
                              return_details=True)
@@ -241,8 +250,14 @@ def test_hf_tokenizer_ids_and_errors(tokenizer, hf_tokenizer):
     tok = adapt_tokenizer(hf_tokenizer)
     art = adapt_tokenizer(tokenizer)
     assert (tok.bos_id, tok.eos_id) == (art.bos_id, art.eos_id)
-    assert tok.encode_prompt("hello world") == art.encode_prompt("hello world")
-    assert tok.decode([tok.bos_id, *tok.encode_prompt("fox")[1:], tok.eos_id]) == " fox"
+    # Its own encoding (this one adds no special token, and no space), unless add_bos says.
+    assert tok.encode_prompt("hello world") == hf_tokenizer("hello world")["input_ids"]
+    assert tok.encode_prompt("hello world") == art.encode_prompt("hello world")[2:]
+    assert (adapt_tokenizer(hf_tokenizer, add_bos=True).encode_prompt(" hello world")
+            == art.encode_prompt("hello world"))
+    assert adapt_tokenizer(tokenizer, add_bos=False).encode_prompt("hi") == \
+        art.encode_prompt("hi")[1:]
+    assert tok.decode([tok.bos_id, *tok.encode_prompt(" fox"), tok.eos_id]) == " fox"
     # Without declared specials the [BOT]/[EOT] tokens still serve.
     bare = transformers.PreTrainedTokenizerFast(tokenizer_object=tokenizer)
     assert adapt_tokenizer(bare).bos_id == art.bos_id
@@ -255,8 +270,11 @@ def test_hf_tokenizer_missing_token_names_keyword():
 
     plain = Tokenizer(models.WordLevel({"a": 0, "b": 1, "<unk>": 2}, unk_token="<unk>"))
     hf = transformers.PreTrainedTokenizerFast(tokenizer_object=plain, unk_token="<unk>")
-    with pytest.raises(ValueError, match="bos_token="):
-        adapt_tokenizer(hf)
+    with pytest.raises(ValueError, match="eos.*eos_token="):
+        adapt_tokenizer(hf)  # no bos is fine (Qwen has none); no eos is not
+    with pytest.raises(ValueError, match="bos.*bos_token="):
+        adapt_tokenizer(hf, eos_token="b", add_bos=True)
+    assert adapt_tokenizer(hf, eos_token="b").bos_id is None
     with pytest.raises(ValueError, match="eos.*eos_token="):
         adapt_tokenizer(hf, bos_token="a")
     with pytest.raises(ValueError, match="'zz'.*bos_token="):

@@ -550,7 +550,8 @@ def test_the_stop_rule_is_the_engines_bookkeeping():
 
 def test_a_round_keeps_and_stops_as_the_engine_would():
     # A whole round booked by accept.book_round against book_eager run position by
-    # position, each row leaving the round at its first rejected draft.
+    # position, each row leaving the round at its first rejected draft; the end id and
+    # some rows' stop ids end a row (book_eager given the rows' packed stop ids).
     from lmgen_fast.engine.bookkeeping import book_eager
     from lmgen_fast.sampling.reference import SampleResult
     from lmgen_fast.speculative.accept import book_round
@@ -561,8 +562,10 @@ def test_a_round_keeps_and_stops_as_the_engine_would():
         max_tokens = torch.randint(1, 9, (batch,), generator=gen)
         count = (torch.rand(batch, generator=gen) * max_tokens).long()
         done = torch.rand(batch, generator=gen) < 0.2
-        state = speculative_rows.Rows([[1, 2]] * batch, [SamplingParams(seed=0)] * batch,
-                                      max_tokens.tolist(), torch.device("cpu"), 32)
+        params = [SamplingParams(seed=0, stop_token_ids=[5] if r % 3 == 0 else [])
+                  for r in range(batch)]
+        state = speculative_rows.Rows([[1, 2]] * batch, params, max_tokens.tolist(),
+                                      torch.device("cpu"), 32, end_ids=(eos,))
         for r in range(batch):
             state.out[r] = [7] * int(count[r])
             state.seqs[r] += state.out[r]
@@ -572,11 +575,11 @@ def test_a_round_keeps_and_stops_as_the_engine_would():
                              torch.randint(0, 8, (batch, t - 1), generator=gen))
         book_round(state, SampleResult(tokens.flatten(), torch.zeros(batch * t,
                                                                      dtype=torch.int32), None),
-                   drafts.tolist(), t, eos, None)
+                   drafts.tolist(), t, None)
         led = _random_ledger(gen, batch, 2 * t, done, count, max_tokens, steps=t)
         final_count, final_done, in_round = count.clone(), done.clone(), ~done
         for j in range(t):
-            book_eager(led, tokens[:, j], None, eos)
+            book_eager(led, tokens[:, j], None, state.packed.stop_ids)
             hit = drafts[:, j] == tokens[:, j] if j < t - 1 else torch.zeros_like(done)
             leave = in_round & (led.done | ~hit)
             final_count = torch.where(leave, led.count, final_count)
