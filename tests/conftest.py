@@ -149,6 +149,7 @@ MARKS: list[tuple[str, str, tuple[str, ...]]] = [
      ("slow",)),
     ("engine/test_engine.py", "test_graphs_for_article_and_transformers_modules*", ("slow",)),
     ("engine/test_engine.py", "test_batch_with_streaming*", ("slow",)),
+    ("engine/test_grammar.py", "test_grammar_rows_parse_through_slots_*", ("slow",)),
     ("api/test_score.py", "test_scores_match_transformers*", ("slow",)),
     ("integrations/test_lm_eval.py", "*", ("slow",)),
     # Frequency tests.

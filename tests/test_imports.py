@@ -54,12 +54,14 @@ LAZY = {
         "as above, for the decode-step kernels",
     ("lmgen_fast.cli.kernel_compile", "lmgen_fast.models.fused_ops"):
         "as above: the launch shapes of the decode-step kernels",
+    ("lmgen_fast.engine.grammar", "xgrammar"):
+        "the structured extra: imported when a run first compiles a grammar or opens a matcher",
     ("lmgen_fast.core.plot", "matplotlib"):
         "the plot extra: imported when a figure is first made, so lmgen-fast runs without it",
 }
 # Third-party packages of an optional extra: every import of one sits inside a function and
 # is listed in LAZY as (importer, package), like the lazy imports between our modules.
-OPTIONAL = {"matplotlib"}
+OPTIONAL = {"matplotlib", "xgrammar"}
 
 # The most lines a module, and a function or class (its docstring not counted), may take.
 MODULE_MAX_LINES = 450

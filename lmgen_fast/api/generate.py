@@ -10,6 +10,7 @@ from dataclasses import dataclass, field, replace
 
 from lmgen_fast.api.requests import Samples, check_rows, end_ids, prompt_ids, vocab_size
 from lmgen_fast.api.stops import StopStrings
+from lmgen_fast.api.structured import row_grammars
 from lmgen_fast.api.tokenization import TokenizerAdapter, adapt_tokenizer
 from lmgen_fast.core.params import SamplingParams, check_int
 from lmgen_fast.engine import (  # noqa: F401  (re-exported: jobs and users import them from here)
@@ -48,7 +49,8 @@ class Generation:
     :class:`lmgen_fast.speculative.RowStats`); all three are None otherwise.
 
     ``finish_reason`` is "eot" (an end token), "stop" (a stop string or stop id, given by
-    ``stop_reason``) or "length" (``max_tokens``). ``prompt_index`` and ``sample_index``
+    ``stop_reason``, or a completed grammar, ``stop_reason`` None) or "length"
+    (``max_tokens``). ``prompt_index`` and ``sample_index``
     say which prompt and which of its ``n`` samples the row is.
     """
 
@@ -187,7 +189,11 @@ def generate_batch(
         sample). ``stop`` strings are checked at host checks, on the decoded text of the
         generated tokens; ``stop_token_ids`` end a row on the device, like the end token.
         A transformers model's ``generation_config.eos_token_id`` ids all end rows ("eot")
-        unless ``eos_token=`` names the one end token.
+        unless ``eos_token=`` names the one end token. A ``json_schema``, ``regex`` or
+        ``grammar`` (EBNF) row samples under its grammar's mask (xgrammar, the
+        ``structured`` extra; compiled before anything runs, every end id allowed where
+        the grammar may end) and ends "stop" when its grammar is complete; not with
+        ``speculative=``.
     params : sequence of SamplingParams, optional
         One per prompt; replaces the keywords row by row.
     seeds : sequence of int or None, optional
@@ -240,7 +246,7 @@ def generate_batch(
     ValueError
         Naming the bad value: a sampling field, more or fewer than one prompt form, a
         malformed prompt or message, ``min_tokens`` above ``max_tokens``, an id outside
-        the vocabulary. Nothing has run then.
+        the vocabulary, a grammar that does not compile. Nothing has run then.
     GenerationError
         A row had nothing to sample; ``partial`` holds what every row had so far.
     """
@@ -274,6 +280,7 @@ def generate_batch(
     check_rows(rows, caps, vocab_size(decoder, model))
     samples = Samples(ids, rows, caps)
     ends = end_ids(model, tok, eos_token)
+    grammars = row_grammars(decoder, tok, samples.rows, ends, speculative is not None)
     stops = StopStrings(tok.decode, samples.rows) if any(r.stop for r in rows) else None
     if speculative is not None:
         results, lps, stats = speculative_ids(
@@ -288,7 +295,7 @@ def generate_batch(
             decoder, samples.ids, samples.rows, samples.caps, ends,
             return_logprobs=return_details, backend=backend, callback=callback,
             cuda_graph=cuda_graph, sync_every=sync_every, max_batch_size=max_batch_size,
-            stop_check=stops)
+            stop_check=stops, grammars=grammars)
         results, lps = got if return_details else (got, [None] * len(got))
         stats = [()] * len(results)
     out = [_details(tok, stops, samples, r, pair, lp if return_details else None, st)

@@ -11,7 +11,12 @@ import json
 import sys
 import time
 
-from lmgen_fast.api.generate import GenerationError, generate, generate_batch
+from lmgen_fast.api.generate import (
+    RESEARCH_FIELDS,
+    GenerationError,
+    generate,
+    generate_batch,
+)
 from lmgen_fast.cli.options import (
     CLIError,
     add_sampling_arguments,
@@ -23,6 +28,7 @@ from lmgen_fast.cli.options import (
     speculative_summary,
     threads_note,
 )
+from lmgen_fast.core.params import SamplingParams
 from lmgen_fast.jobs.inputs import outside_vocab
 
 
@@ -179,8 +185,7 @@ def _print_results(args: argparse.Namespace, results: list, n: int,
 
 
 # The research-job settings at which `generate` needs nothing but the article's call.
-_PLAIN = {"n": 1, "stop": (), "stop_token_ids": (), "min_tokens": 0,
-          "include_stop_str_in_output": False}
+_PLAIN = SamplingParams()
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
@@ -214,8 +219,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
         sync_every=args.sync_every,
     )
     speculative = speculative_from_args(args, device, model)
+    research = {k: getattr(params, k) for k in RESEARCH_FIELDS}
     plain = ("prompts" in source and args.logprobs is None and speculative is None
-             and all(getattr(params, k) == v for k, v in _PLAIN.items()))
+             and params.n == 1 and all(v == getattr(_PLAIN, k) for k, v in research.items()))
     start = time.perf_counter()
     if plain:
         text = generate(model, tokenizer, source["prompts"][0], **settings, callback=on_token)
@@ -230,9 +236,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         try:
             results = generate_batch(
                 model, tokenizer, **source, **settings, logprobs=args.logprobs or 0,
-                logprobs_mode=args.logprobs_mode, n=params.n, stop=list(params.stop),
-                stop_token_ids=list(params.stop_token_ids), min_tokens=params.min_tokens,
-                include_stop_str_in_output=params.include_stop_str_in_output,
+                logprobs_mode=args.logprobs_mode, n=params.n, **research,
                 callback=lambda _row, t: on_token(t), return_details=True,
                 speculative=speculative, num_speculative_tokens=args.num_speculative_tokens,
             )

@@ -23,6 +23,11 @@ from pathlib import Path
 import torch
 
 from lmgen_fast.api.default_model import load_default, load_model
+from lmgen_fast.cli.structured import (
+    STRUCTURED_OPTION_NAMES,
+    add_structured_arguments,
+    structured_params,
+)
 from lmgen_fast.core.errors import CLIError  # noqa: F401  (re-exported)
 from lmgen_fast.core.params import LOGPROBS_MODES, SamplingParams
 from lmgen_fast.core.version import PROG  # noqa: F401  (re-exported)
@@ -280,6 +285,7 @@ def add_sampling_arguments(
     p.add_argument("--num-speculative-tokens", type=int, default=4, metavar="K",
                    help="with --speculative: tokens drafted per row and round (default: 4)")
     add_ending_arguments(p)
+    add_structured_arguments(p)
 
 
 def add_ending_arguments(p: argparse.ArgumentParser) -> None:
@@ -316,6 +322,7 @@ _OPTION_NAMES = (
     ("min_tokens", "--min-tokens"),
     ("include_stop_str_in_output", "--include-stop-str"),
     ("n", "--n"),
+    *STRUCTURED_OPTION_NAMES,
 )
 
 
@@ -337,7 +344,7 @@ def sampling_params_from_args(args: argparse.Namespace):
             logprobs_mode=args.logprobs_mode, n=1 if args.n is None else args.n,
             stop=tuple(args.stop or ()),
             stop_token_ids=tuple(args.stop_token_id or ()), min_tokens=args.min_tokens,
-            include_stop_str_in_output=args.include_stop_str,
+            include_stop_str_in_output=args.include_stop_str, **structured_params(args),
         )
     except ValueError as err:
         # One pass, so that an option's name (--stop-token-id) is not renamed again.

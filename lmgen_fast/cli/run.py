@@ -18,7 +18,7 @@ import json
 import os
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 from pathlib import Path
 
@@ -42,6 +42,7 @@ from lmgen_fast.core.params import SamplingParams
 from lmgen_fast.core.progress import Progress
 from lmgen_fast.core.rows import positions_needed
 from lmgen_fast.engine import supports_slots
+from lmgen_fast.jobs.constraints import grammar_problem
 from lmgen_fast.jobs.inputs import (  # noqa: F401  (re-exported: the names users import from here)
     KNOWN_FIELDS,
     PARAM_FIELDS,
@@ -111,7 +112,9 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
                         "min_p, frequency_penalty, presence_penalty, logprobs_mode, n, stop, "
                         "stop_token_ids, min_tokens, include_stop_str_in_output to override "
                         "the options for that row, and logprobs (0 to 20) to get that row's "
-                        "token log-probabilities")
+                        "token log-probabilities; json_schema (an object), regex, grammar "
+                        "(EBNF text), logit_bias ({\"ID\": BIAS}) and allowed_token_ids "
+                        "([IDs]) constrain the row")
     p.add_argument("--output", required=True, metavar="FILE",
                    help="JSONL results, one line per id: id, text, token_ids, finish_reason "
                         "(eot, stop or length), stop_reason (the stop string or id, where one "
@@ -231,13 +234,15 @@ def _problem(row: JobRow, ids: list[int], limit: int | None, vocab: int | None) 
 
 
 def _drop_unfit(args: argparse.Namespace, rows: list[JobRow], prompt_ids: list[list[int]],
-                invalid: list[InvalidLine], limit: int | None, vocab: int | None
+                invalid: list[InvalidLine], limit: int | None, vocab: int | None,
+                grammar: Callable[[JobRow], str | None]
                 ) -> tuple[list[JobRow], list[list[int]]]:
-    """The rows (and their prompt ids) this model can run (see :func:`_problem`); the others
-    go to ``invalid`` (sorted by line), or stop the job without --skip-invalid."""
+    """The rows (and their prompt ids) this model can run (see :func:`_problem`) and whose
+    grammar compiles (``grammar(row)``: why not, or None); the others go to ``invalid``
+    (sorted by line), or stop the job without --skip-invalid."""
     keep = []
     for i, row in enumerate(rows):
-        problem = _problem(row, prompt_ids[i], limit, vocab)
+        problem = _problem(row, prompt_ids[i], limit, vocab) or grammar(row)
         if problem is None:
             keep.append(i)
         else:
@@ -317,8 +322,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     limit = (decoder.model.config.max_position_embeddings
              if isinstance(decoder, CachedLlamaDecoder) else None)
     prompt_ids = encode_prompts(adapter, rows, args.input)
-    rows, prompt_ids = _drop_unfit(args, rows, prompt_ids, invalid, limit,
-                                   vocab_size(decoder, model))
+    ends = end_ids(model, adapter, None)
+    rows, prompt_ids = _drop_unfit(
+        args, rows, prompt_ids, invalid, limit, vocab_size(decoder, model),
+        lambda row: grammar_problem(row, decoder, adapter, ends))
     if errors_path is not None and env.rank == 0:
         write_atomic(errors_path, [encode_record(bad.record()) for bad in invalid])
 
@@ -342,7 +349,7 @@ def cmd_run(args: argparse.Namespace) -> int:
                 writer, batch_size=args.batch_size, backend=args.backend, limit=limit,
                 cuda_graph=not args.no_cuda_graph, sync_every=args.sync_every,
                 progress=progress, generate=spec, static=args.static_batches,
-                end_ids=end_ids(model, adapter, None),
+                end_ids=ends,
             )
         except KeyboardInterrupt:
             interrupted = True

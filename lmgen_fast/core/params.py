@@ -285,7 +285,10 @@ def _check_ids(name: str, ids: object) -> tuple[int, ...]:
 def _check_bias(bias: object) -> tuple[tuple[int, float], ...]:
     try:
         items = bias.items() if isinstance(bias, Mapping) else tuple(bias)
-        pairs = {check_int("logit_bias token id", t, 0): b for t, b in items}
+        # JSON objects (a job line, an OpenAI-style request) key ids as decimal strings.
+        pairs = {check_int("logit_bias token id",
+                           int(t) if isinstance(t, str) and t.isdecimal() else t, 0): b
+                 for t, b in items}
     except (TypeError, ValueError) as e:
         if isinstance(e, ValueError) and "logit_bias" in str(e):
             raise

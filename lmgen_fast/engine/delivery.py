@@ -64,8 +64,10 @@ class Handover:
     and all of them returned by :meth:`results` (rows numbered as the caller's).
 
     ``end_ids`` are the ids that end a row with "eot"; another id that ended one is a
-    stop id ("stop"); :attr:`stopped` maps rows a stop string ended to that string, and
-    ``stop_check`` finds them (see :class:`StopWatch`).
+    stop id ("stop"); :attr:`stopped` maps the rows that something besides their tokens
+    ended with "stop" to the stop reason: a stop string (found by ``stop_check``, see
+    :class:`StopWatch`), or None for a completed grammar (see
+    :func:`lmgen_fast.engine.grammar.check_rows`).
     """
 
     def __init__(self, rows: Sequence[SamplingParams], max_tokens: Sequence[int],
@@ -75,7 +77,7 @@ class Handover:
         self.on_row, self.return_logprobs = on_row, return_logprobs
         self.end_ids, self.stop_check = tuple(end_ids), stop_check
         self.finished: dict[int, tuple[RowPair, RowLogprobs | None]] = {}
-        self.stopped: dict[int, str] = {}
+        self.stopped: dict[int, str | None] = {}
 
     def finish(self, i: int, ids: list[int], lp: RowLogprobs | None,
                ended_on: int | None = None) -> None:

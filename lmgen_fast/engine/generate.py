@@ -130,10 +130,14 @@ class Handout:
         self.any = True
         self.options.on_row(row + self.lo, pair, lp)
 
-    def options_for(self, backend: str) -> RunOptions:
-        """The part's options: these callbacks (where the caller gave one) and ``backend``."""
+    def options_for(self, backend: str, hi: int) -> RunOptions:
+        """The options of the part that ends at row ``hi``: these callbacks (where the
+        caller gave one), ``backend`` and the part's rows of the grammars."""
         o = self.options
-        return replace(o, backend=backend,
+        grammars = None if o.grammars is None else list(o.grammars[self.lo:hi])
+        if grammars is not None and all(g is None for g in grammars):
+            grammars = None  # this part's rows pay nothing for the others' grammars
+        return replace(o, backend=backend, grammars=grammars,
                        callback=None if o.callback is None else self.callback,
                        on_row=None if o.on_row is None else self.on_row,
                        stop_check=None if o.stop_check is None else self.stop_check)
@@ -200,7 +204,7 @@ def run_parts(decoder, prompts: Sequence[Sequence[int]], rows: Sequence[Sampling
             # Triton, graphs and streams act on the current CUDA device: make it the model's.
             with on_device(getattr(decoder, "device", None)):
                 got = decode(decoder, prompts[lo:hi], rows[lo:hi], max_tokens[lo:hi],
-                             handout.options_for(part.backend), part.slots)
+                             handout.options_for(part.backend, hi), part.slots)
         except KernelUnavailable as exc:
             note_failure(exc)
             if handout.any:
@@ -234,6 +238,7 @@ def generate_ids(
     on_row: RowCallback | None = None,
     stats: DecodeStats | None = None,
     stop_check: StopCheck | None = None,
+    grammars: Sequence | None = None,
 ) -> list[RowPair] | tuple[list[RowPair], list[RowLogprobs]]:
     """Sample up to ``max_tokens[r]`` tokens for each prompt (lists of ids) on ``decoder``.
 
@@ -277,13 +282,23 @@ def generate_ids(
         ``stop`` and new tokens; ``(kept, string)`` ends the row there with its first
         ``kept`` tokens (the later ones, computed before the check, are dropped, never
         streamed), "stop" (see :class:`lmgen_fast.api.stops.StopStrings`).
+    grammars : sequence, optional
+        Each row's compiled grammar (None: the row has none), from
+        :func:`lmgen_fast.engine.grammar.compile_rows`; None when no row has one (a row
+        whose grammar is not given here samples under whatever the state's bitmask holds:
+        every token, unless the caller writes it, as ``generate_batch`` and ``lmgen-fast
+        run`` always give the grammars). A run with grammars checks on the host every step
+        and runs its steps eagerly: the host fills each grammar row's token bitmask while
+        the model's forward runs, and a row its grammar completes ends with finish reason
+        "stop" (stop reason None).
 
     Returns
     -------
     list of RowPair
         Per row, in the order of ``prompts``, ``(token_ids, finish_reason)`` with
         ``finish_reason`` "eot", "stop" or "length" and ``stop_reason`` the stop id or
-        string; with ``return_logprobs`` also the list of :class:`RowLogprobs`.
+        string (None where a grammar ended the row); with ``return_logprobs`` also the
+        list of :class:`RowLogprobs`.
 
     Raises
     ------
@@ -304,8 +319,10 @@ def generate_ids(
     """
     check_sync_every(sync_every)
     check_max_batch_size(max_batch_size)
+    if grammars is not None and len(grammars) != len(prompts):
+        raise ValueError(f"grammars has {len(grammars)} entries for {len(prompts)} prompts")
     ends = (eos_id,) if isinstance(eos_id, int) else tuple(int(e) for e in eos_id)
     options = RunOptions(ends, backend, callback, return_logprobs, cuda_graph, sync_every,
-                         on_row, stats, stop_check)
+                         on_row, stats, stop_check, grammars)
     pairs, lps = run_parts(decoder, prompts, rows, max_tokens, options, max_batch_size)
     return (pairs, lps) if return_logprobs else pairs

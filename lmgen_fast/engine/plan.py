@@ -32,7 +32,9 @@ class RunOptions:
     """How a call of :func:`lmgen_fast.engine.generate_ids` runs, besides its rows (see
     there): ``eos_id`` (one end id or several), ``backend``, the callbacks,
     ``return_logprobs``, ``cuda_graph``, ``sync_every`` (None: the device's default), the
-    ``stats`` to add to and ``stop_check`` (stop strings, at host checks)."""
+    ``stats`` to add to and ``stop_check`` (stop strings, at host checks).
+    ``grammars``: each row's compiled grammar (None: none) from
+    :func:`lmgen_fast.engine.grammar.compile_rows`, or None when no row has one."""
 
     eos_id: int | tuple[int, ...]
     backend: str = "auto"
@@ -43,6 +45,7 @@ class RunOptions:
     on_row: RowCallback | None = None
     stats: DecodeStats | None = None
     stop_check: StopCheck | None = None
+    grammars: Sequence | None = None
 
     @property
     def end_ids(self) -> tuple[int, ...]:
@@ -90,20 +93,26 @@ def plan_run(rows: Sequence[SamplingParams], max_tokens: Sequence[int], base: Se
 
     Buffers hold the longest row, rounded up to :data:`STEP_ROUND` steps; a step is
     captured only where it samples without host round trips, the decoder is graphable,
-    no top alternatives are asked (ranking them waits for the host) and no capture
-    failed on this decoder before.
+    no top alternatives are asked (ranking them waits for the host), no row has a grammar
+    (its mask is filled on the host each step) and no capture failed on this decoder
+    before.
     """
     kernel = facts.kernel
     sync_every = options.sync_every
     if sync_every is None:
         sync_every = SYNC_EVERY_CUDA if device.type == "cuda" else 1
+    # A grammar row's mask depends on the token it drew last: the host looks every step,
+    # between the forward and the sampler (so no step is captured whole).
+    structured = options.grammars is not None
+    if structured:
+        sync_every = 1
     penalized = any(r.penalized for r in rows)
     top_n = max(r.logprobs for r in rows) if options.return_logprobs else 0
     # The reference off the CPU is capturable too (reference.sample_on_device).
     sync_free = resident(kernel, device)
     graph_cls = None
     if (options.cuda_graph and sync_free and facts.graphable and not top_n
-            and not facts.capture_failed):
+            and not facts.capture_failed and not structured):
         graph_cls = facts.graph_cls
     total = max(max_tokens)
     cols = round_up(total, STEP_ROUND)

@@ -25,6 +25,7 @@ from lmgen_fast.core.errors import EmptyRowError, GenerationError
 from lmgen_fast.core.params import PackedParams, SamplingParams
 from lmgen_fast.core.rows import positions_needed, prompt_base, prompt_history, window_width
 from lmgen_fast.engine.delivery import Handover, StopWatch, Streamer, raise_bad_rows
+from lmgen_fast.engine.grammar import GrammarRows, check_rows, open_rows
 from lmgen_fast.engine.plan import Plan, RunOptions
 from lmgen_fast.engine.prepare import prepare
 from lmgen_fast.engine.results import RowLogprobs, RowPair, empty_logprobs
@@ -45,7 +46,11 @@ class Seating:
     Slot ``s`` holds the caller's row ``occupant[s]`` (None: free), which entered at run
     step ``entered[s]``; its next cache position is ``origin[s] + run step``. Admitting
     rows writes their cache rows (``decoder.refill``) and state rows; a :class:`Streamer`
-    follows the slots' rows (``streamer``).
+    follows the slots' rows (``streamer``), and so do the grammar matchers (``grammar``,
+    None where no row has a grammar; ``grammars`` holds each input row's).
+
+    Length: every refill, park and compaction moves the slot table, the prompts' cache
+    holders and the grammar matchers together, in one place.
     """
 
     def __init__(self, decoder, prompts: Sequence[Sequence[int]],
@@ -58,6 +63,8 @@ class Seating:
         self.occupant: list[int | None] = [None] * slots
         self.entered = [0] * slots
         self.origin = [0] * slots
+        self.grammar: GrammarRows | None = None
+        self.grammars: Sequence | None = None
         # Prompt -> a slot whose cache holds its keys and values (the last row admitted
         # with it, running or just finished, until the slot is parked or taken).
         self.held: dict[tuple[int, ...], int] = {}
@@ -88,11 +95,15 @@ class Seating:
             holders = [self.held.get(tuple(self.prompts[i])) for i in take]
             shared = {"copy_from": holders} if any(h is not None for h in holders) else {}
             self.decoder.refill(slots, [self.prompts[i] for i in take], bound, **shared)
+            if self.grammar is not None:
+                self.grammar.admit(slots, [self.grammars[i] for i in take])
         self.hold(slots, take, idle)
         if idle:
             # Re-parked at every check: their positions, history and columns restart at 0.
             park(st, torch.tensor(idle, device=dev))
             self.decoder.park(idle)
+            if self.grammar is not None:
+                self.grammar.park(idle)
         self.decoder.kv_len = bound
 
     def hold(self, slots: list[int], take: list[int], idle: list[int]) -> None:
@@ -118,6 +129,8 @@ class Seating:
         small = st.compact(torch.tensor(keep, device=st.layout.device))
         small.owner = owner_of(self.decoder)
         self.streamer.keep(keep)
+        if self.grammar is not None:
+            self.grammar.keep(keep)
         for name in ("occupant", "entered", "origin"):
             setattr(self, name, [getattr(self, name)[s] for s in keep])
         where = {s: j for j, s in enumerate(keep)}
@@ -154,13 +167,14 @@ class SlotRun:
 
     def check(self, step: int) -> bool:
         """Wait for the device at run step ``step``: end rows on their stop strings, stream
-        new tokens, raise for bad rows, harvest finished rows and refill their slots.
-        Returns True when all is done."""
+        new tokens, raise for bad rows, end rows their grammar completes, harvest finished
+        rows and refill their slots. Returns True when all is done."""
         st, seat = self.state, self.seating
         count = st.count.tolist()
         self.stops.cut(st, count, seat.occupant)
         self.streamer.stream(st, count, seat.occupant)
         raise_bad_rows(st, lambda rows: [seat.occupant[r] for r in rows], self.partial)
+        check_rows(seat.grammar, st, count, self.handover.stopped, seat.occupant)
         done = st.done.tolist()
         ended = [s for s in seat.live() if done[s]]
         if ended:
@@ -234,10 +248,14 @@ def open_slots(decoder, prompts: Sequence[Sequence[int]], rows: Sequence[Samplin
          [0] * slots, [0] * slots, [0] * slots)
     seating = Seating(decoder, prompts, rows, max_tokens, base, got.packed, slots,
                       Streamer(options.callback, slots))
+    seating.grammar = grammar = open_rows(options.grammars, slots,
+                                          decoder.model.config.vocab_size, device)
+    seating.grammars = options.grammars
     handover = Handover(rows, max_tokens, options.on_row, options.return_logprobs,
                         options.end_ids)
     for i, m in enumerate(max_tokens):
         if m == 0:
             handover.finish(i, [], empty_logprobs(rows[i].logprobs))
-    return SlotRun(got.plan, got.state, Stepper(decoder, got.plan.graph_cls), seating,
+    return SlotRun(got.plan, got.state,
+                   Stepper(decoder, got.plan.graph_cls, grammar and grammar.prepare), seating,
                    handover, StopWatch(options.stop_check, rows, handover))

@@ -11,6 +11,7 @@ from lmgen_fast.core.errors import EmptyRowError, GenerationError
 from lmgen_fast.core.params import SamplingParams
 from lmgen_fast.core.rows import prompt_base, prompt_history, window_width
 from lmgen_fast.engine.delivery import Handover, StopWatch, Streamer, raise_bad_rows
+from lmgen_fast.engine.grammar import check_rows, open_rows
 from lmgen_fast.engine.plan import RunOptions
 from lmgen_fast.engine.prepare import prepare
 from lmgen_fast.engine.results import RowLogprobs, RowPair
@@ -35,7 +36,9 @@ class StaticRun:
         got = prepare(decoder, rows, max_tokens, self.base, options, logits.device, batch,
                       logits.shape[1], capture_failed)
         self.plan, self.state = got.plan, got.state
-        self.stepper = Stepper(decoder, got.plan.graph_cls)
+        self.grammar = open_rows(options.grammars, batch, logits.shape[1], logits.device,
+                                 admit=True)
+        self.stepper = Stepper(decoder, got.plan.graph_cls, self.grammar and self.grammar.prepare)
         self.streamer = Streamer(options.callback, batch)
         self.handover = Handover(rows, max_tokens, options.on_row, options.return_logprobs,
                                  options.end_ids)
@@ -59,15 +62,13 @@ class StaticRun:
 
     def check(self) -> bool:
         """Wait for the device: end rows on their stop strings, hand new tokens to the
-        callback, raise for bad rows.
-
-        Returns True when every row is done.
-        """
+        callback, raise for bad rows, end rows their grammar completes; True when all done."""
         st = self.state
         count = st.count.tolist()
         self.stops.cut(st, count, self.identity)
         self.streamer.stream(st, count, self.identity)
         raise_bad_rows(st, lambda rows: rows, self.partial)
+        check_rows(self.grammar, st, count, self.handover.stopped, self.identity)
         return bool(st.done.all())
 
     def partial(self) -> list[list[int]]:
@@ -81,7 +82,7 @@ class StaticRun:
         done (or the longest row's cap), looking every ``sync_every`` steps."""
         step, sync_every = 0, self.plan.sync_every
         try:
-            self.state.sample(self.first_logits, self.width(0))
+            self.stepper.sample(self.state, self.first_logits, self.width(0))
             self.first_logits = None
             step = 1
             while True:

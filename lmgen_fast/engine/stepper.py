@@ -7,6 +7,8 @@ from __future__ import annotations
 import warnings
 from collections.abc import Callable
 
+import torch
+
 from lmgen_fast.engine.state import DeviceState
 from lmgen_fast.runtime import graphs
 
@@ -18,18 +20,27 @@ class Stepper:
     Where a capture fails, the step it warmed up already ran, the later steps run eagerly
     (same tokens, they read the same buffers) and :attr:`capture_failure` holds the cause,
     for the caller to remember (see :mod:`lmgen_fast.engine.generate`).
+
+    ``prepare(state, logits)``, where given, runs between an eager step's forward and its
+    sampler and returns the logits to sample from (the grammar masks are filled there,
+    while the forward runs on the device); a run with one is planned without graphs.
     """
 
-    def __init__(self, decoder, graph_cls: type | None):
-        self.decoder, self.graph_cls = decoder, graph_cls
+    def __init__(self, decoder, graph_cls: type | None,
+                 prepare: Callable[[DeviceState, torch.Tensor], torch.Tensor] | None = None):
+        self.decoder, self.graph_cls, self.prepare = decoder, graph_cls, prepare
         self.capture_failure: str | None = None
+
+    def sample(self, st: DeviceState, logits: torch.Tensor, width: int) -> None:
+        """Sample ``st``'s rows from ``logits`` (``[B, V]``), after :attr:`prepare`."""
+        st.sample(logits if self.prepare is None else self.prepare(st, logits), width)
 
     def advance(self, st: DeviceState, width: Callable[[], int]) -> None:
         """Run one decode step on ``st``; ``width()`` is the penalty window of an eager
         step (asked only for one: a graph step reads the layout's)."""
         dec = self.decoder
         if self.graph_cls is None:
-            st.sample(dec.decode(st.tokens), width())
+            self.sample(st, dec.decode(st.tokens), width())
             return
         kv = dec.advance()
         graph = st.graphs.get(kv)

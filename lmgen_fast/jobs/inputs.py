@@ -21,7 +21,7 @@ from lmgen_fast.api.tokenization import (
     encode_token_ids,
 )
 from lmgen_fast.core.errors import CLIError
-from lmgen_fast.core.params import SamplingParams
+from lmgen_fast.core.params import STRUCTURED_FIELDS, SamplingParams
 from lmgen_fast.core.rows import positions_needed
 from lmgen_fast.jobs.jsonl import id_key
 
@@ -151,6 +151,14 @@ def _check_max_tokens(value: object) -> int:
     return n
 
 
+def structured_overrides(overrides: dict) -> dict:
+    """``overrides`` where a line names a grammar (json_schema, regex or grammar): the
+    line's replaces the command line's, so the other two are cleared."""
+    if any(overrides.get(f) is not None for f in STRUCTURED_FIELDS):
+        return {**{f: None for f in STRUCTURED_FIELDS}, **overrides}
+    return overrides
+
+
 def _prompt(obj: dict, row_id: str | int) -> tuple[str, str | list]:
     """The line's prompt field and its value, checked: exactly one of PROMPT_FIELDS."""
     given = [k for k in PROMPT_FIELDS if k in obj]
@@ -213,11 +221,8 @@ def parse_line(
             f"(known: {', '.join(KNOWN_FIELDS)})", row_id,
         )
     kind, prompt = _prompt(obj, row_id)
-    overrides = {k: obj[k] for k in PARAM_FIELDS if k in obj}
-    if isinstance(overrides.get("logit_bias"), dict):
-        # JSON object keys are strings: "5" names token 5.
-        overrides["logit_bias"] = {int(k) if isinstance(k, str) and k.isdigit() else k: v
-                                   for k, v in overrides["logit_bias"].items()}
+    # logit_bias keyed by JSON strings ("5": token 5) is SamplingParams' to read.
+    overrides = structured_overrides({k: obj[k] for k in PARAM_FIELDS if k in obj})
     if "seed" not in overrides and run_seed is not None:
         overrides["seed"] = derive_seed(run_seed, row_id)
     try:

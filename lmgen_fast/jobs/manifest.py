@@ -42,12 +42,14 @@ RESULT_OPTIONS = (
     "max_tokens", "temperature", "top_k", "repetition_penalty", "penalty_range",
     "penalty_scope", "penalty_mode", "top_p", "min_p", "frequency_penalty",
     "presence_penalty", "seed", "logprobs_mode", "n", "stop", "stop_token_id", "min_tokens",
-    "include_stop_str",
+    "include_stop_str", "json_schema", "regex", "grammar", "logit_bias", "allowed_token_ids",
 )
 # Result-changing options added after format 1 was fixed, with the value that outputs made
 # before them were made with, so that those outputs still resume.
 _LATER_OPTIONS = {"logprobs_mode": "raw", "n": None, "stop": None, "stop_token_id": None,
-                  "min_tokens": 0, "include_stop_str": False}
+                  "min_tokens": 0, "include_stop_str": False, "json_schema": None,
+                  "regex": None, "grammar": None, "logit_bias": None,
+                  "allowed_token_ids": None}
 # Files of a checkpoint directory that decide its outputs; anything else (a README, logs,
 # optimizer state under another name) may change without changing the model.
 _MODEL_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json",

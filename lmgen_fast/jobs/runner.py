@@ -12,9 +12,10 @@ from dataclasses import dataclass
 from lmgen_fast.api.generate import GenerationError, generate_ids
 from lmgen_fast.api.requests import Samples
 from lmgen_fast.api.stops import StopStrings
+from lmgen_fast.api.structured import row_grammars
 from lmgen_fast.core.progress import Progress
 from lmgen_fast.engine import DecodeStats, supports_slots
-from lmgen_fast.jobs.inputs import JobFailed, JobRow, plan_batches
+from lmgen_fast.jobs.inputs import JobError, JobFailed, JobRow, plan_batches
 from lmgen_fast.jobs.jsonl import ResultWriter
 
 
@@ -189,6 +190,12 @@ def run_rows(
         extra: dict = ({"return_logprobs": True}
                        if any(rows[i].params.logprobs > 0 for i in batch) else {})
         extra.update({"max_batch_size": batch_size} if slots else {})
+        try:
+            grammars = row_grammars(decoder, adapter, lines.samples.rows, ends,
+                                    speculative=generate is not generate_ids)
+        except ValueError as err:  # grammar rows with --speculative
+            raise JobError(str(err)) from None
+        extra.update({"grammars": grammars} if grammars is not None else {})
         extra.update({"stop_check": lines.stops} if lines.stops is not None else {})
 
         def finished(k: int, pair, lp, lines=lines) -> None:

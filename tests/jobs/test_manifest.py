@@ -15,7 +15,9 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -41,13 +43,24 @@ SAMPLING_FIELDS = [f.name for f in dataclasses.fields(SamplingParams)]
 # SamplingParams field -> the `run` option's argparse dest, where the two names differ.
 DEST = {"repetition_penalty_range": "penalty_range", "stop_token_ids": "stop_token_id",
         "include_stop_str_in_output": "include_stop_str"}
+
+
+def _text_file(name: str, text: str) -> str:
+    """The path of a file holding ``text``, made once for the module."""
+    path = Path(tempfile.gettempdir()) / f"lmgen-fast-test-manifest-{os.getpid()}-{name}"
+    path.write_text(text)
+    return str(path)
+
+
 # Fields whose other value `other_value` cannot guess: (the value as the option's dest or a
 # line holds it, the option's arguments).
 OTHER_VALUES = {
     "stop": (["</answer>"], ["</answer>"]), "stop_token_ids": ([5], ["5"]),
-    "include_stop_str_in_output": (True, []), "logit_bias": ({"5": 1.0}, None),
-    "allowed_token_ids": ([5, 6], None), "json_schema": ('{"type": "object"}', None),
-    "regex": ("a+", None), "grammar": ('root ::= "a"', None),
+    "include_stop_str_in_output": (True, []), "logit_bias": ([[5, 1.0]], ["5:1"]),
+    "allowed_token_ids": ([5, 6], ["6,5"]), "regex": ("a+", ["a+"]),
+    # --json-schema and --grammar name files; the manifest records their text.
+    "json_schema": ('{"type": "object"}', [_text_file("schema.json", '{"type": "object"}')]),
+    "grammar": ('root ::= "a"', [_text_file("grammar.ebnf", 'root ::= "a"')]),
 }
 # Result-changing options that are not SamplingParams fields, with another valid value.
 OTHER_RESULT_OPTIONS = {"max_tokens": "7"}
