@@ -229,7 +229,8 @@ def constraint_args(packed: PackedParams,
     # allocation (the engine packs grammar rows with constraints: none there).
     flags = packed.constraints
     if flags is None:
-        flags = torch.zeros(packed.min_tokens.shape, dtype=torch.int32, device=none.device)
+        flags = none if not masks else torch.zeros(packed.min_tokens.shape, dtype=torch.int32,
+                                                   device=none.device)
     args = (flags,
             packed.min_tokens.contiguous(),
             packed.bias_ids.contiguous() if k else none,

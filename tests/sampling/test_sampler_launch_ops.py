@@ -112,3 +112,22 @@ def test_parameters_packed_in_other_dtypes_are_converted_once_each(launched):
     assert [t.dtype for t in got] == list(want.values())
     assert torch.equal(got[3], packed.top_p.float().double())
     assert torch.equal(got[7], packed.processed)
+
+
+def test_a_launch_with_bias_masks_and_a_bitmask_runs_no_torch_op(launched):
+    """SPEC section 7's constraints (engine-packed, a grammar row among them) are read by
+    the kernels from the packed tensors and the caller's bitmask: still no op per step."""
+    rows = [replace(ROWS[0], logit_bias={7: 1.0, 4000: -2.0}), replace(ROWS[1], min_tokens=3),
+            replace(ROWS[2], allowed_token_ids=[1, 2, 3]), SamplingParams(regex="a+", seed=4)]
+    packed = PackedParams.from_rows(rows, "cpu", end_ids=(2,), vocab_size=5000)
+    logits = torch.randn(len(rows), 5000)
+    bitmask = torch.full((len(rows), 157), -1, dtype=torch.int32)
+    steps = torch.zeros(len(rows), dtype=torch.int64)
+    with OpLog() as log:
+        kernel_launch.launch(logits, packed, None, steps, max_top_k=50, draw_seeds=False,
+                             token_bitmask=bitmask)
+    assert log.ops == []
+    for name, args in launched[1:]:
+        for t in (packed.constraints, packed.min_tokens, packed.bias_ids, packed.bias_vals,
+                  packed.allowed, packed.stop_ids, bitmask):
+            assert any(a is t for a in args), name
