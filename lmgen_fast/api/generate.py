@@ -277,7 +277,7 @@ def generate_batch(
     if batch == 0:
         return []
     decoder = decoder_for(model, device)
-    check_rows(rows, caps, vocab_size(decoder, model))
+    check_rows(rows, caps, vocab_size(decoder, model), ids)
     samples = Samples(ids, rows, caps)
     ends = end_ids(model, tok, eos_token)
     grammars = row_grammars(decoder, tok, samples.rows, ends, speculative is not None)

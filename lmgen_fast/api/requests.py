@@ -57,6 +57,15 @@ def vocab_size(decoder, model) -> int | None:
     return None
 
 
+def outside_vocab(ids: Sequence[int], vocab: int | None) -> str | None:
+    """Why prompt token ids cannot run on a model of ``vocab`` tokens (the first id outside
+    ``[0, vocab)``), or None (also when ``vocab`` is unknown)."""
+    bad = next((t for t in ids if vocab is not None and not 0 <= t < vocab), None)
+    if bad is None:
+        return None
+    return f"prompt_token_ids has token id {bad}, outside the vocabulary [0, {vocab})"
+
+
 class Samples:
     """The rows of a call with ``n`` samples per prompt, prompt-major: prompt ``i``'s
     samples at ``i*n .. i*n+n-1``, sample ``j`` seeded ``s + j`` where the prompt's seed is
@@ -78,9 +87,15 @@ class Samples:
                 self.sample_index.append(j)
 
 
-def check_rows(rows: Sequence[SamplingParams], caps: Sequence[int], vocab: int | None) -> None:
-    """Refuse a row whose ``min_tokens`` is above its ``max_tokens`` or whose ids are
-    outside the vocabulary (ValueError naming the value)."""
+def check_rows(rows: Sequence[SamplingParams], caps: Sequence[int], vocab: int | None,
+               ids: Sequence[Sequence[int]] = ()) -> None:
+    """Refuse a row whose ``min_tokens`` is above its ``max_tokens`` or whose ids (its
+    parameters' and its prompt's, ``ids[i]``) are outside the vocabulary (ValueError naming
+    the value)."""
+    for i, prompt in enumerate(ids):
+        why = outside_vocab(prompt, vocab)
+        if why is not None:
+            raise ValueError(f"prompt {i}: {why}")
     for i, (row, cap) in enumerate(zip(rows, caps, strict=True)):
         if row.min_tokens > cap:
             raise ValueError(f"min_tokens={row.min_tokens} is above max_tokens={cap} "

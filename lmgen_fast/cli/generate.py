@@ -17,6 +17,7 @@ from lmgen_fast.api.generate import (
     generate,
     generate_batch,
 )
+from lmgen_fast.api.requests import outside_vocab
 from lmgen_fast.cli.options import (
     CLIError,
     add_sampling_arguments,
@@ -29,7 +30,6 @@ from lmgen_fast.cli.options import (
     threads_note,
 )
 from lmgen_fast.core.params import SamplingParams
-from lmgen_fast.jobs.inputs import outside_vocab
 
 
 class StreamPrinter:

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from lmgen_fast.api.requests import end_ids, vocab_size
+from lmgen_fast.api.requests import end_ids, outside_vocab, vocab_size
 from lmgen_fast.api.tokenization import adapt_tokenizer
 from lmgen_fast.cli.options import (
     EXIT_INTERRUPTED,
@@ -54,7 +54,6 @@ from lmgen_fast.jobs.inputs import (  # noqa: F401  (re-exported: the names user
     LineError,
     derive_seed,
     encode_prompts,
-    outside_vocab,
     parse_line,
     plan_batches,
     read_jobs,

@@ -307,15 +307,6 @@ def read_jobs(
     return rows, invalid
 
 
-def outside_vocab(ids: Sequence[int], vocab: int | None) -> str | None:
-    """Why prompt token ids cannot run on a model of ``vocab`` tokens (the first id outside
-    ``[0, vocab)``), or None (also when ``vocab`` is unknown)."""
-    bad = next((t for t in ids if vocab is not None and not 0 <= t < vocab), None)
-    if bad is None:
-        return None
-    return f"prompt_token_ids has token id {bad}, outside the vocabulary [0, {vocab})"
-
-
 def encode_prompts(adapter, rows: Sequence[JobRow], path: str | Path | None = None
                    ) -> list[list[int]]:
     """Each row's prompt ids: the adapter's encoding for text (batched when

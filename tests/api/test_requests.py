@@ -127,6 +127,8 @@ def test_bad_prompts_are_refused_by_name(model, tokenizer, chat_tokenizer):
         (dict(), "exactly one of"),
         (dict(prompt_token_ids=[[1, 2], "ab"]), r"prompt_token_ids\[1\]"),
         (dict(prompt_token_ids=[[1, -2]]), r"prompt_token_ids\[0\] holds -2"),
+        (dict(prompt_token_ids=[[1, 2], [3, 10**6]]),
+         r"prompt 1: prompt_token_ids has token id 1000000, outside the vocabulary"),
         (dict(messages=[[{"role": "user"}]]), r"messages\[0\]\[0\] needs a string 'content'"),
         (dict(messages=[["hi"]]), r"messages\[0\]\[0\] must be a dict"),
         (dict(prompts=PROMPTS, n=0), "n must be >= 1"),
