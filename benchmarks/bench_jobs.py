@@ -83,9 +83,13 @@ def run_mode(decoder, adapter, rows, prompt_ids, batch_size: int, static: bool) 
 
 
 class PrefillCounter:
-    """Counts the positions the model runs outside decode steps (prefills, refills)."""
+    """Counts the positions the model runs outside decode steps (prefills, refills).
 
-    def __init__(self, decoder):
+    ``patch(obj, name, value)`` installs the counting wrappers: ``setattr`` here, a test's
+    ``monkeypatch.setattr`` where the decoder outlives the test (tests/api/test_requests.py).
+    """
+
+    def __init__(self, decoder, patch=setattr):
         self.positions, self.stepping = 0, False
         forward, step = decoder.model.forward_cached, decoder.step
 
@@ -101,7 +105,8 @@ class PrefillCounter:
             finally:
                 self.stepping = False
 
-        decoder.model.forward_cached, decoder.step = counted, stepped
+        patch(decoder.model, "forward_cached", counted)
+        patch(decoder, "step", stepped)
 
 
 def rollout_prompts(n: int, seed: int) -> list[str]:

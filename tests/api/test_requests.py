@@ -4,6 +4,8 @@ as token ids and as chat messages, the end ids of a transformers model, bad inpu
 
 from __future__ import annotations
 
+import importlib.util
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -15,6 +17,7 @@ from lmgen_fast.api.tokenization import adapt_tokenizer
 from lmgen_fast.engine import generate_ids
 from lmgen_fast.models.decoder import decoder_for
 
+BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
 PROMPTS = ["Once upon a time", "The cat sat on"]
 TEMPLATE = ("{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}\n{% endfor %}"
             "{% if add_generation_prompt %}<assistant>{% endif %}")
@@ -29,27 +32,13 @@ def chat_tokenizer(tokenizer):
     return tok
 
 
-class PositionCounter:
-    """Counts the positions the model runs outside decode steps (prefills and refills)."""
-
-    def __init__(self, decoder, monkeypatch):
-        self.prefilled, self.stepping = 0, False
-        forward, step = decoder.model.forward_cached, decoder.step
-
-        def counted(ids, *args, **kwargs):
-            if not self.stepping:
-                self.prefilled += ids.numel()
-            return forward(ids, *args, **kwargs)
-
-        def stepped(*args, **kwargs):
-            self.stepping = True
-            try:
-                return step(*args, **kwargs)
-            finally:
-                self.stepping = False
-
-        monkeypatch.setattr(decoder.model, "forward_cached", counted)
-        monkeypatch.setattr(decoder, "step", stepped)
+def position_counter(decoder, monkeypatch):
+    """benchmarks/bench_jobs.py's counter of positions run outside decode steps (one copy
+    for the benchmark's prefill column and this test), its wrappers undone after the test."""
+    spec = importlib.util.spec_from_file_location("bench_jobs", BENCHMARKS / "bench_jobs.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.PrefillCounter(decoder, patch=monkeypatch.setattr)
 
 
 def test_n_samples_are_the_seeded_single_runs_and_share_one_prefill(model, tokenizer,
@@ -66,12 +55,12 @@ def test_n_samples_are_the_seeded_single_runs_and_share_one_prefill(model, token
     kw = dict(max_tokens=8, return_details=True, logprobs_mode="processed", temperature=0.9)
     single = [generate_batch(model, tokenizer, [p], seed=100 + j, **kw)[0]
               for p in PROMPTS for j in range(3)]
-    counter = PositionCounter(decoder_for(model), monkeypatch)
+    counter = position_counter(decoder_for(model), monkeypatch)
     for slots, want in once.items():
-        counter.prefilled = 0
+        counter.positions = 0
         got = generate_batch(model, tokenizer, PROMPTS, seed=100, n=3, max_batch_size=slots,
                              **kw)
-        assert counter.prefilled == want, slots
+        assert counter.positions == want, slots
         assert [(g.prompt_index, g.sample_index) for g in got] == \
             [(i, j) for i in range(2) for j in range(3)]
         for g, s in zip(got, single, strict=True):
@@ -81,11 +70,11 @@ def test_n_samples_are_the_seeded_single_runs_and_share_one_prefill(model, token
     assert len({tuple(g.token_ids) for g in got}) > 2  # the samples differ
     # Through slots with every row running to its cap: siblings finish together, and the
     # next ones still copy their rows.
-    counter.prefilled = 0
+    counter.positions = 0
     rows = [SamplingParams(seed=7 + j) for j in range(3)] * 2
     generate_ids(decoder_for(model), [ids[0]] * 3 + [ids[1]] * 3, rows, [4] * 6, -1,
                  max_batch_size=2)
-    assert counter.prefilled == once[2]
+    assert counter.positions == once[2]
 
 
 def test_token_id_and_chat_prompts_match_their_text_forms(model, tokenizer, chat_tokenizer):
