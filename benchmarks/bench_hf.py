@@ -155,6 +155,7 @@ def main() -> None:
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 8])
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
+    ap.add_argument("--json", default=None, help="where the results go (default: results/)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     tok = word_tokenizer(VOCAB)
@@ -173,7 +174,7 @@ def main() -> None:
               f"{r['speedup']:>9.2f}x ({r['speedup_best']:.2f}x)"
               f"{str(r['tokens_equal']):>7}{r['hf_module_calls']:>10}")
     suffix = "" if args.device == "cpu" else "_" + args.device.split(":")[0]
-    path = write_json("bench_hf" + suffix, {
+    path = write_json(args.json or ("bench_hf" + suffix), {
         "device": device_name(args.device), "torch": torch.__version__,
         "transformers": transformers.__version__, "tokens": args.tokens,
         "repeats": args.repeats, "threads": torch.get_num_threads(), "config": SMALL,

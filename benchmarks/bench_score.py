@@ -9,7 +9,8 @@ with ``--choices`` answers of 4 to 12 words (one request per answer, the questio
 A random ``LlamaForCausalLM`` (hidden 256, intermediate 1024, 4 layers, 4 heads, 1 key/value
 head, vocabulary 8000; ``--tiny``: hidden 32, 2 layers, vocabulary 400) and a word-level
 tokenizer are saved with ``save_pretrained`` into a temporary directory that both backends
-load (float32; the hf backend with ``add_bos_token=True``, so that both score the same ids).
+load (float32). The tokenizer adds [BOT] itself, which both backends keep (the hf backend
+with ``add_bos_token=True``), so that they score the same ids.
 Tokens per second count every context and continuation token of every request (what a
 backend without shared-context reuse runs through the model); medians of the runs, the two
 sides alternating so that load from other processes hits both alike; the best run too. The
@@ -29,7 +30,7 @@ import torch
 import transformers
 from lm_eval.api.instance import Instance
 from lm_eval.models.huggingface import HFLM
-from tokenizers import Tokenizer, models, pre_tokenizers
+from tokenizers import Tokenizer, models, pre_tokenizers, processors
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
 from lmgen_fast.integrations.lm_eval import LmgenFastLM  # noqa: E402
@@ -44,6 +45,10 @@ def save_model(directory: str, tiny: bool) -> int:
     words.update({f"w{i}": i for i in range(4, vocab)})
     tok = Tokenizer(models.WordLevel(words, unk_token="[UNK]"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    # The tokenizer adds [BOT] itself, as Llama's does: lmgen-fast encodes with the
+    # tokenizer's own special tokens, the hf backend (add_bos_token=True) too.
+    tok.post_processor = processors.TemplateProcessing(single="[BOT] $A",
+                                                       special_tokens=[("[BOT]", 1)])
     transformers.PreTrainedTokenizerFast(
         tokenizer_object=tok, bos_token="[BOT]", eos_token="[EOT]", unk_token="[UNK]",
         pad_token="[PAD]").save_pretrained(directory)

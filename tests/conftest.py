@@ -172,10 +172,14 @@ MARKS: list[tuple[str, str, tuple[str, ...]]] = [
     ("cli/test_cli.py", "test_prompt_that_is_not_utf8_is_a_usage_error", ("subprocess",)),
     ("benchmarks/test_bench_decode.py", "*", ("subprocess",)),
     ("benchmarks/test_bench_jobs.py", "*", ("subprocess",)),
+    ("benchmarks/test_bench_hf.py", "*", ("subprocess",)),
+    ("benchmarks/test_bench_score.py", "*", ("subprocess",)),
     ("benchmarks/test_device_check.py", "*", ("subprocess",)),  # bash with a stub python
     ("test_markers.py", "test_every_gpu_test_has_an_interpreter_twin", ("subprocess", "slow")),
     ("test_imports.py", "test_plain_import_leaves_the_optional_extras_alone", ("subprocess",)),
     ("test_imports.py", "test_no_command_imports_matplotlib_until_it_draws", ("subprocess",)),
+    ("test_imports.py", "test_a_bare_kernels_import_from_the_checkout_is_never_these_sources",
+     ("subprocess",)),
     # Slow in-process tests (baseline call times on the 2-core machine).
     ("benchmarks/test_results_render.py", "test_renders_what_the_scripts_write_on_the_cpu",
      ("slow", "interpreter")),  # bench_sampler's smoke runs launch the sampler kernels

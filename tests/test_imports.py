@@ -362,3 +362,25 @@ def test_only_the_harness_plugin_imports_lm_eval():
                  and (node.module or "").split(".")[0] == "lm_eval")}
     assert found == {"lmgen_fast.integrations.lm_eval"}
     assert not [e for e in _edges() if e[1].startswith("lmgen_fast.integrations")]
+
+
+def test_a_bare_kernels_import_from_the_checkout_is_never_these_sources():
+    """Run from the repository root (cwd first on sys.path), ``import kernels`` gives the
+    index's ``kernels`` package that transformers imports (installed with the hf extra):
+    transformers' hub-kernels module loads; without that package it fails as a missing
+    module does. The sources still load as lmgen_fast.kernels."""
+    code = ("import transformers.integrations.hub_kernels, kernels, lmgen_fast.kernels as ours; "
+            "print(kernels.__file__); print(hasattr(kernels, 'CUDAProperties')); "
+            "print(ours.__file__)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          cwd=ROOT, timeout=120)
+    assert done.returncode == 0, done.stderr
+    theirs, has_api, ours = done.stdout.split("\n")[:3]
+    assert Path(theirs).parent != ROOT / "kernels" and has_api == "True"
+    assert Path(ours) == ROOT / "kernels" / "__init__.py"
+    # Without site-packages (-S) the bare name is missing, not our folder.
+    code = "import sys; sys.path.insert(0, ''); import kernels"
+    done = subprocess.run([sys.executable, "-S", "-c", code], capture_output=True,
+                          text=True, cwd=ROOT, timeout=120)
+    assert done.returncode == 1 and "ModuleNotFoundError: No module named 'kernels'" in \
+        done.stderr, done.stderr

@@ -168,5 +168,7 @@ def ending(tokens: torch.Tensor, eos: int | torch.Tensor) -> torch.Tensor:
     """bool ``[B]``: whether each row's token ``tokens`` (int64 ``[B]``) ends it; ``eos``
     as for :func:`book`."""
     if isinstance(eos, torch.Tensor):
+        if eos.shape[1] == 1:  # one id per row (no stop ids): one op, as for an int
+            return tokens == eos[:, 0]
         return (tokens.unsqueeze(1) == eos).any(dim=1)
     return tokens == eos

@@ -106,7 +106,9 @@ def apply_masks(z: torch.Tensor, packed: PackedParams, steps: torch.Tensor | Non
         keep = step_keep if keep is None else keep & step_keep
     if keep is not None:
         z.masked_fill_(~keep, NEG_INF)
-    if steps is not None:
+    # No constraints tensor: no row has min_tokens, and the mask would change nothing (the
+    # eager decode step stays at its launch count).
+    if steps is not None and packed.constraints is not None:
         ids = packed.stop_ids
         on = (ids >= 0) & (steps < packed.min_tokens).unsqueeze(1)
         # amin with +inf leaves a value as it is (NaN too, -inf later): every write agrees.

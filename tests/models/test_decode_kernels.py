@@ -166,7 +166,7 @@ def test_compile_calls_cover_every_branch():
     calls = fo.compile_calls()
     names = {c.name for c in calls}
     assert names == {"add_rmsnorm_kernel", "embed_rmsnorm_kernel", "rope_cache_kernel",
-                     "attn_decode_kernel", "swiglu_kernel"}
+                     "attn_decode_kernel", "swiglu_kernel", "qk_rmsnorm_kernel"}
     for flag in ("HAS_RES", "HAS_POS", "DOT", "ONE_SPLIT", "ROPE", "ACCURATE"):
         want = {True} if flag == "ACCURATE" else {False, True}  # compiled means CUDA
         assert {c.constexprs[flag] for c in calls if flag in c.constexprs} == want, flag
