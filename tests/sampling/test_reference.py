@@ -172,6 +172,27 @@ def test_greedy_ignores_rng_state():
     assert torch.equal(a, b) and torch.equal(a, logits.argmax(1))
 
 
+@pytest.mark.parametrize("mixed", [False, True])
+def test_greedy_rows_take_argmax_on_ties_and_infinities(mixed):
+    """Greedy tokens are ``torch.argmax``'s (the first maximum) where values tie, are
+    ``+inf`` or ``-inf``, in an all-greedy batch (one ``torch.max``) and beside sampled
+    rows, on the CPU path and the fixed-shape path."""
+    gen = torch.Generator().manual_seed(11)
+    z = torch.randint(-3, 3, (12, 257), generator=gen).float()
+    z[torch.rand(z.shape, generator=gen) < 0.2] = -INF
+    z[torch.rand(z.shape, generator=gen) < 0.02] = INF
+    z[3] = -INF
+    z[3, 200] = -1.0  # one finite value, late
+    rows = [SamplingParams(temperature=0)] * 12
+    if mixed:
+        rows[5] = SamplingParams(seed=1)
+    want = z.argmax(1)
+    for on_device in (False, True):
+        got = reference.sample(z, rows, on_device=on_device)
+        keep = [r for r in range(12) if not (mixed and r == 5)]
+        assert got[keep].tolist() == want[keep].tolist(), on_device
+
+
 def test_penalty_sign_rules_per_occurrence_and_once():
     logits = torch.tensor([[2.0, -2.0, 0.0, 1.0]])
     window = torch.tensor([[0, 0, 1, 1, 2]])
