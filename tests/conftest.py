@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import math
 import os
+import subprocess
+import sys
 from fnmatch import fnmatchcase
 from pathlib import Path
 
@@ -493,3 +495,12 @@ def assert_processed_close(got_token: torch.Tensor, got_ids: torch.Tensor,
         assert (got_vals[r, len(listed):] == -math.inf).all()
         if survivors <= n:
             assert abs(float(torch.exp(vals).sum()) - 1.0) <= atol
+
+
+def run_benchmark(script: str, *args: str) -> subprocess.CompletedProcess:
+    """Run ``benchmarks/SCRIPT ARGS`` in a fresh interpreter (a smoke run); it must exit 0."""
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / script
+    proc = subprocess.run([sys.executable, str(path), *args], capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return proc

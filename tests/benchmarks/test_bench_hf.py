@@ -8,24 +8,14 @@ transformers' modules running during lmgen-fast's call.
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
-from pathlib import Path
 
-BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
-
-
-def run(script: str, *args: str) -> subprocess.CompletedProcess:
-    proc = subprocess.run([sys.executable, str(BENCHMARKS / script), *args],
-                          capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    return proc
+from conftest import run_benchmark
 
 
 def test_bench_hf_matches_transformers_without_running_its_modules(tmp_path):
     out = tmp_path / "hf.json"
-    run("bench_hf.py", "--families", "qwen2", "qwen3", "--tokens", "4", "--repeats", "1",
-        "--batches", "1", "3", "--json", str(out))
+    run_benchmark("bench_hf.py", "--families", "qwen2", "qwen3", "--tokens", "4",
+                  "--repeats", "1", "--batches", "1", "3", "--json", str(out))
     rows = json.loads(out.read_text())["results"]
     assert [(r["family"], r["batch"]) for r in rows] == \
         [("qwen2", 1), ("qwen2", 3), ("qwen3", 1), ("qwen3", 3)]

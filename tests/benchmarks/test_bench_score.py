@@ -7,24 +7,15 @@ it prints beside the speeds holds: log-likelihoods equal to the harness's hf bac
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
-from pathlib import Path
 
-BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
-
-
-def run(script: str, *args: str) -> subprocess.CompletedProcess:
-    proc = subprocess.run([sys.executable, str(BENCHMARKS / script), *args],
-                          capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    return proc
+from conftest import run_benchmark
 
 
 def test_bench_score_agrees_with_the_hf_backend(tmp_path):
     out = tmp_path / "score.json"
-    proc = run("bench_score.py", "--tiny", "--docs", "3", "--choices", "2", "--repeats", "1",
-               "--batch-size", "4", "--threads", "1", "--json", str(out))
+    proc = run_benchmark("bench_score.py", "--tiny", "--docs", "3", "--choices", "2",
+                         "--repeats", "1", "--batch-size", "4", "--threads", "1", "--json",
+                         str(out))
     data = json.loads(out.read_text())
     assert data["requests"] == 6 and data["tokens"] > 6
     assert data["max_abs_diff"] < 1e-4
