@@ -134,3 +134,50 @@ def test_backend_calls_truncate_long_contexts_and_roll_long_texts(tmp_path):
                                   abs=1e-4)
     with pytest.raises(ValueError, match="dtype='float64'"):
         LmgenFastLM(pretrained=str(tmp_path), device="cpu", dtype="float64")
+
+
+TEMPLATE = ("{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}\n{% endfor %}"
+            "{% if add_generation_prompt %}<assistant>{% endif %}")
+
+
+def test_chat_template_runs_give_the_hf_backends_prompts_and_generations(tmp_path,
+                                                                        monkeypatch):
+    """With ``apply_chat_template=True`` (the harness's --apply_chat_template) both backends
+    format the same chat prompts and generate the same greedy text from them; a tokenizer
+    without a template is refused with the reason."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    import lm_eval
+    from lm_eval.models.huggingface import HFLM
+    from lm_eval.tasks import TaskManager
+
+    from lmgen_fast.integrations.lm_eval import LmgenFastLM
+
+    model_dir, task_dir = tmp_path / "model", tmp_path / "tasks"
+    model_dir.mkdir()
+    task_dir.mkdir()
+    save_model(model_dir)
+    tok = transformers.AutoTokenizer.from_pretrained(model_dir)
+    tok.chat_template = TEMPLATE
+    tok.save_pretrained(model_dir)
+    write_tasks(task_dir)
+    ours = LmgenFastLM(pretrained=str(model_dir), dtype="float32", device="cpu", batch_size=4)
+    theirs = HFLM(pretrained=str(model_dir), dtype="float32", device="cpu", batch_size=1,
+                  add_bos_token=True)
+    history = [{"role": "system", "content": "Be short."},
+               {"role": "user", "content": "The list type"}]
+    for gen_prompt in (True, False):
+        assert ours.apply_chat_template(history, gen_prompt) == \
+            theirs.apply_chat_template(history, gen_prompt)
+    manager = TaskManager(include_path=str(task_dir), include_defaults=False)
+    runs = [lm_eval.simple_evaluate(model=lm, tasks=["lmgen_test_gen"], task_manager=manager,
+                                    apply_chat_template=True, bootstrap_iters=0,
+                                    log_samples=True)
+            for lm in (ours, theirs)]
+    a, b = (sorted(r["samples"]["lmgen_test_gen"], key=lambda s: s["doc_id"]) for r in runs)
+    assert [x["arguments"] for x in a] == [y["arguments"] for y in b]
+    assert "<assistant>" in a[0]["arguments"][0][0]
+    assert [x["resps"] for x in a] == [y["resps"] for y in b]
+    assert any(x["resps"][0][0] for x in a)  # something was generated
+    with pytest.raises(ValueError, match="chat template"):
+        LmgenFastLM(pretrained="default", device="cpu").apply_chat_template(history)
