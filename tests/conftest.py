@@ -504,3 +504,9 @@ def run_benchmark(script: str, *args: str) -> subprocess.CompletedProcess:
                           timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     return proc
+
+
+# A minimal chat template (role tags, then the assistant's tag as the generation prompt), for
+# the tests of chat prompts and of the harness's --apply_chat_template.
+CHAT_TEMPLATE = ("{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}\n{% endfor %}"
+                 "{% if add_generation_prompt %}<assistant>{% endif %}")

@@ -275,11 +275,16 @@ def test_optional_extras_are_imported_inside_functions_and_justified(tmp_path):
     assert not unexplained, f"justify these in LAZY: {unexplained}"
 
 
+def python_in_checkout(code: str, *flags: str) -> subprocess.CompletedProcess:
+    """``python FLAGS -c CODE`` in a fresh interpreter, from the repository root."""
+    return subprocess.run([sys.executable, *flags, "-c", code], capture_output=True,
+                          text=True, cwd=ROOT, timeout=120)
+
+
 def test_no_command_imports_matplotlib_until_it_draws():
     code = ("import sys, lmgen_fast.cli.main, lmgen_fast.train.loop, lmgen_fast.core.plot; "
             "print('matplotlib' in sys.modules)")
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                          cwd=ROOT, timeout=120)
+    done = python_in_checkout(code)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "False"
 
@@ -302,8 +307,7 @@ def test_plain_import_leaves_the_optional_extras_alone():
     code = ("import sys, lmgen_fast, lmgen_fast.cli, lmgen_fast.cli.run; "
             "print(sorted(m for m in ('transformers', 'lmgen_fast.models.hf') "
             "if m in sys.modules))")
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                          cwd=ROOT, timeout=120)
+    done = python_in_checkout(code)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "[]"
 
@@ -372,15 +376,13 @@ def test_a_bare_kernels_import_from_the_checkout_is_never_these_sources():
     code = ("import transformers.integrations.hub_kernels, kernels, lmgen_fast.kernels as ours; "
             "print(kernels.__file__); print(hasattr(kernels, 'CUDAProperties')); "
             "print(ours.__file__)")
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                          cwd=ROOT, timeout=120)
+    done = python_in_checkout(code)
     assert done.returncode == 0, done.stderr
     theirs, has_api, ours = done.stdout.split("\n")[:3]
     assert Path(theirs).parent != ROOT / "kernels" and has_api == "True"
     assert Path(ours) == ROOT / "kernels" / "__init__.py"
     # Without site-packages (-S) the bare name is missing, not our folder.
     code = "import sys; sys.path.insert(0, ''); import kernels"
-    done = subprocess.run([sys.executable, "-S", "-c", code], capture_output=True,
-                          text=True, cwd=ROOT, timeout=120)
+    done = python_in_checkout(code, "-S")
     assert done.returncode == 1 and "ModuleNotFoundError: No module named 'kernels'" in \
         done.stderr, done.stderr

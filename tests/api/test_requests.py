@@ -17,10 +17,10 @@ from lmgen_fast.api.tokenization import adapt_tokenizer
 from lmgen_fast.engine import generate_ids
 from lmgen_fast.models.decoder import decoder_for
 
+from conftest import CHAT_TEMPLATE
+
 BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
 PROMPTS = ["Once upon a time", "The cat sat on"]
-TEMPLATE = ("{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}\n{% endfor %}"
-            "{% if add_generation_prompt %}<assistant>{% endif %}")
 
 
 @pytest.fixture(scope="module")
@@ -28,7 +28,7 @@ def chat_tokenizer(tokenizer):
     tok = transformers.PreTrainedTokenizerFast(
         tokenizer_object=tokenizer, bos_token="[BOT]", eos_token="[EOT]", unk_token="[UNK]",
         pad_token="[PAD]")
-    tok.chat_template = TEMPLATE
+    tok.chat_template = CHAT_TEMPLATE
     return tok
 
 

@@ -14,7 +14,7 @@ pytest.importorskip("lm_eval")
 
 from tokenizers import pre_tokenizers, processors  # noqa: E402
 
-from conftest import make_tokenizer  # noqa: E402
+from conftest import CHAT_TEMPLATE, make_tokenizer  # noqa: E402
 
 MC = [
     {"question": "The list type holds", "choices": ["items in order", "a key", "nothing"],
@@ -65,23 +65,30 @@ def write_tasks(directory) -> None:
           "  do_sample: false\nmetric_list:\n  - metric: exact_match\n")
 
 
-def test_lmgen_fast_backend_matches_the_hf_backend(tmp_path, monkeypatch):
-    """Per-sample log-likelihoods within 1e-4, the same is_greedy flags and accuracies, and
-    the same greedy generations as the harness's own hf backend on the same directory."""
+@pytest.fixture
+def offline_run(tmp_path, monkeypatch):
+    """Offline: the model directory (:func:`save_model`) and a task manager of the tasks
+    defined here only (indexing the harness's own thousands takes long)."""
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
-    import lm_eval
     from lm_eval.tasks import TaskManager
-
-    import lmgen_fast.integrations.lm_eval  # noqa: F401  (registers lmgen-fast)
 
     model_dir, task_dir = tmp_path / "model", tmp_path / "tasks"
     model_dir.mkdir()
     task_dir.mkdir()
     save_model(model_dir)
     write_tasks(task_dir)
-    # Only the tasks defined here: indexing the harness's own thousands takes long.
-    manager = TaskManager(include_path=str(task_dir), include_defaults=False)
+    return model_dir, TaskManager(include_path=str(task_dir), include_defaults=False)
+
+
+def test_lmgen_fast_backend_matches_the_hf_backend(offline_run):
+    """Per-sample log-likelihoods within 1e-4, the same is_greedy flags and accuracies, and
+    the same greedy generations as the harness's own hf backend on the same directory."""
+    import lm_eval
+
+    import lmgen_fast.integrations.lm_eval  # noqa: F401  (registers lmgen-fast)
+
+    model_dir, manager = offline_run
     runs = {}
     for backend, args in (("lmgen-fast", {"pretrained": str(model_dir), "dtype": "float32"}),
                           ("hf", {"pretrained": str(model_dir), "dtype": "float32",
@@ -136,31 +143,20 @@ def test_backend_calls_truncate_long_contexts_and_roll_long_texts(tmp_path):
         LmgenFastLM(pretrained=str(tmp_path), device="cpu", dtype="float64")
 
 
-TEMPLATE = ("{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}\n{% endfor %}"
-            "{% if add_generation_prompt %}<assistant>{% endif %}")
 
-
-def test_chat_template_runs_give_the_hf_backends_prompts_and_generations(tmp_path,
-                                                                        monkeypatch):
+def test_chat_template_runs_give_the_hf_backends_prompts_and_generations(offline_run):
     """With ``apply_chat_template=True`` (the harness's --apply_chat_template) both backends
     format the same chat prompts and generate the same greedy text from them; a tokenizer
     without a template is refused with the reason."""
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     import lm_eval
     from lm_eval.models.huggingface import HFLM
-    from lm_eval.tasks import TaskManager
 
     from lmgen_fast.integrations.lm_eval import LmgenFastLM
 
-    model_dir, task_dir = tmp_path / "model", tmp_path / "tasks"
-    model_dir.mkdir()
-    task_dir.mkdir()
-    save_model(model_dir)
+    model_dir, manager = offline_run
     tok = transformers.AutoTokenizer.from_pretrained(model_dir)
-    tok.chat_template = TEMPLATE
+    tok.chat_template = CHAT_TEMPLATE
     tok.save_pretrained(model_dir)
-    write_tasks(task_dir)
     ours = LmgenFastLM(pretrained=str(model_dir), dtype="float32", device="cpu", batch_size=4)
     theirs = HFLM(pretrained=str(model_dir), dtype="float32", device="cpu", batch_size=1,
                   add_bos_token=True)
@@ -169,7 +165,6 @@ def test_chat_template_runs_give_the_hf_backends_prompts_and_generations(tmp_pat
     for gen_prompt in (True, False):
         assert ours.apply_chat_template(history, gen_prompt) == \
             theirs.apply_chat_template(history, gen_prompt)
-    manager = TaskManager(include_path=str(task_dir), include_defaults=False)
     runs = [lm_eval.simple_evaluate(model=lm, tasks=["lmgen_test_gen"], task_manager=manager,
                                     apply_chat_template=True, bootstrap_iters=0,
                                     log_samples=True)
