@@ -191,7 +191,8 @@ def _decode(decoder: CachedLlamaDecoder, drafter: Drafter, prompts: Sequence[Seq
     max_new = max(total, min(total + k, limit - longest + 1))
     logits = decoder.prefill(prompts, max_new)
     dev = logits.device
-    state = Rows(prompts, rows, max_tokens, dev, longest + total + k + 1, end_ids=ends)
+    state = Rows(prompts, rows, max_tokens, dev, longest + total + k + 1, end_ids=ends,
+                 vocab_size=logits.shape[-1])
     verify = fast_path(decoder, state, rows, backend, cuda_graph, return_logprobs)
     drafter.start(state, prompts, max_new)
     none = torch.empty(state.batch, 0, dtype=torch.int64, device=dev)

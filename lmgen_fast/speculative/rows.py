@@ -142,7 +142,8 @@ class Rows:
     def __init__(self, prompts: Sequence[Sequence[int]], rows: Sequence[SamplingParams],
                  max_tokens: Sequence[int], device: torch.device, hist_len: int, *,
                  penalized: bool | None = None, end_ids: Sequence[int] = (),
-                 stops: int = 1):
+                 table: PackedParams | None = None, names: Sequence[int] | None = None,
+                 vocab_size: int | None = None):
         batch = len(prompts)
         # The ids that end every row; each row's own ids that end it (``ends``, with its
         # stop_token_ids) and the one that did (``ended``, None: none or not yet).
@@ -167,11 +168,13 @@ class Rows:
         self.range_list = [0] * batch
         self.hlen = [0] * batch
         # The caller's row that each row is (continuous batching seats others in turn).
-        self.names = list(range(batch))
-        packed = PackedParams.from_rows(rows, device, self.end_ids)
-        # As wide as the widest row seated later (``stops``), so that seat() copies in place.
-        packed = replace(packed, stop_ids=_widen(packed.stop_ids,
-                                                 max(stops, packed.stop_ids.shape[1])))
+        self.names = list(range(batch)) if names is None else list(names)
+        # Every caller's row packed once (``table``, by caller's row; default: ``rows``), as
+        # the engine does: seat() copies a row's parameters from it, so every tensor already
+        # has the widest row's shape and the in-place copies fit.
+        self.table = table if table is not None else PackedParams.from_rows(
+            rows, device, self.end_ids, vocab_size)
+        packed = self.table.take(torch.tensor(self.names, dtype=torch.int64, device=device))
         self.packed = replace(packed, seeded=torch.ones_like(packed.seeded))
         self.ranges = torch.zeros(batch, dtype=torch.int64, device=device)
         # Set by the caller where the Triton sampler applies (None: the reference samples).
@@ -181,17 +184,18 @@ class Rows:
         self.hist = None
         if self.penalized:
             self.hist = torch.full((batch, hist_len), -1, dtype=torch.int64, device=device)
-        self.seat(range(batch), prompts, rows, max_tokens)
+        self.seat(range(batch), prompts, rows, max_tokens, self.names)
 
     def seat(self, slots: Sequence[int], prompts: Sequence[Sequence[int]],
-             rows: Sequence[SamplingParams], max_tokens: Sequence[int]) -> None:
+             rows: Sequence[SamplingParams], max_tokens: Sequence[int],
+             names: Sequence[int]) -> None:
         """Rows ``slots`` start over with new prompts (parameters, penalty histories,
         steps, tokens and counts), the others untouched: a batch's start, and continuous
-        batching's admissions. Device tensors are written in place (graphs read them)."""
+        batching's admissions. ``names`` are the caller's rows they are (``rows`` theirs,
+        packed in :attr:`table`). Device tensors are written in place (graphs read them)."""
         dev = self.device
         index = torch.tensor(list(slots), dtype=torch.int64, device=dev)
-        packed = PackedParams.from_rows(rows, dev, self.end_ids)
-        packed = replace(packed, stop_ids=_widen(packed.stop_ids, self.packed.stop_ids.shape[1]))
+        packed = self.table.take(torch.tensor(list(names), dtype=torch.int64, device=dev))
         # Unseeded rows draw their seed once (as the engine does on the GPU): each row then
         # races, so a draft can be checked against the target's own draw.
         if any(r.seed is None for r in rows):
@@ -209,8 +213,9 @@ class Rows:
             start = prompt_history(prompts, base)
             hist[:, : start.shape[1]] = start
             self.hist.index_copy_(0, index, hist.to(dev))
-        for s, p, row, m, b, rg in zip(slots, prompts, rows, max_tokens, base, ranges,
-                                       strict=True):
+        for s, p, row, m, b, rg, name in zip(slots, prompts, rows, max_tokens, base, ranges,
+                                             names, strict=True):
+            self.names[s] = name
             self.seqs[s], self.out[s], self.max_tokens[s], self.done[s] = list(p), [], m, m == 0
             self.steps[s] = self.forwards[s] = self.accepted[s] = self.proposed[s] = 0
             self.retry[s], self.top_n[s], self.token_lp[s], self.top[s] = (
@@ -271,15 +276,6 @@ class Rows:
 
     def partial(self) -> list[list[int]]:
         return [list(o) for o in self.out]
-
-
-def _widen(stop_ids: torch.Tensor, width: int) -> torch.Tensor:
-    """``stop_ids`` ``[n, S]`` padded with ``-1`` to ``width`` columns (ValueError where it
-    is wider)."""
-    if stop_ids.shape[1] > width:
-        raise ValueError(f"stop ids of width {stop_ids.shape[1]} do not fit {width} columns")
-    pad = stop_ids.new_full((stop_ids.shape[0], width - stop_ids.shape[1]), -1)
-    return torch.cat([stop_ids, pad], dim=1)
 
 
 def sample_rows(rows: Rows, logits: torch.Tensor, drafts: torch.Tensor, offset: int = 0,

@@ -24,7 +24,7 @@ from collections.abc import Sequence
 import torch
 
 from lmgen_fast.core.errors import GenerationError
-from lmgen_fast.core.params import SamplingParams, stop_width
+from lmgen_fast.core.params import PackedParams, SamplingParams
 from lmgen_fast.engine import RowCallback, RowLogprobs, StopCheck, TokenCallback
 from lmgen_fast.engine.delivery import Handover
 from lmgen_fast.engine.results import empty_logprobs
@@ -76,11 +76,13 @@ class SlotRounds:
         decoder.reserve(slots, len(prompts[longest]), room[longest])
         drafter.open(slots, len(prompts[longest]), room[longest])
         hist_len = max(len(prompts[i]) + max_tokens[i] for i in self.queue) + k + 1
-        # Slots start empty: finished rows with nothing to do, until seated.
-        self.state = st = Rows([[0]] * slots, [SamplingParams(seed=0)] * slots, [0] * slots,
-                               torch.device(decoder.device), hist_len,
+        # Every caller's row packed once; slots start empty (row 0's parameters, finished
+        # with nothing to do) until seated.
+        dev = torch.device(decoder.device)
+        table = PackedParams.from_rows(rows, dev, ends, decoder.model.config.vocab_size)
+        self.state = st = Rows([[0]] * slots, [rows[0]] * slots, [0] * slots, dev, hist_len,
                                penalized=any(r.penalized for r in rows), end_ids=ends,
-                               stops=stop_width(rows, ends))
+                               table=table, names=[0] * slots)
         verify = fast_path(decoder, st, rows, options["backend"], options["cuda_graph"],
                            options["return_logprobs"])
         told = None if callback is None else (lambda r, tok: callback(st.names[r], tok))
@@ -108,11 +110,11 @@ class SlotRounds:
         seated, prompts = free[: len(take)], [self.prompts[i] for i in take]
         st = self.state
         st.seat(seated, prompts, [self.rows[i] for i in take],
-                [self.max_tokens[i] for i in take])
+                [self.max_tokens[i] for i in take], take)
         self.decoder.refill(seated, prompts, max(len(p) for p in prompts))
         self.drafter.seat(seated, prompts)
         for s, i in zip(seated, take, strict=True):
-            self.occupant[s], st.names[s] = i, i
+            self.occupant[s] = i
             st.forwards[s] = 1  # the refill: the prefill of a static batch
 
     def partial(self) -> list[list[int]]:

@@ -4,6 +4,8 @@ slots, with the verify step's graphs replayed across admissions."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -86,6 +88,25 @@ def test_slots_give_plain_and_static_tokens(monkeypatch, drafter, graph):
             assert len(ids) <= s.target_forwards - 1 + s.accepted_drafts + (m == 0)
     if graph is not None:
         assert ReplayedGraph.replays > 0
+
+
+def test_constrained_rows_give_plain_tokens_static_and_through_slots():
+    """Rows with SPEC section 7's per-row fields (an allowed set, a logit bias, min_tokens,
+    stop ids), mixed with plain rows, seated into slots that earlier rows sized: every
+    caller's row is packed once, so each seat copies its parameters in place."""
+    model = random_model(VOCAB, seed=5, scale=3.0)
+    prompts, rows, caps = fresh_batch(6, 8)
+    extra = [dict(allowed_token_ids=list(range(5, 40))), dict(logit_bias={3: 2.5, 9: -1.0}),
+             dict(min_tokens=3), dict(stop_token_ids=[4, 11, 17]), {}]
+    rows = [replace(r, **extra[i % len(extra)]) for i, r in enumerate(rows)]
+    plain = plain_ids(wrap(model), prompts, rows, caps, EOS, backend="reference")
+    static, _, _ = speculative_ids(wrap(model), prompts, rows, caps, EOS, speculative="ngram",
+                                   backend="reference")
+    assert static == plain
+    for slots in (1, 3):
+        got, _, _ = generate_slots(wrap(model), prompts, rows, caps, EOS, speculative="ngram",
+                                   slots=slots, backend="reference")
+        assert got == plain, slots
 
 
 def test_a_row_with_nothing_to_sample_raises_with_every_rows_tokens():
