@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from lmgen_fast.core.bitmask import unpack_bitmask
+from lmgen_fast.core.bitmask import bitmask_words, unpack_bitmask
 from lmgen_fast.core.params import PackedParams
 
 NEG_INF = float("-inf")
@@ -98,14 +98,13 @@ def apply_masks(z: torch.Tensor, packed: PackedParams, steps: torch.Tensor | Non
     min_tokens[r]`` (``steps`` int64 ``[B]``; None skips this mask), the row's ``stop_ids``.
     Fixed-shape ops only (no host wait)."""
     vocab = z.shape[1]
-    keep = None
-    if packed.allowed is not None:
-        keep = unpack_bitmask(packed.allowed, vocab)
+    words = packed.allowed
     if token_bitmask is not None:
-        step_keep = unpack_bitmask(token_bitmask, vocab)
-        keep = step_keep if keep is None else keep & step_keep
-    if keep is not None:
-        z.masked_fill_(~keep, NEG_INF)
+        # Both masks in one: their words ANDed, then unpacked once.
+        width = bitmask_words(vocab)
+        words = token_bitmask if words is None else words[:, :width] & token_bitmask[:, :width]
+    if words is not None:
+        z.masked_fill_(~unpack_bitmask(words, vocab), NEG_INF)
     # No constraints tensor: no row has min_tokens, and the mask would change nothing (the
     # eager decode step stays at its launch count).
     if steps is not None and packed.constraints is not None:

@@ -180,9 +180,9 @@ def draw(z: torch.Tensor, packed: PackedParams, steps: torch.Tensor) -> torch.Te
     out = torch.empty(batch, dtype=torch.int64, device=z.device)
     if some_greedy:
         out[greedy] = first_max(z[greedy])[1]
-    sampled = ~greedy
-    if not bool(sampled.any()):
+    if batch == 0:  # (else some row is sampled: an all-greedy batch returned above)
         return out
+    sampled = ~greedy
 
     seeded = packed.seeded
     if batch == 1 and not bool(seeded[0]):
