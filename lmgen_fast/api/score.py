@@ -169,8 +169,8 @@ def _cached_batch(decoder: CachedLlamaDecoder, pairs: Sequence[tuple[Ids, Ids]]
                   ) -> tuple[torch.Tensor, torch.Tensor]:
     """Logits of every continuation token of ``pairs`` through the decoder's KV cache.
 
-    Each distinct context but its last token is prefilled once (``refill``) into the first
-    row of its pairs and copied to the others; then one forward runs, per row, the context's
+    Each distinct context but its last token is prefilled once (``refill``) and copied to
+    the rows of the other pairs that share it; then one forward runs, per row, the context's
     last token and the continuation but its last token at their positions.
 
     Returns
@@ -180,25 +180,13 @@ def _cached_batch(decoder: CachedLlamaDecoder, pairs: Sequence[tuple[Ids, Ids]]
         target ids ``[N]`` int64.
     """
     dev = decoder.device
-    first: dict[tuple[int, ...], int] = {}
-    for row, (ctx, _) in enumerate(pairs):
-        first.setdefault(tuple(ctx), row)
     feed = [[*ctx[-1:], *cont[:-1]] for ctx, cont in pairs]
     width = max(len(f) for f in feed)
     starts = [len(ctx) - 1 for ctx, _ in pairs]
     kv_len = max(s + len(f) for s, f in zip(starts, feed, strict=True))
     decoder.ensure_cache(len(pairs), decoder.round_len(kv_len))
-    heads = [(row, list(ctx)) for ctx, row in first.items() if len(ctx) > 1]
-    if heads:
-        decoder.refill([r for r, _ in heads], [c for _, c in heads], kv_len)
-        src = [first[tuple(ctx)] for ctx, _ in pairs]
-        copy = [(s, d) for d, s in enumerate(src) if s != d and len(pairs[d][0]) > 1]
-        if copy:
-            where = torch.as_tensor([s for s, _ in copy], device=dev)
-            to = torch.as_tensor([d for _, d in copy], device=dev)
-            n = max(starts)
-            for t in decoder.cache.k + decoder.cache.v:
-                t[:, :, :n].index_copy_(0, to, t[where, :, :n])
+    # refill prefills each distinct context once and copies its rows to its twins.
+    decoder.refill(range(len(pairs)), [list(ctx) for ctx, _ in pairs], kv_len)
     # A row shorter than the widest repeats its last (token, position): the padding writes
     # the same key and value into that slot and its logits are dropped.
     ids = torch.tensor([f + f[-1:] * (width - len(f)) for f in feed], dtype=torch.int64)
