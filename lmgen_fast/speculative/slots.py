@@ -76,13 +76,11 @@ class SlotRounds:
         decoder.reserve(slots, len(prompts[longest]), room[longest])
         drafter.open(slots, len(prompts[longest]), room[longest])
         hist_len = max(len(prompts[i]) + max_tokens[i] for i in self.queue) + k + 1
-        # Every caller's row packed once; slots start empty (row 0's parameters, finished
-        # with nothing to do) until seated.
         dev = torch.device(decoder.device)
         table = PackedParams.from_rows(rows, dev, ends, decoder.model.config.vocab_size)
-        self.state = st = Rows([[0]] * slots, [rows[0]] * slots, [0] * slots, dev, hist_len,
-                               penalized=any(r.penalized for r in rows), end_ids=ends,
-                               table=table, names=[0] * slots)
+        # Slots start empty (caller's rows 0.., with nothing to do) until seated from table.
+        self.state = st = Rows([[0]] * slots, rows[:slots], [0] * slots, dev, hist_len, table=table,
+                               penalized=any(r.penalized for r in rows), end_ids=ends)
         verify = fast_path(decoder, st, rows, options["backend"], options["cuda_graph"],
                            options["return_logprobs"])
         told = None if callback is None else (lambda r, tok: callback(st.names[r], tok))
