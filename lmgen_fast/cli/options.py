@@ -187,13 +187,15 @@ def _load_tokenizer(path: Path):
         raise CLIError(f"cannot read tokenizer {path}: {err}") from None
 
 
-def load_model_and_tokenizer(model_dir: str | None, tokenizer_file: str | None, device):
-    """The embedded model, or the checkpoint in ``model_dir``, and its tokenizer, on ``device``."""
+def load_model_and_tokenizer(model_dir: str | None, tokenizer_file: str | None, device,
+                             dtype: torch.dtype | None = None):
+    """The embedded model, or the checkpoint in ``model_dir``, and its tokenizer, on ``device``
+    (in ``dtype``, loaded as such; None: float32, or a transformers checkpoint's own)."""
     if model_dir is None:
-        model, tokenizer = load_default(device)
+        model, tokenizer = load_default(device, dtype or torch.float32)
     else:
         try:
-            loaded = load_model(model_dir, device=device)
+            loaded = load_model(model_dir, device=device, dtype=dtype)
         except (FileNotFoundError, ValueError) as err:
             # A missing or unreadable checkpoint is the user's to fix: exit status 2.
             raise CLIError(" ".join(str(err).split())) from None

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from lmgen_fast.api.score import (
+    DEFAULT_BATCH_SIZE,
     encode_pairs,
     encode_texts,
     join_scores,
@@ -38,7 +39,6 @@ from lmgen_fast.jobs.inputs import JobError
 from lmgen_fast.jobs.jsonl import ResultWriter, id_key, reorder, scan_results, write_atomic
 from lmgen_fast.jobs.manifest import build_manifest, model_identity, prepare_output, print_note
 
-DEFAULT_BATCH_SIZE = 64
 # The options whose values change a score (argparse dests): compared on resume.
 SCORE_OPTIONS = ("max_length",)
 

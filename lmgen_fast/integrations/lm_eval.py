@@ -62,15 +62,6 @@ def _batch_size(value) -> int | None:
     return size
 
 
-def cut_at_stops(text: str, until: list[str]) -> str:
-    """``text`` before each ``until`` string in turn (the harness's rule: the earliest
-    match wins; empty strings are ignored)."""
-    for term in until:
-        if term:
-            text = text.split(term)[0]
-    return text
-
-
 def generation_settings(gen_kwargs: dict, default_cap: int) -> tuple[int, float, dict, list[str]]:
     """What a ``generate_until`` request's generation arguments ask for.
 
@@ -140,12 +131,10 @@ class LmgenFastLM(LM):
                  **_ignored):
         super().__init__()
         self._device = resolve_device(device or "auto")
-        model, tok = load_model_and_tokenizer(None if pretrained == "default" else pretrained,
-                                              tokenizer, self._device)
-        wanted = _dtype(dtype)
-        self.model = model if wanted is None else model.to(wanted)
-        self.tokenizer = tok
-        self.adapter = adapt_tokenizer(tok)
+        self.model, self.tokenizer = load_model_and_tokenizer(
+            None if pretrained == "default" else pretrained, tokenizer, self._device,
+            _dtype(dtype))
+        self.adapter = adapt_tokenizer(self.tokenizer)
         self.batch_size = _batch_size(batch_size)
         self.max_gen_toks = int(max_gen_toks)
         self.seed = None if seed is None else int(seed)
@@ -183,15 +172,15 @@ class LmgenFastLM(LM):
                 requests[members[0]].args[1], self.max_gen_toks)
             contexts = [context_ids(self.adapter, self.model, requests[i].args[0], cap)
                         for i in members]
-            # The rows stop at their first until string; the harness's own cut then leaves
-            # their text as it is.
+            # The rows stop at their first until string, their text cut before it (the
+            # harness's rule).
             texts = generate_batch(self.model, self.tokenizer, prompt_token_ids=contexts,
                                    max_tokens=cap,
                                    temperature=temperature, seed=self.seed,
                                    backend=self.backend, max_batch_size=self.batch_size,
                                    stop=[u for u in until if u] or None, **keywords)
             for i, text in zip(members, texts, strict=True):
-                out[i] = cut_at_stops(text, until)
+                out[i] = text
                 self.cache_hook.add_partial("generate_until", requests[i].args, out[i])
         return out
 
