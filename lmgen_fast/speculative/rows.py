@@ -142,8 +142,7 @@ class Rows:
     def __init__(self, prompts: Sequence[Sequence[int]], rows: Sequence[SamplingParams],
                  max_tokens: Sequence[int], device: torch.device, hist_len: int, *,
                  penalized: bool | None = None, end_ids: Sequence[int] = (),
-                 table: PackedParams | None = None, names: Sequence[int] | None = None,
-                 vocab_size: int | None = None):
+                 table: PackedParams | None = None, vocab_size: int | None = None):
         batch = len(prompts)
         # The ids that end every row; each row's own ids that end it (``ends``, with its
         # stop_token_ids) and the one that did (``ended``, None: none or not yet).
@@ -168,7 +167,7 @@ class Rows:
         self.range_list = [0] * batch
         self.hlen = [0] * batch
         # The caller's row that each row is (continuous batching seats others in turn).
-        self.names = list(range(batch)) if names is None else list(names)
+        self.names = list(range(batch))
         # Every caller's row packed once (``table``, by caller's row; default: ``rows``), as
         # the engine does: seat() copies a row's parameters from it, so every tensor already
         # has the widest row's shape and the in-place copies fit.
