@@ -208,6 +208,8 @@ class GrammarRows:
         self.vocab, self.pin = vocab_size, torch.device(device).type == "cuda"
         self.matchers: list = [None] * batch
         self.accepted = [0] * batch  # tokens of the row its matcher has accepted
+        # Rows whose host mask accept() already filled for their next step (fill skips them).
+        self.fresh: set[int] = set()
         self.host = torch.full((batch, bitmask_words(vocab_size)), -1, dtype=torch.int32,
                                pin_memory=self.pin)
 
@@ -221,17 +223,20 @@ class GrammarRows:
             self.matchers[s] = None if g is None else xgr.GrammarMatcher(g)
             self.accepted[s] = 0
             self.host[s].fill_(-1)
+            self.fresh.discard(s)
 
     def park(self, slots: Sequence[int]) -> None:
         """Rows ``slots`` hold no row (free slots, or finished grammars)."""
         for s in slots:
             self.matchers[s] = None
             self.host[s].fill_(-1)
+            self.fresh.discard(s)
 
     def keep(self, keep: Sequence[int]) -> None:
         """Follow a compaction: state row ``j`` is now the former row ``keep[j]``."""
         self.matchers = [self.matchers[s] for s in keep]
         self.accepted = [self.accepted[s] for s in keep]
+        self.fresh = {j for j, s in enumerate(keep) if s in self.fresh}
         host = self.host[list(keep)]
         self.host = host.pin_memory() if self.pin else host
 
@@ -256,6 +261,7 @@ class GrammarRows:
             self.accepted[s] = count[s]
             if m.is_completed():
                 m.fill_next_token_bitmask(self.host, s)
+                self.fresh.add(s)
                 if only_end(m, self.host[s].tolist()):
                     ended.append(s)
         return ended
@@ -263,8 +269,9 @@ class GrammarRows:
     def fill(self) -> None:
         """Fill the host mask of every grammar row for its next step."""
         for s, m in enumerate(self.matchers):
-            if m is not None:
+            if m is not None and s not in self.fresh:
                 m.fill_next_token_bitmask(self.host, s)
+        self.fresh.clear()
 
     def prepare(self, st: DeviceState, logits: torch.Tensor) -> torch.Tensor:
         """Fill every grammar row's mask for its next step into ``st.bitmask``, which the
