@@ -4,11 +4,11 @@ A row with a grammar samples each step under a token bitmask (``[B, ceil(V/32)]`
 bit ``t % 32`` of word ``t // 32`` set = token ``t`` allowed, xgrammar's layout) that its
 matcher fills from the tokens the row kept so far. The pieces:
 
-* :func:`tokenizer_info`: xgrammar's view of a tokenizer (``tokenizers.Tokenizer`` or a
+* :func:`compile_rows`: every row's grammar compiled (cached per kind, source and
+  tokenizer), a ValueError naming the row, the field and xgrammar's reason otherwise; the
+  compiler holds xgrammar's view of the tokenizer (``tokenizers.Tokenizer`` or a
   transformers tokenizer) for a model whose logits are ``vocab_size`` wide, with the run's
   end ids as the stop tokens: the end token is allowed exactly where the grammar may end;
-* :func:`compile_rows`: every row's grammar compiled (cached per kind, source and
-  tokenizer), a ValueError naming the row, the field and xgrammar's reason otherwise;
 * :class:`GrammarRows`: the matchers of a run's state rows and the host bitmask they fill;
   the decode loop calls :func:`check_rows` at each host check and
   :meth:`GrammarRows.prepare` between the model's forward and the sampler, which copies
@@ -42,14 +42,13 @@ from typing import NamedTuple
 import torch
 
 from lmgen_fast.core.bitmask import BITS, bitmask_words
-from lmgen_fast.core.params import SamplingParams
+from lmgen_fast.core.params import STRUCTURED_FIELDS, SamplingParams
 from lmgen_fast.engine.state import DeviceState
 
 # Compiled grammars kept per tokenizer, and tokenizers kept (least recently used dropped
 # first; a tokenizer's grammars go with it).
 CACHE_SIZE = 256
 TOKENIZERS_KEPT = 8
-KINDS = ("json_schema", "regex", "grammar")
 
 
 class _Compiler(NamedTuple):
@@ -95,16 +94,6 @@ def _raw_vocab(tokenizer) -> tuple[list[str], object, bool]:
     return encoded, xgr.VocabType.RAW, False
 
 
-def tokenizer_info(tokenizer, vocab_size: int, end_ids: Sequence[int]):
-    """``xgrammar.TokenizerInfo`` of ``tokenizer`` for logits ``vocab_size`` wide, with
-    ``end_ids`` as its stop tokens (cached, with its compiler; see :func:`compile_rows`).
-
-    ``tokenizer`` is a ``tokenizers.Tokenizer`` (the embedded model's) or a transformers
-    tokenizer; anything else is a ValueError.
-    """
-    return _compiler(tokenizer, vocab_size, end_ids).compiler.tokenizer_info
-
-
 def _compiler(tokenizer, vocab_size: int, end_ids: Sequence[int]) -> _Compiler:
     key = (id(tokenizer), int(vocab_size), tuple(int(i) for i in end_ids))
     if key in _COMPILERS:
@@ -132,11 +121,11 @@ def _compiler(tokenizer, vocab_size: int, end_ids: Sequence[int]) -> _Compiler:
 def compile_grammar(kind: str, source: str, tokenizer, vocab_size: int,
                     end_ids: Sequence[int]):
     """The ``xgrammar.CompiledGrammar`` of ``source`` (``kind`` one of "json_schema",
-    "regex", "grammar" (EBNF)) for ``tokenizer`` (see :func:`tokenizer_info`), cached per
+    "regex", "grammar" (EBNF)) for ``tokenizer``, cached per
     ``(kind, source, tokenizer, vocab_size, end_ids)``; a ValueError with xgrammar's reason
     where it does not compile."""
-    if kind not in KINDS:
-        raise ValueError(f"unknown grammar kind {kind!r}; one of {KINDS}")
+    if kind not in STRUCTURED_FIELDS:
+        raise ValueError(f"unknown grammar kind {kind!r}; one of {STRUCTURED_FIELDS}")
     entry = _compiler(tokenizer, vocab_size, end_ids)
     cache, compiler = entry.grammars, entry.compiler
     if (kind, source) in cache:
