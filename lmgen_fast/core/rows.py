@@ -1,6 +1,6 @@
 """One home for each rule about a row that several layers apply: the positions it needs,
 its penalty history and window, the seed of an unseeded row, why it finished, and which of
-its top alternatives are listed."""
+its top alternatives are listed, and the ids that end it."""
 
 from __future__ import annotations
 
@@ -19,6 +19,11 @@ def positions_needed(prompt_len: int, max_tokens: int) -> int:
     """KV-cache positions a row uses: its prompt, then every sampled token but the last,
     which is never fed back."""
     return prompt_len + max(max_tokens - 1, 0)
+
+
+def end_tuple(eos_id: int | Sequence[int]) -> tuple[int, ...]:
+    """A call's end id (or ids), which end every row, as a tuple."""
+    return (eos_id,) if isinstance(eos_id, int) else tuple(int(e) for e in eos_id)
 
 
 def finish_reason(kept: int, max_tokens: int) -> str:

@@ -28,6 +28,7 @@ import torch
 
 from lmgen_fast.core.errors import DecodeOutOfMemory
 from lmgen_fast.core.params import SamplingParams
+from lmgen_fast.core.rows import end_tuple
 from lmgen_fast.engine.delivery import Handover
 from lmgen_fast.engine.memory import free, one_row_message
 from lmgen_fast.engine.plan import RunOptions
@@ -321,8 +322,7 @@ def generate_ids(
     check_max_batch_size(max_batch_size)
     if grammars is not None and len(grammars) != len(prompts):
         raise ValueError(f"grammars has {len(grammars)} entries for {len(prompts)} prompts")
-    ends = (eos_id,) if isinstance(eos_id, int) else tuple(int(e) for e in eos_id)
-    options = RunOptions(ends, backend, callback, return_logprobs, cuda_graph, sync_every,
-                         on_row, stats, stop_check, grammars)
+    options = RunOptions(end_tuple(eos_id), backend, callback, return_logprobs, cuda_graph,
+                         sync_every, on_row, stats, stop_check, grammars)
     pairs, lps = run_parts(decoder, prompts, rows, max_tokens, options, max_batch_size)
     return (pairs, lps) if return_logprobs else pairs

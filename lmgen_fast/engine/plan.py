@@ -15,6 +15,7 @@ import torch
 
 from lmgen_fast.core.intmath import round_up
 from lmgen_fast.core.params import SamplingParams, stop_width
+from lmgen_fast.core.rows import end_tuple
 from lmgen_fast.engine.results import DecodeStats, RowCallback, StopCheck, TokenCallback
 from lmgen_fast.engine.state import Layout, resident
 from lmgen_fast.sampling import kernel as kernel_sampler
@@ -50,7 +51,7 @@ class RunOptions:
     @property
     def end_ids(self) -> tuple[int, ...]:
         """The ids that end every row (``eos_id`` as a tuple)."""
-        return (self.eos_id,) if isinstance(self.eos_id, int) else tuple(self.eos_id)
+        return end_tuple(self.eos_id)
 
 
 @dataclass(frozen=True)

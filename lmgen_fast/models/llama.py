@@ -18,9 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lmgen_fast.models.cache import KVCache
-
-# rotary_tables and llama3_inv_freq are imported from here by callers of the model.
-from lmgen_fast.models.rope import check_rope_scaling, llama3_inv_freq, rotary_tables  # noqa: F401
+from lmgen_fast.models.rope import check_rope_scaling, rotary_tables
 
 _POSITIVE_INTS = (
     "vocab_size", "max_position_embeddings", "hidden_size", "intermediate_size",

@@ -38,7 +38,7 @@ from typing import NamedTuple
 import torch
 
 from lmgen_fast.core.params import SamplingParams, check_int
-from lmgen_fast.core.rows import finish_reason
+from lmgen_fast.core.rows import end_tuple, finish_reason
 from lmgen_fast.engine import RowCallback, RowLogprobs, StopCheck, TokenCallback
 from lmgen_fast.engine.delivery import Handover
 from lmgen_fast.engine.prepare import read_facts
@@ -136,11 +136,6 @@ def fast_path(decoder: CachedLlamaDecoder, state: Rows, rows: Sequence[SamplingP
     if graph_cls is None or any(r.logprobs for r in rows):
         return None
     return VerifyGraphs(graph_cls, decoder, state, return_logprobs)
-
-
-def end_tuple(eos_id: int | Sequence[int]) -> tuple[int, ...]:
-    """The end id (or ids) of a call as a tuple."""
-    return (eos_id,) if isinstance(eos_id, int) else tuple(int(e) for e in eos_id)
 
 
 def check_target(decoder: Decoder, drafter: Drafter) -> CachedLlamaDecoder:

@@ -25,6 +25,7 @@ import torch
 
 from lmgen_fast.core.errors import GenerationError
 from lmgen_fast.core.params import PackedParams, SamplingParams
+from lmgen_fast.core.rows import end_tuple
 from lmgen_fast.engine import RowCallback, RowLogprobs, StopCheck, TokenCallback
 from lmgen_fast.engine.delivery import Handover
 from lmgen_fast.engine.results import empty_logprobs
@@ -35,7 +36,6 @@ from lmgen_fast.speculative.rounds import (
     RowStats,
     check_num_speculative_tokens,
     check_target,
-    end_tuple,
     fast_path,
     generate_ids,
     row_logprobs,
