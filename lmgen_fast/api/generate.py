@@ -9,7 +9,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 
 from lmgen_fast.api.requests import Samples, check_rows, end_ids, prompt_ids, vocab_size
-from lmgen_fast.api.stops import StopStrings
+from lmgen_fast.api.stops import StopStrings, finish_row
 from lmgen_fast.api.structured import row_grammars
 from lmgen_fast.api.tokenization import TokenizerAdapter, adapt_tokenizer
 from lmgen_fast.core.params import SamplingParams, check_int
@@ -97,16 +97,11 @@ def _row_params(
 def _details(tok: TokenizerAdapter, stops: StopStrings | None, samples: Samples, r: int,
              pair, lp, stats=()) -> Generation:
     """Row ``r``'s Generation: its tokens cut at a stop string where one matched."""
-    ids, reason = pair
-    stop_reason = getattr(pair, "stop_reason", None)
-    logprobs, top = (lp.logprobs, lp.top_logprobs) if lp is not None else ([], None)
-    match = stops.cut(r, ids) if stops is not None else None
-    if match is not None:
-        ids, text, reason, stop_reason = ids[: match.kept], match.text, "stop", match.stop
-        logprobs = logprobs[: match.kept]
-        top = None if top is None else top[: match.kept]
-    else:
-        text = tok.decode(ids)
+    ids, text, reason, stop_reason = finish_row(stops, tok.decode, r, pair)
+    logprobs, top = [], None
+    if lp is not None:
+        logprobs = lp.logprobs[: len(ids)]
+        top = None if lp.top_logprobs is None else lp.top_logprobs[: len(ids)]
     return Generation(text, ids, reason, logprobs, top, *stats, stop_reason=stop_reason,
                       prompt_index=samples.prompt_index[r],
                       sample_index=samples.sample_index[r])

@@ -124,3 +124,15 @@ class StopStrings:
             full = self.decode(list(ids))
             self.floors[row] = _stable(head, full)
         return find_stop(self.decode, ids, p, self.floors[row])
+
+
+def finish_row(stops: StopStrings | None, decode: Callable[[list[int]], str], row: int,
+               pair) -> tuple[list[int], str, str, str | int | None]:
+    """Engine row ``row``'s result ``pair`` (ids and finish reason, with its
+    ``stop_reason`` where it has one) as ``(ids, text, finish_reason, stop_reason)``: cut
+    at a stop string where one matched (:meth:`StopStrings.cut`), else decoded whole."""
+    ids, reason = pair
+    match = stops.cut(row, ids) if stops is not None else None
+    if match is None:
+        return ids, decode(ids), reason, getattr(pair, "stop_reason", None)
+    return ids[: match.kept], match.text, "stop", match.stop

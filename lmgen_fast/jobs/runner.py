@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 from lmgen_fast.api.generate import GenerationError, generate_ids
 from lmgen_fast.api.requests import Samples
-from lmgen_fast.api.stops import StopStrings
+from lmgen_fast.api.stops import StopStrings, finish_row
 from lmgen_fast.api.structured import row_grammars
 from lmgen_fast.core.progress import Progress
 from lmgen_fast.engine import DecodeStats, supports_slots
@@ -57,13 +57,7 @@ def _result(row: JobRow, adapter, stops: StopStrings | None, k: int, pair, lp) -
     """One sample's fields: text, token_ids, finish_reason, num_tokens, stop_reason where a
     stop fired, and log-probabilities when the row asked (``lp``: the engine's, or None).
     ``k`` is the sample's row in the engine call, whose stop strings ``stops`` checks."""
-    ids, reason = pair
-    stop_reason = getattr(pair, "stop_reason", None)
-    match = stops.cut(k, ids) if stops is not None else None
-    if match is not None:
-        ids, text, reason, stop_reason = ids[: match.kept], match.text, "stop", match.stop
-    else:
-        text = adapter.decode(ids)
+    ids, text, reason, stop_reason = finish_row(stops, adapter.decode, k, pair)
     record = {"text": text, "token_ids": ids, "finish_reason": reason,
               "stop_reason": stop_reason, "num_tokens": len(ids)}
     if row.params.logprobs > 0 and lp is not None:
