@@ -26,6 +26,7 @@ from dataclasses import dataclass
 
 import torch
 
+from lmgen_fast.api.requests import vocab_size
 from lmgen_fast.api.tokenization import adapt_tokenizer
 from lmgen_fast.models.decoder import CachedLlamaDecoder, decoder_for, model_device
 
@@ -98,12 +99,6 @@ def _limit(model, decoder) -> int | None:
     return getattr(getattr(model, "config", None), "max_position_embeddings", None)
 
 
-def _vocab(model, decoder) -> int | None:
-    config = (decoder.model.config if isinstance(decoder, CachedLlamaDecoder)
-              else getattr(model, "config", None))
-    return getattr(config, "vocab_size", None)
-
-
 def _pairs(model, decoder, tokenizer, contexts, continuations) -> list[tuple[Ids, Ids]]:
     """Each pair as (context ids, continuation ids), checked."""
     if isinstance(contexts, str) or isinstance(continuations, str):
@@ -111,7 +106,7 @@ def _pairs(model, decoder, tokenizer, contexts, continuations) -> list[tuple[Ids
                          "not a str")
     if len(contexts) != len(continuations):
         raise ValueError(f"{len(contexts)} contexts for {len(continuations)} continuations")
-    vocab, tok, pairs = _vocab(model, decoder), None, []
+    vocab, tok, pairs = vocab_size(decoder, model), None, []
     for i, (ctx, cont) in enumerate(zip(contexts, continuations, strict=True)):
         if isinstance(ctx, str) != isinstance(cont, str):
             raise ValueError(f"pair {i}: the context and the continuation must both be str or "
@@ -365,7 +360,7 @@ def encode_texts(model, tokenizer, texts: Sequence[str | Sequence[int]], *, devi
     limit = _limit(model, decoder) if max_length is None else max_length
     if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
         raise ValueError(f"max_length must be an int >= 1, got {max_length!r}")
-    vocab, tok, out = _vocab(model, decoder), None, []
+    vocab, tok, out = vocab_size(decoder, model), None, []
     for i, text in enumerate(texts):
         if isinstance(text, str):
             tok = tok or adapt_tokenizer(tokenizer)

@@ -399,7 +399,7 @@ class PackedParams:
             return torch.tensor(values, dtype=dtype, device=device)
 
         stops = [row_stop_ids(p, end_ids) for p in rows]
-        width = stop_width(rows, end_ids)
+        width = max(map(len, stops), default=0) or 1  # stop_width's, from the lists here
 
         return PackedParams(
             temperature=t([p.temperature for p in rows], torch.float32),
